@@ -1,0 +1,321 @@
+"""TOML configuration -> frozen dataclasses, with every validation in one place.
+
+A bad configuration raises :class:`ConfigError` naming the file, the key (for example
+``service[0].backend[1].port``) and the problem; nothing else in nfqlb validates user input.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nfqlb.errors import ConfigError
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))
+
+
+class Mode(enum.Enum):
+    LOCAL = "local"
+    DNAT = "dnat"
+    FULLNAT = "fullnat"
+
+
+class Protocol(enum.IntEnum):
+    TCP = 6
+    UDP = 17
+
+
+@dataclass(frozen=True, slots=True)
+class Backend:
+    name: str
+    address: IPAddress | None  # None only in local mode: keep the destination address
+    port: int
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    name: str
+    vip: IPAddress
+    port: int
+    protocol: Protocol
+    mode: Mode
+    backends: tuple[Backend, ...]
+    policy: str = "round_robin"
+    snat_address: IPAddress | None = None
+    snat_ports: tuple[int, int] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Idle timeouts in seconds, close to IPVS defaults."""
+
+    tcp: float = 900.0  # established
+    tcp_fin: float = 120.0  # after the first FIN
+    tcp_close: float = 10.0  # after both FINs or a RST (lingers for retransmissions)
+    udp: float = 300.0
+    syn: float = 60.0  # handshake not yet complete
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    queue: int = 1
+    bypass: bool = True
+    mss_clamp: int = 1460  # TCP MSS on SYNs is lowered to this (the binding caps packets at 4016 B)
+    sysctls: bool = True  # set ip_forward/accept_local as the modes need, restore on exit
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: str
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    services: tuple[Service, ...] = ()
+    timeouts: Timeouts = field(default_factory=Timeouts)
+
+
+_TOP_KEYS = {"daemon", "service", "timeouts"}
+_DAEMON_KEYS = {"queue", "bypass", "mss_clamp", "sysctls"}
+_SERVICE_KEYS = {
+    "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
+}
+_BACKEND_KEYS = {"name", "address", "port", "weight"}
+
+
+class _Checker:
+    """Reads one table with typed getters; every error names ``source`` and the full key."""
+
+    def __init__(self, source: str, prefix: str, table: Any, allowed: set[str]) -> None:
+        self.source = source
+        self.prefix = prefix
+        if not isinstance(table, Mapping):
+            raise ConfigError(source, prefix, f"must be a table, not {type(table).__name__}")
+        self.table = table
+        for key in table:
+            if key not in allowed:
+                raise ConfigError(
+                    source, self.key(key), f"unknown key (known: {', '.join(sorted(allowed))})"
+                )
+
+    def key(self, name: str) -> str:
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def fail(self, name: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.key(name), problem)
+
+    def has(self, name: str) -> bool:
+        return name in self.table
+
+    def str(self, name: str, default: str | None = None) -> str:
+        value = self.table.get(name, default)
+        if value is None:
+            raise self.fail(name, "is required")
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, f"must be a non-empty string, not {value!r}")
+        return value
+
+    def int(self, name: str, default: int | None, lo: int, hi: int) -> int:
+        value = self.table.get(name, default)
+        if value is None:
+            raise self.fail(name, "is required")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(name, f"must be an integer, not {value!r}")
+        if not lo <= value <= hi:
+            raise self.fail(name, f"{value} is out of range {lo}-{hi}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.table.get(name, default)
+        if not isinstance(value, bool):
+            raise self.fail(name, f"must be true or false, not {value!r}")
+        return value
+
+    def seconds(self, name: str, default: float) -> float:
+        value = self.table.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            raise self.fail(name, f"must be a positive number of seconds, not {value!r}")
+        return float(value)
+
+    def address(self, name: str, required: bool = True) -> IPAddress | None:
+        if name not in self.table:
+            if required:
+                raise self.fail(name, "is required")
+            return None
+        value = self.table[name]
+        if not isinstance(value, str):
+            raise self.fail(name, f"must be an IP address string, not {value!r}")
+        try:
+            addr = ipaddress.ip_address(value)
+        except ValueError:
+            raise self.fail(name, f"{value!r} is not an IP address") from None
+        if addr.is_unspecified or addr.is_multicast:
+            raise self.fail(name, f"{value} cannot be used here (unspecified or multicast)")
+        return addr
+
+    def choice(self, name: str, enum_type: type[enum.Enum], default: str | None) -> Any:
+        value = self.str(name, default)
+        names = {m.name.lower(): m for m in enum_type}
+        if value.lower() not in names:
+            raise self.fail(name, f"{value!r} is not one of: {', '.join(names)}")
+        return names[value.lower()]
+
+    def tables(self, name: str) -> list[Any]:
+        value = self.table.get(name, [])
+        if isinstance(value, Mapping):
+            return [value]
+        if not isinstance(value, list):
+            raise self.fail(name, "must be an array of tables ([[...]])")
+        return value
+
+
+def _port_range(chk: _Checker, name: str) -> tuple[int, int] | None:
+    if not chk.has(name):
+        return None
+    value = chk.table[name]
+    if not isinstance(value, str):
+        raise chk.fail(name, f"must be a string like \"20000-29999\", not {value!r}")
+    parts = value.split("-")
+    try:
+        lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
+    except ValueError:
+        raise chk.fail(name, f"{value!r} is not a port range like \"20000-29999\"") from None
+    if not (1 <= lo <= hi <= 65535):
+        raise chk.fail(name, f"{value!r} is not a port range within 1-65535")
+    return lo, hi
+
+
+def _backend(chk: _Checker, mode: Mode, family: int) -> Backend:
+    address = chk.address("address", required=mode is not Mode.LOCAL)
+    if address is not None and address.version != family:
+        raise chk.fail("address", f"{address} is IPv{address.version}, the VIP is IPv{family}")
+    port = chk.int("port", None, 1, 65535)
+    weight = chk.int("weight", 1, 0, 1_000_000)
+    default_name = f"{address}:{port}" if address is not None else f"local:{port}"
+    if address is not None and address.version == 6:
+        default_name = f"[{address}]:{port}"
+    return Backend(name=chk.str("name", default_name), address=address, port=port, weight=weight)
+
+
+def _service(chk: _Checker) -> Service:
+    name = chk.str("name")
+    vip = chk.address("vip")
+    assert vip is not None
+    port = chk.int("port", None, 1, 65535)
+    protocol = chk.choice("protocol", Protocol, "tcp")
+    mode = chk.choice("mode", Mode, None)
+    policy = chk.str("policy", "round_robin")
+    snat_address = chk.address("snat_address", required=False)
+    snat_ports = _port_range(chk, "snat_ports")
+    if mode is Mode.FULLNAT:
+        if snat_address is None:
+            raise chk.fail("snat_address", "is required in fullnat mode")
+        if snat_ports is None:
+            raise chk.fail("snat_ports", "is required in fullnat mode (a range like \"20000-29999\")")
+        if snat_address.version != vip.version:
+            raise chk.fail("snat_address", f"{snat_address} is not of the VIP's family")
+    elif snat_address is not None or snat_ports is not None:
+        bad = "snat_address" if snat_address is not None else "snat_ports"
+        raise chk.fail(bad, f"only applies in fullnat mode, this service is {mode.value}")
+    tables = chk.tables("backend")
+    if not tables:
+        raise chk.fail("backend", "no backends: add at least one [[service.backend]]")
+    backends = tuple(
+        _backend(_Checker(chk.source, f"{chk.prefix}.backend[{i}]", t, _BACKEND_KEYS), mode,
+                 vip.version)
+        for i, t in enumerate(tables)
+    )
+    seen: set[tuple[IPAddress | None, int]] = set()
+    for i, b in enumerate(backends):
+        if (b.address, b.port) in seen:
+            raise chk.fail(f"backend[{i}]", f"duplicate backend {b.name}")
+        seen.add((b.address, b.port))
+    if not any(b.weight > 0 for b in backends):
+        raise chk.fail("backend", "every backend has weight 0: nothing could be chosen")
+    if mode is Mode.LOCAL and any(b.port == port and b.address in (None, vip) for b in backends):
+        raise chk.fail("backend", "a local backend on the VIP's own port would loop")
+    return Service(name=name, vip=vip, port=port, protocol=protocol, mode=mode,
+                   backends=backends, policy=policy, snat_address=snat_address,
+                   snat_ports=snat_ports)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate an already-parsed TOML document."""
+    top = _Checker(source, "", data, _TOP_KEYS)
+    d = _Checker(source, "daemon", data.get("daemon", {}), _DAEMON_KEYS)
+    daemon = DaemonConfig(
+        queue=d.int("queue", 1, 0, 65535),
+        bypass=d.bool("bypass", True),
+        mss_clamp=d.int("mss_clamp", 1460, 536, 3900),
+        sysctls=d.bool("sysctls", True),
+    )
+    t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
+    base = Timeouts()
+    timeouts = Timeouts(**{k: t.seconds(k, getattr(base, k)) for k in Timeouts.__slots__})
+    services: list[Service] = []
+    for i, table in enumerate(top.tables("service")):
+        svc = _service(_Checker(source, f"service[{i}]", table, _SERVICE_KEYS))
+        for j, other in enumerate(services):
+            if other.name == svc.name:
+                raise ConfigError(source, f"service[{i}].name",
+                                  f"duplicate service name {svc.name!r} (also service[{j}])")
+            if (other.vip, other.port, other.protocol) == (svc.vip, svc.port, svc.protocol):
+                raise ConfigError(
+                    source, f"service[{i}]",
+                    f"duplicate service {svc.vip}:{svc.port}/{svc.protocol.name.lower()} "
+                    f"(also service[{j}] {other.name!r})")
+            _check_pools(source, i, svc, j, other)
+        services.append(svc)
+    if not services:
+        raise ConfigError(source, "service", "no services: add at least one [[service]]")
+    return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts)
+
+
+def _check_pools(source: str, i: int, svc: Service, j: int, other: Service) -> None:
+    """Two fullnat services may share a port pool exactly, but not overlap partly."""
+    if svc.snat_ports is None or other.snat_ports is None:
+        return
+    if (svc.snat_address, svc.protocol) != (other.snat_address, other.protocol):
+        return
+    if svc.snat_ports == other.snat_ports:
+        return
+    (a, b), (c, d) = svc.snat_ports, other.snat_ports
+    if a <= d and c <= b:
+        raise ConfigError(source, f"service[{i}].snat_ports",
+                          f"{a}-{b} overlaps service[{j}]'s {c}-{d} on {svc.snat_address}; "
+                          "use the same range (shared pool) or disjoint ranges")
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file."""
+    p = Path(path)
+    source = str(p)
+    try:
+        text = p.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(source, "(file)", "no such file") from None
+    except OSError as exc:
+        raise ConfigError(source, "(file)", exc.strerror or str(exc)) from None
+    try:
+        data = tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(source, "(file)", "not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, "(syntax)", str(exc)) from None
+    return parse_config(data, source)
+
+
+def find_config(explicit: str | None) -> Path:
+    """The config path: the one given, else ./nfqlb.toml, else /etc/nfqlb/nfqlb.toml."""
+    if explicit:
+        return Path(explicit)
+    for p in DEFAULT_PATHS:
+        if p.exists():
+            return p
+    raise ConfigError(str(DEFAULT_PATHS[0]), "(file)",
+                      "no such file (nor /etc/nfqlb/nfqlb.toml); pass --config")
