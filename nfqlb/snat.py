@@ -1,0 +1,35 @@
+"""Source-port pool for fullnat: a port is never handed out twice while its flow lives.
+
+Free ports are kept in FIFO order, so a released port is reused as late as possible
+(the backend may still hold the old connection in TIME_WAIT).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class PortPool:
+    def __init__(self, lo: int, hi: int) -> None:
+        if not 1 <= lo <= hi <= 65535:
+            raise ValueError(f"bad port range {lo}-{hi}")
+        self.lo = lo
+        self.hi = hi
+        self._free: deque[int] = deque(range(lo, hi + 1))
+        self.exhausted = 0  # times a port was asked for and none was free
+
+    def __len__(self) -> int:
+        return len(self._free)
+
+    @property
+    def size(self) -> int:
+        return self.hi - self.lo + 1
+
+    def take(self) -> int | None:
+        if self._free:
+            return self._free.popleft()
+        self.exhausted += 1
+        return None
+
+    def give(self, port: int) -> None:
+        self._free.append(port)

@@ -1,0 +1,4 @@
+"""Bytes-level packet views: header offsets, in-place rewrites, Internet checksums.
+
+Nothing here allocates per-packet objects beyond the bytes it returns.
+"""

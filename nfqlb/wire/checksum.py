@@ -1,0 +1,59 @@
+"""Internet checksum (RFC 1071) and incremental updates (RFC 1624, eqn. 3).
+
+``full`` recomputes over a buffer; ``delta`` precomputes the one's-complement difference
+between an old and a new run of 16-bit words (done once per flow direction);
+``apply`` folds a precomputed delta into a checksum on the per-packet path.
+
+Given a checksum that was fully computed, ``apply`` yields exactly what ``full`` would
+(both land in 0..0xFFFE), so rewrites compare byte-exact with scapy's recomputation.
+"""
+
+from __future__ import annotations
+
+import struct
+
+#: 2-byte big-endian encodings of every 16-bit value: an index beats int.to_bytes per packet.
+U16: tuple[bytes, ...] = tuple(struct.pack("!H", i) for i in range(65536))
+
+
+def fold(s: int) -> int:
+    """Fold a sum of 16-bit words to 16 bits with end-around carry."""
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def sum16(data: bytes | bytearray | memoryview) -> int:
+    """One's-complement sum of ``data`` as big-endian 16-bit words (odd length zero-padded)."""
+    if len(data) % 2:
+        data = bytes(data) + b"\0"
+    return fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
+
+
+def full(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
+    """The checksum field value for ``data`` (with its checksum field zeroed), plus ``initial``."""
+    return ~fold(sum16(data) + initial) & 0xFFFF
+
+
+def delta(old: bytes, new: bytes) -> int:
+    """Precomputed difference ~m + m' over equally long, 16-bit aligned runs of words."""
+    if len(old) != len(new) or len(old) % 2:
+        raise ValueError("delta needs two runs of whole 16-bit words of the same length")
+    return fold(sum16(new) + (~sum16(old) & 0xFFFF))
+
+
+def apply(csum: int, d: int) -> int:
+    """HC' = ~(~HC + delta): update checksum ``csum`` by precomputed delta ``d``."""
+    s = (~csum & 0xFFFF) + d
+    s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def update16(csum: int, old: int, new: int) -> int:
+    """Update ``csum`` for one 16-bit word changing from ``old`` to ``new``."""
+    return apply(csum, fold((~old & 0xFFFF) + new))
+
+
+def update32(csum: int, old: int, new: int) -> int:
+    """Update ``csum`` for one 32-bit word (e.g. an IPv4 address) changing."""
+    return apply(csum, fold((~old >> 16 & 0xFFFF) + (~old & 0xFFFF) + (new >> 16) + (new & 0xFFFF)))
