@@ -210,6 +210,10 @@ def _service(chk: _Checker) -> Service:
     protocol = chk.choice("protocol", Protocol, "tcp")
     mode = chk.choice("mode", Mode, None)
     policy = chk.str("policy", "round_robin")
+    from nfqlb.policies import policy_names  # late: policies import this module
+
+    if policy not in policy_names():
+        raise chk.fail("policy", f"unknown policy {policy!r} (built-in: {', '.join(policy_names())})")
     snat_address = chk.address("snat_address", required=False)
     snat_ports = _port_range(chk, "snat_ports")
     if mode is Mode.FULLNAT:
