@@ -22,8 +22,8 @@ Servers, each started as a process inside its namespace:
 - nginx on port 8080 in every backend (and in lb with ``lb_servers``): ``/`` answers with the
   host's label ("backend-1", ..., "lb-local") and ``/blob`` is BLOB_SIZE deterministic bytes;
   the access log records the peer address and port the server saw.
-- a UDP server on port 5353 that answers each datagram with ``b"<label>:" + payload`` and logs
-  the peer it saw.
+- a UDP server on port 5353 that answers each datagram with ``b"<label>:" + payload`` from the
+  address it was sent to (IP_PKTINFO, as DNS servers do) and logs the peer it saw.
 
 ``with Lab(...) as lab:`` builds everything and always tears it down: daemons, servers, any
 process left in the namespaces, the namespaces and the work directory, also on errors and
@@ -39,6 +39,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -174,16 +175,21 @@ class Host:
 
 
 _UDP_SERVER = r'''
-import socket, sys
+import socket, struct, sys
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 label, port, ready, log = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
 sock.bind(("0.0.0.0", port))
 open(ready, "w").close()
 prefix = label.encode() + b":"
 with open(log, "a", buffering=1) as out:
     while True:
-        data, peer = sock.recvfrom(65535)
-        sock.sendto(prefix + data, peer)
+        data, anc, _flags, peer = sock.recvmsg(65535, socket.CMSG_SPACE(12))
+        # answer from the address the datagram was sent to, as DNS servers do (IP_PKTINFO)
+        cmsg = [(lvl, typ, struct.pack("@i4s4s", 0, d[8:12], bytes(4)))
+                for lvl, typ, d in anc if lvl == socket.IPPROTO_IP and typ == IP_PKTINFO]
+        sock.sendmsg([prefix + data], cmsg, 0, peer)
         out.write(f"{peer[0]} {peer[1]} {len(data)}\n")
 '''
 
@@ -594,7 +600,11 @@ class Nfqlb:
 
     @property
     def argv(self) -> list[str]:
-        return [sys.executable, "-m", "nfqlb", "run", "--config", str(self.config_path)]
+        """``python -m nfqlb run --config F``; NFQLB_COMMAND (e.g. "nfqlb") replaces the
+        ``python -m nfqlb`` part, to test an installed build."""
+        command = shlex.split(os.environ.get("NFQLB_COMMAND", "")) or [
+            sys.executable, "-m", "nfqlb"]
+        return [*command, "run", "--config", str(self.config_path)]
 
     def chain_installed(self) -> bool:
         out = self.lab.exec(self.lab.lb, ["iptables", "-t", "raw", "-S"], check=False).stdout

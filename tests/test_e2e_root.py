@@ -74,7 +74,7 @@ def test_lab_carries_kernel_nat(mode: str) -> None:
     """The paths nfqlb must build, built with iptables' nat table: the lab is sound."""
     with Lab(1, backend_default_route=(mode == "dnat")) as lab:
         b = lab.backends[0]
-        lab.exec(lab.lb, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        lab.exec(lab.lb, ["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"])
         lab.exec(lab.lb, ["iptables", "-t", "nat", "-A", "PREROUTING", "-d", VIP, "-p", "tcp",
                           "--dport", "80", "-j", "DNAT", "--to-destination",
                           f"{b.address}:{HTTP_PORT}"])
