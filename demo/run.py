@@ -1,0 +1,176 @@
+#!/usr/bin/env python3
+"""nfqlb demo: a client, a balancer and three backends in network namespaces.
+
+Builds the lab of tests/lab.py (the same code the end-to-end tests use), writes an nfqlb
+config for the VIP 198.18.100.1, runs ``python -m nfqlb run`` in the balancer namespace, sends
+HTTP requests with curl and UDP datagrams from the client namespace, shows which backend
+served each one and what source address the backend saw, then stops nfqlb with SIGTERM and
+prints its stats summary. Everything is torn down at the end, also on Ctrl-C.
+
+Run as root:  make demo            (or: .venv/bin/python demo/run.py --mode dnat)
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import signal
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from lab import (  # noqa: E402
+    BACKEND_NET,
+    CLIENT_ADDR,
+    HTTP_PORT,
+    LB_BACKEND_ADDR,
+    LB_CLIENT_ADDR,
+    UDP_PORT,
+    VIP,
+    VIP_NET,
+    Host,
+    Lab,
+    LabError,
+    can_use_netns,
+)
+
+
+def say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+def indent(text: str, by: str = "    ") -> str:
+    return "\n".join(by + line for line in text.rstrip().splitlines())
+
+
+def last_seen(read: Callable[[Host], Sequence[tuple[Any, ...]]], host: Host, before: int,
+              wait: float = 1.0) -> str:
+    """The source the server on ``host`` logged for its newest request ("?" if none)."""
+    deadline = time.monotonic() + wait
+    while True:
+        rows = read(host)
+        if len(rows) > before or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    return f"{rows[-1][0]}:{rows[-1][1]}" if len(rows) > before else "?"
+
+
+def topology(lab: Lab, mode: str) -> str:
+    route = (f"default via {LB_BACKEND_ADDR}" if lab.backend_default_route
+             else f"only {BACKEND_NET}, no route to the client")
+    lines = [
+        f"  client     {CLIENT_ADDR:<13} route {VIP_NET} via {LB_CLIENT_ADDR}"
+        f"   [netns {lab.client.ns}]",
+        f"  balancer   {LB_CLIENT_ADDR:<13} (client side), {LB_BACKEND_ADDR} (bridge to backends)"
+        f"   [netns {lab.lb.ns}]",
+        f"  VIP        {VIP}:80/tcp and {VIP}:{UDP_PORT}/udp"
+        + ("  (on the balancer's lo)" if lab.vip_on_lo else "  (routed to the balancer)"),
+    ]
+    if mode == "local":
+        lines.append(f"  local      nginx :{HTTP_PORT} and UDP :{UDP_PORT} on the balancer itself")
+    else:
+        for b in lab.backends:
+            lines.append(f"  {b.label:<10} {b.address:<13} nginx :{HTTP_PORT}, UDP :{UDP_PORT};"
+                         f" {route}   [netns {b.ns}]")
+    return "\n".join(lines)
+
+
+def demo(mode: str, requests: int, datagrams: int) -> int:
+    failures = 0
+    with Lab(3, backend_default_route=(mode == "dnat"), vip_on_lo=(mode == "local"),
+             lb_servers=(mode == "local")) as lab:
+        servers = {h.address: h for h in lab.backends}
+        servers[VIP] = lab.lb
+        say(f"== nfqlb demo: {mode} load balancing, round robin ==")
+        say(topology(lab, mode))
+        tcp = lab.service(mode, name="web")
+        udp = lab.service(mode, protocol="udp", name="dns-like")
+        daemon = lab.nfqlb(tcp, udp)
+        say("\n== config ==")
+        say(indent(daemon.config_path.read_text()))
+        say(f"\n== starting nfqlb in the balancer namespace ==\n    {' '.join(daemon.argv)}")
+        try:
+            daemon.start()
+        except LabError as exc:
+            say(f"\nnfqlb did not start: {str(exc).splitlines()[0]}")
+            say(indent(f"stdout:\n{daemon.stdout}stderr:\n{daemon.stderr}"))
+            return 1
+        rules = lab.exec(lab.lb, ["iptables", "-t", "raw", "-S"]).stdout.decode()
+        say("  its rules (iptables -t raw -S):")
+        say(indent(rules))
+
+        served: collections.Counter[str] = collections.Counter()
+        say(f"\n== HTTP: {requests} requests with curl from the client to http://{VIP}/ ==")
+        for i in range(1, requests + 1):
+            before = {h.label: len(lab.access_log(h)) for h in servers.values()}
+            try:
+                label = lab.curl(lab.client, f"http://{VIP}/", max_time=5).decode().strip()
+            except LabError as exc:
+                failures += 1
+                say(f"  #{i:<2} FAILED: {exc}")
+                continue
+            host = lab.lb if label == "lb-local" else lab.backend(label)
+            seen = last_seen(lab.access_log, host, before[host.label])
+            addr = "local" if host is lab.lb else host.address
+            served[label] += 1
+            say(f"  #{i:<2} {CLIENT_ADDR} -> {VIP}:80  served by {label:<9} ({addr}:{HTTP_PORT})"
+                f"  the server saw the client as {seen}")
+
+        say(f"\n== UDP: {datagrams} datagrams from the client to {VIP}:{UDP_PORT},"
+            " a new socket (flow) each ==")
+        payloads = [f"hello-{i}".encode() for i in range(1, datagrams + 1)]
+        replies = lab.udp_exchange(lab.client, VIP, UDP_PORT, payloads, new_socket_each=True)
+        for i, (payload, reply) in enumerate(zip(payloads, replies, strict=True), start=1):
+            if reply is None:
+                failures += 1
+                say(f"  #{i:<2} {payload.decode()!r}: no answer within 2 s")
+                continue
+            say(f"  #{i:<2} {payload.decode()!r} from port {reply.client_port}:"
+                f" answer {reply.label + ':' + reply.payload.decode()!r}"
+                f" from {reply.peer[0]}:{reply.peer[1]}")
+        udp_seen = {h.label: lab.udp_log(h) for h in servers.values()}
+        for label, rows in udp_seen.items():
+            for addr, port in rows:
+                say(f"       {label} saw a datagram from {addr}:{port}")
+
+        say("\n== stopping nfqlb (SIGTERM) ==")
+        code = daemon.stop()
+        left = lab.exec(lab.lb, ["iptables", "-t", "raw", "-S"]).stdout.decode()
+        say(f"  exit code {code}; raw table afterwards:")
+        say(indent(left))
+        say("  nfqlb's stats summary:")
+        say(indent(daemon.stdout or "(nothing on stdout)"))
+        if daemon.stderr.strip():
+            say("  nfqlb's log (stderr, last 20 lines):")
+            say(indent("\n".join(daemon.stderr.splitlines()[-20:])))
+        if code != 0:
+            failures += 1
+
+        say("\n== result ==")
+        for label in sorted(servers[a].label for a in servers if servers[a] is not lab.lb
+                            or mode == "local"):
+            say(f"  {label:<10} {served[label]} HTTP requests, {len(udp_seen[label])} datagrams")
+        say(f"  {failures} failures; tearing the lab down")
+    return 0 if failures == 0 else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=["fullnat", "dnat", "local"], default="fullnat")
+    parser.add_argument("--requests", type=int, default=9, help="HTTP requests (max 50)")
+    parser.add_argument("--datagrams", type=int, default=3, help="UDP datagrams (max 50)")
+    args = parser.parse_args(argv)
+    reason = can_use_netns()
+    if reason:
+        print(f"demo cannot run: {reason}", file=sys.stderr)
+        return 2
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    return demo(args.mode, min(args.requests, 50), min(args.datagrams, 50))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
