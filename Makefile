@@ -1,0 +1,40 @@
+# nfqlb developer entry points; each works on a fresh Debian 12 machine as root.
+#
+#   make test    Debian packages (only the missing ones), .venv, then pytest
+#   make demo    the same setup, then demo/run.py (DEMO_ARGS="--mode dnat" for another mode)
+#   make deps    only the Debian packages (scripts/install-deps.sh)
+#   make venv    only .venv with nfqlb installed editable, with its test extras
+#   make clean   remove .venv
+#
+# PYTHON picks the interpreter for the venv; PYTEST_ARGS are passed to pytest.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nfqlb-installed
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: test demo deps venv clean
+
+test: $(STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(PY) demo/run.py $(DEMO_ARGS)
+
+deps:
+	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
+
+venv: $(STAMP)
+
+# Reinstalled when pyproject.toml changes (new dependencies or entry points); new modules
+# need nothing, the install is editable.
+$(STAMP): pyproject.toml | deps
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo '*' > $(VENV)/.gitignore
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $@
+
+clean:
+	rm -rf $(VENV)
