@@ -8,6 +8,7 @@
 #
 # PYTHON picks the interpreter for the venv; PYTEST_ARGS are passed to pytest.
 
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -33,7 +34,9 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml | deps
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo '*' > $(VENV)/.gitignore
-	$(PY) -m pip install -q -e '.[test]'
+	@echo "pip install -e '.[test]' into $(VENV)"
+	@set -o pipefail; $(PY) -m pip install -q -e '.[test]' 2>&1 \
+		| { grep -v 'is ignored: it is neither a file nor a directory' || true; }
 	@touch $@
 
 clean:
