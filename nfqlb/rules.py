@@ -1,0 +1,267 @@
+"""Render nfqlb's iptables rules from a Config, and plan their removal; no I/O here.
+
+The rule text comes from the templates in ``rules/`` (installed as ``nfqlb/rules.d``), one
+file per concern, filled with :class:`string.Template`. Everything lives in the ``raw`` table,
+in three chains nfqlb owns per queue (see :func:`chains_for`), reached by one jump each from
+raw PREROUTING and raw OUTPUT. Every match goes (``-g``) to the queue chain, which takes the
+packet out of conntrack (``CT --notrack``) and hands it to ``NFQUEUE``.
+
+Services with an IPv4 VIP render into an ``iptables`` rule set, IPv6 VIPs into an
+``ip6tables`` one (:data:`FAMILIES`). Applying and deleting is done by ``nfqlb.io.iptables``
+with ``iptables-restore --noflush``, from texts built here: :func:`format_restore` for apply
+(idempotent: declaring an existing chain flushes it, jumps are added only when missing) and
+:func:`plan_delete` for removal, both planned against a parsed ``iptables-save``
+(:func:`parse_save`) so they touch exactly nfqlb's own rules.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from string import Template
+
+from nfqlb.config import Backend, Config, IPAddress, Mode, Service
+
+TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
+TABLE = "raw"
+BUILTIN_CHAINS = ("PREROUTING", "OUTPUT")  # the raw table's built-in chains
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    """The tools of one address family."""
+
+    version: int
+    iptables: str
+    restore: str
+    save: str
+    host_prefix: int
+
+
+FAMILIES: Mapping[int, Family] = {
+    4: Family(4, "iptables", "iptables-restore", "iptables-save", 32),
+    6: Family(6, "ip6tables", "ip6tables-restore", "ip6tables-save", 128),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Chains:
+    """nfqlb's chains for one queue, in the raw table."""
+
+    pre: str  # jumped to from PREROUTING
+    out: str  # jumped to from OUTPUT
+    target: str  # CT --notrack, then NFQUEUE
+
+    @property
+    def all(self) -> tuple[str, str, str]:
+        return (self.pre, self.out, self.target)
+
+
+def chains_for(queue: int) -> Chains:
+    return Chains(pre=f"NFQLB-PRE-{queue}", out=f"NFQLB-OUT-{queue}", target=f"NFQLB-Q-{queue}")
+
+
+@dataclass(frozen=True, slots=True)
+class RuleSet:
+    """The rules of one queue for one address family.
+
+    ``body`` holds the chain contents in iptables-restore syntax (``-A`` lines and ``#``
+    comments naming the service each block belongs to); ``jumps`` the ``-I`` lines for the
+    built-in chains.
+    """
+
+    family: Family
+    queue: int
+    chains: Chains
+    body: tuple[str, ...]
+    jumps: tuple[str, ...]
+    services: int
+
+    @property
+    def rules(self) -> tuple[str, ...]:
+        """The rule lines of ``body``, without comments."""
+        return tuple(line for line in self.body if not line.startswith("#"))
+
+
+@functools.cache
+def _template(name: str) -> tuple[str, ...]:
+    """The non-comment lines of ``rules/<name>`` (the frame keeps blank-free lines only)."""
+    text = resources.files("nfqlb").joinpath(TEMPLATE_DIR, name).read_text(encoding="utf-8")
+    return tuple(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+
+
+def _fill(name: str, values: Mapping[str, object]) -> list[str]:
+    """Substitute ``values`` into template ``name``; empty values vanish with their space."""
+    mapping = {k: str(v) for k, v in values.items()}
+    return [" ".join(Template(line).substitute(mapping).split()) for line in _template(name)]
+
+
+def _host(address: IPAddress, family: Family) -> str:
+    return f"{address}/{family.host_prefix}"
+
+
+def _service_rules(svc: Service, family: Family, chains: Chains) -> list[str]:
+    common = {"pre": chains.pre, "out": chains.out, "target": chains.target,
+              "proto": svc.protocol.name.lower()}
+    lines = _fill("forward.rules", {**common, "vip": _host(svc.vip, family), "port": svc.port})
+    for b in svc.backends:
+        values = {**common, **_backend_values(svc, b, family)}
+        lines += _fill(f"reply-{svc.mode.value}.rules", values)
+    return lines
+
+
+def _backend_values(svc: Service, b: Backend, family: Family) -> dict[str, object]:
+    values: dict[str, object] = {"backend_port": b.port}
+    if svc.mode is Mode.LOCAL:
+        values["source"] = f"-s {_host(b.address, family)}" if b.address is not None else ""
+        return values
+    assert b.address is not None  # config guarantees it outside local mode
+    values["backend"] = _host(b.address, family)
+    if svc.mode is Mode.FULLNAT:
+        assert svc.snat_address is not None and svc.snat_ports is not None
+        values["snat_address"] = _host(svc.snat_address, family)
+        values["snat_ports"] = f"{svc.snat_ports[0]}:{svc.snat_ports[1]}"
+    return values
+
+
+def describe(svc: Service) -> str:
+    vip = f"[{svc.vip}]" if svc.vip.version == 6 else str(svc.vip)
+    n = len(svc.backends)
+    return (f"service {svc.name}: {vip}:{svc.port}/{svc.protocol.name.lower()} "
+            f"{svc.mode.value}, {n} backend{'s' if n != 1 else ''}")
+
+
+def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
+    """The rule sets for ``config`` on ``queue`` (default: daemon.queue), IPv4 first.
+
+    A family appears only when some service's VIP is of it. A rule that two services share
+    (a backend behind two dnat services) is rendered once, where it first appears.
+    """
+    q = config.daemon.queue if queue is None else queue
+    chains = chains_for(q)
+    bypass = "--queue-bypass" if config.daemon.bypass else ""
+    sets = []
+    for family in FAMILIES.values():
+        services = [s for s in config.services if s.vip.version == family.version]
+        if not services:
+            continue
+        body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass})
+        seen = set(body)
+        for svc in services:
+            body.append(f"# {describe(svc)}")
+            for line in _service_rules(svc, family, chains):
+                if line not in seen:
+                    seen.add(line)
+                    body.append(line)
+        jumps = _fill("jumps.rules", {"pre": chains.pre, "out": chains.out})
+        sets.append(RuleSet(family=family, queue=q, chains=chains, body=tuple(body),
+                            jumps=tuple(jumps), services=len(services)))
+    return tuple(sets)
+
+
+# --- the current state, as iptables-save shows it -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SavedTable:
+    """One table of an ``iptables-save`` dump: chain -> policy ('-' for user chains), rules."""
+
+    chains: Mapping[str, str]
+    rules: tuple[str, ...]  # the "-A CHAIN ..." lines, in order
+
+    @property
+    def is_empty(self) -> bool:
+        """Only built-in chains, all with policy ACCEPT, and no rules: as if it did not exist."""
+        return not self.rules and all(
+            name in BUILTIN_CHAINS and policy == "ACCEPT" for name, policy in self.chains.items()
+        )
+
+
+def parse_save(text: str, table: str = TABLE) -> SavedTable | None:
+    """The ``table`` section of an ``iptables-save`` dump, or None when the table is absent."""
+    chains: dict[str, str] = {}
+    rules: list[str] = []
+    inside = found = False
+    for raw_line in text.splitlines():
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("*"):
+            inside = line[1:] == table
+            found = found or inside
+        elif not inside:
+            continue
+        elif line == "COMMIT":
+            inside = False
+        elif line.startswith(":"):
+            name, _, rest = line[1:].partition(" ")
+            chains[name] = rest.split(" ", 1)[0] if rest else "-"
+        elif line.startswith("-A "):
+            rules.append(line)
+    return SavedTable(chains=chains, rules=tuple(rules)) if found else None
+
+
+def _rule_chain_and_target(rule: str) -> tuple[str, str | None]:
+    """('PREROUTING', 'NFQLB-PRE-1') for '-A PREROUTING -j NFQLB-PRE-1'."""
+    words = rule.split()
+    target = None
+    for i, word in enumerate(words[:-1]):
+        if word in ("-j", "--jump", "-g", "--goto"):
+            target = words[i + 1]
+    return words[1], target
+
+
+def missing_jumps(ruleset: RuleSet, saved: SavedTable | None) -> tuple[str, ...]:
+    """The ``-I`` jump lines of ``ruleset`` that ``saved`` does not hold yet."""
+    present = set(saved.rules) if saved is not None else set()
+    return tuple(j for j in ruleset.jumps if "-A" + j[2:] not in present)
+
+
+def format_restore(ruleset: RuleSet, saved: SavedTable | None = None, *,
+                   all_jumps: bool = False, header: Iterable[str] = ()) -> str:
+    """The iptables-restore --noflush input that installs ``ruleset``.
+
+    Jumps already in ``saved`` are left out, so applying twice gives the rules once;
+    ``all_jumps`` puts all of them in (for printing).
+    """
+    jumps = ruleset.jumps if all_jumps else missing_jumps(ruleset, saved)
+    chains = {"pre": ruleset.chains.pre, "out": ruleset.chains.out,
+              "target": ruleset.chains.target}
+    lines = [f"# {h}" for h in header]
+    for line in _template("table.rules"):
+        if line.strip() == "${body}":
+            lines.extend(ruleset.body)
+            lines.extend(jumps)
+        else:
+            lines.append(Template(line).substitute(chains))
+    return "\n".join(lines) + "\n"
+
+
+def plan_delete(queue: int, saved: SavedTable | None) -> str | None:
+    """The iptables-restore --noflush input removing queue's chains, or None if none exist.
+
+    Every rule of another chain that jumps into one of nfqlb's chains is deleted (normally just
+    the two jumps from the built-in chains), then nfqlb's chains are flushed and removed.
+    """
+    if saved is None:
+        return None
+    ours = chains_for(queue).all
+    lines = []
+    for rule in saved.rules:
+        chain, target = _rule_chain_and_target(rule)
+        if target in ours and chain not in ours:
+            lines.append("-D" + rule[2:])
+    present = [c for c in ours if c in saved.chains]
+    lines += [f"-F {c}" for c in present]
+    lines += [f"-X {c}" for c in present]
+    if not lines:
+        return None
+    return "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n"
+
+
+DROP_EMPTY_TABLE = f"*{TABLE}\nCOMMIT\n"
+"""iptables-restore input (without --noflush) that empties the raw table; with iptables-nft
+it removes the table, so a table nfqlb's apply created does not outlive its delete."""
+
