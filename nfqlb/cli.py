@@ -1,0 +1,261 @@
+"""The ``nfqlb`` command: ``run``, ``rules``, ``check`` and ``replay``.
+
+This is the one place where errors become exit codes, each printed as one line on stderr
+prefixed ``nfqlb: error:``:
+
+- 0: done;
+- 2: the configuration or the command line is wrong (ConfigError, PolicyError, usage);
+- 1: the host cannot do it (not root, iptables missing, queue busy, a command failed).
+
+Heavy imports (the queue binding, the event loop) happen only in the subcommands needing them,
+so ``check`` and ``rules --print`` work on any machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NoReturn
+
+from nfqlb import __version__
+from nfqlb.config import Config, find_config, load_config
+from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
+
+if TYPE_CHECKING:
+    from nfqlb.io.iptables import Iptables
+
+PROG = "nfqlb"
+
+
+class UsageError(Exception):
+    """A command-line mistake (exit 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one ``nfqlb: error:`` line, raised instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+class _Formatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        text = f"{PROG}: {level}{record.getMessage()}"
+        if record.exc_info and logging.getLogger(PROG).isEnabledFor(logging.DEBUG):
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+def _setup_logging(verbose: bool) -> logging.Logger:
+    log = logging.getLogger(PROG)
+    log.handlers.clear()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    logging.captureWarnings(True)  # e.g. the binding's "Socket rcvbuf limit" RuntimeWarning
+    logging.getLogger("py.warnings").handlers[:] = [handler]
+    return log
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+
+    parser = _Parser(prog=PROG, description="A layer-4 load balancer on Linux NFQUEUE.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    p = sub.add_parser("run", parents=[common], help="serve: bind the queue, install rules",
+                       description="Bind the queue, set the sysctls the modes need, install "
+                       "the rules and serve until SIGINT/SIGTERM, then undo all of it and "
+                       "print the counters. SIGUSR1 prints the counters.")
+    p.add_argument("--config", metavar="FILE", help="default ./nfqlb.toml, /etc/nfqlb/nfqlb.toml")
+    p.add_argument("--queue", type=_queue_number, metavar="N", help="default: daemon.queue")
+    p.add_argument("--stats-interval", type=_positive_seconds, metavar="S",
+                   help="print the counters every S seconds")
+
+    p = sub.add_parser("rules", parents=[common], help="print, apply or delete the rules",
+                       description="The iptables rules of a configuration (raw table, "
+                       "chains NFQLB-PRE-<queue>, NFQLB-OUT-<queue>, NFQLB-Q-<queue>). Apply "
+                       "and delete are idempotent; delete needs no config when --queue is "
+                       "given. Unlike run, this sets no sysctl.")
+    p.add_argument("--config", metavar="FILE", help="default ./nfqlb.toml, /etc/nfqlb/nfqlb.toml")
+    p.add_argument("--queue", type=_queue_number, metavar="N", help="default: daemon.queue")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--print", dest="action", action="store_const", const="print",
+                        help="print them in iptables-restore syntax")
+    action.add_argument("--apply", dest="action", action="store_const", const="apply",
+                        help="install them (replacing the queue's previous rules)")
+    action.add_argument("--delete", dest="action", action="store_const", const="delete",
+                        help="remove the queue's rules")
+
+    p = sub.add_parser("check", parents=[common], help="validate a configuration",
+                       description="Load and validate a configuration; exit 0 if it is good.")
+    p.add_argument("--config", metavar="FILE", help="default ./nfqlb.toml, /etc/nfqlb/nfqlb.toml")
+
+    p = sub.add_parser("replay", parents=[common], help="run a pcap through the engine",
+                       description="Feed the packets of a pcap to the engine, offline.")
+    p.add_argument("--config", metavar="FILE", help="default ./nfqlb.toml, /etc/nfqlb/nfqlb.toml")
+    p.add_argument("input", help="pcap file to read")
+    p.add_argument("-o", "--output", metavar="FILE", help="write the verdicts' packets here")
+    p.add_argument("--policy", action="append", metavar="NAME",
+                   help="override every service's policy (give twice to compare two)")
+    return parser
+
+
+def _queue_number(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a queue number") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"queue {n} is out of range 0-65535")
+    return n
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not s > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return s
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(find_config(args.config))
+
+
+def _need_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise SystemSetupError(f"{what} needs root (CAP_NET_ADMIN for iptables and NFQUEUE)")
+
+
+# ------------------------------------------------------------------ subcommands
+
+
+def cmd_check(args: argparse.Namespace, log: logging.Logger) -> int:
+    config = _load(args)
+    n = len(config.services)
+    print(f"{config.source}: ok ({n} service{'' if n == 1 else 's'})")
+    return 0
+
+
+def cmd_rules(args: argparse.Namespace, log: logging.Logger) -> int:
+    from nfqlb import rules
+
+    if args.action == "delete" and args.queue is not None and args.config is None:
+        config = None
+    else:
+        config = _load(args)
+    queue = args.queue if args.queue is not None or config is None else config.daemon.queue
+    assert queue is not None
+    if args.action == "print":
+        assert config is not None
+        for rs in rules.render(config, queue):
+            header = [f"nfqlb rules for queue {queue}, IPv{rs.family.version}, from "
+                      f"{config.source}",
+                      f"install with: {rs.family.restore} --noflush (nfqlb rules --apply does "
+                      "it idempotently)"]
+            sys.stdout.write(rules.format_restore(rs, all_jumps=True, header=header))
+        return 0
+
+    from nfqlb.io import iptables
+
+    _need_root(f"rules --{args.action}")
+    if args.action == "apply":
+        assert config is not None
+        used: set[int] = {s.vip.version for s in config.services}
+        tools = iptables.tools_for(sorted(used))
+        tools.update(_optional_tools(used))
+        sets = iptables.apply_config(config, queue, tools)
+        for rs in sets:
+            log.info("applied %d rules for queue %d with %s (chains %s)", len(rs.rules),
+                     queue, rs.family.restore, ", ".join(rs.chains.all))
+        return 0
+    tools = iptables.tools_for([4])
+    tools.update(_optional_tools({4}))
+    removed = [t.family.iptables for t in tools.values() if iptables.delete(queue, t)]
+    if removed:
+        log.info("removed the rules of queue %d (%s)", queue, ", ".join(removed))
+    else:
+        log.info("no rules of queue %d were installed: nothing to remove", queue)
+    return 0
+
+
+def _optional_tools(have: set[int]) -> dict[int, Iptables]:
+    """The other families' tools when installed (to clean up their chains), else nothing."""
+    from nfqlb.io import iptables
+    from nfqlb.rules import FAMILIES
+
+    out: dict[int, Iptables] = {}
+    for v in FAMILIES:
+        if v not in have:
+            try:
+                out[v] = iptables.Iptables(FAMILIES[v])
+            except SystemSetupError:
+                pass
+    return out
+
+
+def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
+    config = _load(args)
+    _need_root("run")
+    from nfqlb.io import daemon
+
+    return daemon.run(config, args.queue, log, stats_interval=args.stats_interval)
+
+
+def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
+    try:
+        from nfqlb.replay import main as replay_main
+    except ImportError as exc:
+        if exc.name == "nfqlb.replay":
+            raise SystemSetupError("replay is not available in this installation "
+                                   "(nfqlb.replay is missing)") from None
+        raise SystemSetupError(f"replay cannot start: {exc}") from None
+    args.config = str(find_config(args.config))
+    return int(replay_main(args))
+
+
+COMMANDS = {"run": cmd_run, "rules": cmd_rules, "check": cmd_check, "replay": cmd_replay}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    log = _setup_logging(args.verbose)
+    try:
+        return COMMANDS[args.command](args, log)
+    except (ConfigError, PolicyError) as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 2
+    except NfqlbError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        log.debug("traceback", exc_info=True)
+        return 1
+    except Exception as exc:
+        print(f"{PROG}: error: internal error: {exc!r} (run with -v for the traceback)",
+              file=sys.stderr)
+        log.debug("traceback", exc_info=True)
+        return 1

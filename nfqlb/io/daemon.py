@@ -1,0 +1,192 @@
+"""``nfqlb run``: bind the queue, set sysctls, install the rules, serve, and undo it all.
+
+Order of start-up, each step only once the previous one worked, so that a failure leaves the
+host as it was: resolve the iptables tools; build the engine; bind the queue (a second
+instance on the same queue stops here, having touched nothing); set the sysctls the modes need;
+install the rules; serve on a uvloop event loop. Everything done is undone in ``finally``
+blocks, in reverse: the rules go first (with --queue-bypass, new packets then pass the kernel
+untouched), then what is still queued gets its verdict, the sysctls get their old values, the
+queue is unbound and the engine's counters are printed to stdout.
+
+The loop has three sources: the queue socket (``add_reader`` -> ``QueueAdapter.on_readable``),
+the engine's timer (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a
+second, aioquic style) and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters). Signal
+handlers are installed before anything is changed, so a SIGTERM at any point after that leads
+through the clean-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from nfqlb import rules
+from nfqlb.config import Config
+from nfqlb.engine import Engine
+from nfqlb.errors import SystemSetupError
+from nfqlb.io import iptables, sysctl
+from nfqlb.io.nfqueue import QueueAdapter
+
+TIMER_MAX_S = 1.0  # handle_timer runs at least this often
+
+
+class Server:
+    """The event loop around one engine and one bound queue."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine, adapter: QueueAdapter,
+                 log: logging.Logger, stats_interval: float | None = None) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.adapter = adapter
+        self.log = log
+        self.stats_interval = stats_interval
+        self.crash: BaseException | None = None
+        self.timer_errors = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = float("inf")  # engine clock (adapter.clock)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        self.loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
+
+    def _on_stop_signal(self, sig: signal.Signals) -> None:
+        self.log.info("%s: removing rules and stopping", sig.name)
+        self.loop.stop()
+
+    def serve(self) -> None:
+        """Run until a stop signal; re-raise what crashed the loop, if anything did."""
+        fd = self.adapter.fileno()
+        self.loop.add_reader(fd, self._on_readable)
+        self._arm_timer()
+        stats: asyncio.TimerHandle | None = None
+        if self.stats_interval:
+            stats = self.loop.call_later(self.stats_interval, self._periodic_stats)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.remove_reader(fd)
+            for handle in (self._timer, stats):
+                if handle is not None:
+                    handle.cancel()
+        if self.crash is not None:
+            raise self.crash
+
+    def _on_readable(self) -> None:
+        try:
+            self.adapter.on_readable()
+        except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
+            self.crash = exc
+            self.loop.stop()
+            return
+        deadline = self.engine.get_timer()
+        if deadline is not None and deadline < self._timer_deadline:
+            self._arm_timer()
+
+    def _arm_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        now = self.adapter.clock()
+        deadline = self.engine.get_timer()
+        delay = TIMER_MAX_S if deadline is None else min(max(deadline - now, 0.0), TIMER_MAX_S)
+        self._timer_deadline = now + delay
+        self._timer = self.loop.call_at(self.loop.time() + delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        now = self.adapter.clock()
+        try:
+            self.engine.handle_timer(now)
+        except Exception as exc:
+            self.timer_errors += 1
+            if self.timer_errors == 1 or self.timer_errors % 100 == 0:
+                self.log.error("engine timer failed (%d so far): %r", self.timer_errors, exc)
+        self._arm_timer()
+
+    def _periodic_stats(self) -> None:
+        self.print_stats()
+        assert self.stats_interval
+        self.loop.call_later(self.stats_interval, self._periodic_stats)
+
+    def format_stats(self) -> str:
+        text = self.engine.format_stats()
+        tail = self.adapter.format_stats()
+        if self.timer_errors:
+            tail += f", {self.timer_errors} timer errors"
+        return f"{text}\n{tail}" if text else tail
+
+    def print_stats(self) -> None:
+        print(self.format_stats(), flush=True)
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # the dependency is declared; this only keeps a broken install usable
+        logging.getLogger("nfqlb").warning("uvloop is not installed: using asyncio's loop")
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def run(config: Config, queue: int | None, log: logging.Logger,
+        stats_interval: float | None = None) -> int:
+    """Serve ``config`` on ``queue`` (default daemon.queue) until SIGINT/SIGTERM.
+
+    Returns 0 after a clean stop, 1 when the clean-up itself failed; raises NfqlbError (or
+    what crashed the loop) after cleaning up.
+    """
+    q = config.daemon.queue if queue is None else queue
+    rulesets = rules.render(config, q)
+    tools = iptables.tools_for(rs.family.version for rs in rulesets)
+    engine = Engine(config, log=log.getChild("engine"))
+    adapter = QueueAdapter(engine.handle, q, log)
+    loop = _new_loop()
+    server = Server(loop, engine, adapter, log, stats_interval)
+    clean = True
+    try:
+        server.install_signal_handlers()
+        adapter.bind()
+        try:
+            clean = _serve_bound(config, q, rulesets, tools, server, log)
+        finally:
+            adapter.unbind()
+            server.print_stats()
+    finally:
+        loop.close()
+    return 0 if clean else 1
+
+
+def _serve_bound(config: Config, queue: int, rulesets: tuple[rules.RuleSet, ...],
+                 tools: dict[int, iptables.Iptables], server: Server,
+                 log: logging.Logger) -> bool:
+    """Sysctls, rules, serve; undo both. False if undoing failed (already logged)."""
+    sysctls = sysctl.Sysctls(log)
+    clean = True
+    try:
+        sysctl.setup(config, sysctls)
+        try:
+            for rs in rulesets:
+                iptables.apply(rs, tools[rs.family.version])
+            chains = rulesets[0].chains
+            n = len(config.services)
+            log.info("serving queue %d (%d service%s, rules in %s %s/%s)", queue, n,
+                     "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
+            server.serve()
+        finally:
+            for t in tools.values():
+                try:
+                    if iptables.delete(queue, t):
+                        log.info("rules for queue %d removed (%s)", queue, t.family.iptables)
+                except SystemSetupError as exc:
+                    log.error("could not remove the rules of queue %d: %s", queue, exc)
+                    clean = False
+            try:
+                server.adapter.drain()
+            except Exception as exc:
+                log.debug("draining the queue failed: %r", exc)
+    finally:
+        clean = sysctls.restore() and clean
+    return clean
+

@@ -1,0 +1,102 @@
+"""Apply and remove nfqlb's rules with iptables-restore/iptables-save.
+
+The texts come from :mod:`nfqlb.rules`; this module only finds the binaries, reads the current
+state and feeds ``iptables-restore --noflush``. Each family's change is one restore run, so it
+is atomic (one nftables transaction with iptables-nft). Failures raise SystemSetupError with
+one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from nfqlb import rules
+from nfqlb.config import Config
+from nfqlb.errors import SystemSetupError
+from nfqlb.rules import FAMILIES, Family, RuleSet
+
+log = logging.getLogger("nfqlb.iptables")
+
+
+class Iptables:
+    """The three tools of one family, resolved in PATH."""
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+        paths = {}
+        for tool in (family.iptables, family.restore, family.save):
+            path = shutil.which(tool)
+            if path is None:
+                raise SystemSetupError(
+                    f"{tool} not found in PATH: install iptables (nfqlb installs its rules "
+                    f"with {family.restore} into the raw table)")
+            paths[tool] = path
+        self.restore_path = paths[family.restore]
+        self.save_path = paths[family.save]
+
+    def save(self) -> rules.SavedTable | None:
+        """The raw table as it is now (None: the table does not exist)."""
+        out = self._run([self.save_path], None)
+        return rules.parse_save(out)
+
+    def restore(self, text: str, *, noflush: bool = True) -> None:
+        args = [self.restore_path, "-w"] + (["--noflush"] if noflush else [])
+        self._run(args, text)
+
+    def _run(self, args: list[str], stdin: str | None) -> str:
+        try:
+            proc = subprocess.run(args, input=stdin, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise SystemSetupError(f"{args[0]}: {exc}") from None
+        if proc.returncode != 0:
+            detail = " / ".join(line.strip() for line in proc.stderr.splitlines()
+                                if line.strip() and not line.startswith("Try `"))
+            raise SystemSetupError(f"{' '.join(args)} failed (exit {proc.returncode}): "
+                                   f"{detail or 'no message'}")
+        return proc.stdout
+
+
+def tools_for(versions: Iterable[int]) -> dict[int, Iptables]:
+    """The tools of each family, checked up front (raises if one is missing)."""
+    return {v: Iptables(FAMILIES[v]) for v in versions}
+
+
+def apply(ruleset: RuleSet, tools: Iptables) -> None:
+    """Install ``ruleset``, replacing what nfqlb had on its queue; idempotent."""
+    text = rules.format_restore(ruleset, tools.save())
+    log.debug("%s --noflush <<\n%s", tools.family.restore, text)
+    tools.restore(text)
+    log.debug("rules for queue %d installed with %s", ruleset.queue, tools.family.restore)
+
+
+def delete(queue: int, tools: Iptables) -> bool:
+    """Remove nfqlb's chains of ``queue`` and the jumps into them; True if there were any.
+
+    When this leaves the raw table with nothing at all in it, the table is removed as well
+    (with iptables-nft that is what a first rule created), so that iptables-save shows what
+    it showed before apply.
+    """
+    text = rules.plan_delete(queue, tools.save())
+    if text is None:
+        return False
+    log.debug("%s --noflush <<\n%s", tools.family.restore, text)
+    tools.restore(text)
+    after = tools.save()
+    if after is not None and after.is_empty:
+        tools.restore(rules.DROP_EMPTY_TABLE, noflush=False)
+    return True
+
+
+def apply_config(config: Config, queue: int, tools: dict[int, Iptables]) -> tuple[RuleSet, ...]:
+    """Install the rules of ``config`` and clear the queue's chains of families it lacks."""
+    sets = rules.render(config, queue)
+    versions = {rs.family.version for rs in sets}
+    for rs in sets:
+        apply(rs, tools[rs.family.version])
+    for version, t in tools.items():
+        if version not in versions:
+            delete(queue, t)
+    return sets
