@@ -21,6 +21,7 @@ from lab import (
     VIP,
     Host,
     Lab,
+    LabError,
     Nfqlb,
     blob_bytes,
     sha256,
@@ -138,7 +139,7 @@ def test_udp_round_robin_per_flow_and_sticky_within_a_flow(mode: str) -> None:
 def test_local_mode_from_remote_client_and_from_balancer_host() -> None:
     with Lab(1, vip_on_lo=True, lb_servers=True) as lab:
         # nothing listens on VIP:80 itself: only the rewrite to :8080 can answer
-        with pytest.raises(Exception, match="curl"):
+        with pytest.raises(LabError, match="curl"):
             lab.curl(lab.client, f"http://{VIP}/", max_time=2)
         tcp = lab.service("local")
         udp = lab.service("local", protocol="udp", port=53)
