@@ -159,8 +159,9 @@ class Engine:
             ent = self._open(svc, data, off, proto, key, now)
             if ent is None:
                 return DROP
-            out = self._rewrite(data, off, proto, ent)
-            return self._clamp_mss(out, off)
+            flow = ent[0]
+            flow.packets, flow.bytes = 1, len(data)
+            return self._clamp_mss(self._rewrite(data, off, proto, ent), off)
         if ent is None:
             svc = self.services[17].get(data[16:20] + data[off + 2:off + 4])
             if svc is None:
@@ -281,7 +282,6 @@ class Engine:
                       True)
         self.table.add(flow, fwd, rev)
         self.flows_total += 1
-        flow.packets, flow.bytes = 1, len(data)
         return fwd
 
     def _close(self, flow: Flow, now: float) -> None:
