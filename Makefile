@@ -2,6 +2,7 @@
 #
 #   make test    Debian packages (only the missing ones), .venv, then pytest
 #   make demo    the same setup, then demo/run.py (DEMO_ARGS="--mode dnat" for another mode)
+#   make bench   the same setup, then bench/lab_bench.py (installs wrk if missing; BENCH_ARGS)
 #   make deps    only the Debian packages (scripts/install-deps.sh)
 #   make venv    only .venv with nfqlb installed editable, with its test extras
 #   make clean   remove .venv
@@ -15,6 +16,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nfqlb-installed
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: test demo deps venv clean
 
@@ -23,6 +25,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) demo/run.py $(DEMO_ARGS)
+
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) bench/lab_bench.py $(BENCH_ARGS)
 
 deps:
 	@PYTHON=$(PYTHON) bash scripts/install-deps.sh
