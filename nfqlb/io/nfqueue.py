@@ -1,9 +1,11 @@
 """The NFQUEUE adapter: bind one queue and give every packet the engine's verdict.
 
-The binding (NetfilterQueue 1.1.0) calls our callback from ``nfq.run(block=False)`` for every
-packet pending on the netlink socket and returns on EAGAIN, so the event loop calls
-:meth:`QueueAdapter.on_readable` when the socket is readable. The clock is read once per
-wakeup, not per packet. The binding leaves a packet without a verdict if the callback raises,
+The event loop calls :meth:`QueueAdapter.on_readable` when the netlink socket is readable.
+The binding's own ``run(block=False)`` would read until the socket is empty, which under
+sustained load is never: timers and signals (SIGTERM!) would wait for the load to stop. So we
+feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packets; the loop
+then runs its timers and signal handlers and comes straight back, since the socket is still
+readable. The clock is read once per wakeup, not per packet. The binding leaves a packet without a verdict if the callback raises,
 so the callback catches everything, counts it and drops the packet.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
@@ -17,10 +19,32 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import errno
+import socket
+
 from nfqlb.engine import DROP
 from nfqlb.errors import SystemSetupError
 
 Handle = Callable[[bytes, float], "bytes | int"]
+
+BUDGET = 256  # packets per wakeup before the event loop gets a turn
+_RECV_SIZE = 4096  # the binding's own receive buffer: larger messages never fit anyway
+
+
+class _BudgetSocket:
+    """What ``run_socket`` reads from: the queue socket, but "empty" after ``budget`` reads."""
+
+    __slots__ = ("_recv", "left")
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._recv = sock.recv
+        self.left = 0
+
+    def recv(self, size: int) -> bytes:
+        if self.left <= 0:
+            raise BlockingIOError(errno.EAGAIN, "budget used up")
+        self.left -= 1
+        return self._recv(size)  # non-blocking: raises BlockingIOError(EAGAIN) when empty
 
 
 class QueueAdapter:
@@ -58,6 +82,9 @@ class QueueAdapter:
                     f"queue {self.queue} is already bound by another process") from None
             raise SystemSetupError(f"cannot bind queue {self.queue}: {exc}") from None
         self._nfq = nfq
+        self._sock = socket.socket(fileno=nfq.get_fd())  # a view of the binding's socket
+        self._sock.setblocking(False)
+        self._budget = _BudgetSocket(self._sock)
 
     def fileno(self) -> int:
         fd: int = self._nfq.get_fd()
@@ -65,6 +92,7 @@ class QueueAdapter:
 
     def unbind(self) -> None:
         if self._nfq is not None:
+            self._sock.detach()  # the fd belongs to the binding
             self._nfq.unbind()
             self._nfq = None
 
@@ -102,15 +130,19 @@ class QueueAdapter:
                            "every 10 s): %r", self.errors, exc)
 
     def on_readable(self) -> None:
-        """Process every packet pending on the queue socket."""
+        """Process up to BUDGET packets pending on the queue socket."""
         self.now = self.clock()
         self.wakeups += 1
-        self._nfq.run(block=False)
+        self._budget.left = BUDGET
+        self._nfq.run_socket(self._budget)
 
     def drain(self) -> None:
         """Give a verdict to what is still queued (after the rules are gone)."""
         if self._nfq is not None:
-            self.on_readable()
+            for _ in range(16):
+                self.on_readable()
+                if self._budget.left > 0:
+                    break  # the socket ran dry before the budget did
 
     def format_stats(self) -> str:
         return f"queue {self.queue}: {self.wakeups} wakeups, {self.errors} callback errors"
