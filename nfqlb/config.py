@@ -112,7 +112,7 @@ class _Checker:
     def has(self, name: str) -> bool:
         return name in self.table
 
-    def str(self, name: str, default: str | None = None) -> str:
+    def text(self, name: str, default: str | None = None) -> str:
         value = self.table.get(name, default)
         if value is None:
             raise self.fail(name, "is required")
@@ -120,7 +120,7 @@ class _Checker:
             raise self.fail(name, f"must be a non-empty string, not {value!r}")
         return value
 
-    def int(self, name: str, default: int | None, lo: int, hi: int) -> int:
+    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int:
         value = self.table.get(name, default)
         if value is None:
             raise self.fail(name, "is required")
@@ -130,7 +130,7 @@ class _Checker:
             raise self.fail(name, f"{value} is out of range {lo}-{hi}")
         return value
 
-    def bool(self, name: str, default: bool) -> bool:
+    def flag(self, name: str, default: bool) -> bool:
         value = self.table.get(name, default)
         if not isinstance(value, bool):
             raise self.fail(name, f"must be true or false, not {value!r}")
@@ -159,7 +159,7 @@ class _Checker:
         return addr
 
     def choice(self, name: str, enum_type: type[enum.Enum], default: str | None) -> Any:
-        value = self.str(name, default)
+        value = self.text(name, default)
         names = {m.name.lower(): m for m in enum_type}
         if value.lower() not in names:
             raise self.fail(name, f"{value!r} is not one of: {', '.join(names)}")
@@ -194,33 +194,35 @@ def _backend(chk: _Checker, mode: Mode, family: int) -> Backend:
     address = chk.address("address", required=mode is not Mode.LOCAL)
     if address is not None and address.version != family:
         raise chk.fail("address", f"{address} is IPv{address.version}, the VIP is IPv{family}")
-    port = chk.int("port", None, 1, 65535)
-    weight = chk.int("weight", 1, 0, 1_000_000)
+    port = chk.integer("port", None, 1, 65535)
+    weight = chk.integer("weight", 1, 0, 1_000_000)
     default_name = f"{address}:{port}" if address is not None else f"local:{port}"
     if address is not None and address.version == 6:
         default_name = f"[{address}]:{port}"
-    return Backend(name=chk.str("name", default_name), address=address, port=port, weight=weight)
+    return Backend(name=chk.text("name", default_name), address=address, port=port, weight=weight)
 
 
 def _service(chk: _Checker) -> Service:
-    name = chk.str("name")
+    name = chk.text("name")
     vip = chk.address("vip")
     assert vip is not None
-    port = chk.int("port", None, 1, 65535)
+    port = chk.integer("port", None, 1, 65535)
     protocol = chk.choice("protocol", Protocol, "tcp")
     mode = chk.choice("mode", Mode, None)
-    policy = chk.str("policy", "round_robin")
+    policy = chk.text("policy", "round_robin")
     from nfqlb.policies import policy_names  # late: policies import this module
 
     if policy not in policy_names():
-        raise chk.fail("policy", f"unknown policy {policy!r} (built-in: {', '.join(policy_names())})")
+        known = ", ".join(policy_names())
+        raise chk.fail("policy", f"unknown policy {policy!r} (built-in: {known})")
     snat_address = chk.address("snat_address", required=False)
     snat_ports = _port_range(chk, "snat_ports")
     if mode is Mode.FULLNAT:
         if snat_address is None:
             raise chk.fail("snat_address", "is required in fullnat mode")
         if snat_ports is None:
-            raise chk.fail("snat_ports", "is required in fullnat mode (a range like \"20000-29999\")")
+            raise chk.fail("snat_ports",
+                           "is required in fullnat mode (a range like \"20000-29999\")")
         if snat_address.version != vip.version:
             raise chk.fail("snat_address", f"{snat_address} is not of the VIP's family")
     elif snat_address is not None or snat_ports is not None:
@@ -253,10 +255,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     top = _Checker(source, "", data, _TOP_KEYS)
     d = _Checker(source, "daemon", data.get("daemon", {}), _DAEMON_KEYS)
     daemon = DaemonConfig(
-        queue=d.int("queue", 1, 0, 65535),
-        bypass=d.bool("bypass", True),
-        mss_clamp=d.int("mss_clamp", 1460, 536, 3900),
-        sysctls=d.bool("sysctls", True),
+        queue=d.integer("queue", 1, 0, 65535),
+        bypass=d.flag("bypass", True),
+        mss_clamp=d.integer("mss_clamp", 1460, 536, 3900),
+        sysctls=d.flag("sysctls", True),
     )
     t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
     base = Timeouts()

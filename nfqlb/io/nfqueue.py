@@ -5,8 +5,9 @@ The binding's own ``run(block=False)`` would read until the socket is empty, whi
 sustained load is never: timers and signals (SIGTERM!) would wait for the load to stop. So we
 feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packets; the loop
 then runs its timers and signal handlers and comes straight back, since the socket is still
-readable. The clock is read once per wakeup, not per packet. The binding leaves a packet without a verdict if the callback raises,
-so the callback catches everything, counts it and drops the packet.
+readable. The clock is read once per wakeup, not per packet. The binding leaves a packet
+without a verdict if the callback raises, so the callback catches everything, counts it and
+drops the packet.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
 packets over 4016 bytes never reach the callback.
@@ -14,13 +15,12 @@ packets over 4016 bytes never reach the callback.
 
 from __future__ import annotations
 
+import errno
 import logging
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
-
-import errno
-import socket
 
 from nfqlb.engine import DROP
 from nfqlb.errors import SystemSetupError
