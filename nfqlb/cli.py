@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, NoReturn
 
 from nfqlb import __version__
 from nfqlb.config import Config, find_config, load_config
+from nfqlb.engine import check_supported
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
 
 if TYPE_CHECKING:
@@ -131,7 +132,9 @@ def _positive_seconds(text: str) -> float:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(find_config(args.config))
+    config = load_config(find_config(args.config))
+    check_supported(config)
+    return config
 
 
 def _need_root(what: str) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from nfqlb.config import Backend, Config, Mode, Service
-from nfqlb.errors import PacketError
+from nfqlb.errors import ConfigError, PacketError
 from nfqlb.flows import REUSABLE, TRANSITIONS, Entry, Flow, FlowTable, TcpState, tcp_event
 from nfqlb.policies import FlowKey, Policy, make_policy
 from nfqlb.snat import PortPool
@@ -53,9 +53,18 @@ class ServiceState:
     refused: int = 0
 
 
+def check_supported(config: Config) -> None:
+    """Refuse what the configuration allows but this engine cannot carry yet."""
+    for i, svc in enumerate(config.services):
+        if svc.vip.version == 6:
+            raise ConfigError(config.source, f"service[{i}].vip",
+                              f"{svc.vip}: IPv6 services are not supported by the engine yet")
+
+
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
                  log: logging.Logger | None = None) -> None:
+        check_supported(config)
         self.config = config
         self.log = log or logging.getLogger("nfqlb.engine")
         self.rng = rng or random.Random(0)

@@ -229,11 +229,13 @@ def netns() -> Any:
 
 @pytest.mark.root
 def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path) -> None:
-    """The real kernel accepts every rule kind; apply is idempotent, delete restores exactly."""
-    v6 = {"name": "v6", "vip": "2001:db8::10", "port": 80, "mode": "local",
-          "backend": [{"port": 8080}]}
+    """The real kernel accepts every rule kind; apply is idempotent, delete restores exactly.
+
+    (IPv6 services render to ip6tables, but the engine refuses them until it carries IPv6, so
+    the CLI applies IPv4 rules only here; ip6tables-save must stay untouched.)
+    """
     config_path = tmp_path / "all.toml"
-    config_path.write_text(_toml(make_config(FULLNAT, DNAT, LOCAL, v6)))
+    config_path.write_text(_toml(make_config(FULLNAT, DNAT, LOCAL)))
     nfqlb_rules = [sys.executable, "-m", "nfqlb", "rules", "--config", str(config_path)]
     before = (_save(netns), _save(netns, "ip6tables-save"))
 
@@ -246,8 +248,6 @@ def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path
         # iptables-save adds the implicit "-m tcp"/"-m udp" after "-p"
         shown = rule.replace("-p tcp", "-p tcp -m tcp").replace("-p udp", "-p udp -m udp")
         assert shown in once.splitlines()
-    assert "-A NFQLB-OUT-1 -p tcp -m tcp --sport 8080 -g NFQLB-Q-1" in _save(
-        netns, "ip6tables-save")
 
     _ns_run(netns, *nfqlb_rules, "--delete")
     assert (_save(netns), _save(netns, "ip6tables-save")) == before
