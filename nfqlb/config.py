@@ -237,10 +237,14 @@ def _service(chk: _Checker) -> Service:
         for i, t in enumerate(tables)
     )
     seen: set[tuple[IPAddress | None, int]] = set()
+    names: set[str] = set()
     for i, b in enumerate(backends):
         if (b.address, b.port) in seen:
             raise chk.fail(f"backend[{i}]", f"duplicate backend {b.name}")
+        if b.name in names:
+            raise chk.fail(f"backend[{i}].name", f"duplicate backend name {b.name!r}")
         seen.add((b.address, b.port))
+        names.add(b.name)
     if not any(b.weight > 0 for b in backends):
         raise chk.fail("backend", "every backend has weight 0: nothing could be chosen")
     if mode is Mode.LOCAL and any(b.port == port and b.address in (None, vip) for b in backends):

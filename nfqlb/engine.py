@@ -244,13 +244,13 @@ class Engine:
                        ipaddress.IPv4Address(dst), dport[0] << 8 | dport[1])
         try:
             backend = svc.policy.choose(fkey, now)
+            reason = "no_backend"
         except Exception as exc:  # a policy bug is contained: counted, logged, flow refused
             self._warn("policy_error", now, "policy %s failed: %r", svc.service.policy, exc)
-            backend = None
-            self.drops["policy_error"] = self.drops.get("policy_error", 0) + 1
+            backend, reason = None, "policy_error"
         if backend is None:
             svc.refused += 1
-            self._drop("no_backend", now)
+            self._drop(reason, now)
             return None
         service = svc.service
         baddr = backend.address.packed if backend.address is not None else dst
