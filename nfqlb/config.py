@@ -32,6 +32,19 @@ class Protocol(enum.IntEnum):
     UDP = 17
 
 
+class UnknownFlow(enum.Enum):
+    """What to do with a TCP packet to a VIP that is not a SYN and matches no flow."""
+
+    DROP = "drop"  # silently: the client retries until it gives up
+    RESET = "reset"  # answer the client with a RST: it learns at once (what IPVS hosts do)
+    HASH = "hash"  # adopt the flow on a backend chosen by a consistent hash of the flow
+
+
+class IcmpEcho(enum.Enum):
+    ACCEPT = "accept"  # echo requests to a VIP go on to the kernel (it answers if it owns the VIP)
+    DROP = "drop"
+
+
 @dataclass(frozen=True, slots=True)
 class Backend:
     name: str
@@ -51,6 +64,7 @@ class Service:
     policy: str = "round_robin"
     snat_address: IPAddress | None = None
     snat_ports: tuple[int, int] | None = None
+    unknown_flow: UnknownFlow = UnknownFlow.RESET
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +76,7 @@ class Timeouts:
     tcp_close: float = 10.0  # after both FINs or a RST (lingers for retransmissions)
     udp: float = 300.0
     syn: float = 60.0  # handshake not yet complete
+    frag: float = 5.0  # how long an out-of-order fragment waits for its first fragment
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +85,14 @@ class DaemonConfig:
     bypass: bool = True
     mss_clamp: int = 1460  # TCP MSS on SYNs is lowered to this (the binding caps packets at 4016 B)
     sysctls: bool = True  # set ip_forward/accept_local as the modes need, restore on exit
+    max_flows: int = 1_000_000  # per worker; at the cap the flow nearest its idle timeout goes
+    max_fragments: int = 1024  # out-of-order fragments held at once
+    large_queue: int | None = None  # queue for packets over 4016 B (default: queue + 10000)
+    icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
+
+    @property
+    def large_queue_number(self) -> int:
+        return self.large_queue if self.large_queue is not None else (self.queue + 10000) % 65536
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,9 +104,13 @@ class Config:
 
 
 _TOP_KEYS = {"daemon", "service", "timeouts"}
-_DAEMON_KEYS = {"queue", "bypass", "mss_clamp", "sysctls"}
+_DAEMON_KEYS = {
+    "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
+    "icmp_echo",
+}
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
+    "unknown_flow",
 }
 _BACKEND_KEYS = {"name", "address", "port", "weight"}
 
@@ -249,9 +276,13 @@ def _service(chk: _Checker) -> Service:
         raise chk.fail("backend", "every backend has weight 0: nothing could be chosen")
     if mode is Mode.LOCAL and any(b.port == port and b.address in (None, vip) for b in backends):
         raise chk.fail("backend", "a local backend on the VIP's own port would loop")
+    unknown_flow = chk.choice("unknown_flow", UnknownFlow, "reset")
+    if unknown_flow is UnknownFlow.HASH and mode is Mode.FULLNAT:
+        raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
+                       "the backend knows the connection by is lost with the table")
     return Service(name=name, vip=vip, port=port, protocol=protocol, mode=mode,
                    backends=backends, policy=policy, snat_address=snat_address,
-                   snat_ports=snat_ports)
+                   snat_ports=snat_ports, unknown_flow=unknown_flow)
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -263,7 +294,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         bypass=d.flag("bypass", True),
         mss_clamp=d.integer("mss_clamp", 1460, 536, 3900),
         sysctls=d.flag("sysctls", True),
+        max_flows=d.integer("max_flows", 1_000_000, 1, 100_000_000),
+        max_fragments=d.integer("max_fragments", 1024, 0, 1_000_000),
+        large_queue=d.integer("large_queue", None, 0, 65535) if d.has("large_queue") else None,
+        icmp_echo=d.choice("icmp_echo", IcmpEcho, "accept"),
     )
+    if daemon.large_queue_number == daemon.queue:
+        raise d.fail("large_queue", f"must differ from queue ({daemon.queue})")
     t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
     base = Timeouts()
     timeouts = Timeouts(**{k: t.seconds(k, getattr(base, k)) for k in Timeouts.__slots__})
