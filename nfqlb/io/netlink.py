@@ -1,0 +1,493 @@
+"""A pure-Python NFQUEUE client on a raw netlink socket, for packets the binding cannot carry.
+
+NetfilterQueue 1.1.0 receives into a 4096-byte buffer and caps the copy range at 4016 bytes,
+so a longer packet never reaches its callback whole. This module speaks the nfnetlink_queue
+protocol itself, on ``socket(AF_NETLINK, SOCK_RAW, NETLINK_NETFILTER)``, with a copy range of
+65535 and a receive buffer that holds the largest message, and feeds the same
+``handle(bytes, now) -> bytes | ACCEPT | DROP`` as :class:`nfqlb.io.nfqueue.QueueAdapter`, with
+the same adapter shape (bind, fileno, on_readable, drain, unbind, format_stats).
+
+The wire format (``linux/netlink.h``, ``linux/netfilter/nfnetlink.h``,
+``linux/netfilter/nfnetlink_queue.h``); netlink headers are in host order, nfnetlink payloads
+in network order::
+
+    message   = nlmsghdr(len u32, type u16, flags u16, seq u32, portid u32)     host order
+                nfgenmsg(family u8, version u8 = 0, res_id be16 = queue number)
+                attributes, each at a 4-byte boundary
+    attribute = nlattr(len u16 incl. this header, type u16) + data + pad to 4
+                (the type's top two bits are the NESTED / NET_BYTEORDER flags)
+    type      = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_{PACKET, VERDICT, CONFIG}
+
+    config  -> NFQA_CFG_CMD      {command u8 (BIND/UNBIND), pad u8, pf be16}
+               NFQA_CFG_PARAMS   {copy_range be32, copy_mode u8 = COPY_PACKET}   (packed: 5 B)
+               NFQA_CFG_QUEUE_MAXLEN be32
+               NFQA_CFG_MASK be32, NFQA_CFG_FLAGS be32  (FAIL_OPEN, only with fail_open=True)
+               sent with NLM_F_REQUEST | NLM_F_ACK; the kernel answers NLMSG_ERROR(errno, 0=ok)
+    packet  <- NFQA_PACKET_HDR   {packet_id be32, hw_protocol be16, hook u8}
+               NFQA_PAYLOAD      the IP packet, NFQA_CAP_LEN be32 when it was cut short;
+               other attributes (interfaces, mark, timestamp, ...) are skipped
+    verdict -> NFQA_VERDICT_HDR  {verdict be32 (NF_DROP=0, NF_ACCEPT=1), packet_id be32}
+               NFQA_PAYLOAD      only when the packet was rewritten
+
+The copy range is clamped by the kernel to 65531 (0xffff minus an attribute header), so an IP
+packet of 65532-65535 bytes arrives cut short (NFQA_CAP_LEN): it can be neither judged nor
+given back whole, and is dropped and counted as ``truncated``.
+
+Verdicts given during one wakeup are sent together, several netlink messages in one
+``sendmsg`` (the kernel walks them in order, as for any netlink request): one system call per
+wakeup instead of one per packet. Errors for single verdicts (an id the kernel no longer knows)
+come back as NLMSG_ERROR and are counted; NETLINK_CAP_ACK keeps them from echoing payloads.
+
+Fail-open (NFQA_CFG_F_FAIL_OPEN) is off by default, as it is for the binding's queue: when the
+queue is full the kernel would accept the packet *unchanged*, and for nfqlb an unchanged packet
+is a wrong one (a backend's source address leaking to the client, a VIP nobody listens on,
+untracked so no conntrack NAT fixes it up). Dropping under overload is what TCP and UDP
+clients already cope with; the queue-full drops show in ``/proc/net/netfilter/nfnetlink_queue``.
+A receive buffer overrun (ENOBUFS: the kernel dropped packets for us) is counted and logged.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import select
+import socket
+import struct
+import time
+from collections.abc import Callable
+
+from nfqlb.engine import ACCEPT, DROP
+from nfqlb.errors import SystemSetupError
+
+Handle = Callable[[bytes, float], "bytes | int"]
+
+# --- constants from the kernel uapi ------------------------------------------------------------
+
+NETLINK_NETFILTER = 12  # linux/netlink.h
+SOL_NETLINK = 270  # linux/socket.h
+NETLINK_CAP_ACK = 10  # error messages carry only the header of the request, not its payload
+NLM_F_REQUEST = 0x01
+NLM_F_ACK = 0x04
+NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
+NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+
+NFNL_SUBSYS_QUEUE = 3  # linux/netfilter/nfnetlink.h
+NFNETLINK_V0 = 0
+
+NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2  # nfnetlink_queue.h
+NFQA_PACKET_HDR = 1
+NFQA_VERDICT_HDR = 2
+NFQA_PAYLOAD = 10
+NFQA_CAP_LEN = 13
+NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
+NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_CFG_CMD_PF_BIND = 1, 2, 3
+NFQNL_COPY_PACKET = 2
+NFQA_CFG_F_FAIL_OPEN = 1 << 0
+
+NF_DROP, NF_ACCEPT = 0, 1  # linux/netfilter.h (the engine's ACCEPT/DROP are 0/1 the other way)
+
+PACKET_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET
+VERDICT_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT
+CONFIG_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG
+
+COPY_RANGE = 0xFFFF  # asked for; the kernel clamps it to 0xFFFF - 4
+MAX_PAYLOAD = 0xFFFF - 4  # the most a verdict's NFQA_PAYLOAD (u16 length with header) holds
+
+# --- sizes and budgets -------------------------------------------------------------------------
+
+BUDGET = 256  # messages per wakeup before the event loop gets a turn (as in nfqueue.py)
+RECV_SIZE = 1 << 17  # > the largest packet message (65531 B payload + ~150 B of attributes)
+RCVBUF = 8 << 20  # socket receive buffer: about 128 queued 64 KiB packets
+SNDBUF = 1 << 20
+FLUSH_BYTES = 1 << 17  # send the pending verdicts once they hold this much
+FLUSH_PARTS = 900  # ... or this many buffers (sendmsg takes at most 1024)
+ACK_TIMEOUT_S = 5.0
+LOG_EVERY_S = 10.0
+
+# --- precompiled layouts -----------------------------------------------------------------------
+
+NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
+NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (network order)
+NLATTR = struct.Struct("=HH")  # len, type (host order)
+BE32 = struct.Struct("!I")
+NLMSGERR = struct.Struct("=i")  # negative errno, 0 for an ack
+VERDICT_HDR = struct.Struct("!II")  # verdict, packet id
+CFG_CMD = struct.Struct("!BxH")  # command, pad, pf
+CFG_PARAMS = struct.Struct("!IB")  # copy_range, copy_mode (packed: 5 bytes)
+_HDR_LEN = NLMSGHDR.size + NFGENMSG.size  # 20: where the attributes start
+
+
+def _align(n: int) -> int:
+    return (n + 3) & ~3
+
+
+def build_attr(atype: int, data: bytes) -> bytes:
+    """One attribute, padded to 4 bytes."""
+    n = NLATTR.size + len(data)
+    return NLATTR.pack(n, atype) + data + bytes(_align(n) - n)
+
+
+def build_message(mtype: int, flags: int, seq: int, queue: int, attrs: bytes) -> bytes:
+    """A netlink message of the queue subsystem for ``queue``, attributes already built."""
+    n = _HDR_LEN + len(attrs)
+    return NLMSGHDR.pack(n, mtype, flags, seq, 0) + NFGENMSG.pack(socket.AF_UNSPEC,
+                                                                  NFNETLINK_V0, queue) + attrs
+
+
+def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False) -> bytes:
+    """BIND, copy mode PACKET with the full range, queue length and the fail-open flag."""
+    attrs = (build_attr(NFQA_CFG_CMD, CFG_CMD.pack(NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
+             + build_attr(NFQA_CFG_PARAMS, CFG_PARAMS.pack(COPY_RANGE, NFQNL_COPY_PACKET))
+             + build_attr(NFQA_CFG_QUEUE_MAXLEN, BE32.pack(max_len))
+             + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN))
+             + build_attr(NFQA_CFG_FLAGS, BE32.pack(NFQA_CFG_F_FAIL_OPEN if fail_open else 0)))
+    return build_message(CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, queue, attrs)
+
+
+def build_command(queue: int, seq: int, command: int) -> bytes:
+    """A config message with only a command (UNBIND, or the obsolete PF_BIND probe)."""
+    attrs = build_attr(NFQA_CFG_CMD, CFG_CMD.pack(command, socket.AF_UNSPEC))
+    return build_message(CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, queue, attrs)
+
+
+def verdict_prefix(queue: int, verdict: int) -> bytes:
+    """Everything of a payload-less verdict message but the packet id (its last 4 bytes)."""
+    n = _HDR_LEN + NLATTR.size + VERDICT_HDR.size
+    return (NLMSGHDR.pack(n, VERDICT_TYPE, NLM_F_REQUEST, 0, 0)
+            + NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
+            + NLATTR.pack(NLATTR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR) + BE32.pack(verdict))
+
+
+def build_verdict(queue: int, packet_id: int, verdict: int,
+                  payload: bytes | None = None) -> list[bytes]:
+    """The verdict message as buffers for ``sendmsg``: header, then payload and padding."""
+    if payload is None:
+        return [verdict_prefix(queue, verdict) + BE32.pack(packet_id)]
+    return _build_payload_verdict(queue, packet_id, verdict, payload)
+
+
+def _build_payload_verdict(queue: int, packet_id: int, verdict: int,
+                           payload: bytes) -> list[bytes]:
+    plen = len(payload)
+    pad = _align(plen) - plen
+    n = _HDR_LEN + NLATTR.size + VERDICT_HDR.size + NLATTR.size + plen + pad
+    head = (NLMSGHDR.pack(n, VERDICT_TYPE, NLM_F_REQUEST, 0, 0)
+            + NFGENMSG.pack(socket.AF_UNSPEC, NFNETLINK_V0, queue)
+            + NLATTR.pack(NLATTR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR)
+            + VERDICT_HDR.pack(verdict, packet_id)
+            + NLATTR.pack(NLATTR.size + plen, NFQA_PAYLOAD))
+    return [head, payload, bytes(pad)] if pad else [head, payload]
+
+
+def parse_packet(buf: bytes | bytearray | memoryview, start: int,
+                 end: int) -> tuple[int | None, bytes | None, int | None]:
+    """(packet id, payload, cap_len) of the packet message occupying ``buf[start:end]``.
+
+    A field is None when its attribute is missing; ``cap_len`` is set only when the kernel
+    cut the payload short. A malformed attribute ends the walk.
+    """
+    packet_id = payload = cap_len = None
+    a = start + _HDR_LEN
+    unpack_attr = NLATTR.unpack_from
+    while a + 4 <= end:
+        alen, atype = unpack_attr(buf, a)
+        if alen < 4 or a + alen > end:
+            break
+        atype &= NLA_TYPE_MASK
+        if atype == NFQA_PACKET_HDR and alen >= 8:
+            packet_id = BE32.unpack_from(buf, a + 4)[0]
+        elif atype == NFQA_PAYLOAD:
+            payload = bytes(buf[a + 4:a + alen])
+        elif atype == NFQA_CAP_LEN and alen >= 8:
+            cap_len = BE32.unpack_from(buf, a + 4)[0]
+        a += (alen + 3) & ~3
+    return packet_id, payload, cap_len
+
+
+class NetlinkQueueAdapter:
+    """One queue bound over a netlink socket of our own, feeding ``handle(payload, now)``."""
+
+    def __init__(self, handle: Handle, queue: int, log: logging.Logger,
+                 clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
+                 fail_open: bool = False) -> None:
+        self.queue = queue
+        self.log = log
+        self.clock = clock
+        self.now = clock()
+        self.purpose = purpose  # "for packets over N bytes": said in errors and stats
+        self.fail_open = fail_open
+        # counters
+        self.packets = 0
+        self.wakeups = 0
+        self.errors = 0  # handle() raised (the packet was dropped)
+        self.bad_verdicts = 0  # handle() returned something that is no verdict (dropped)
+        self.truncated = 0  # cut short by the kernel's copy range (dropped)
+        self.malformed = 0  # packet messages without id or payload
+        self.enobufs = 0  # receive buffer overruns: the kernel dropped packets for us
+        self.verdict_errors = 0  # the kernel refused a verdict (NLMSG_ERROR)
+        self.send_errors = 0  # verdicts that could not be sent
+        self._handle = handle
+        self._sock: socket.socket | None = None
+        self._buf = bytearray(RECV_SIZE)
+        self._view = memoryview(self._buf)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._seq = 0
+        self._ack_seq = -1  # the seq of the config request waiting for its answer
+        self._ack: int | None = None  # its answer: 0 or a negative errno
+        self._last_log: dict[str, float] = {}
+        self._accept = verdict_prefix(queue, NF_ACCEPT)
+        self._drop = verdict_prefix(queue, NF_DROP)
+
+    @property
+    def name(self) -> str:
+        return f"queue {self.queue}" + (f" ({self.purpose})" if self.purpose else "")
+
+    # ------------------------------------------------------------------ binding
+
+    def bind(self, max_len: int = 1024) -> None:
+        """Open the socket and bind the queue; raises SystemSetupError (one line) if impossible."""
+        try:
+            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        except OSError as exc:
+            raise SystemSetupError(f"cannot open a netfilter netlink socket ({exc.strerror}); "
+                                   "nfqlb needs Linux with nfnetlink") from None
+        try:
+            sock.bind((0, 0))  # the kernel picks our port id
+            _set_buffer(sock, socket.SO_RCVBUF, 33, RCVBUF)  # 33: SO_RCVBUFFORCE
+            _set_buffer(sock, socket.SO_SNDBUF, 32, SNDBUF)  # 32: SO_SNDBUFFORCE
+            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
+            sock.setblocking(False)
+        except OSError as exc:
+            sock.close()
+            raise SystemSetupError(f"cannot set up the netlink socket for {self.name}: "
+                                   f"{exc.strerror}") from None
+        self._sock = sock
+        try:
+            err = self._request(build_bind(self.queue, self._next_seq(), max_len=max_len,
+                                           fail_open=self.fail_open))
+            if err == -errno.EPERM:
+                # Either the queue belongs to another socket or we lack CAP_NET_ADMIN. The
+                # obsolete PF_BIND command needs the capability and nothing else: it tells.
+                probe = self._request(build_command(self.queue, self._next_seq(),
+                                                    NFQNL_CFG_CMD_PF_BIND))
+                if probe == 0:
+                    err = -errno.EBUSY
+        except OSError as exc:
+            self._close()
+            raise SystemSetupError(f"cannot bind {self.name}: {exc.strerror or exc}") from None
+        if err:
+            self._close()
+            if err == -errno.EBUSY:
+                raise SystemSetupError(f"{self.name} is already bound by another process")
+            if err == -errno.EPERM:
+                raise SystemSetupError(f"cannot bind {self.name}: permission denied "
+                                       "(needs root or CAP_NET_ADMIN)")
+            raise SystemSetupError(f"cannot bind {self.name}: {os.strerror(-err)} "
+                                   "(is nfnetlink_queue available in this kernel?)")
+
+    def fileno(self) -> int:
+        assert self._sock is not None, "not bound"
+        return self._sock.fileno()
+
+    def unbind(self) -> None:
+        """Send what is pending, unbind (the kernel drops what is still queued), close."""
+        if self._sock is None:
+            return
+        try:
+            self._flush()
+            err = self._request(build_command(self.queue, self._next_seq(),
+                                              NFQNL_CFG_CMD_UNBIND), timeout=1.0)
+            if err:
+                self.log.debug("unbinding %s: %s", self.name, os.strerror(-err))
+        except OSError as exc:
+            self.log.debug("unbinding %s: %r (closing the socket unbinds too)", self.name, exc)
+        self._close()
+
+    def _close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()  # the kernel also unbinds every queue of a closed socket
+            self._sock = None
+
+    def _next_seq(self) -> int:
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        return self._seq
+
+    def _request(self, message: bytes, timeout: float = ACK_TIMEOUT_S) -> int:
+        """Send a config message and wait for its NLMSG_ERROR: 0 or a negative errno.
+
+        Packets that arrive meanwhile get their verdicts as usual.
+        """
+        sock = self._sock
+        assert sock is not None
+        self._ack_seq = NLMSGHDR.unpack_from(message)[3]
+        self._ack = None
+        sock.send(message)
+        deadline = time.monotonic() + timeout
+        while self._ack is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OSError(errno.ETIMEDOUT, f"no answer from the kernel in {timeout} s")
+            readable, _, _ = select.select([sock], [], [], left)
+            if readable:
+                self.on_readable()
+        self._ack_seq = -1
+        return self._ack
+
+    # ------------------------------------------------------------------ packets
+
+    def on_readable(self) -> None:
+        """Handle up to BUDGET messages pending on the socket, then send their verdicts."""
+        sock = self._sock
+        assert sock is not None, "not bound"
+        self.now = self.clock()
+        self.wakeups += 1
+        recv_into = sock.recv_into
+        buf = self._buf
+        unpack_hdr = NLMSGHDR.unpack_from
+        try:
+            for _ in range(BUDGET):
+                try:
+                    n = recv_into(buf)
+                except BlockingIOError:
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ENOBUFS:
+                        raise
+                    self.enobufs += 1
+                    self._rate_log("enobufs", logging.WARNING,
+                                   "%s: receive buffer overrun, the kernel dropped packets "
+                                   "(%d overruns so far)", self.name, self.enobufs)
+                    continue
+                off = 0
+                while off + 16 <= n:  # a datagram may hold several messages
+                    mlen, mtype, _flags, seq, _pid = unpack_hdr(buf, off)
+                    if mlen < 16 or off + mlen > n:
+                        self.malformed += 1
+                        break
+                    if mtype == PACKET_TYPE:
+                        self._on_packet(off, off + mlen)
+                    elif mtype == NLMSG_ERROR:
+                        self._on_error(seq, NLMSGERR.unpack_from(buf, off + 16)[0]
+                                       if mlen >= 20 else -errno.EPROTO)
+                    off += (mlen + 3) & ~3
+        finally:
+            self._flush()
+
+    def _on_packet(self, start: int, end: int) -> None:
+        packet_id, payload, cap_len = parse_packet(self._buf, start, end)
+        if packet_id is None:
+            self.malformed += 1  # nothing we could give a verdict to
+            return
+        self.packets += 1
+        if payload is None or cap_len is not None:
+            if payload is None:
+                self.malformed += 1
+            else:
+                self.truncated += 1
+                self._rate_log("truncated", logging.WARNING, "%s: dropped a packet of %d "
+                               "bytes, longer than the kernel copies (%d so far)", self.name,
+                               cap_len, self.truncated)
+            self._queue(self._drop + BE32.pack(packet_id))
+            return
+        try:
+            r = self._handle(payload, self.now)
+        except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
+            self.errors += 1
+            self._queue(self._drop + BE32.pack(packet_id))
+            self._rate_log("errors", logging.ERROR, "%s: packet handler failed (%d so far, "
+                           "packet dropped): %r", self.name, self.errors, exc)
+            return
+        if type(r) is bytes and len(r) <= MAX_PAYLOAD:
+            self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, r))
+        elif type(r) is int and r == ACCEPT:
+            self._queue(self._accept + BE32.pack(packet_id))
+        else:
+            if type(r) is not int or r != DROP:
+                self.bad_verdicts += 1
+                self._rate_log("bad_verdicts", logging.ERROR, "%s: the handler returned no "
+                               "verdict (%.40r); packet dropped", self.name, r)
+            self._queue(self._drop + BE32.pack(packet_id))
+
+    def _on_error(self, seq: int, err: int) -> None:
+        if seq == self._ack_seq:
+            self._ack = err
+        elif err:
+            self.verdict_errors += 1
+            self._rate_log("verdict_errors", logging.WARNING, "%s: the kernel refused a "
+                           "verdict: %s (%d so far)", self.name, os.strerror(-err),
+                           self.verdict_errors)
+
+    def _queue(self, *message: bytes) -> None:
+        """Add one whole verdict message (its buffers) to those sent at the next flush."""
+        self._pending.extend(message)
+        self._pending_bytes += sum(map(len, message)) if len(message) > 1 else len(message[0])
+        if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= FLUSH_PARTS:
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the pending verdicts in one sendmsg (one by one if that fails)."""
+        if not self._pending or self._sock is None:
+            return
+        parts, self._pending, self._pending_bytes = self._pending, [], 0
+        try:
+            self._sock.sendmsg(parts)
+            return
+        except OSError as exc:
+            first = exc
+        failed = 0
+        for message in _split_messages(parts):
+            try:
+                self._sock.sendmsg(message)
+            except OSError:
+                failed += 1
+        self.send_errors += failed
+        if failed:
+            self._rate_log("send_errors", logging.ERROR, "%s: %d verdicts could not be sent "
+                           "(%r); those packets wait until the queue is unbound", self.name,
+                           failed, first)
+
+    def _rate_log(self, key: str, level: int, msg: str, *args: object) -> None:
+        if self.now - self._last_log.get(key, float("-inf")) >= LOG_EVERY_S:
+            self._last_log[key] = self.now
+            self.log.log(level, msg + " [logged at most every %d s]", *args, LOG_EVERY_S)
+
+    def drain(self) -> None:
+        """Give a verdict to what is still queued (after the rules are gone)."""
+        if self._sock is None:
+            return
+        for _ in range(16):
+            before = self.packets + self.malformed
+            self.on_readable()
+            if self.packets + self.malformed - before < BUDGET:
+                break  # the socket ran dry before the budget did
+
+    def format_stats(self) -> str:
+        text = (f"{self.name}: {self.packets} packets, {self.wakeups} wakeups, "
+                f"{self.errors} callback errors")
+        extra = [(self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
+                 (self.malformed, "malformed"), (self.enobufs, "receive overruns"),
+                 (self.verdict_errors, "verdict errors"), (self.send_errors, "send errors")]
+        return text + "".join(f", {n} {what}" for n, what in extra if n)
+
+
+def _split_messages(parts: list[bytes]) -> list[list[bytes]]:
+    """Group buffers back into messages: each message starts with its nlmsghdr length."""
+    messages: list[list[bytes]] = []
+    want = 0
+    for part in parts:
+        if want <= 0:
+            messages.append([])
+            want = NLMSGHDR.unpack_from(part)[0]
+        messages[-1].append(part)
+        want -= len(part)
+    return messages
+
+
+def _set_buffer(sock: socket.socket, option: int, force_option: int, size: int) -> None:
+    """Set a socket buffer size, beyond the sysctl limit when privileged (the *FORCE option)."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force_option, size)
+    except PermissionError:
+        sock.setsockopt(socket.SOL_SOCKET, option, size)
