@@ -4,7 +4,10 @@ The rule text comes from the templates in ``rules/`` (installed as ``nfqlb/rules
 file per concern, filled with :class:`string.Template`. Everything lives in the ``raw`` table,
 in three chains nfqlb owns per queue (see :func:`chains_for`), reached by one jump each from
 raw PREROUTING and raw OUTPUT. Every match goes (``-g``) to the queue chain, which takes the
-packet out of conntrack (``CT --notrack``) and hands it to ``NFQUEUE``.
+packet out of conntrack (``CT --notrack``) and hands it to ``NFQUEUE``: packets longer than
+:data:`BINDING_MAX_PACKET` to the large-packet queue (:func:`large_queue_for`), the others to
+the queue itself. The large-packet rule lives in the queue's own chain, so it comes and goes
+with it.
 
 Services with an IPv4 VIP render into an ``iptables`` rule set, IPv6 VIPs into an
 ``ip6tables`` one (:data:`FAMILIES`). Applying and deleting is done by ``nfqlb.io.iptables``
@@ -18,15 +21,27 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
 from nfqlb.config import Backend, Config, IPAddress, Mode, Service
+from nfqlb.errors import ConfigError
 
 TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
 TABLE = "raw"
 BUILTIN_CHAINS = ("PREROUTING", "OUTPUT")  # the raw table's built-in chains
+
+BINDING_MAX_PACKET = 3960
+"""The longest IP packet the NetfilterQueue binding receives whole in every case; longer ones
+go to the large-packet queue. The binding asks for at most 4016 bytes and receives into 4096:
+its 80 bytes of room for the message around the payload are enough for a packet arriving from
+a veth (checked: 4016 bytes pass whole), but not for every attribute the kernel may put before
+the payload. Without the optional-by-flag ones (uid/gid, conntrack, secctx, bridge-only vlan
+and l2 header) the most is 136 bytes: nlmsghdr+nfgenmsg 20, packet header 12, in/out interface
+8+8, physical in/out interface (br_netfilter) 8+8, mark 8, priority 8, hardware address 16,
+skb info 8, capture length 8, timestamp 20 (set once any socket asks for timestamps), payload
+attribute header 4. 4096 - 136 = 3960."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +93,7 @@ class RuleSet:
     body: tuple[str, ...]
     jumps: tuple[str, ...]
     services: int
+    large_queue: int  # where packets over BINDING_MAX_PACKET bytes go
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -133,6 +149,20 @@ def describe(svc: Service) -> str:
             f"{svc.mode.value}, {n} backend{'s' if n != 1 else ''}")
 
 
+def large_queue_for(config: Config, queue: int | None = None) -> int:
+    """The large-packet queue that goes with ``queue`` (default: daemon.queue).
+
+    daemon.large_queue when set, else ``queue + 10000`` (mod 65536), computed by the config
+    itself for the queue actually served (``--queue`` may override daemon.queue).
+    """
+    q = config.daemon.queue if queue is None else queue
+    large = replace(config.daemon, queue=q).large_queue_number
+    if large == q:
+        raise ConfigError(config.source, "daemon.large_queue",
+                          f"must differ from the queue served ({q})")
+    return large
+
+
 def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
     """The rule sets for ``config`` on ``queue`` (default: daemon.queue), IPv4 first.
 
@@ -140,6 +170,7 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
     (a backend behind two dnat services) is rendered once, where it first appears.
     """
     q = config.daemon.queue if queue is None else queue
+    large = large_queue_for(config, q)
     chains = chains_for(q)
     bypass = "--queue-bypass" if config.daemon.bypass else ""
     sets = []
@@ -147,7 +178,9 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
         services = [s for s in config.services if s.vip.version == family.version]
         if not services:
             continue
-        body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass})
+        body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
+                                     "large_queue": large,
+                                     "large_from": BINDING_MAX_PACKET + 1})
         seen = set(body)
         for svc in services:
             body.append(f"# {describe(svc)}")
@@ -157,7 +190,7 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
                     body.append(line)
         jumps = _fill("jumps.rules", {"pre": chains.pre, "out": chains.out})
         sets.append(RuleSet(family=family, queue=q, chains=chains, body=tuple(body),
-                            jumps=tuple(jumps), services=len(services)))
+                            jumps=tuple(jumps), services=len(services), large_queue=large))
     return tuple(sets)
 
 

@@ -1,10 +1,11 @@
 """``nfqlb run`` against the real kernel, each test in a network namespace of its own.
 
 What is checked: the chains and sysctls while it runs; a second instance on the same queue
-fails with one clear line and leaves the first one's rules alone; SIGTERM/SIGINT remove exactly
-nfqlb's rules and restore the sysctls (``iptables-save`` as before the start); a crash of the
-loop still removes them; a missing iptables is one clear line; packets really pass through the
-queue, untracked by conntrack.
+fails with one clear line and leaves the first one's rules alone, and so does a busy
+large-packet queue; SIGTERM/SIGINT remove exactly nfqlb's rules and restore the sysctls
+(``iptables-save`` as before the start); a crash of the loop still removes them; a missing
+iptables is one clear line; packets really pass through the queue, untracked by conntrack; a
+datagram too large for the binding goes through the large-packet queue, both ways.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pytest
 pytestmark = pytest.mark.root
 
 QUEUE = 6
+LARGE = QUEUE + 10000  # the default large-packet queue
 CONFIG = f"""\
 [daemon]
 queue = {QUEUE}
@@ -158,8 +160,10 @@ def test_run_installs_rules_and_a_signal_removes_exactly_them(
     daemon = Daemon(ns, tmp_path, config)
     try:
         daemon.wait_serving()
-        assert (f"nfqlb: serving queue {QUEUE} (2 services, rules in raw "
-                f"NFQLB-PRE-{QUEUE}/NFQLB-OUT-{QUEUE})") in daemon.stderr
+        assert (f"nfqlb: serving queue {QUEUE} and queue {LARGE} for packets over 3960 bytes "
+                f"(2 services, rules in raw NFQLB-PRE-{QUEUE}/NFQLB-OUT-{QUEUE})"
+                ) in daemon.stderr
+        assert bound_queues(ns) == {QUEUE, LARGE}
         running = saved(ns)
         lines = running.splitlines()
         for chain in (f"NFQLB-PRE-{QUEUE}", f"NFQLB-OUT-{QUEUE}", f"NFQLB-Q-{QUEUE}"):
@@ -167,6 +171,10 @@ def test_run_installs_rules_and_a_signal_removes_exactly_them(
         assert f"-A PREROUTING -j NFQLB-PRE-{QUEUE}" in lines
         assert f"-A OUTPUT -j NFQLB-OUT-{QUEUE}" in lines
         assert f"-A NFQLB-Q-{QUEUE} -j NFQUEUE --queue-num {QUEUE} --queue-bypass" in lines
+        large = (f"-A NFQLB-Q-{QUEUE} -m length --length 3961:65535 -j NFQUEUE --queue-num "
+                 f"{LARGE} --queue-bypass")
+        assert lines.index(large) + 1 == lines.index(
+            f"-A NFQLB-Q-{QUEUE} -j NFQUEUE --queue-num {QUEUE} --queue-bypass")
         assert "-A PREROUTING -p udp -m udp --dport 9 -j CT --notrack" in lines
         assert sysctl(ns, "net.ipv4.ip_forward") == "1"  # fullnat
         assert sysctl(ns, "net.ipv4.conf.all.accept_local") == "1"
@@ -178,7 +186,9 @@ def test_run_installs_rules_and_a_signal_removes_exactly_them(
     assert saved(ns) == before
     assert sysctl(ns, "net.ipv4.ip_forward") == "0"
     assert sysctl(ns, "net.ipv4.conf.all.accept_local") == "0"
+    assert bound_queues(ns) == set()
     assert f"queue {QUEUE}:" in daemon.stdout  # the counters, printed at exit
+    assert f"queue {LARGE} (packets over 3960 bytes): 0 packets" in daemon.stdout
     assert "service web" in daemon.stdout  # the engine's summary
     assert f"{sig.name}: removing rules and stopping" in daemon.stderr
 
@@ -201,6 +211,42 @@ def test_second_instance_on_the_same_queue_fails_and_touches_nothing(
     finally:
         first.stop(signal.SIGKILL)
     assert saved(ns) == before
+
+
+HOLD_QUEUE = """\
+import logging, sys, time
+from nfqlb.io.netlink import NetlinkQueueAdapter
+adapter = NetlinkQueueAdapter(lambda data, now: 0, int(sys.argv[1]), logging.getLogger())
+adapter.bind()
+print("bound", flush=True)
+time.sleep(30)
+"""
+
+
+def test_a_busy_large_queue_is_one_clear_line_and_nothing_is_touched(
+        ns: str, tmp_path: Path, config: Path) -> None:
+    before = saved(ns)
+    holder = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", HOLD_QUEUE,
+                               str(LARGE)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "bound\n"
+        daemon = Daemon(ns, tmp_path, config)
+        assert daemon.wait() == 1
+        assert daemon.stderr == (f"nfqlb: error: queue {LARGE} (packets over 3960 bytes) is "
+                                 "already bound by another process\n")
+        assert daemon.stdout == ""
+        assert saved(ns) == before
+        assert sysctl(ns, "net.ipv4.ip_forward") == "0"
+        assert bound_queues(ns) == {LARGE}  # queue 6 was bound first, and let go again
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def bound_queues(ns: str) -> set[int]:
+    """The queue numbers some socket is bound to (first column of the kernel's table)."""
+    text = sh(ns, "cat", "/proc/net/netfilter/nfnetlink_queue")
+    return {int(line.split()[0]) for line in text.splitlines() if line.strip()}
 
 
 def test_missing_iptables_is_one_clear_line(ns: str, tmp_path: Path, config: Path) -> None:
@@ -337,3 +383,37 @@ def test_localhost_udp_round_trip_through_the_engine(ns: str, tmp_path: Path,
         server.kill()
         server.wait()
 
+
+
+def test_a_datagram_too_large_for_the_binding_goes_through_the_large_queue(
+        ns: str, tmp_path: Path, config: Path) -> None:
+    """8000 bytes to VIP:7000 over lo, echoed by the local backend on 7001: both datagrams are
+    single 8028/8033-byte packets in raw OUTPUT, handled by the netlink client."""
+    server_py = tmp_path / "server.py"
+    server_py.write_text(ECHO_SERVER.replace("recvfrom(2048)", "recvfrom(65535)")
+                         .replace('print(data.decode(), flush=True)',
+                                  's.sendto(b"echo:" + data, peer)'))
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(server_py),
+                               "7001", "3"], stdout=subprocess.PIPE, text=True)
+    daemon = Daemon(ns, tmp_path, config)
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        daemon.wait_serving()
+        client = ("import socket\n"
+                  "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+                  "s.settimeout(5)\n"
+                  "for size in (8000, 100):\n"
+                  "    data = bytes(range(256)) * (size // 256) + b'z' * (size % 256)\n"
+                  "    s.sendto(data, ('198.18.0.1', 7000))\n"
+                  "    reply, peer = s.recvfrom(65535)\n"
+                  "    print(len(reply), reply == b'echo:' + data, peer[1])\n")
+        assert sh(ns, sys.executable, "-c", client).splitlines() == [
+            "8005 True 7000", "105 True 7000"]
+        assert daemon.stop() == 0, daemon.stderr
+    finally:
+        daemon.stop(signal.SIGKILL)
+        server.kill()
+        server.wait()
+    assert (f"queue {LARGE} (packets over 3960 bytes): 2 packets" in daemon.stdout), \
+        daemon.stdout
+    assert f"queue {QUEUE}:" in daemon.stdout and "0 callback errors" in daemon.stdout

@@ -16,6 +16,7 @@ import pytest
 
 from nfqlb import rules
 from nfqlb.config import Config, parse_config
+from nfqlb.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -39,6 +40,8 @@ LOCAL = {
     "backend": [{"port": 8443}, {"address": "198.18.0.10", "port": 9443}],
 }
 QUEUE_CHAIN = ["-A NFQLB-Q-1 -j CT --notrack",
+               "-A NFQLB-Q-1 -m length --length 3961:65535 -j NFQUEUE --queue-num 10001 "
+               "--queue-bypass",
                "-A NFQLB-Q-1 -j NFQUEUE --queue-num 1 --queue-bypass"]
 JUMPS = ("-I PREROUTING -j NFQLB-PRE-1", "-I OUTPUT -j NFQLB-OUT-1")
 
@@ -87,9 +90,32 @@ def test_local_replies_leave_through_output_with_source_only_when_given() -> Non
 def test_no_bypass_and_queue_override_name_the_chains() -> None:
     rs = only(make_config(DNAT, bypass=False), queue=7)
     assert rs.chains == rules.Chains("NFQLB-PRE-7", "NFQLB-OUT-7", "NFQLB-Q-7")
-    assert rs.rules[:2] == ("-A NFQLB-Q-7 -j CT --notrack", "-A NFQLB-Q-7 -j NFQUEUE --queue-num 7")
+    assert rs.rules[:3] == ("-A NFQLB-Q-7 -j CT --notrack",
+                            "-A NFQLB-Q-7 -m length --length 3961:65535 -j NFQUEUE "
+                            "--queue-num 10007",
+                            "-A NFQLB-Q-7 -j NFQUEUE --queue-num 7")
     assert all("--queue-bypass" not in r and "NFQLB-PRE-1" not in r for r in rs.rules)
     assert only(make_config(DNAT, queue=9)).chains.pre == "NFQLB-PRE-9"
+
+
+def test_packets_the_binding_cannot_carry_go_to_the_large_queue_first() -> None:
+    """After CT --notrack, before the normal queue; its number follows the queue served."""
+    assert rules.BINDING_MAX_PACKET + 1 == 3961 <= 4016  # what NetfilterQueue carries whole
+    rs = only(make_config(DNAT, queue=5, large_queue=700))
+    assert rs.large_queue == 700
+    assert rs.rules[:3] == ("-A NFQLB-Q-5 -j CT --notrack",
+                            "-A NFQLB-Q-5 -m length --length 3961:65535 -j NFQUEUE "
+                            "--queue-num 700 --queue-bypass",
+                            "-A NFQLB-Q-5 -j NFQUEUE --queue-num 5 --queue-bypass")
+    # default: queue + 10000 of the queue served, also when --queue overrides daemon.queue
+    assert only(make_config(DNAT, queue=5)).large_queue == 10005
+    assert only(make_config(DNAT, queue=5), queue=8).large_queue == 10008
+    assert only(make_config(DNAT, queue=60000)).large_queue == (60000 + 10000) % 65536
+    assert only(make_config(DNAT, large_queue=700), queue=8).large_queue == 700
+    assert rules.large_queue_for(make_config(DNAT, queue=5)) == 10005
+    with pytest.raises(ConfigError, match="daemon.large_queue: must differ from the queue "
+                                          "served \\(700\\)"):
+        rules.render(make_config(DNAT, large_queue=700), 700)
 
 
 def test_ipv6_services_render_into_a_separate_ip6tables_set() -> None:
@@ -148,6 +174,7 @@ COMMIT
 -A MINE -g NFQLB-Q-1
 -A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp -m tcp --dport 80 -g NFQLB-Q-1
 -A NFQLB-Q-1 -j CT --notrack
+-A NFQLB-Q-1 -m length --length 3961:65535 -j NFQUEUE --queue-num 10001 --queue-bypass
 -A NFQLB-Q-1 -j NFQUEUE --queue-num 1 --queue-bypass
 COMMIT
 # Completed on Thu Nov 26 07:10:46 2026

@@ -1,18 +1,23 @@
-"""``nfqlb run``: bind the queue, set sysctls, install the rules, serve, and undo it all.
+"""``nfqlb run``: bind the queues, set sysctls, install the rules, serve, and undo it all.
+
+nfqlb serves two queues with one engine: the queue itself through the NetfilterQueue binding
+(:class:`~nfqlb.io.nfqueue.QueueAdapter`), and the large-packet queue, where the rules send
+packets the binding cannot carry whole, through nfqlb's own netlink client
+(:class:`~nfqlb.io.netlink.NetlinkQueueAdapter`).
 
 Order of start-up, each step only once the previous one worked, so that a failure leaves the
-host as it was: resolve the iptables tools; build the engine; bind the queue (a second
+host as it was: resolve the iptables tools; build the engine; bind both queues (a second
 instance on the same queue stops here, having touched nothing); set the sysctls the modes need;
 install the rules; serve on a uvloop event loop. Everything done is undone in ``finally``
 blocks, in reverse: the rules go first (with --queue-bypass, new packets then pass the kernel
 untouched), then what is still queued gets its verdict, the sysctls get their old values, the
-queue is unbound and the engine's counters are printed to stdout.
+queues are unbound and the counters are printed to stdout.
 
-The loop has three sources: the queue socket (``add_reader`` -> ``QueueAdapter.on_readable``),
-the engine's timer (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a
-second, aioquic style) and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters). Signal
-handlers are installed before anything is changed, so a SIGTERM at any point after that leads
-through the clean-up.
+The loop has three kinds of sources: the two queue sockets (``add_reader`` -> the adapter's
+``on_readable``, which handles a bounded number of packets per wakeup), the engine's timer
+(re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
+and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters). Signal handlers are installed
+before anything is changed, so a SIGTERM at any point after that leads through the clean-up.
 """
 
 from __future__ import annotations
@@ -20,31 +25,49 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from nfqlb import rules
 from nfqlb.config import Config
 from nfqlb.engine import Engine
 from nfqlb.errors import SystemSetupError
 from nfqlb.io import iptables, sysctl
+from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
 
 TIMER_MAX_S = 1.0  # handle_timer runs at least this often
 
 
-class Server:
-    """The event loop around one engine and one bound queue."""
+class Adapter(Protocol):
+    """What the server needs of a bound queue (QueueAdapter, NetlinkQueueAdapter)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine, adapter: QueueAdapter,
-                 log: logging.Logger, stats_interval: float | None = None) -> None:
+    clock: Callable[[], float]
+
+    def bind(self) -> None: ...
+    def fileno(self) -> int: ...
+    def on_readable(self) -> None: ...
+    def drain(self) -> None: ...
+    def unbind(self) -> None: ...
+    def format_stats(self) -> str: ...
+
+
+class Server:
+    """The event loop around one engine and its bound queues (the first one's clock rules)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine,
+                 adapters: Sequence[Adapter], log: logging.Logger,
+                 stats_interval: float | None = None) -> None:
         self.loop = loop
         self.engine = engine
-        self.adapter = adapter
+        self.adapters = tuple(adapters)
+        self.clock = adapters[0].clock
         self.log = log
         self.stats_interval = stats_interval
         self.crash: BaseException | None = None
         self.timer_errors = 0
         self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline = float("inf")  # engine clock (adapter.clock)
+        self._timer_deadline = float("inf")  # engine clock (self.clock)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -57,8 +80,9 @@ class Server:
 
     def serve(self) -> None:
         """Run until a stop signal; re-raise what crashed the loop, if anything did."""
-        fd = self.adapter.fileno()
-        self.loop.add_reader(fd, self._on_readable)
+        fds = [a.fileno() for a in self.adapters]
+        for fd, adapter in zip(fds, self.adapters, strict=True):
+            self.loop.add_reader(fd, self._on_readable, adapter)
         self._arm_timer()
         stats: asyncio.TimerHandle | None = None
         if self.stats_interval:
@@ -66,16 +90,17 @@ class Server:
         try:
             self.loop.run_forever()
         finally:
-            self.loop.remove_reader(fd)
+            for fd in fds:
+                self.loop.remove_reader(fd)
             for handle in (self._timer, stats):
                 if handle is not None:
                     handle.cancel()
         if self.crash is not None:
             raise self.crash
 
-    def _on_readable(self) -> None:
+    def _on_readable(self, adapter: Adapter) -> None:
         try:
-            self.adapter.on_readable()
+            adapter.on_readable()
         except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
             self.crash = exc
             self.loop.stop()
@@ -87,7 +112,7 @@ class Server:
     def _arm_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        now = self.adapter.clock()
+        now = self.clock()
         deadline = self.engine.get_timer()
         delay = TIMER_MAX_S if deadline is None else min(max(deadline - now, 0.0), TIMER_MAX_S)
         self._timer_deadline = now + delay
@@ -95,7 +120,7 @@ class Server:
 
     def _on_timer(self) -> None:
         self._timer = None
-        now = self.adapter.clock()
+        now = self.clock()
         try:
             self.engine.handle_timer(now)
         except Exception as exc:
@@ -111,7 +136,7 @@ class Server:
 
     def format_stats(self) -> str:
         text = self.engine.format_stats()
-        tail = self.adapter.format_stats()
+        tail = "\n".join(a.format_stats() for a in self.adapters)
         if self.timer_errors:
             tail += f", {self.timer_errors} timer errors"
         return f"{text}\n{tail}" if text else tail
@@ -138,29 +163,39 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     what crashed the loop) after cleaning up.
     """
     q = config.daemon.queue if queue is None else queue
+    large = rules.large_queue_for(config, q)
     rulesets = rules.render(config, q)
     tools = iptables.tools_for(rs.family.version for rs in rulesets)
     engine = Engine(config, log=log.getChild("engine"))
-    adapter = QueueAdapter(engine.handle, q, log)
+    adapters: list[Adapter] = [
+        QueueAdapter(engine.handle, q, log),
+        NetlinkQueueAdapter(engine.handle, large, log,
+                            purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
+    ]
     loop = _new_loop()
-    server = Server(loop, engine, adapter, log, stats_interval)
+    server = Server(loop, engine, adapters, log, stats_interval)
     clean = True
+    bound: list[Adapter] = []
     try:
         server.install_signal_handlers()
-        adapter.bind()
         try:
-            clean = _serve_bound(config, q, rulesets, tools, server, log)
+            for adapter in adapters:  # either one failing: nothing else is touched
+                adapter.bind()
+                bound.append(adapter)
+            clean = _serve_bound(config, q, large, rulesets, tools, server, log)
         finally:
-            adapter.unbind()
-            server.print_stats()
+            for adapter in reversed(bound):
+                adapter.unbind()
+            if len(bound) == len(adapters):
+                server.print_stats()
     finally:
         loop.close()
     return 0 if clean else 1
 
 
-def _serve_bound(config: Config, queue: int, rulesets: tuple[rules.RuleSet, ...],
-                 tools: dict[int, iptables.Iptables], server: Server,
-                 log: logging.Logger) -> bool:
+def _serve_bound(config: Config, queue: int, large: int,
+                 rulesets: tuple[rules.RuleSet, ...], tools: dict[int, iptables.Iptables],
+                 server: Server, log: logging.Logger) -> bool:
     """Sysctls, rules, serve; undo both. False if undoing failed (already logged)."""
     sysctls = sysctl.Sysctls(log)
     clean = True
@@ -171,7 +206,8 @@ def _serve_bound(config: Config, queue: int, rulesets: tuple[rules.RuleSet, ...]
                 iptables.apply(rs, tools[rs.family.version])
             chains = rulesets[0].chains
             n = len(config.services)
-            log.info("serving queue %d (%d service%s, rules in %s %s/%s)", queue, n,
+            log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
+                     "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET, n,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
             server.serve()
         finally:
@@ -182,11 +218,11 @@ def _serve_bound(config: Config, queue: int, rulesets: tuple[rules.RuleSet, ...]
                 except SystemSetupError as exc:
                     log.error("could not remove the rules of queue %d: %s", queue, exc)
                     clean = False
-            try:
-                server.adapter.drain()
-            except Exception as exc:
-                log.debug("draining the queue failed: %r", exc)
+            for adapter in server.adapters:
+                try:
+                    adapter.drain()
+                except Exception as exc:
+                    log.debug("draining the queue failed: %r", exc)
     finally:
         clean = sysctls.restore() and clean
     return clean
-

@@ -10,7 +10,8 @@ without a verdict if the callback raises, so the callback catches everything, co
 drops the packet.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
-packets over 4016 bytes never reach the callback.
+packets over 4016 bytes (over 3960 with every attribute the kernel may add) never reach the
+callback whole: the rules send those to a second queue, served by :mod:`nfqlb.io.netlink`.
 """
 
 from __future__ import annotations
