@@ -1,0 +1,342 @@
+"""The connection table: TCP states, per-state timeouts, lazy expiry, removal of both keys."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from helpers import CLIENT, VIP, Conversation, engine, service, tcp
+
+from nfqlb.config import Timeouts, parse_config
+from nfqlb.engine import ACCEPT, DROP
+from nfqlb.flows import (
+    REUSABLE,
+    TRANSITIONS,
+    Flow,
+    FlowTable,
+    TcpEvent,
+    TcpState,
+    tcp_event,
+    timeouts_by_state,
+)
+
+S, E = TcpState, TcpEvent
+OPEN = {S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED}
+# distinct values, so a state mapped to the wrong timeout shows
+T = {"syn": 6.0, "tcp": 90.0, "tcp_fin": 12.0, "tcp_close": 1.0, "udp": 30.0}
+TIMEOUTS = {"timeouts": T}
+
+
+def expected_next(state: TcpState, event: TcpEvent) -> TcpState:
+    """The transition rules of the flows module docstring, written out independently."""
+    if state is S.UDP:
+        return state
+    if event is E.RST:
+        return S.CLOSED
+    if state is S.SYN_SENT and event is E.SYNACK:
+        return S.SYN_RECV
+    if state is S.SYN_RECV and event is E.ACK:
+        return S.ESTABLISHED
+    if state in OPEN and event is E.FIN_CLIENT:
+        return S.FIN_CLIENT
+    if state in OPEN and event is E.FIN_SERVER:
+        return S.FIN_SERVER
+    if (state, event) in ((S.FIN_CLIENT, E.FIN_SERVER), (S.FIN_SERVER, E.FIN_CLIENT)):
+        return S.CLOSING
+    return state
+
+
+@pytest.mark.parametrize("state, event", list(itertools.product(TcpState, TcpEvent)))
+def test_transition_table(state: TcpState, event: TcpEvent) -> None:
+    assert TRANSITIONS.get((state, event), state) is expected_next(state, event)
+
+
+def test_reusable_states() -> None:
+    assert REUSABLE == {S.CLOSING, S.CLOSED}
+
+
+@pytest.mark.parametrize("flags", range(256))
+@pytest.mark.parametrize("is_reply", [False, True])
+def test_tcp_event_classification(flags: int, is_reply: bool) -> None:
+    fin, syn, rst, ack = flags & 1, flags & 2, flags & 4, flags & 0x10
+    if rst:
+        want = E.RST
+    elif syn:
+        want = E.SYNACK if ack else E.SYN
+    elif fin:
+        want = E.FIN_SERVER if is_reply else E.FIN_CLIENT
+    else:
+        want = E.ACK
+    assert tcp_event(flags, is_reply) is want
+
+
+def test_timeouts_by_state() -> None:
+    by = timeouts_by_state(Timeouts(**T))
+    assert by[S.SYN_SENT] == by[S.SYN_RECV] == 6.0
+    assert by[S.ESTABLISHED] == 90.0
+    assert by[S.FIN_CLIENT] == by[S.FIN_SERVER] == 12.0
+    assert by[S.CLOSING] == by[S.CLOSED] == 1.0
+    assert by[S.UDP] == 30.0
+    assert timeouts_by_state(Timeouts())[S.ESTABLISHED] == 900.0
+
+
+# ---------------------------------------------------------------- driven by packets
+
+
+def _flow(eng, conv: Conversation):  # type: ignore[no-untyped-def]
+    ent = eng.table.by_proto[6].get(_key(*conv.fwd))
+    return ent[0] if ent else None
+
+
+def _key(src: str, dst: str, sport: int, dport: int) -> bytes:
+    data = tcp(src, dst, sport, dport)
+    return data[12:24]
+
+
+@pytest.mark.parametrize("mode", ["local", "dnat", "fullnat"])
+def test_handshake_and_close_by_packets(mode: str) -> None:
+    eng = engine(service(mode), **TIMEOUTS)
+    c = Conversation(eng)
+    c.client("S")
+    flow = _flow(eng, c)
+    assert flow.state is S.SYN_SENT
+    c.client("S")  # retransmission
+    assert flow.state is S.SYN_SENT
+    c.server("SA")
+    assert flow.state is S.SYN_RECV
+    c.client("A")
+    assert flow.state is S.ESTABLISHED
+    c.client("PA", b"GET /")
+    c.server("PA", b"200 OK")
+    assert flow.state is S.ESTABLISHED
+    c.client("FA")
+    assert flow.state is S.FIN_CLIENT
+    c.server("A")
+    assert flow.state is S.FIN_CLIENT
+    c.server("FA")
+    assert flow.state is S.CLOSING
+    c.client("A")
+    assert flow.state is S.CLOSING
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+def test_server_fin_first_then_rst(who: str) -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake()
+    flow = _flow(eng, c)
+    c.server("FA")
+    assert flow.state is S.FIN_SERVER
+    c.client("FA")
+    assert flow.state is S.CLOSING
+    getattr(c, who)("R")
+    assert flow.state is S.CLOSED
+
+
+@pytest.mark.parametrize("who", ["client", "server"])
+@pytest.mark.parametrize("after", ["S", "SA", "A"])
+def test_rst_in_any_open_state(who: str, after: str) -> None:
+    eng = engine(service("fullnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    for side, flags in (("client", "S"), ("server", "SA"), ("client", "A")):
+        getattr(c, side)(flags)
+        if flags == after:
+            break
+    getattr(c, who)("RA")
+    assert _flow(eng, c).state is S.CLOSED
+
+
+# ---------------------------------------------------------------- timeouts and expiry
+
+def _advance(eng, now: float) -> None:  # type: ignore[no-untyped-def]
+    """What the event loop does: run every timer due up to ``now``, as the engine asks."""
+    while (t := eng.get_timer()) is not None and t <= now:
+        eng.handle_timer(t)
+    eng.handle_timer(now)
+
+
+def _reach(c: Conversation, state: TcpState, now: float) -> None:
+    steps = {
+        S.SYN_SENT: [("client", "S")],
+        S.SYN_RECV: [("client", "S"), ("server", "SA")],
+        S.ESTABLISHED: [("client", "S"), ("server", "SA"), ("client", "A")],
+        S.FIN_CLIENT: [("client", "S"), ("server", "SA"), ("client", "A"), ("client", "FA")],
+        S.FIN_SERVER: [("client", "S"), ("server", "SA"), ("client", "A"), ("server", "FA")],
+        S.CLOSING: [("client", "S"), ("server", "SA"), ("client", "A"), ("client", "FA"),
+                    ("server", "FA")],
+        S.CLOSED: [("client", "S"), ("server", "SA"), ("client", "A"), ("client", "R")],
+    }[state]
+    for side, flags in steps:
+        assert isinstance(getattr(c, side)(flags, now=now), bytes)
+
+
+STATE_TIMEOUT = [
+    (S.SYN_SENT, 6.0), (S.SYN_RECV, 6.0), (S.ESTABLISHED, 90.0), (S.FIN_CLIENT, 12.0),
+    (S.FIN_SERVER, 12.0), (S.CLOSING, 1.0), (S.CLOSED, 1.0),
+]
+
+
+@pytest.mark.parametrize("state, timeout", STATE_TIMEOUT, ids=[s.name for s, _ in STATE_TIMEOUT])
+def test_timeout_per_state(state: TcpState, timeout: float) -> None:
+    eng = engine(service("fullnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    _reach(c, state, now=100.0)
+    assert _flow(eng, c).state is state
+    _advance(eng, 100.0 + timeout - 0.01)
+    assert eng.stats()["flows_active"] == 1
+    _advance(eng, 100.0 + timeout)
+    assert eng.stats()["flows_active"] == 0
+
+
+def test_udp_timeout() -> None:
+    eng = engine(service("dnat", "udp"), **TIMEOUTS)
+    c = Conversation(eng, proto="udp")
+    assert isinstance(c.client(now=5.0), bytes)
+    _advance(eng, 34.99)
+    assert eng.table.active == 1
+    _advance(eng, 35.0)
+    assert eng.table.active == 0
+
+
+def test_default_timeouts() -> None:
+    eng = engine(service("dnat"), service("dnat", "udp"))
+    tcp_conv, udp_conv = Conversation(eng), Conversation(eng, proto="udp", sport=5)
+    tcp_conv.client("S")
+    udp_conv.client()
+    assert sorted(eng.table.deadline(f) for f in eng.table.flows()) == [60.0, 300.0]
+    tcp_conv.server("SA")
+    tcp_conv.client("A")
+    assert _flow(eng, tcp_conv).state is S.ESTABLISHED
+    assert eng.table.deadline(_flow(eng, tcp_conv)) == 900.0
+    tcp_conv.client("FA", now=1.0)
+    assert eng.table.deadline(_flow(eng, tcp_conv)) == 121.0
+    tcp_conv.server("FA", now=2.0)
+    assert eng.table.deadline(_flow(eng, tcp_conv)) == 12.0
+
+
+def test_used_flow_lives_until_last_use_plus_timeout() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake(now=0.0)
+    for t in (50.0, 100.0, 170.0):
+        assert isinstance(c.client("PA", b"x", now=t), bytes)  # the fast path: only .last
+        _advance(eng, t + 89.9)
+        assert eng.table.active == 1, t
+    _advance(eng, 260.0)
+    assert eng.table.active == 0
+
+
+def test_timer_never_later_than_a_deadline() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake(now=0.0)
+    assert eng.get_timer() == 6.0  # armed in SYN_SENT; lazily re-armed when it comes due
+    c.client("A", now=3.0)
+    eng.handle_timer(6.0)
+    assert eng.table.active == 1
+    assert eng.get_timer() == 93.0
+    eng.handle_timer(93.0)
+    assert eng.table.active == 0
+    assert eng.get_timer() is None
+
+
+def test_shorter_timeout_after_state_change() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake(now=0.0)
+    c.client("A", now=20.0)
+    c.client("R", now=30.0)
+    assert eng.get_timer() == 6.0  # the stale SYN entry; re-arms to 31 when run
+    _advance(eng, 30.99)
+    assert eng.table.active == 1
+    assert eng.get_timer() == 31.0
+    _advance(eng, 31.0)
+    assert eng.table.active == 0
+
+
+def test_fin_shortens_then_close_shortens_again() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake(now=0.0)
+    c.client("FA", now=10.0)  # FIN_CLIENT: 12 s
+    _advance(eng, 21.9)
+    assert eng.table.active == 1
+    c.server("FA", now=21.9)  # CLOSING: 1 s
+    _advance(eng, 22.89)
+    assert eng.table.active == 1
+    _advance(eng, 22.9)
+    assert eng.table.active == 0
+
+
+def test_expired_flow_leaves_both_keys() -> None:
+    eng = engine(service("fullnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake(now=0.0)
+    fwd_key, rev_key = _key(*c.fwd), _key(*c.back)  # type: ignore[misc]
+    table = eng.table.by_proto[6]
+    assert table[fwd_key][0] is table[rev_key][0]
+    _advance(eng, 90.0)
+    assert fwd_key not in table and rev_key not in table
+    assert eng.table.flows() == [] and len(eng.table) == 0
+    # with the flow gone, its packets are no longer rewritten in either direction
+    assert c.client("A", now=91.0) == DROP
+    assert eng.drops["no_flow"] == 1
+    assert c.server("A", now=91.0) == ACCEPT  # to the snat address: not a VIP
+
+
+# ---------------------------------------------------------------- the table on its own
+
+def _table_with(n: int, timeouts: Timeouts):  # type: ignore[no-untyped-def]
+    cfg = parse_config({"service": [service("dnat")]})
+    svc = cfg.services[0]
+    table = FlowTable(timeouts)
+    flows = []
+    for i in range(n):
+        fwd, rev = b"f%011d" % i, b"r%011d" % i
+        flow = Flow(svc, svc.backends[0], 6, S.ESTABLISHED, float(i), fwd, rev)
+        table.add(flow, (flow, b"", 0, 0, False), (flow, b"", 0, 0, True))
+        flows.append(flow)
+    return table, flows
+
+
+def test_table_remove_and_expire_order() -> None:
+    table, flows = _table_with(5, Timeouts(tcp=10.0))
+    assert len(table) == 5 and len(table.by_proto[6]) == 10
+    table.remove(flows[2])
+    assert len(table) == 4
+    assert b"f%011d" % 2 not in table.by_proto[6] and b"r%011d" % 2 not in table.by_proto[6]
+    flows[0].last = 7.0  # used later: lives to 17
+    gone = table.expire(13.0)
+    assert [f.fwd_key for f in gone] == [b"f%011d" % i for i in (1, 3)]
+    assert table.next_deadline() == 14.0
+    assert [f.fwd_key for f in table.expire(100.0)] == [b"f%011d" % i for i in (4, 0)]
+    assert len(table) == 0 and table.by_proto[6] == {} and table.next_deadline() is None
+
+
+def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
+    table, (old,) = _table_with(1, Timeouts())
+    svc = old.service
+    new = Flow(svc, svc.backends[1], 6, S.SYN_SENT, 5.0, b"other-key-00", old.rev_key)
+    table.add(new, (new, b"", 0, 0, False), (new, b"", 0, 0, True))
+    table.remove(old)
+    assert table.by_proto[6][old.rev_key][0] is new
+    assert old.fwd_key not in table.by_proto[6]
+
+
+def test_port_reuse_after_close_is_a_new_flow_in_the_table() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake()
+    first = _flow(eng, c)
+    c.client("FA")
+    c.server("FA")
+    c.client("S", now=0.5)
+    second = _flow(eng, c)
+    assert second is not first and second.state is S.SYN_SENT
+    assert eng.table.active == 1 and first.timer_at == -1.0
+    assert eng.stats()["flows_total"] == 2
+
+
+def test_client_and_vip_are_the_keys() -> None:
+    # sanity for the helpers above: the key of a packet is its address/port quadruple
+    assert _key(CLIENT, VIP, 1, 2) == bytes([198, 18, 0, 2, 198, 18, 100, 1, 0, 1, 0, 2])
