@@ -417,3 +417,41 @@ def test_a_datagram_too_large_for_the_binding_goes_through_the_large_queue(
     assert (f"queue {LARGE} (packets over 3960 bytes): 2 packets" in daemon.stdout), \
         daemon.stdout
     assert f"queue {QUEUE}:" in daemon.stdout and "0 callback errors" in daemon.stdout
+
+
+def test_a_handler_result_that_is_no_verdict_drops_the_packet_on_both_queues(
+        ns: str, tmp_path: Path, config: Path) -> None:
+    """Both adapters drop and count what is neither bytes, ACCEPT nor DROP (simulated)."""
+    script = tmp_path / "no_verdict.py"
+    script.write_text(
+        "import nfqlb.engine as e\n"
+        "real = e.Engine.handle\n"
+        "def handle(self, data, now):\n"
+        "    return 7 if data.endswith(b'bad') else real(self, data, now)\n"
+        "e.Engine.handle = handle\n"
+        "from nfqlb.cli import main\n"
+        f"raise SystemExit(main(['run', '--config', {str(config)!r}]))\n")
+    server_py = tmp_path / "server.py"
+    server_py.write_text(ECHO_SERVER.replace("recvfrom(2048)", "recvfrom(65535)")
+                         .replace("print(data.decode(), flush=True)",
+                                  "print(len(data), data[-3:].decode(), flush=True)"))
+    server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(server_py),
+                               "7100", "2"], stdout=subprocess.PIPE, text=True)
+    daemon = Daemon(ns, tmp_path, config, argv=[sys.executable, str(script)])
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        daemon.wait_serving()
+        for payload in (b"bad", b"x" * 7997 + b"bad", b"good", b"x" * 7996 + b"good"):
+            sh(ns, sys.executable, "-c", _udp_send("198.18.0.1", 7100, payload, sport=7001))
+        received = [server.stdout.readline().strip() for _ in range(2)]
+        assert received == ["4 ood", "8000 ood"]
+        assert daemon.stop() == 0, daemon.stderr
+    finally:
+        daemon.stop(signal.SIGKILL)
+        server.kill()
+        server.wait()
+    lines = daemon.stdout.splitlines()
+    assert any(line.startswith(f"queue {QUEUE}: ") and line.endswith(", 1 bad verdicts")
+               for line in lines), daemon.stdout
+    assert any(line.startswith(f"queue {LARGE} (packets over 3960 bytes): 2 packets, ")
+               and line.endswith(", 1 bad verdicts") for line in lines), daemon.stdout

@@ -7,7 +7,8 @@ feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packet
 then runs its timers and signal handlers and comes straight back, since the socket is still
 readable. The clock is read once per wakeup, not per packet. The binding leaves a packet
 without a verdict if the callback raises, so the callback catches everything, counts it and
-drops the packet.
+drops the packet. A result of the handler that is no verdict (an int other than ACCEPT and
+DROP) drops the packet too and is counted, as in :mod:`nfqlb.io.netlink`.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
 packets over 4016 bytes (over 3960 with every attribute the kernel may add) never reach the
@@ -23,7 +24,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nfqlb.engine import DROP
+from nfqlb.engine import ACCEPT, DROP
 from nfqlb.errors import SystemSetupError
 
 Handle = Callable[[bytes, float], "bytes | int"]
@@ -58,6 +59,7 @@ class QueueAdapter:
         self.clock = clock
         self.now = clock()
         self.errors = 0  # callback exceptions (each cost one dropped packet)
+        self.bad_verdicts = 0  # handler results that are no verdict (each dropped)
         self.wakeups = 0
         self._handle = handle
         self._nfq: Any = None
@@ -101,6 +103,7 @@ class QueueAdapter:
 
     def _make_callback(self) -> Callable[[Any], None]:
         handle = self._handle
+        accept_verdict = ACCEPT
         drop_verdict = DROP
         adapter = self
 
@@ -110,10 +113,12 @@ class QueueAdapter:
                 if r.__class__ is bytes:
                     pkt.set_payload(r)
                     pkt.accept()
-                elif r == drop_verdict:
-                    pkt.drop()
-                else:
+                elif r == accept_verdict and r.__class__ is int:
                     pkt.accept()
+                else:
+                    pkt.drop()
+                    if r != drop_verdict or r.__class__ is not int:
+                        adapter.bad_verdicts += 1
             except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
                 adapter._callback_failed(pkt, exc)
 
@@ -146,4 +151,5 @@ class QueueAdapter:
                     break  # the socket ran dry before the budget did
 
     def format_stats(self) -> str:
-        return f"queue {self.queue}: {self.wakeups} wakeups, {self.errors} callback errors"
+        text = f"queue {self.queue}: {self.wakeups} wakeups, {self.errors} callback errors"
+        return text + (f", {self.bad_verdicts} bad verdicts" if self.bad_verdicts else "")
