@@ -1,13 +1,17 @@
 """The core: ``Engine.handle(data, now)`` takes an IP packet and returns its verdict.
 
-A verdict is ``bytes`` (accept this rewritten packet), ``ACCEPT`` (accept unchanged) or
-``DROP``. The engine owns the connection table, the services, their policies and fullnat port
-pools, and the counters. It never touches a socket, the kernel or a clock: ``now`` is given,
-and expiry runs through ``get_timer()`` / ``handle_timer(now)``.
+A verdict is ``bytes`` (accept this rewritten packet), ``ACCEPT`` (accept unchanged), ``DROP``,
+or ``HOLD`` (a fragment that came before its first fragment: the caller keeps the packet under
+``engine.last_hold_id``, and its final verdict appears later in ``engine.released`` as
+``(hold_id, verdict)``). The engine owns the connection table, the services, their policies
+and fullnat port pools, fragment tracking and the counters. It never touches a socket, the
+kernel or a clock: ``now`` is given, and expiry runs through ``get_timer()`` /
+``handle_timer(now)``.
 
-The per-packet path for an IPv4 packet without options whose flow is known is one dict
-lookup, two incremental checksum updates and one ``bytes.join``; anything else (handshake,
-FIN/RST, new flows, options, malformed input) takes the slower general path.
+The per-packet path for an IPv4 packet without options, or an IPv6 packet without extension
+headers, whose flow is known and established is one dict lookup, incremental checksum updates
+and one ``bytes.join``; anything else (handshake, FIN/RST, new flows, options, fragments, ICMP
+errors, malformed input) takes the general path.
 """
 
 from __future__ import annotations
@@ -18,16 +22,22 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from nfqlb.config import Backend, Config, Mode, Service
-from nfqlb.errors import ConfigError, PacketError
+from nfqlb import icmp
+from nfqlb.config import Backend, Config, Mode, Service, UnknownFlow
+from nfqlb.errors import PacketError
 from nfqlb.flows import REUSABLE, TRANSITIONS, Entry, Flow, FlowTable, TcpState, tcp_event
+from nfqlb.frags import FragmentTracker
 from nfqlb.policies import FlowKey, Policy, make_policy
+from nfqlb.policies.hashing import flow_bytes, rendezvous
 from nfqlb.snat import PortPool
-from nfqlb.wire.checksum import U16, apply, delta
-from nfqlb.wire.ipv4 import parse_ipv4, tcp_mss_offset
+from nfqlb.wire.checksum import U16, apply, delta, full
+from nfqlb.wire.ip import parse_ip
+from nfqlb.wire.ipv4 import tcp_mss_offset
+from nfqlb.wire.tcp import build_rst
 
 ACCEPT = 0  # accept unchanged
 DROP = 1  # drop
+HOLD = 2  # keep the packet: its verdict comes later through ``released``
 
 Verdict = bytes | int
 
@@ -54,11 +64,7 @@ class ServiceState:
 
 
 def check_supported(config: Config) -> None:
-    """Refuse what the configuration allows but this engine cannot carry yet."""
-    for i, svc in enumerate(config.services):
-        if svc.vip.version == 6:
-            raise ConfigError(config.source, f"service[{i}].vip",
-                              f"{svc.vip}: IPv6 services are not supported by the engine yet")
+    """Refuse what the configuration allows but this engine cannot carry (nothing today)."""
 
 
 class Engine:
@@ -69,11 +75,15 @@ class Engine:
         self.log = log or logging.getLogger("nfqlb.engine")
         self.rng = rng or random.Random(0)
         self.table = FlowTable(config.timeouts)
+        self.max_flows = config.daemon.max_flows
         self.mss_clamp = config.daemon.mss_clamp
+        self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag)
         self._tcp = self.table.by_proto[6]
         self._udp = self.table.by_proto[17]
-        # (protocol) -> {vip packed + port 2 bytes -> ServiceState}
+        # protocol -> {vip packed + port (2 bytes) -> ServiceState}
         self.services: dict[int, dict[bytes, ServiceState]] = {6: {}, 17: {}}
+        # protocol -> {backend address + port -> services adopting its packets by hash}
+        self._hash_replies: dict[int, dict[bytes, list[ServiceState]]] = {6: {}, 17: {}}
         pools: dict[tuple[Any, ...], PortPool] = {}
         for svc in config.services:
             pool = None
@@ -84,13 +94,19 @@ class Engine:
             state = ServiceState(svc, make_policy(svc.policy, svc.backends, rng=self.rng), pool)
             for b in svc.backends:
                 state.closed[b.name] = _BackendCount()
+                if svc.unknown_flow is UnknownFlow.HASH:
+                    addr = (b.address or svc.vip).packed + U16[b.port]
+                    self._hash_replies[svc.protocol].setdefault(addr, []).append(state)
             self.services[svc.protocol][svc.vip.packed + U16[svc.port]] = state
         # counters: plain ints on the hot path, a dict for the rarer outcomes
         self.packets = 0
         self.rewritten = 0
         self.flows_total = 0
         self.passed_unknown = 0  # not to a VIP and no flow: not ours, accepted unchanged
+        self.events: dict[str, int] = {}  # things that happened that are not drops
         self.drops: dict[str, int] = {}
+        self.released: list[tuple[int, Verdict]] = []
+        self.last_hold_id = 0
         self._last_log: dict[str, float] = {}
 
     # ---------------------------------------------------------------- per packet
@@ -100,12 +116,12 @@ class Engine:
         self.packets += 1
         try:
             n = len(data)
-            if n >= 28 and data[0] == 0x45 and (data[2] << 8 | data[3]) == n \
-                    and not (data[6] & 0x3F or data[7]):
+            b0 = data[0] if n >= 48 else 0
+            if b0 == 0x45 and (data[2] << 8 | data[3]) == n and not (data[6] & 0x3F or data[7]):
                 proto = data[9]
                 if proto == 6:
                     ent = self._tcp.get(data[12:24])
-                    if ent is not None and n >= 40 and not data[33] & 0x07 \
+                    if ent is not None and not data[33] & 0x07 \
                             and 20 <= (data[32] >> 4) * 4 <= n - 20:
                         flow, hdr, ipd, l4d, reply = ent
                         if flow.state is _ESTABLISHED:
@@ -133,6 +149,34 @@ class Engine:
                             data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
                             data[24:26], U16[c], data[28:],
                         ))
+            elif b0 & 0xF0 == 0x60 and (data[4] << 8 | data[5]) == n - 40:
+                proto = data[6]
+                if proto == 6:
+                    ent = self._tcp.get(data[8:44])
+                    if ent is not None and n >= 60 and not data[53] & 0x07 \
+                            and 20 <= (data[52] >> 4) * 4 <= n - 40:
+                        flow, hdr, ipd, l4d, reply = ent
+                        if flow.state is _ESTABLISHED:
+                            flow.last = now
+                            flow.packets += 1
+                            flow.bytes += n
+                            self.rewritten += 1
+                            return b"".join((
+                                data[:8], hdr, data[44:56],
+                                U16[apply(data[56] << 8 | data[57], l4d)], data[58:],
+                            ))
+                elif proto == 17:
+                    ent = self._udp.get(data[8:44])
+                    c = data[46] << 8 | data[47]
+                    if ent is not None and c and (data[44] << 8 | data[45]) == n - 40:
+                        flow, hdr, ipd, l4d, reply = ent
+                        flow.last = now
+                        flow.packets += 1
+                        flow.bytes += n
+                        self.rewritten += 1
+                        return b"".join((
+                            data[:8], hdr, data[44:46], U16[apply(c, l4d) or 0xFFFF], data[48:],
+                        ))
             return self._general(data, now)
         except PacketError as exc:
             return self._drop(exc.reason, now)
@@ -142,71 +186,86 @@ class Engine:
 
     def _general(self, data: bytes, now: float) -> Verdict:
         """Everything the fast path does not take: parse fully, then decide."""
-        parsed = parse_ipv4(data)
-        if parsed is None:
+        p = parse_ip(data)
+        if p is None:
             self.passed_unknown += 1
-            return ACCEPT  # not TCP/UDP: not balanced here
-        off, proto = parsed
-        key = data[12:20] + data[off:off + 4]
+            return ACCEPT  # not TCP/UDP/ICMP: not balanced here
+        v6, off, proto = p.v6, p.off, p.proto
+        if proto == 1 or proto == 58:
+            return self._icmp(data, p, now)
+        if not p.first:
+            return self._later_fragment(data, p, now)
+        a, alen = (8, 16) if v6 else (12, 4)
+        key = data[a:a + 2 * alen] + data[off:off + 4]
         table = self._tcp if proto == 6 else self._udp
         ent = table.get(key)
         if proto == 6:
             flags = data[off + 13]
-            if ent is not None:
+            if ent is not None and flags & 0x12 == 0x02 and ent[0].state in REUSABLE:
+                self._close(ent[0], now)  # client port reused after close: a new choice
+                ent = None
+            if ent is None:
+                vip = data[a + alen:a + 2 * alen] + data[off + 2:off + 4]
+                svc = self.services[6].get(vip)
+                if svc is None:
+                    return self._unknown_reply(data, p, key, now)
+                if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
+                    return self._unknown_flow(svc, data, p, key, now)
+                ent = self._open(svc, data, p, key, TcpState.SYN_SENT, None, now)
+                if ent is None:
+                    return DROP
                 flow = ent[0]
-                if flags & 0x12 == 0x02 and flow.state in REUSABLE:
-                    self._close(flow, now)  # client port reused after close: a new choice
-                    ent = None
-                else:
-                    return self._tcp_known(data, off, ent, flags, now)
-            svc = self.services[6].get(data[16:20] + data[off + 2:off + 4])
-            if svc is None:
-                self.passed_unknown += 1
-                return ACCEPT
-            if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
-                return self._drop("no_flow", now)
-            ent = self._open(svc, data, off, proto, key, now)
+                flow.packets, flow.bytes = 1, len(data)
+                out = self._clamp_mss(self._rewrite(data, p, ent), off)
+                return self._first_fragment(out, p, ent, now)
+            flow, _, _, _, reply = ent
+            new = TRANSITIONS.get((flow.state, tcp_event(flags, reply)))
+            if new is not None and new is not flow.state:
+                flow.state = new
+                self.table.arm(flow)
+            out = self._rewrite(data, p, ent)
+            if flags & 0x02:
+                out = self._clamp_mss(out, off)
+        else:
             if ent is None:
-                return DROP
-            flow = ent[0]
-            flow.packets, flow.bytes = 1, len(data)
-            return self._clamp_mss(self._rewrite(data, off, proto, ent), off)
-        if ent is None:
-            svc = self.services[17].get(data[16:20] + data[off + 2:off + 4])
-            if svc is None:
-                self.passed_unknown += 1
-                return ACCEPT
-            ent = self._open(svc, data, off, proto, key, now)
-            if ent is None:
-                return DROP
+                vip = data[a + alen:a + 2 * alen] + data[off + 2:off + 4]
+                svc = self.services[17].get(vip)
+                if svc is None:
+                    return self._unknown_reply(data, p, key, now)
+                ent = self._open(svc, data, p, key, TcpState.UDP, None, now)
+                if ent is None:
+                    return DROP
+            out = self._rewrite(data, p, ent)
         flow = ent[0]
         flow.last = now
         flow.packets += 1
         flow.bytes += len(data)
-        return self._rewrite(data, off, proto, ent)
+        return self._first_fragment(out, p, ent, now)
 
-    def _tcp_known(self, data: bytes, off: int, ent: Entry, flags: int, now: float) -> Verdict:
-        flow, _, _, _, reply = ent
-        new = TRANSITIONS.get((flow.state, tcp_event(flags, reply)))
-        flow.last = now
-        flow.packets += 1
-        flow.bytes += len(data)
-        if new is not None and new is not flow.state:
-            flow.state = new
-            self.table.arm(flow)
-        out = self._rewrite(data, off, 6, ent)
-        return self._clamp_mss(out, off) if flags & 0x02 else out
-
-    def _rewrite(self, data: bytes, off: int, proto: int, ent: Entry) -> bytes:
-        """Rewrite addresses and ports of any IPv4 TCP/UDP packet, checksums incrementally."""
+    def _rewrite(self, data: bytes, p: Any, ent: Entry) -> bytes:
+        """Rewrite addresses and ports of any TCP/UDP packet, checksums incrementally."""
         _, hdr, ipd, l4d, _ = ent
+        off, proto = p.off, p.proto
         co = off + (16 if proto == 6 else 6)
         c = data[co] << 8 | data[co + 1]
+        zero_udp6 = False
         if proto == 6:
             c = apply(c, l4d)
         elif c:
             c = apply(c, l4d) or 0xFFFF
+        elif p.v6:
+            zero_udp6 = True  # IPv6 UDP must carry a checksum: compute it below
         self.rewritten += 1
+        if p.v6:
+            out = b"".join((data[:8], hdr[:32], data[40:off], hdr[32:], data[off + 4:co],
+                            U16[c], data[co + 2:]))
+            if zero_udp6:
+                if p.frag_key is not None:
+                    raise PacketError("udp6_zero_checksum_fragment")
+                seg = out[off:]
+                pseudo = out[8:40] + len(seg).to_bytes(4, "big") + b"\0\0\0\x11"
+                out = out[:co] + U16[full(pseudo + seg) or 0xFFFF] + out[co + 2:]
+            return out
         return b"".join((
             data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr[:8], data[20:off],
             hdr[8:], data[off + 4:co], U16[c], data[co + 2:],
@@ -233,26 +292,137 @@ class Engine:
         buf[co:co + 2] = U16[apply(out[co] << 8 | out[co + 1], d)]
         return bytes(buf)
 
+    # ---------------------------------------------------------------- fragments, ICMP
+
+    def _first_fragment(self, out: bytes, p: Any, ent: Entry, now: float) -> bytes:
+        """Remember the flow of a first fragment and release the fragments waiting for it."""
+        if p.frag_key is None:
+            return out
+        for hold_id, data in self.frags.remember(p.frag_key, ent, now):
+            self.released.append((hold_id, self._rewrite_addresses(data, p.v6, ent)))
+        return out
+
+    def _later_fragment(self, data: bytes, p: Any, now: float) -> Verdict:
+        ent = self.frags.entry_for(p.frag_key)
+        if ent is not None:
+            return self._rewrite_addresses(data, p.v6, ent)
+        hold_id = self.frags.hold(p.frag_key, data, now)
+        if hold_id is None:
+            return self._drop("fragment_buffer_full", now)
+        self.last_hold_id = hold_id
+        self._count("fragment_held")
+        return HOLD
+
+    def _rewrite_addresses(self, data: bytes, v6: bool, ent: Entry) -> bytes:
+        """The IP-level part of a rewrite, for fragments that carry no transport header."""
+        _, hdr, ipd, _, _ = ent
+        flow = ent[0]
+        flow.packets += 1
+        flow.bytes += len(data)
+        self.rewritten += 1
+        if v6:
+            return b"".join((data[:8], hdr[:32], data[40:]))
+        return b"".join((data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr[:8],
+                         data[20:]))
+
+    def _icmp(self, data: bytes, p: Any, now: float) -> Verdict:
+        if p.frag_key is not None:
+            self.passed_unknown += 1
+            return ACCEPT
+        out = icmp.translate_error(data, p.off, self._lookup)
+        if out is None:
+            self.passed_unknown += 1
+            return ACCEPT
+        self._count("icmp_error_translated")
+        self.rewritten += 1
+        return out
+
+    def _lookup(self, proto: int, key: bytes) -> Entry | None:
+        table = self.table.by_proto.get(proto)
+        return table.get(key) if table is not None else None
+
+    # ---------------------------------------------------------------- packets without a flow
+
+    def _unknown_flow(self, svc: ServiceState, data: bytes, p: Any, key: bytes,
+                      now: float) -> Verdict:
+        """A TCP packet to a VIP that is not a SYN and matches no flow (say, after a restart)."""
+        how = svc.service.unknown_flow
+        if how is UnknownFlow.RESET:
+            if data[p.off + 13] & 0x04:
+                return self._drop("no_flow", now)  # never answer a RST with a RST
+            self._count("reset_sent")
+            return build_rst(data, p.off, p.v6)  # the packet turns into its own answer
+        if how is UnknownFlow.HASH and p.frag_key is None:
+            backend = self._hash_choice(svc, self._flow_key(data, p))
+            if backend is not None:
+                ent = self._open(svc, data, p, key, _ESTABLISHED, backend, now)
+                if ent is not None:
+                    self._count("flow_adopted")
+                    ent[0].packets, ent[0].bytes = 1, len(data)
+                    return self._rewrite(data, p, ent)
+        return self._drop("no_flow", now)
+
+    def _unknown_reply(self, data: bytes, p: Any, key: bytes, now: float) -> Verdict:
+        """A packet that is not to a VIP and matches no flow: a backend's reply to a flow
+        nfqlb lost (adopted by hash where configured), or simply not ours (accepted)."""
+        a, alen = (8, 16) if p.v6 else (12, 4)
+        candidates = self._hash_replies[p.proto].get(data[a:a + alen] + data[p.off:p.off + 2])
+        for svc in candidates or ():
+            s = svc.service
+            client = data[a + alen:a + 2 * alen] + data[p.off + 2:p.off + 4]
+            fkey = FlowKey(p.proto, ipaddress.ip_address(client[:-2]),
+                           client[-2] << 8 | client[-1], s.vip, s.port)
+            backend = self._hash_choice(svc, fkey)
+            if backend is None or (backend.address or s.vip).packed != data[a:a + alen] \
+                    or backend.port != (data[p.off] << 8 | data[p.off + 1]):
+                continue
+            fwd_key = client[:-2] + s.vip.packed + client[-2:] + U16[s.port]
+            state = _ESTABLISHED if p.proto == 6 else TcpState.UDP
+            fwd = self._install(svc, fwd_key, p.proto, state, backend, fkey, now)
+            if fwd is None:
+                break
+            self._count("flow_adopted")
+            rev = self.table.by_proto[p.proto][key]
+            rev[0].packets, rev[0].bytes = 1, len(data)
+            return self._rewrite(data, p, rev)
+        self.passed_unknown += 1
+        return ACCEPT
+
+    def _hash_choice(self, svc: ServiceState, fkey: FlowKey) -> Backend | None:
+        return rendezvous(flow_bytes(fkey), svc.service.backends)
+
     # ---------------------------------------------------------------- flows
 
-    def _open(self, svc: ServiceState, data: bytes, off: int, proto: int, key: bytes,
-              now: float) -> Entry | None:
-        """Choose a backend for a new flow and install both directions; None if refused."""
-        src, dst = data[12:16], data[16:20]
-        sport, dport = data[off:off + 2], data[off + 2:off + 4]
-        fkey = FlowKey(proto, ipaddress.IPv4Address(src), sport[0] << 8 | sport[1],
-                       ipaddress.IPv4Address(dst), dport[0] << 8 | dport[1])
-        try:
-            backend = svc.policy.choose(fkey, now)
-            reason = "no_backend"
-        except Exception as exc:  # a policy bug is contained: counted, logged, flow refused
-            self._warn("policy_error", now, "policy %s failed: %r", svc.service.policy, exc)
-            backend, reason = None, "policy_error"
+    def _flow_key(self, data: bytes, p: Any) -> FlowKey:
+        a, alen = (8, 16) if p.v6 else (12, 4)
+        ip = ipaddress.ip_address
+        off = p.off
+        return FlowKey(p.proto, ip(data[a:a + alen]), data[off] << 8 | data[off + 1],
+                       ip(data[a + alen:a + 2 * alen]), data[off + 2] << 8 | data[off + 3])
+
+    def _open(self, svc: ServiceState, data: bytes, p: Any, key: bytes, state: TcpState,
+              backend: Backend | None, now: float) -> Entry | None:
+        """Choose a backend for a new flow (unless given) and install it; None if refused."""
+        fkey = self._flow_key(data, p)
         if backend is None:
-            svc.refused += 1
-            self._drop(reason, now)
-            return None
+            try:
+                backend = svc.policy.choose(fkey, now)
+                reason = "no_backend"
+            except Exception as exc:  # a policy bug is contained: counted, logged, refused
+                self._warn("policy_error", now, "policy %s failed: %r", svc.service.policy, exc)
+                backend, reason = None, "policy_error"
+            if backend is None:
+                svc.refused += 1
+                self._drop(reason, now)
+                return None
+        return self._install(svc, key, p.proto, state, backend, fkey, now)
+
+    def _install(self, svc: ServiceState, key: bytes, proto: int, state: TcpState,
+                 backend: Backend, fkey: FlowKey, now: float) -> Entry | None:
+        """Put a flow on ``backend`` in the table, both directions; None if refused."""
         service = svc.service
+        alen = len(key) // 2 - 2
+        src, dst, sport, dport = key[:alen], key[alen:2 * alen], key[-4:-2], key[-2:]
         baddr = backend.address.packed if backend.address is not None else dst
         bport = U16[backend.port]
         port = 0
@@ -282,13 +452,23 @@ class Engine:
                     svc.pool.give(port)
                 self._drop("reply_collision", now)
                 return None
-        state = TcpState.SYN_SENT if proto == 6 else TcpState.UDP
+        while self.table.active >= self.max_flows:
+            victim = self.table.evict_one()
+            if victim is None:
+                break
+            self._retire(victim, now)
+            self._count("evicted")
+            self._warn("evicted", now, "flow table full (max_flows %d): evicting the flows "
+                       "nearest their idle timeout", self.max_flows)
         flow = Flow(service, backend, proto, state, now, key, rev_key)
+        flow.policy_key = fkey
         if svc.pool is not None:
             flow.pool, flow.snat_port = svc.pool, port
-        fwd: Entry = (flow, fwd_hdr, delta(src + dst, saddr + baddr), delta(key, fwd_hdr), False)
-        rev: Entry = (flow, rev_hdr, delta(baddr + saddr, dst + src), delta(rev_key, rev_hdr),
-                      True)
+        v4 = alen == 4
+        fwd: Entry = (flow, fwd_hdr, delta(src + dst, saddr + baddr) if v4 else 0,
+                      delta(key, fwd_hdr), False)
+        rev: Entry = (flow, rev_hdr, delta(baddr + saddr, dst + src) if v4 else 0,
+                      delta(rev_key, rev_hdr), True)
         self.table.add(flow, fwd, rev)
         self.flows_total += 1
         return fwd
@@ -309,7 +489,7 @@ class Engine:
         hook = getattr(svc.policy, "on_flow_closed", None)
         if hook is not None:
             try:
-                hook(flow, flow.backend, now)
+                hook(flow.policy_key, flow.backend, now)
             except Exception as exc:
                 self._warn("policy_error", now, "policy on_flow_closed failed: %r", exc)
 
@@ -320,18 +500,27 @@ class Engine:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next run (same clock as ``now``), or None."""
-        return self.table.next_deadline()
+        a, b = self.table.next_deadline(), self.frags.next_deadline()
+        if a is None or b is None:
+            return a if b is None else b
+        return min(a, b)
 
     def handle_timer(self, now: float) -> None:
-        """Expire idle flows."""
+        """Expire idle flows and fragments that waited too long."""
         for flow in self.table.expire(now):
             self._retire(flow, now)
+        for hold_id in self.frags.expire(now):
+            self._drop("fragment_timeout", now)
+            self.released.append((hold_id, DROP))
 
     # ---------------------------------------------------------------- counters
 
     def _drop(self, reason: str, now: float) -> int:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         return DROP
+
+    def _count(self, event: str) -> None:
+        self.events[event] = self.events.get(event, 0) + 1
 
     def _warn(self, what: str, now: float, msg: str, *args: object) -> None:
         last = self._last_log.get(what)
@@ -366,6 +555,8 @@ class Engine:
             "rewritten": self.rewritten,
             "passed_unknown": self.passed_unknown,
             "dropped": dict(sorted(self.drops.items())),
+            "events": dict(sorted(self.events.items())),
+            "fragments_held": self.frags.held,
             "flows_total": self.flows_total,
             "flows_active": self.table.active,
             "services": services,
@@ -387,14 +578,16 @@ class Engine:
                              f"packets {b['packets']:>9}  bytes {b['bytes']:>11}")
         if s["dropped"]:
             lines.append("drops: " + ", ".join(f"{k} {v}" for k, v in s["dropped"].items()))
+        if s["events"]:
+            lines.append("events: " + ", ".join(f"{k} {v}" for k, v in s["events"].items()))
         return "\n".join(lines)
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:
     """The backend of the flow ``data`` belongs to (tests and tools), or None."""
-    parsed = parse_ipv4(data)
-    if parsed is None:
+    p = parse_ip(data)
+    if p is None or p.proto not in (6, 17) or not p.first:
         return None
-    off, proto = parsed
-    ent = engine.table.by_proto[proto].get(data[12:20] + data[off:off + 4])
+    a, alen = (8, 16) if p.v6 else (12, 4)
+    ent = engine.table.by_proto[p.proto].get(data[a:a + 2 * alen] + data[p.off:p.off + 4])
     return ent[0].backend if ent else None

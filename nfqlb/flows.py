@@ -186,6 +186,33 @@ class FlowTable:
                 heapq.heappush(heap, (real, next(self._seq), flow))
         return gone
 
+    def evict_one(self) -> Flow | None:
+        """Remove the flow nearest its idle timeout (among flows in one state: the least
+        recently used), to make room at the cap. Half-open flows (60 s) go before established
+        ones (900 s), which is what a SYN flood needs."""
+        heap = self._heap
+        for _ in range(64):  # re-arm stale entries a bounded number of times
+            if not heap:
+                return None
+            due, _, flow = heap[0]
+            if flow.timer_at != due:
+                heapq.heappop(heap)
+                continue
+            real = self.deadline(flow)
+            if real > due:
+                heapq.heappop(heap)
+                flow.timer_at = real
+                heapq.heappush(heap, (real, next(self._seq), flow))
+                continue
+            break
+        while heap and heap[0][2].timer_at != heap[0][0]:
+            heapq.heappop(heap)
+        if not heap:
+            return None
+        flow = heapq.heappop(heap)[2]
+        self.remove(flow)
+        return flow
+
     def flows(self) -> list[Flow]:
         seen: dict[int, Flow] = {}
         for table in self.by_proto.values():

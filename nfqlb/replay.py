@@ -3,7 +3,8 @@
 Deterministic (the RNG is seeded), so a capture replays to the same bytes every time; most of
 nfqlb's behaviour is tested this way. Raw-IP, IPv4-only and Ethernet (with VLAN tags) link
 types are read; the output keeps the input's link type and link headers. Dropped packets are
-left out of the output; frames that are not IP pass through unchanged.
+left out of the output; frames that are not IP pass through unchanged. A fragment held until
+its first fragment arrives is written right after that first fragment.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import BinaryIO
 import dpkt
 
 from nfqlb.config import Config, load_config
-from nfqlb.engine import DROP, Engine
+from nfqlb.engine import DROP, HOLD, Engine, Verdict
 from nfqlb.errors import NfqlbError
 
 LINKTYPE_ETHERNET = 1
@@ -41,6 +42,7 @@ class ReplayResult:
     packets_out: int = 0
     dropped: int = 0
     not_ip: int = 0
+    held_at_end: int = 0  # fragments still waiting for their first fragment
 
 
 def _ip_offset(frame: bytes, linktype: int) -> int:
@@ -85,11 +87,31 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
     _ip_offset(b"", linktype)  # reject unsupported link types before writing anything
     writer = dpkt.pcap.Writer(sink, snaplen=65535, linktype=linktype) if sink else None
     timer = None
+    held: dict[int, bytes] = {}  # hold id -> link header of a fragment waiting for its first
+
+    def emit(link: bytes, verdict: Verdict, original: bytes, ts: float) -> None:
+        if isinstance(verdict, bytes):
+            out = verdict
+        elif verdict == DROP:
+            result.dropped += 1
+            return
+        else:
+            out = original
+        if writer:
+            writer.writepkt(link + out, ts)
+        result.packets_out += 1
+
+    def flush_released(ts: float) -> None:
+        for hold_id, verdict in engine.released:
+            emit(held.pop(hold_id), verdict, b"", ts)
+        engine.released.clear()
+
     for ts, frame in frames:
         ts = float(ts)
         result.packets_in += 1
         if timer is not None and ts >= timer:
             engine.handle_timer(ts)
+            flush_released(ts)
         off = _ip_offset(frame, linktype)
         if off < 0 or off >= len(frame):
             result.not_ip += 1
@@ -101,16 +123,13 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
         packet = packet[:_ip_length(packet)]
         verdict = engine.handle(packet, ts)
         timer = engine.get_timer()
-        if isinstance(verdict, bytes):
-            out = verdict
-        elif verdict == DROP:
-            result.dropped += 1
-            continue
+        if verdict == HOLD:  # (a bytes verdict never equals an int)
+            held[engine.last_hold_id] = frame[:off]
         else:
-            out = packet
-        if writer:
-            writer.writepkt(frame[:off] + out, ts)
-        result.packets_out += 1
+            emit(frame[:off], verdict, packet, ts)
+        if engine.released:
+            flush_released(ts)
+    result.held_at_end = len(held)
     return result
 
 

@@ -42,7 +42,7 @@ import make_golden_icmp as g  # noqa: E402
 
 from nfqlb.config import load_config, parse_config  # noqa: E402
 from nfqlb.engine import Engine  # noqa: E402
-from nfqlb.errors import ConfigError, PacketError  # noqa: E402
+from nfqlb.errors import PacketError  # noqa: E402
 from nfqlb.icmp import is_echo_request, translate_error  # noqa: E402
 from nfqlb.replay import replay  # noqa: E402
 from nfqlb.wire.checksum import delta  # noqa: E402
@@ -82,20 +82,13 @@ def engine_lookup(eng: Engine, d: g.Derived) -> Lookup:
     return lambda p, k: eng.table.by_proto[p].get(k)
 
 
-def make_engine(config: Any) -> Engine | None:
-    """An engine for ``config``, or None while the engine refuses the family (IPv6 today)."""
-    try:
-        return Engine(config)
-    except ConfigError as exc:
-        if "IPv6" not in str(exc):
-            raise
-        return None
+def make_engine(config: Any) -> Engine:
+    """An engine for ``config`` (it carries both families)."""
+    return Engine(config)
 
 
 def flow_lookup(family: int, mode: str, proto: str, d: g.Derived) -> Lookup:
     eng = make_engine(parse_config({"service": [g.service(family, mode, proto)]}, "test"))
-    if eng is None:
-        return table_lookup(hand_table(family, mode, proto))
     return engine_lookup(eng, d)
 
 
@@ -140,8 +133,6 @@ def test_translates_error(family: int, mode: str, proto: str, scenario: g.Scenar
 @pytest.mark.parametrize("family", g.FAMILIES, ids=["v4", "v6"])
 def test_hand_table_is_the_engines(family: int, mode: str, proto: str) -> None:
     eng = make_engine(parse_config({"service": [g.service(family, mode, proto)]}, "test"))
-    if eng is None:
-        pytest.skip(f"the engine does not carry IPv{family} services yet")
     engine_lookup(eng, g.derive(family, mode, proto, g.SCENARIOS[0]))
     hand = hand_table(family, mode, proto)
 
@@ -539,20 +530,13 @@ def test_golden_replay(case: g.Case) -> None:
 
 @pytest.mark.parametrize("case", g.CASES, ids=lambda c: c.name)
 def test_golden_through_replay(case: g.Case) -> None:
-    """The whole capture through ``nfqlb replay``, once the engine hands ICMP errors here.
-
-    Skips while the engine passes the error through unchanged (no call site yet); remove the
-    skip once it has one.
-    """
+    """The whole capture through ``nfqlb replay``: the engine hands ICMP errors here."""
     cfg, inp_path, exp_path = g.paths(case)
-    if make_engine(load_config(cfg)) is None:
-        pytest.skip(f"the engine does not carry IPv{case.family} services yet")
     out = io.BytesIO()
     with inp_path.open("rb") as src:
         replay(load_config(cfg), src, out)
     out.seek(0)
     got = [bytes(buf) for _, buf in dpkt.pcap.Reader(out)]
     inp, want = frames(inp_path), frames(exp_path)
-    if got[-1] == inp[-1]:
-        pytest.skip("the engine does not translate ICMP errors yet")
+    assert got[-1] != inp[-1]
     assert got == want

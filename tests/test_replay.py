@@ -38,7 +38,7 @@ def test_replay_matches_golden(case: make_golden.Case, tmp_path: Path) -> None:
         result = replay(load_config(cfg), src, dst)
     got, want = frames(out_path), frames(exp_path)
     assert len(got) == len(want)
-    for i, ((t1, a), (t2, b)) in enumerate(zip(got, want)):
+    for i, ((t1, a), (t2, b)) in enumerate(zip(got, want, strict=True)):
         assert a == b, f"packet {i} differs"
         assert t1 == pytest.approx(t2)
     assert result.dropped == 0
@@ -80,7 +80,7 @@ def test_replay_rejects_garbage(tmp_path: Path) -> None:
 
 
 def test_replay_expires_flows_on_pcap_clock(tmp_path: Path) -> None:
-    """A client port reused after the UDP timeout gets a new choice: the pcap clock drives expiry."""
+    """A client port reused after the UDP timeout gets a new choice (pcap clock drives expiry)."""
     from scapy.layers.inet import IP, UDP
     from scapy.utils import wrpcap
 
@@ -89,7 +89,7 @@ def test_replay_expires_flows_on_pcap_clock(tmp_path: Path) -> None:
     cfg.write_text(make_golden.config_text(case) + "[timeouts]\nudp = 30\n")
     pkts = [IP(src="198.18.0.2", dst="198.18.100.1") / UDP(sport=5000, dport=80) / b"q"
             for _ in range(3)]
-    for p, t in zip(pkts, (100.0, 110.0, 200.0)):
+    for p, t in zip(pkts, (100.0, 110.0, 200.0), strict=True):
         p.time = t
     wrpcap(str(tmp_path / "in.pcap"), pkts, linktype=101)
     out = tmp_path / "out.pcap"

@@ -38,9 +38,10 @@ PolicyFactory = Callable[[Mapping[str, Any], random.Random], Policy]
 
 
 def _builtins() -> dict[str, PolicyFactory]:
+    from nfqlb.policies.hashing import FlowHash
     from nfqlb.policies.round_robin import RoundRobin
 
-    return {"round_robin": RoundRobin, "rr": RoundRobin}
+    return {"round_robin": RoundRobin, "rr": RoundRobin, "flow_hash": FlowHash}
 
 
 def make_policy(name: str, backends: Sequence[Backend], options: Mapping[str, Any] | None = None,

@@ -7,48 +7,25 @@ counter name as its reason; it never lets an ``IndexError`` or ``struct.error`` 
 from __future__ import annotations
 
 from nfqlb.errors import PacketError
+from nfqlb.wire.ip import ICMP, TCP, UDP, parse_ip
 
-TCP = 6
-UDP = 17
+__all__ = ["TCP", "UDP", "parse_ipv4", "tcp_mss_offset"]
 
 
 def parse_ipv4(data: bytes) -> tuple[int, int] | None:
-    """``(transport offset, protocol)`` of a TCP/UDP packet; None for other protocols."""
-    n = len(data)
-    if n < 20:
-        raise PacketError("truncated")
-    version = data[0] >> 4
-    if version == 6:
+    """``(transport offset, protocol)`` of a whole IPv4 TCP/UDP packet; None for others.
+
+    A stricter view of :func:`nfqlb.wire.ip.parse_ip` for callers that handle neither IPv6
+    nor fragments.
+    """
+    if data and data[0] >> 4 == 6:
         raise PacketError("ipv6_unsupported")
-    if version != 4:
-        raise PacketError("bad_version")
-    hl = (data[0] & 0x0F) * 4
-    if hl < 20:
-        raise PacketError("bad_header_length")
-    if n < hl:
-        raise PacketError("truncated")
-    total = data[2] << 8 | data[3]
-    if total > n:
-        raise PacketError("truncated")
-    if total != n or total < hl:
-        raise PacketError("bad_total_length")
-    proto = data[9]
-    if proto != TCP and proto != UDP:
+    parsed = parse_ip(data)
+    if parsed is None or parsed.proto == ICMP:
         return None
-    if data[6] & 0x3F or data[7]:
+    if parsed.frag_key is not None:
         raise PacketError("fragment")
-    if proto == TCP:
-        if n < hl + 20:
-            raise PacketError("truncated")
-        doff = (data[hl + 12] >> 4) * 4
-        if doff < 20 or hl + doff > n:
-            raise PacketError("bad_tcp_header")
-    else:
-        if n < hl + 8:
-            raise PacketError("truncated")
-        if (data[hl + 4] << 8 | data[hl + 5]) != n - hl:
-            raise PacketError("bad_udp_length")
-    return hl, proto
+    return parsed.off, parsed.proto
 
 
 def tcp_mss_offset(data: bytes, off: int) -> int:

@@ -55,7 +55,8 @@ def config_text(case: Case) -> str:
         lines += ["  [[service.backend]]"]
         if case.mode != "local":
             lines += [f'  address = "{b}"']
-        lines += [f"  port = {case.backend_port if case.mode != 'local' else 8080 + BACKENDS.index(b)}"]
+        port = case.backend_port if case.mode != "local" else 8080 + BACKENDS.index(b)
+        lines += [f"  port = {port}"]
     return "\n".join(lines) + "\n"
 
 
@@ -77,7 +78,7 @@ def _conversation(case: Case) -> list[tuple[str, int, str, bytes]]:
         dirs = ["c", "s", "c", "s"]
     out = []
     for flow in range(2):
-        for d, (flags, payload) in zip(dirs, steps):
+        for d, (flags, payload) in zip(dirs, steps, strict=True):
             out.append((d, flow, flags, payload))
     return out
 
@@ -104,7 +105,7 @@ def packets(case: Case) -> tuple[list[Packet], list[Packet]]:
             after = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / after
         inp.append(before.__class__(bytes(before)))  # scapy fills in every checksum here
         exp.append(after.__class__(bytes(after)))
-    for i, (a, b) in enumerate(zip(inp, exp)):
+    for i, (a, b) in enumerate(zip(inp, exp, strict=True)):
         a.time = b.time = 1_700_000_000 + i * 0.01
     return inp, exp
 

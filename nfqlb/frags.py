@@ -1,0 +1,77 @@
+"""Fragments of balanced flows: later fragments carry no ports, so they follow the first.
+
+When a first fragment (the one with the transport header) is rewritten, its fragment key
+(source, destination, protocol and identification: the same in every fragment of a datagram)
+is remembered with the flow entry it used. Later fragments are rewritten with that entry's
+addresses. A later fragment that arrives before its first is held, in a buffer bounded in
+count (``max_held``) and time (``timeout``); it is released once the first fragment comes, or
+dropped when its time is up. Held packets are known by an integer id the caller keeps.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+
+class FragmentTracker:
+    def __init__(self, max_held: int, timeout: float) -> None:
+        self.max_held = max_held
+        self.timeout = timeout
+        self.max_keys = max(64, max_held * 8)
+        self._entries: dict[bytes, tuple[Any, float]] = {}  # key -> (flow entry, expires)
+        self._held: dict[bytes, list[tuple[int, bytes, float]]] = {}  # key -> [(id, data, t)]
+        self._order: deque[tuple[float, bytes]] = deque()  # (expires, key), time order
+        self.held = 0
+        self._next_id = 0
+
+    def entry_for(self, key: bytes) -> Any:
+        got = self._entries.get(key)
+        return got[0] if got is not None else None
+
+    def remember(self, key: bytes, entry: Any, now: float) -> list[tuple[int, bytes]]:
+        """Record the first fragment's entry; return the held fragments it releases."""
+        if key not in self._entries and len(self._entries) >= self.max_keys:
+            del self._entries[next(iter(self._entries))]  # the oldest datagram
+        expires = now + self.timeout
+        self._entries[key] = (entry, expires)
+        self._order.append((expires, key))
+        waiting = self._held.pop(key, None)
+        if not waiting:
+            return []
+        self.held -= len(waiting)
+        return [(hold_id, data) for hold_id, data, _ in waiting]
+
+    def hold(self, key: bytes, data: bytes, now: float) -> int | None:
+        """Keep a fragment that came before its first; None when the buffer is full."""
+        if self.held >= self.max_held:
+            return None
+        self._next_id += 1
+        expires = now + self.timeout
+        self._held.setdefault(key, []).append((self._next_id, data, expires))
+        self._order.append((expires, key))
+        self.held += 1
+        return self._next_id
+
+    def next_deadline(self) -> float | None:
+        return self._order[0][0] if self._order else None
+
+    def expire(self, now: float) -> list[int]:
+        """Forget what timed out; return the ids of held fragments to drop."""
+        dropped: list[int] = []
+        order = self._order
+        while order and order[0][0] <= now:
+            _, key = order.popleft()
+            got = self._entries.get(key)
+            if got is not None and got[1] <= now:
+                del self._entries[key]
+            waiting = self._held.get(key)
+            if waiting:
+                keep = [w for w in waiting if w[2] > now]
+                dropped.extend(w[0] for w in waiting if w[2] <= now)
+                self.held -= len(waiting) - len(keep)
+                if keep:
+                    self._held[key] = keep
+                else:
+                    del self._held[key]
+        return dropped

@@ -1,0 +1,32 @@
+"""TCP segments nfqlb writes itself: the RST answering a packet of a flow it does not know."""
+
+from __future__ import annotations
+
+import struct
+
+from nfqlb.wire.checksum import full
+
+_TCP = struct.Struct("!HHIIBBHHH")
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+
+
+def build_rst(data: bytes, off: int, v6: bool) -> bytes:
+    """A RST from the packet's destination back to its source (RFC 9293 3.10.7.1)."""
+    sport, dport, seq, ack, doff_byte, flags = struct.unpack_from("!HHIIBB", data, off)
+    payload = len(data) - off - (doff_byte >> 4) * 4
+    if flags & _ACK:
+        rseq, rack, rflags = ack, 0, _RST
+    else:
+        length = payload + (1 if flags & _SYN else 0) + (1 if flags & _FIN else 0)
+        rseq, rack, rflags = 0, (seq + length) & 0xFFFFFFFF, _RST | _ACK
+    tcp = _TCP.pack(dport, sport, rseq, rack, 5 << 4, rflags, 0, 0, 0)
+    if v6:
+        src, dst = data[24:40], data[8:24]
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), 6)
+        ip = struct.pack("!IHBB", 0x60000000, len(tcp), 6, 64) + src + dst
+    else:
+        src, dst = data[16:20], data[12:16]
+        pseudo = src + dst + struct.pack("!xBH", 6, len(tcp))
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+        ip = ip[:10] + struct.pack("!H", full(ip)) + ip[12:]
+    return ip + tcp[:16] + struct.pack("!H", full(pseudo + tcp)) + tcp[18:]
