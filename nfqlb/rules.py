@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Backend, Config, IPAddress, Mode, Service
+from nfqlb.config import Backend, Config, IcmpEcho, IPAddress, Mode, Service
 from nfqlb.errors import ConfigError
 
 TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
@@ -46,18 +46,26 @@ attribute header 4. 4096 - 136 = 3960."""
 
 @dataclass(frozen=True, slots=True)
 class Family:
-    """The tools of one address family."""
+    """The tools and the match spellings of one address family."""
 
     version: int
     iptables: str
     restore: str
     save: str
     host_prefix: int
+    frag: str  # matches fragments (the first included; it also matches the port rules)
+    icmp: Mapping[str, str]  # the values of rules/icmp.rules and rules/echo-drop.rules
 
+
+_ICMP4 = {"icmp": "icmp", "icmp_type": "--icmp-type", "unreachable": "3",
+          "too_big": "3",  # "fragmentation needed" is 3/4, within 3
+          "time_exceeded": "11", "parameter_problem": "12", "echo": "8"}
+_ICMP6 = {"icmp": "ipv6-icmp", "icmp_type": "--icmpv6-type", "unreachable": "1",
+          "too_big": "2", "time_exceeded": "3", "parameter_problem": "4", "echo": "128"}
 
 FAMILIES: Mapping[int, Family] = {
-    4: Family(4, "iptables", "iptables-restore", "iptables-save", 32),
-    6: Family(6, "ip6tables", "ip6tables-restore", "ip6tables-save", 128),
+    4: Family(4, "iptables", "iptables-restore", "iptables-save", 32, "-f", _ICMP4),
+    6: Family(6, "ip6tables", "ip6tables-restore", "ip6tables-save", 128, "-m frag", _ICMP6),
 }
 
 
@@ -120,7 +128,7 @@ def _host(address: IPAddress, family: Family) -> str:
 
 def _service_rules(svc: Service, family: Family, chains: Chains) -> list[str]:
     common = {"pre": chains.pre, "out": chains.out, "target": chains.target,
-              "proto": svc.protocol.name.lower()}
+              "proto": svc.protocol.name.lower(), "frag": family.frag}
     lines = _fill("forward.rules", {**common, "vip": _host(svc.vip, family), "port": svc.port})
     for b in svc.backends:
         values = {**common, **_backend_values(svc, b, family)}
@@ -181,6 +189,12 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
         body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
                                      "large_queue": large,
                                      "large_from": BINDING_MAX_PACKET + 1})
+        where = {"pre": chains.pre, "out": chains.out, "target": chains.target}
+        body += dict.fromkeys(_fill("icmp.rules", {**where, **family.icmp}))
+        if config.daemon.icmp_echo is IcmpEcho.DROP:
+            for vip in dict.fromkeys(s.vip for s in services):
+                body += _fill("echo-drop.rules",
+                              {**where, **family.icmp, "vip": _host(vip, family)})
         seen = set(body)
         for svc in services:
             body.append(f"# {describe(svc)}")

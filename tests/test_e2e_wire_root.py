@@ -146,8 +146,6 @@ def test_syn_flood_is_bounded_by_max_flows_and_service_goes_on() -> None:
 SMALL_MTU = 1280
 
 
-@pytest.mark.xfail(strict=False, reason="waiting for the ICMP error rules in nfqlb/rules.py "
-                                        "(raw OUTPUT does not queue the balancer's own errors)")
 @pytest.mark.parametrize("family", [4, pytest.param(6, marks=needs_ipv6)])
 @pytest.mark.parametrize("mode", ["dnat", "fullnat"])
 def test_path_mtu_discovery_through_the_balancer(mode: str, family: int) -> None:
@@ -192,9 +190,7 @@ def route_to(lab: Lab, host: Host, dst: str) -> str:
 @pytest.mark.parametrize("family", [4, pytest.param(6, marks=needs_ipv6)])
 @pytest.mark.parametrize("echo", [
     "accept",
-    pytest.param("drop", marks=pytest.mark.xfail(
-        strict=False, reason="waiting for icmp_echo in the engine and echo rules in "
-                             "nfqlb/rules.py (echo requests to the VIP are not queued)")),
+    "drop",
 ])
 def test_icmp_echo_to_the_vip(echo: str, family: int) -> None:
     with Lab(1, vip_on_lo=True) as lab:

@@ -43,6 +43,9 @@ QUEUE_CHAIN = ["-A NFQLB-Q-1 -j CT --notrack",
                "-A NFQLB-Q-1 -m length --length 3961:65535 -j NFQUEUE --queue-num 10001 "
                "--queue-bypass",
                "-A NFQLB-Q-1 -j NFQUEUE --queue-num 1 --queue-bypass"]
+ICMP4 = [f"-A NFQLB-{chain}-1 -p icmp --icmp-type {t} -g NFQLB-Q-1"
+         for chain in ("PRE", "OUT") for t in (3, 11, 12)]
+QUEUE_CHAIN += ICMP4
 JUMPS = ("-I PREROUTING -j NFQLB-PRE-1", "-I OUTPUT -j NFQLB-OUT-1")
 
 
@@ -58,10 +61,13 @@ def test_fullnat_forward_in_both_chains_and_replies_from_each_backend_to_the_poo
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp -f -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.10/32 -d 198.18.1.1/32 -p tcp --sport 8080 "
         "--dport 20000:29999 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.10/32 -d 198.18.1.1/32 -p tcp -f -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.11/32 -d 198.18.1.1/32 -p tcp --sport 8081 "
         "--dport 20000:29999 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.11/32 -d 198.18.1.1/32 -p tcp -f -g NFQLB-Q-1",
     ]
     assert rs.jumps == JUMPS
     assert "# service web: 198.18.0.10:80/tcp fullnat, 2 backends" in rs.body
@@ -72,8 +78,11 @@ def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> Non
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp -f -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.20/32 -p udp --sport 53 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.20/32 -p udp -f -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp --sport 5353 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp -f -g NFQLB-Q-1",
     ]
 
 
@@ -82,9 +91,26 @@ def test_local_replies_leave_through_output_with_source_only_when_given() -> Non
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp -f -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -p tcp --sport 8443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -s 198.18.0.10/32 -p tcp --sport 9443 -g NFQLB-Q-1",
     ]
+
+
+def test_echo_drop_adds_one_drop_per_vip_and_family() -> None:
+    v6 = {"name": "v6", "vip": "2001:db8::10", "port": 80, "mode": "dnat",
+          "backend": [{"address": "2001:db8:1::10", "port": 8080}]}
+    sets = rules.render(make_config(FULLNAT, DNAT, v6, icmp_echo="drop"))
+    v4, six = sets
+    drops4 = [r for r in v4.rules if r.endswith("-j DROP")]
+    assert drops4 == ["-A NFQLB-PRE-1 -d 198.18.0.10/32 -p icmp --icmp-type 8 -j DROP",
+                      "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p icmp --icmp-type 8 -j DROP"]
+    assert [r for r in six.rules if r.endswith("-j DROP")] == [
+        "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p ipv6-icmp --icmpv6-type 128 -j DROP",
+        "-A NFQLB-OUT-1 -d 2001:db8::10/128 -p ipv6-icmp --icmpv6-type 128 -j DROP"]
+    assert "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p tcp -m frag -g NFQLB-Q-1" in six.rules
+    assert "-A NFQLB-PRE-1 -p ipv6-icmp --icmpv6-type 2 -g NFQLB-Q-1" in six.rules
+    assert not any(r.endswith("-j DROP") for r in only(make_config(FULLNAT)).rules)
 
 
 def test_no_bypass_and_queue_override_name_the_chains() -> None:
@@ -217,8 +243,9 @@ def test_plan_delete_removes_jumps_into_the_queue_chains_and_the_chains_only() -
 
 def test_templates_are_installed_with_the_package_and_are_the_repository_files() -> None:
     names = sorted(p.name for p in (REPO / "rules").glob("*.rules"))
-    assert names == ["forward.rules", "jumps.rules", "queue.rules", "reply-dnat.rules",
-                     "reply-fullnat.rules", "reply-local.rules", "table.rules"]
+    assert names == ["echo-drop.rules", "forward.rules", "icmp.rules", "jumps.rules",
+                     "queue.rules", "reply-dnat.rules", "reply-fullnat.rules",
+                     "reply-local.rules", "table.rules"]
     from importlib import resources
     pkg = resources.files("nfqlb").joinpath(rules.TEMPLATE_DIR)
     for name in names:
@@ -256,13 +283,12 @@ def netns() -> Any:
 
 @pytest.mark.root
 def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path) -> None:
-    """The real kernel accepts every rule kind; apply is idempotent, delete restores exactly.
-
-    (IPv6 services render to ip6tables, but the engine refuses them until it carries IPv6, so
-    the CLI applies IPv4 rules only here; ip6tables-save must stay untouched.)
-    """
+    """The real kernel accepts every rule kind; apply is idempotent, delete restores exactly."""
+    v6 = {"name": "v6", "vip": "2001:db8::10", "port": 80, "mode": "fullnat",
+          "snat_address": "2001:db8:1::1", "snat_ports": "20000-29999",
+          "backend": [{"address": "2001:db8:1::10", "port": 8080}]}
     config_path = tmp_path / "all.toml"
-    config_path.write_text(_toml(make_config(FULLNAT, DNAT, LOCAL)))
+    config_path.write_text(_toml(make_config(FULLNAT, DNAT, LOCAL, v6, icmp_echo="drop")))
     nfqlb_rules = [sys.executable, "-m", "nfqlb", "rules", "--config", str(config_path)]
     before = (_save(netns), _save(netns, "ip6tables-save"))
 
@@ -271,9 +297,14 @@ def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path
     _ns_run(netns, *nfqlb_rules, "--apply")
     assert _save(netns) == once
     assert once.count("-j NFQLB-PRE-1") == 1 and once.count("-j NFQLB-OUT-1") == 1
-    for rule in only(make_config(FULLNAT, DNAT, LOCAL)).rules:
-        # iptables-save adds the implicit "-m tcp"/"-m udp" after "-p"
-        shown = rule.replace("-p tcp", "-p tcp -m tcp").replace("-p udp", "-p udp -m udp")
+    v6_rules = [r for r in _save(netns, "ip6tables-save").splitlines() if "NFQLB" in r]
+    assert "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p tcp -m frag -g NFQLB-Q-1" in v6_rules
+    assert sum("-j DROP" in r for r in v6_rules) == 2
+    for rule in rules.render(make_config(FULLNAT, DNAT, LOCAL, icmp_echo="drop"))[0].rules:
+        # iptables-save adds the implicit "-m tcp"/"-m udp"/"-m icmp" after "-p" (not for -f)
+        shown = rule if " -f " in rule else (
+            rule.replace("-p tcp", "-p tcp -m tcp").replace("-p udp", "-p udp -m udp")
+            .replace("-p icmp", "-p icmp -m icmp"))
         assert shown in once.splitlines()
 
     _ns_run(netns, *nfqlb_rules, "--delete")
@@ -284,7 +315,8 @@ def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path
 
 def _toml(config: Config) -> str:
     """Enough TOML to write ``config`` back (for the CLI in the namespace)."""
-    out = [f"[daemon]\nqueue = {config.daemon.queue}\n"]
+    out = [f"[daemon]\nqueue = {config.daemon.queue}\n"
+           f'icmp_echo = "{config.daemon.icmp_echo.value}"\n']
     for s in config.services:
         out.append(f'[[service]]\nname = "{s.name}"\nvip = "{s.vip}"\nport = {s.port}\n'
                    f'protocol = "{s.protocol.name.lower()}"\nmode = "{s.mode.value}"\n')

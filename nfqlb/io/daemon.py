@@ -25,12 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from nfqlb import rules
 from nfqlb.config import Config
-from nfqlb.engine import Engine
+from nfqlb.engine import DROP, Engine
 from nfqlb.errors import SystemSetupError
 from nfqlb.io import iptables, sysctl
 from nfqlb.io.netlink import NetlinkQueueAdapter
@@ -61,13 +62,30 @@ class Server:
         self.loop = loop
         self.engine = engine
         self.adapters = tuple(adapters)
-        self.clock = adapters[0].clock
+        self.clock = adapters[0].clock if adapters else time.monotonic
         self.log = log
         self.stats_interval = stats_interval
         self.crash: BaseException | None = None
         self.timer_errors = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = float("inf")  # engine clock (self.clock)
+        # packets the engine holds (fragments before their first): hold id -> give verdict
+        self.held: dict[int, Callable[[bytes | int], None]] = {}
+
+    def on_hold(self, give_verdict: Callable[[bytes | int], None]) -> None:
+        """An adapter's packet got HOLD: remember how to give it its verdict later."""
+        self.held[self.engine.last_hold_id] = give_verdict
+
+    def release(self) -> None:
+        """Give the verdicts the engine decided for held packets."""
+        released = self.engine.released
+        if not released:
+            return
+        for hold_id, verdict in released:
+            give = self.held.pop(hold_id, None)
+            if give is not None:
+                give(verdict)
+        released.clear()
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -101,6 +119,7 @@ class Server:
     def _on_readable(self, adapter: Adapter) -> None:
         try:
             adapter.on_readable()
+            self.release()
         except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
             self.crash = exc
             self.loop.stop()
@@ -123,6 +142,7 @@ class Server:
         now = self.clock()
         try:
             self.engine.handle_timer(now)
+            self.release()
         except Exception as exc:
             self.timer_errors += 1
             if self.timer_errors == 1 or self.timer_errors % 100 == 0:
@@ -167,13 +187,15 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     rulesets = rules.render(config, q)
     tools = iptables.tools_for(rs.family.version for rs in rulesets)
     engine = Engine(config, log=log.getChild("engine"))
-    adapters: list[Adapter] = [
-        QueueAdapter(engine.handle, q, log),
-        NetlinkQueueAdapter(engine.handle, large, log,
-                            purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
-    ]
     loop = _new_loop()
-    server = Server(loop, engine, adapters, log, stats_interval)
+    server = Server(loop, engine, [], log, stats_interval)
+    server.adapters = (
+        QueueAdapter(engine.handle, q, log, on_hold=server.on_hold),
+        NetlinkQueueAdapter(engine.handle, large, log, on_hold=server.on_hold,
+                            purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
+    )
+    server.clock = server.adapters[0].clock
+    adapters: list[Adapter] = list(server.adapters)
     clean = True
     bound: list[Adapter] = []
     try:
@@ -223,6 +245,12 @@ def _serve_bound(config: Config, queue: int, large: int,
                     adapter.drain()
                 except Exception as exc:
                     log.debug("draining the queue failed: %r", exc)
+            for give in server.held.values():  # fragments whose first never came
+                try:
+                    give(DROP)
+                except Exception as exc:
+                    log.debug("dropping a held packet failed: %r", exc)
+            server.held.clear()
     finally:
         clean = sysctls.restore() and clean
     return clean

@@ -49,6 +49,7 @@ A receive buffer overrun (ENOBUFS: the kernel dropped packets for us) is counted
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import select
@@ -57,8 +58,9 @@ import struct
 import time
 from collections.abc import Callable
 
-from nfqlb.engine import ACCEPT, DROP
+from nfqlb.engine import ACCEPT, DROP, HOLD
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.nfqueue import OnHold
 
 Handle = Callable[[bytes, float], "bytes | int"]
 
@@ -210,8 +212,9 @@ class NetlinkQueueAdapter:
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
-                 fail_open: bool = False) -> None:
+                 fail_open: bool = False, on_hold: OnHold | None = None) -> None:
         self.queue = queue
+        self.on_hold = on_hold  # told how to give a held packet its verdict later
         self.log = log
         self.clock = clock
         self.now = clock()
@@ -403,12 +406,24 @@ class NetlinkQueueAdapter:
             self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, r))
         elif type(r) is int and r == ACCEPT:
             self._queue(self._accept + BE32.pack(packet_id))
+        elif type(r) is int and r == HOLD and self.on_hold is not None:
+            self.on_hold(functools.partial(self._late_verdict, packet_id))
         else:
             if type(r) is not int or r != DROP:
                 self.bad_verdicts += 1
                 self._rate_log("bad_verdicts", logging.ERROR, "%s: the handler returned no "
                                "verdict (%.40r); packet dropped", self.name, r)
             self._queue(self._drop + BE32.pack(packet_id))
+
+    def _late_verdict(self, packet_id: int, r: bytes | int) -> None:
+        """The verdict for a packet held past its wakeup (a fragment before its first)."""
+        if type(r) is bytes and len(r) <= MAX_PAYLOAD:
+            self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, r))
+        elif type(r) is int and r == ACCEPT:
+            self._queue(self._accept + BE32.pack(packet_id))
+        else:
+            self._queue(self._drop + BE32.pack(packet_id))
+        self._flush()
 
     def _on_error(self, seq: int, err: int) -> None:
         if seq == self._ack_seq:

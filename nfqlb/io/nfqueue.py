@@ -18,16 +18,31 @@ callback whole: the rules send those to a second queue, served by :mod:`nfqlb.io
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import time
 from collections.abc import Callable
 from typing import Any
 
-from nfqlb.engine import ACCEPT, DROP
+from nfqlb.engine import ACCEPT, DROP, HOLD
 from nfqlb.errors import SystemSetupError
 
 Handle = Callable[[bytes, float], "bytes | int"]
+#: Called with a function that gives a held packet (engine verdict HOLD) its final verdict.
+OnHold = Callable[[Callable[["bytes | int"], None]], None]
+
+
+def late_verdict(pkt: Any, verdict: bytes | int) -> None:
+    """The verdict for a packet held past its callback (the binding allows it: the packet
+    keeps its id; only its payload is gone, and a rewrite brings a new one)."""
+    if verdict.__class__ is bytes:
+        pkt.set_payload(verdict)
+        pkt.accept()
+    elif verdict == ACCEPT:
+        pkt.accept()
+    else:
+        pkt.drop()
 
 BUDGET = 256  # packets per wakeup before the event loop gets a turn
 _RECV_SIZE = 4096  # the binding's own receive buffer: larger messages never fit anyway
@@ -53,8 +68,10 @@ class QueueAdapter:
     """One bound queue feeding ``handle(payload, now)``."""
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 on_hold: OnHold | None = None) -> None:
         self.queue = queue
+        self.on_hold = on_hold  # told how to give a held packet its verdict later
         self.log = log
         self.clock = clock
         self.now = clock()
@@ -105,6 +122,7 @@ class QueueAdapter:
         handle = self._handle
         accept_verdict = ACCEPT
         drop_verdict = DROP
+        hold_verdict = HOLD
         adapter = self
 
         def on_packet(pkt: Any) -> None:
@@ -115,6 +133,8 @@ class QueueAdapter:
                     pkt.accept()
                 elif r == accept_verdict and r.__class__ is int:
                     pkt.accept()
+                elif r == hold_verdict and adapter.on_hold is not None:
+                    adapter.on_hold(functools.partial(late_verdict, pkt))
                 else:
                     pkt.drop()
                     if r != drop_verdict or r.__class__ is not int:

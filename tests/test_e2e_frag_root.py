@@ -1,0 +1,48 @@
+"""End to end: UDP datagrams of 3 KB and 8 KB through the VIP over MTU 1500 links.
+
+The client's datagrams arrive at the balancer in fragments (nothing reassembles them before
+the raw table: CT --notrack does not turn on conntrack's defragmentation); the rules queue
+every fragment to the VIP and from the backends, and the engine rewrites the later fragments
+like the first one of their datagram. The backend's answers (as large as the request) come
+back in fragments too. Local mode is covered in test_e2e_large_root.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from lab import UDP_PORT, VIP, VIP6, Lab
+
+pytestmark = pytest.mark.root
+
+SIZES = [3000, 8000, 100]
+
+
+def payload(size: int, seed: int) -> bytes:
+    return bytes((i * 7 + seed) & 0xFF for i in range(size))
+
+
+@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize("mode", ["dnat", "fullnat"])
+def test_fragmented_udp_through_the_vip(mode: str, family: int) -> None:
+    with Lab(2, backend_default_route=mode == "dnat") as lab:
+        if family == 6 and not lab.ipv6:
+            pytest.skip("this kernel has no IPv6")
+        vip = VIP if family == 4 else VIP6
+        with lab.nfqlb(lab.service(mode, protocol="udp", family=family)) as daemon:
+            sent = [payload(n, i) for i, n in enumerate(SIZES)]
+            replies = lab.udp_exchange(lab.client, vip, UDP_PORT, sent, timeout=3.0)
+            for data, reply in zip(sent, replies, strict=True):
+                assert reply is not None, f"no answer to {len(data)} bytes\n{daemon.report()}"
+                assert reply.peer[0] == vip and reply.peer[1] == UDP_PORT, reply
+                assert reply.payload == data, (len(data), len(reply.payload))
+                assert reply.label.startswith("backend-")
+        code = daemon.stop()
+        assert code == 0, daemon.report()
+        # the fragments really went through nfqlb: more packets than datagrams, none dropped
+        m = re.search(r"^packets (\d+)\s+rewritten (\d+)\s+passed \(not ours\) \d+\s+"
+                      r"dropped (\d+)", daemon.stdout, re.M)
+        assert m, daemon.report()
+        packets, rewritten, dropped = map(int, m.groups())
+        assert rewritten >= 2 * (3 + 6) - 2 and dropped == 0, daemon.report()
