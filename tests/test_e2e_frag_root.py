@@ -5,6 +5,10 @@ the raw table: CT --notrack does not turn on conntrack's defragmentation); the r
 every fragment to the VIP and from the backends, and the engine rewrites the later fragments
 like the first one of their datagram. The backend's answers (as large as the request) come
 back in fragments too. Local mode is covered in test_e2e_large_root.py.
+
+With ``conntrack`` another rule on the balancer uses connection tracking, which turns on the
+kernel's defragmentation before the raw table: nfqlb then sees whole datagrams of up to 8 KB,
+which the rules send to the large-packet queue. Both ways must work.
 """
 
 from __future__ import annotations
@@ -23,13 +27,18 @@ def payload(size: int, seed: int) -> bytes:
     return bytes((i * 7 + seed) & 0xFF for i in range(size))
 
 
+@pytest.mark.parametrize("conntrack", [False, True], ids=["fragments", "defragmented"])
 @pytest.mark.parametrize("family", [4, 6])
 @pytest.mark.parametrize("mode", ["dnat", "fullnat"])
-def test_fragmented_udp_through_the_vip(mode: str, family: int) -> None:
+def test_fragmented_udp_through_the_vip(mode: str, family: int, conntrack: bool) -> None:
     with Lab(2, backend_default_route=mode == "dnat") as lab:
         if family == 6 and not lab.ipv6:
             pytest.skip("this kernel has no IPv6")
         vip = VIP if family == 4 else VIP6
+        if conntrack:  # any conntrack user turns defragmentation on in the namespace
+            tool = "iptables" if family == 4 else "ip6tables"
+            lab.exec(lab.lb, [tool, "-A", "INPUT", "-m", "conntrack", "--ctstate", "INVALID",
+                              "-j", "ACCEPT"])
         with lab.nfqlb(lab.service(mode, protocol="udp", family=family)) as daemon:
             sent = [payload(n, i) for i, n in enumerate(SIZES)]
             replies = lab.udp_exchange(lab.client, vip, UDP_PORT, sent, timeout=3.0)
@@ -45,4 +54,11 @@ def test_fragmented_udp_through_the_vip(mode: str, family: int) -> None:
                       r"dropped (\d+)", daemon.stdout, re.M)
         assert m, daemon.report()
         packets, rewritten, dropped = map(int, m.groups())
-        assert rewritten >= 2 * (3 + 6) - 2 and dropped == 0, daemon.report()
+        assert dropped == 0, daemon.report()
+        large = re.search(r"^queue 10001 \(packets over 3960 bytes\): (\d+) packets",
+                          daemon.stdout, re.M)
+        assert large, daemon.report()
+        if conntrack:  # whole datagrams: 3000 B through the binding, 8000 B the large queue
+            assert int(large.group(1)) >= 2 and rewritten == packets, daemon.report()
+        else:  # fragments: each one of them rewritten, none large
+            assert int(large.group(1)) == 0 and rewritten >= 2 * (3 + 6) - 2, daemon.report()
