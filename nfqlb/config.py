@@ -9,6 +9,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import tomllib
+import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,10 +62,14 @@ class Service:
     protocol: Protocol
     mode: Mode
     backends: tuple[Backend, ...]
-    policy: str = "round_robin"
+    policy: str = "round_robin"  # a built-in name, "file:/abs/path.py", "module:..." or plugin
     snat_address: IPAddress | None = None
     snat_ports: tuple[int, int] | None = None
     unknown_flow: UnknownFlow = UnknownFlow.RESET
+    # [service.policy_options], read-only, validated by building the policy once
+    policy_options: Mapping[str, Any] = field(
+        default_factory=lambda: types.MappingProxyType({}), hash=False)
+    policy_fallback: str = "flow_hash"  # when the policy raises: a built-in policy, or "drop"
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +115,7 @@ _DAEMON_KEYS = {
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
-    "unknown_flow",
+    "unknown_flow", "policy_options", "policy_fallback",
 }
 _BACKEND_KEYS = {"name", "address", "port", "weight"}
 
@@ -236,12 +241,6 @@ def _service(chk: _Checker) -> Service:
     port = chk.integer("port", None, 1, 65535)
     protocol = chk.choice("protocol", Protocol, "tcp")
     mode = chk.choice("mode", Mode, None)
-    policy = chk.text("policy", "round_robin")
-    from nfqlb.policies import policy_names  # late: policies import this module
-
-    if policy not in policy_names():
-        known = ", ".join(policy_names())
-        raise chk.fail("policy", f"unknown policy {policy!r} (built-in: {known})")
     snat_address = chk.address("snat_address", required=False)
     snat_ports = _port_range(chk, "snat_ports")
     if mode is Mode.FULLNAT:
@@ -280,9 +279,39 @@ def _service(chk: _Checker) -> Service:
     if unknown_flow is UnknownFlow.HASH and mode is Mode.FULLNAT:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
                        "the backend knows the connection by is lost with the table")
+    policy, options, fallback = _policy(chk, backends)
     return Service(name=name, vip=vip, port=port, protocol=protocol, mode=mode,
                    backends=backends, policy=policy, snat_address=snat_address,
-                   snat_ports=snat_ports, unknown_flow=unknown_flow)
+                   snat_ports=snat_ports, unknown_flow=unknown_flow, policy_options=options,
+                   policy_fallback=fallback)
+
+
+def _policy(chk: _Checker, backends: tuple[Backend, ...]
+            ) -> tuple[str, Mapping[str, Any], str]:
+    """``policy``, ``policy_options`` and ``policy_fallback``, checked by building the policy
+    (and its fallback) once: a plugin that cannot be imported or built, or an option the
+    policy refuses, is a configuration error naming the key."""
+    from nfqlb import policies  # late: policies import this module
+    from nfqlb.errors import PolicyError
+
+    spec = chk.text("policy", "round_robin")
+    options = chk.table.get("policy_options", {})
+    if not isinstance(options, Mapping):
+        raise chk.fail("policy_options", "must be a table ([service.policy_options])")
+    fallback = chk.text("policy_fallback", "flow_hash")
+    if fallback != policies.DROP and not policies.is_builtin(fallback):
+        raise chk.fail("policy_fallback", f"{fallback!r} is not \"drop\" nor a built-in "
+                       f"policy ({', '.join(policies.policy_names())})")
+    try:
+        spec = policies.resolve_spec(spec, Path(chk.source).parent)
+        policies.make_policy(spec, backends, options)
+        if fallback != policies.DROP:
+            policies.make_policy(fallback, backends)
+    except policies.PolicyOptionError as exc:
+        raise chk.fail(f"policy_options.{exc.key}", exc.problem) from None
+    except PolicyError as exc:
+        raise chk.fail("policy", str(exc)) from None
+    return spec, types.MappingProxyType(dict(options)), fallback
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:

@@ -20,15 +20,17 @@ import ipaddress
 import logging
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from nfqlb import icmp
 from nfqlb.config import Backend, Config, Mode, Service, UnknownFlow
 from nfqlb.errors import PacketError
 from nfqlb.flows import REUSABLE, TRANSITIONS, Entry, Flow, FlowTable, TcpState, tcp_event
 from nfqlb.frags import FragmentTracker
+from nfqlb.policies import DROP as POLICY_DROP
 from nfqlb.policies import FlowKey, Policy, make_policy
 from nfqlb.policies.hashing import flow_bytes, rendezvous
+from nfqlb.policies.plugins import where
 from nfqlb.snat import PortPool
 from nfqlb.wire.checksum import U16, apply, delta, full
 from nfqlb.wire.ip import parse_ip
@@ -54,13 +56,17 @@ class _BackendCount:
 
 @dataclass(slots=True)
 class ServiceState:
-    """A service at run time: its policy, its port pool and its closed-flow totals."""
+    """A service at run time: its policy (and the fallback for when the policy fails), its
+    port pool and its closed-flow totals."""
 
     service: Service
     policy: Policy
     pool: PortPool | None
     closed: dict[str, _BackendCount] = field(default_factory=dict)
     refused: int = 0
+    fallback: Policy | None = None  # None: a flow the policy fails on is dropped
+    policy_errors: int = 0  # choose/on_flow_closed raised, or choose returned a stranger
+    backend_set: frozenset[Backend] = frozenset()  # what choose may return
 
 
 def check_supported(config: Config) -> None:
@@ -91,7 +97,7 @@ class Engine:
                 assert svc.snat_address is not None and svc.snat_ports is not None
                 pkey = (svc.protocol, svc.snat_address, svc.snat_ports)
                 pool = pools.get(pkey) or pools.setdefault(pkey, PortPool(*svc.snat_ports))
-            state = ServiceState(svc, make_policy(svc.policy, svc.backends, rng=self.rng), pool)
+            state = self._service_state(svc, pool)
             for b in svc.backends:
                 state.closed[b.name] = _BackendCount()
                 if svc.unknown_flow is UnknownFlow.HASH:
@@ -108,6 +114,18 @@ class Engine:
         self.released: list[tuple[int, Verdict]] = []
         self.last_hold_id = 0
         self._last_log: dict[str, float] = {}
+
+    def _service_state(self, svc: Service, pool: PortPool | None) -> ServiceState:
+        """Build the service's policy and fallback, each with its own RNG seeded from the
+        engine's (so a service's choices do not depend on other services' traffic)."""
+        policy = make_policy(svc.policy, svc.backends, svc.policy_options,
+                             random.Random(self.rng.getrandbits(64)))
+        fallback = None
+        if svc.policy_fallback != POLICY_DROP:
+            fallback = make_policy(svc.policy_fallback, svc.backends,
+                                   rng=random.Random(self.rng.getrandbits(64)))
+        return ServiceState(svc, policy, pool, fallback=fallback,
+                            backend_set=frozenset(svc.backends))
 
     # ---------------------------------------------------------------- per packet
 
@@ -378,7 +396,7 @@ class Engine:
                 continue
             fwd_key = client[:-2] + s.vip.packed + client[-2:] + U16[s.port]
             state = _ESTABLISHED if p.proto == 6 else TcpState.UDP
-            fwd = self._install(svc, fwd_key, p.proto, state, backend, fkey, now)
+            fwd = self._install(svc, fwd_key, p.proto, state, backend, now)
             if fwd is None:
                 break
             self._count("flow_adopted")
@@ -403,22 +421,65 @@ class Engine:
     def _open(self, svc: ServiceState, data: bytes, p: Any, key: bytes, state: TcpState,
               backend: Backend | None, now: float) -> Entry | None:
         """Choose a backend for a new flow (unless given) and install it; None if refused."""
-        fkey = self._flow_key(data, p)
+        placer: Policy | None = None
         if backend is None:
-            try:
-                backend = svc.policy.choose(fkey, now)
-                reason = "no_backend"
-            except Exception as exc:  # a policy bug is contained: counted, logged, refused
-                self._warn("policy_error", now, "policy %s failed: %r", svc.service.policy, exc)
-                backend, reason = None, "policy_error"
+            fkey = self._flow_key(data, p)
+            backend, placer, reason = self._choose(svc, fkey, now)
             if backend is None:
                 svc.refused += 1
                 self._drop(reason, now)
                 return None
-        return self._install(svc, key, p.proto, state, backend, fkey, now)
+        ent = self._install(svc, key, p.proto, state, backend, now)
+        if placer is not None:
+            if ent is None:  # refused after all: the policy hears at once that it ended
+                self._flow_closed(svc, placer, fkey, backend, now)
+            else:
+                ent[0].policy_key = (placer, fkey)
+        return ent
+
+    def _choose(self, svc: ServiceState, fkey: FlowKey,
+                now: float) -> tuple[Backend | None, Policy | None, str]:
+        """(backend, the policy that chose it, drop reason if none). A failing policy is
+        contained: counted, logged at a rate limit, and the fallback (if any) chooses."""
+        try:
+            backend = svc.policy.choose(fkey, now)
+        except Exception as exc:
+            problem = f"raised {where(exc)} in choose()"
+        else:
+            try:
+                valid = backend is None or backend in svc.backend_set
+            except TypeError:  # unhashable
+                valid = False
+            if valid:
+                return backend, svc.policy, "no_backend"
+            problem = f"returned {backend!r:.80}, not one of the service's backends"
+        svc.policy_errors += 1
+        self._count("policy_failure")
+        fallback = svc.fallback
+        s = svc.service
+        self._warn(f"policy:{s.name}", now, "service %s: policy %s %s; flow %s:%d -> %s "
+                   "(%d failures so far)", s.name, s.policy, problem, fkey.src, fkey.sport,
+                   f"fallback {s.policy_fallback}" if fallback else "dropped", svc.policy_errors)
+        if fallback is None:
+            return None, None, "policy_error"
+        self._count("policy_fallback")
+        return fallback.choose(fkey, now), fallback, "no_backend"
+
+    def _flow_closed(self, svc: ServiceState, policy: Policy, fkey: FlowKey, backend: Backend,
+                     now: float) -> None:
+        hook = getattr(policy, "on_flow_closed", None)
+        if hook is not None:
+            try:
+                hook(fkey, backend, now)
+            except Exception as exc:
+                svc.policy_errors += 1
+                self._count("policy_failure")
+                self._warn(f"policy:{svc.service.name}", now, "service %s: policy %s raised %s "
+                           "in on_flow_closed()", svc.service.name, svc.service.policy,
+                           where(exc))
 
     def _install(self, svc: ServiceState, key: bytes, proto: int, state: TcpState,
-                 backend: Backend, fkey: FlowKey, now: float) -> Entry | None:
+                 backend: Backend, now: float) -> Entry | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused."""
         service = svc.service
         alen = len(key) // 2 - 2
@@ -461,7 +522,6 @@ class Engine:
             self._warn("evicted", now, "flow table full (max_flows %d): evicting the flows "
                        "nearest their idle timeout", self.max_flows)
         flow = Flow(service, backend, proto, state, now, key, rev_key)
-        flow.policy_key = fkey
         if svc.pool is not None:
             flow.pool, flow.snat_port = svc.pool, port
         v4 = alen == 4
@@ -486,12 +546,19 @@ class Engine:
         count.flows += 1
         count.packets += flow.packets
         count.bytes += flow.bytes
-        hook = getattr(svc.policy, "on_flow_closed", None)
-        if hook is not None:
-            try:
-                hook(flow.policy_key, flow.backend, now)
-            except Exception as exc:
-                self._warn("policy_error", now, "policy on_flow_closed failed: %r", exc)
+        if flow.policy_key is not None:  # (the policy that placed it, its flow key)
+            placer, fkey = cast(tuple[Policy, FlowKey], flow.policy_key)
+            self._flow_closed(svc, placer, fkey, flow.backend, now)
+
+    def policy(self, service: str) -> Policy:
+        """The policy object of the service named ``service``, for whatever feeds it (a policy
+        may expose methods of its own, such as examples/policies/least_latency.py's
+        ``observe``). Call it from the thread that calls ``handle``."""
+        for by_key in self.services.values():
+            for svc in by_key.values():
+                if svc.service.name == service:
+                    return svc.policy
+        raise KeyError(service)
 
     def _state_of(self, service: Service) -> ServiceState:
         return self.services[service.protocol][service.vip.packed + U16[service.port]]
@@ -549,7 +616,8 @@ class Engine:
                         "packets": closed.packets + open_.packets,
                         "bytes": closed.bytes + open_.bytes,
                     }
-                services[svc.service.name] = {"backends": backends, "refused": svc.refused}
+                services[svc.service.name] = {"backends": backends, "refused": svc.refused,
+                                              "policy_errors": svc.policy_errors}
         return {
             "packets": self.packets,
             "rewritten": self.rewritten,
@@ -572,7 +640,9 @@ class Engine:
         ]
         for name, svc in s["services"].items():
             lines.append(f"service {name}:" + (f" ({svc['refused']} flows refused)"
-                                                if svc["refused"] else ""))
+                                                if svc["refused"] else "")
+                         + (f" ({svc['policy_errors']} policy errors)"
+                            if svc["policy_errors"] else ""))
             for bname, b in svc["backends"].items():
                 lines.append(f"  {bname:<24} flows {b['flows']:>7}  active {b['active']:>6}  "
                              f"packets {b['packets']:>9}  bytes {b['bytes']:>11}")

@@ -541,7 +541,7 @@ class _FailingPolicy:
 
 
 def _with_failing_policy():  # type: ignore[no-untyped-def]
-    eng = engine(service("dnat"))
+    eng = engine(service("dnat", policy_fallback="drop"))  # (test_policies*: other fallbacks)
     (state,) = eng.services[6].values()
     state.policy = _FailingPolicy()
     return eng

@@ -1,60 +1,52 @@
-"""Balancing policies: the Policy protocol, the flow key policies see, and the registry.
+"""Balancing policies: the Policy protocol, the flow key policies see, built-ins and plugins.
 
 A policy never sees packet bytes. It is told the backends with ``set_backends`` (rebuild any
 tables there, off the hot path) and asked ``choose(flow, now)`` once per new flow; the
-connection table then keeps the flow on that backend for its life.
+connection table then keeps the flow on that backend for its life. See ``base`` for the
+contract, ``registry`` for the names, ``plugins`` for loading third-party policies.
+
+Writing one (``policy = "file:policies/first.py"`` in the service)::
+
+    from nfqlb.policies import Backend, FlowKey
+
+    class First:
+        \"\"\"Every new flow to the first backend that takes new flows.\"\"\"
+        def __init__(self, options, rng):
+            self.target: Backend | None = None
+        def set_backends(self, backends):
+            self.target = next((b for b in backends if b.weight > 0), None)
+        def choose(self, flow: FlowKey, now: float) -> Backend | None:
+            return self.target
+
+    factory = First
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from nfqlb.policies.base import (
+    FIELDS,
+    Backend,
+    ClosesFlows,
+    FlowKey,
+    Options,
+    Policy,
+    PolicyFactory,
+    PolicyOptionError,
+    live,
+)
+from nfqlb.policies.plugins import resolve_spec
+from nfqlb.policies.registry import (
+    ALIASES,
+    BUILTINS,
+    DROP,
+    build_policy,
+    is_builtin,
+    make_policy,
+    policy_names,
+)
 
-from nfqlb.config import Backend, IPAddress
-from nfqlb.errors import PolicyError
-
-
-@dataclass(frozen=True, slots=True)
-class FlowKey:
-    """What a policy knows of a new flow, as the client sent it."""
-
-    protocol: int  # 6 TCP, 17 UDP
-    src: IPAddress
-    sport: int
-    dst: IPAddress
-    dport: int
-
-
-@runtime_checkable
-class Policy(Protocol):
-    def set_backends(self, backends: Sequence[Backend]) -> None: ...
-
-    def choose(self, flow: FlowKey, now: float) -> Backend | None: ...
-
-
-PolicyFactory = Callable[[Mapping[str, Any], random.Random], Policy]
-
-
-def _builtins() -> dict[str, PolicyFactory]:
-    from nfqlb.policies.hashing import FlowHash
-    from nfqlb.policies.round_robin import RoundRobin
-
-    return {"round_robin": RoundRobin, "rr": RoundRobin, "flow_hash": FlowHash}
-
-
-def make_policy(name: str, backends: Sequence[Backend], options: Mapping[str, Any] | None = None,
-                rng: random.Random | None = None) -> Policy:
-    """Build the policy called ``name`` and give it its backends."""
-    registry = _builtins()
-    factory = registry.get(name)
-    if factory is None:
-        raise PolicyError(f"unknown policy {name!r} (built-in: {', '.join(sorted(registry))})")
-    policy = factory(options or {}, rng or random.Random())
-    policy.set_backends(backends)
-    return policy
-
-
-def policy_names() -> list[str]:
-    return sorted(_builtins())
+__all__ = [
+    "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ClosesFlows", "FlowKey", "Options",
+    "Policy", "PolicyFactory", "PolicyOptionError", "build_policy", "is_builtin", "live",
+    "make_policy", "policy_names", "resolve_spec",
+]

@@ -1,8 +1,9 @@
-"""Consistent choice by rendezvous (highest random weight) hashing, weights honoured.
+"""Hashing shared by the hash policies, and ``flow_hash`` (rendezvous over the whole flow).
 
-The same key and the same backend set give the same backend in every process and after
-every restart (blake2b, not Python's randomised ``hash``); removing a backend moves only the
-keys that were on it.
+Every hash here is blake2b, never Python's randomised ``hash``: the same key and the same
+backend set give the same backend in every process and after every restart. Rendezvous
+(highest random weight) hashing honours weights and moves, when a backend is removed, only
+the keys that were on it; it costs one hash per backend per new flow (see ``maglev`` for O(1)).
 """
 
 from __future__ import annotations
@@ -10,16 +11,55 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from nfqlb.config import Backend
-from nfqlb.policies import FlowKey
+from nfqlb.policies.base import FIELDS, FlowKey, Options, live
 
 
 def flow_bytes(flow: FlowKey) -> bytes:
     return (bytes((flow.protocol,)) + flow.src.packed + flow.sport.to_bytes(2, "big")
             + flow.dst.packed + flow.dport.to_bytes(2, "big"))
+
+
+def hash64(key: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "big")
+
+
+def key_function(fields: Sequence[str], src_prefix: int = 32,
+                 src_prefix6: int = 128) -> Callable[[FlowKey], bytes]:
+    """What to hash of a flow: the named ``fields`` (out of FIELDS), the source address cut
+    to ``src_prefix`` (IPv4) or ``src_prefix6`` (IPv6) bits."""
+    unknown = set(fields) - set(FIELDS)
+    if unknown:
+        raise ValueError(f"unknown flow fields {sorted(unknown)}")
+    if tuple(fields) == FIELDS and src_prefix == 32 and src_prefix6 == 128:
+        return flow_bytes
+
+    def src(flow: FlowKey) -> bytes:
+        a = flow.src
+        bits, plen = (32, src_prefix) if a.version == 4 else (128, src_prefix6)
+        if plen == bits:
+            return a.packed
+        cut = bits - plen
+        return ((int(a) >> cut) << cut).to_bytes(bits // 8, "big") + bytes((plen,))
+
+    parts: list[Callable[[FlowKey], bytes]] = []
+    for name in fields:
+        if name == "protocol":
+            parts.append(lambda f: bytes((f.protocol,)))
+        elif name == "src":
+            parts.append(src)
+        elif name == "sport":
+            parts.append(lambda f: f.sport.to_bytes(2, "big"))
+        elif name == "dst":
+            parts.append(lambda f: f.dst.packed)
+        else:
+            parts.append(lambda f: f.dport.to_bytes(2, "big"))
+    if len(parts) == 1:
+        return parts[0]
+    return lambda f: b"".join(p(f) for p in parts)
 
 
 def rendezvous(key: bytes, backends: Sequence[Backend]) -> Backend | None:
@@ -40,14 +80,15 @@ class FlowHash:
     """Policy ``flow_hash``: rendezvous hash of the whole flow (protocol, addresses, ports).
 
     With ``unknown_flow = "hash"`` the same hash adopts mid-flow packets after a restart, so
-    established connections survive it while the backend set is unchanged.
+    established connections survive it while the backend set is unchanged. No options.
     """
 
     def __init__(self, options: Mapping[str, Any], rng: random.Random) -> None:
+        Options(options, ())
         self._backends: tuple[Backend, ...] = ()
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
-        self._backends = tuple(backends)
+        self._backends = live(backends)
 
     def choose(self, flow: FlowKey, now: float) -> Backend | None:
         return rendezvous(flow_bytes(flow), self._backends)

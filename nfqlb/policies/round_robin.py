@@ -1,4 +1,7 @@
-"""Round robin over the backends with a weight above zero (IPVS ``rr``)."""
+"""``round_robin`` (IPVS ``rr``): each new flow to the next backend, weights ignored.
+
+Backends with weight 0 are drained (skipped). No options.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +10,17 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from nfqlb.config import Backend
-from nfqlb.policies import FlowKey
+from nfqlb.policies.base import FlowKey, Options, live
 
 
 class RoundRobin:
     def __init__(self, options: Mapping[str, Any], rng: random.Random) -> None:
+        Options(options, ())
         self._backends: tuple[Backend, ...] = ()
         self._next = 0
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
-        self._backends = tuple(b for b in backends if b.weight > 0)
+        self._backends = live(backends)
         self._next = 0
 
     def choose(self, flow: FlowKey, now: float) -> Backend | None:

@@ -1,0 +1,99 @@
+"""Which name means which policy: the built-ins, their IPVS aliases, and plugins.
+
+A policy is named in the configuration in one of four ways:
+
+- a built-in or an alias below (``maglev``, ``wlc``, ...);
+- ``file:PATH`` or ``file:PATH:NAME``: a Python script (a relative PATH is relative to the
+  configuration file's directory); nfqlb calls its ``factory`` (or NAME);
+- ``module:pkg.mod:NAME``: an importable module's factory (``module:pkg.mod`` means
+  ``pkg.mod:factory``);
+- any other name: an entry point of that name in the ``nfqlb.policies`` group, which an
+  installed package declares (``[project.entry-points."nfqlb.policies"] mine = "pkg:factory"``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from nfqlb.config import Backend
+from nfqlb.errors import PolicyError
+from nfqlb.policies import plugins
+from nfqlb.policies.base import Policy, PolicyFactory
+from nfqlb.policies.hashing import FlowHash
+from nfqlb.policies.least_conn import LeastConn
+from nfqlb.policies.maglev import Maglev
+from nfqlb.policies.power_of_two import PowerOfTwoChoices
+from nfqlb.policies.round_robin import RoundRobin
+from nfqlb.policies.source_hash import SourceHash
+from nfqlb.policies.weighted_round_robin import WeightedRoundRobin
+
+BUILTINS: dict[str, PolicyFactory] = {
+    "round_robin": RoundRobin,
+    "weighted_round_robin": WeightedRoundRobin,
+    "least_conn": LeastConn,
+    "random": PowerOfTwoChoices,
+    "source_hash": SourceHash,
+    "maglev": Maglev,
+    "flow_hash": FlowHash,
+}
+
+# IPVS scheduler names -> (built-in, the defaults that make it behave like that scheduler)
+ALIASES: dict[str, tuple[str, Mapping[str, Any]]] = {
+    "rr": ("round_robin", {}),
+    "wrr": ("weighted_round_robin", {}),
+    "lc": ("least_conn", {"weighted": False}),
+    "wlc": ("least_conn", {}),
+    "sh": ("source_hash", {}),
+    "mh": ("maglev", {"fields": ["src"]}),
+}
+
+DROP = "drop"  # policy_fallback: refuse the flow
+
+
+def policy_names() -> list[str]:
+    """Built-in policies and their aliases."""
+    return sorted([*BUILTINS, *ALIASES])
+
+
+def is_builtin(spec: str) -> bool:
+    return spec in BUILTINS or spec in ALIASES
+
+
+def _factory(spec: str) -> tuple[PolicyFactory, Mapping[str, Any]]:
+    if spec in BUILTINS:
+        return BUILTINS[spec], {}
+    if spec in ALIASES:
+        name, defaults = ALIASES[spec]
+        return BUILTINS[name], defaults
+    if spec.startswith(plugins.FILE) or spec.startswith(plugins.MODULE):
+        return plugins.load(spec), {}
+    factory = plugins.entry_point(spec)
+    if factory is None:
+        installed = plugins.entry_point_names()
+        raise PolicyError(
+            f"unknown policy {spec!r} (built-in: {', '.join(policy_names())}; "
+            f"installed plugins: {', '.join(installed) or 'none'}; or \"file:PATH\", "
+            "\"module:MODULE:FACTORY\")")
+    return factory, {}
+
+
+def build_policy(spec: str, options: Mapping[str, Any] | None = None,
+                 rng: random.Random | None = None) -> Policy:
+    """The policy ``spec`` names, built with ``options`` (no backends yet).
+
+    Raises PolicyOptionError for a bad option (built-ins, and plugins that use ``Options``),
+    PolicyError for anything else, naming the plugin and the reason in one line.
+    """
+    factory, defaults = _factory(spec)
+    merged = {**defaults, **(options or {})}
+    return plugins.construct(spec, factory, merged, rng or random.Random())
+
+
+def make_policy(spec: str, backends: Sequence[Backend], options: Mapping[str, Any] | None = None,
+                rng: random.Random | None = None) -> Policy:
+    """Build the policy ``spec`` names and give it its backends."""
+    policy = build_policy(spec, options, rng)
+    plugins.call_set_backends(spec, policy, backends)
+    return policy
