@@ -19,9 +19,11 @@ from typing import BinaryIO
 
 import dpkt
 
-from nfqlb.config import Config, load_config
+from nfqlb.config import Config, Service, load_config
 from nfqlb.engine import DROP, HOLD, Engine, Verdict
-from nfqlb.errors import NfqlbError
+from nfqlb.errors import NfqlbError, PacketError, PolicyError
+from nfqlb.policies import PolicyOptionError, make_policy, resolve_spec
+from nfqlb.wire.ip import parse_ip
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = (101, 12, 14)  # LINKTYPE_RAW, and the BSD/OpenBSD DLT_RAW values
@@ -43,6 +45,69 @@ class ReplayResult:
     dropped: int = 0
     not_ip: int = 0
     held_at_end: int = 0  # fragments still waiting for their first fragment
+    whatif: WhatIf | None = None
+
+
+class WhatIf:
+    """What a policy would have sent each backend, from a capture taken under another one.
+
+    Flows are the engine's (the policy under test chose their backends). Packets and bytes
+    are those of the capture, both directions, attributed to the backend the policy chose for
+    the flow: a reply counts when it is addressed to the client (a client-side capture, or a
+    dnat/local backend-side one) from the VIP or any backend of the service, whichever backend
+    sent it in the capture. Later fragments and fullnat replies (addressed to the balancer's
+    port pool) are not attributed; ``unattributed`` counts the packets to or from a service
+    that had no flow in the table (refused, or after the flow left it).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.packets: dict[str, dict[str, list[int]]] = {}  # service -> backend -> [pk, bytes]
+        self.unattributed: dict[str, int] = {}
+        self._vips: dict[tuple[int, bytes], Service] = {}
+        self._sources: dict[tuple[int, bytes], list[Service]] = {}
+        for s in engine.config.services:
+            self.packets[s.name] = {b.name: [0, 0] for b in s.backends}
+            self.unattributed[s.name] = 0
+            vip = s.vip.packed + s.port.to_bytes(2, "big")
+            self._vips[(s.protocol, vip)] = s
+            sources = {vip} | {(b.address or s.vip).packed + b.port.to_bytes(2, "big")
+                               for b in s.backends}
+            for src in sources:
+                self._sources.setdefault((s.protocol, src), []).append(s)
+
+    def observe(self, packet: bytes) -> None:
+        """Attribute ``packet`` (as captured), after the engine has handled it."""
+        try:
+            p = parse_ip(packet)
+        except PacketError:
+            return
+        if p is None or p.proto not in (6, 17) or not p.first:
+            return
+        a, alen = (8, 16) if p.v6 else (12, 4)
+        src = packet[a:a + alen] + packet[p.off:p.off + 2]
+        dst = packet[a + alen:a + 2 * alen] + packet[p.off + 2:p.off + 4]
+        svc = self._vips.get((p.proto, dst))
+        if svc is not None:
+            self._count(svc, p.proto, src, len(packet))
+            return
+        for svc in self._sources.get((p.proto, src), ()):
+            if self._count(svc, p.proto, dst, len(packet)):
+                return
+
+    def _count(self, svc: Service, proto: int, client: bytes, n: int) -> bool:
+        vip = svc.vip.packed
+        if len(vip) + 2 != len(client):
+            return False
+        key = client[:-2] + vip + client[-2:] + svc.port.to_bytes(2, "big")
+        ent = self.engine.table.by_proto[proto].get(key)
+        if ent is None:
+            self.unattributed[svc.name] += 1
+            return False
+        c = self.packets[svc.name].setdefault(ent[0].backend.name, [0, 0])
+        c[0] += 1
+        c[1] += n
+        return True
 
 
 def _ip_offset(frame: bytes, linktype: int) -> int:
@@ -79,10 +144,15 @@ def _read(stream: BinaryIO) -> tuple[int, Iterator[tuple[float, bytes]]]:
 
 
 def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
-           seed: int = 0) -> ReplayResult:
-    """Run ``config``'s engine over the capture ``source``; write the result to ``sink``."""
+           seed: int = 0, whatif: bool = False) -> ReplayResult:
+    """Run ``config``'s engine over the capture ``source``; write the result to ``sink``.
+
+    With ``whatif``, ``result.whatif`` attributes the capture's packets to the backends the
+    configured policies chose (see WhatIf)."""
     engine = Engine(config, rng=random.Random(seed))
     result = ReplayResult(engine)
+    if whatif:
+        result.whatif = WhatIf(engine)
     linktype, frames = _read(source)
     _ip_offset(b"", linktype)  # reject unsupported link types before writing anything
     writer = dpkt.pcap.Writer(sink, snaplen=65535, linktype=linktype) if sink else None
@@ -122,6 +192,8 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
         packet = frame[off:]
         packet = packet[:_ip_length(packet)]
         verdict = engine.handle(packet, ts)
+        if result.whatif is not None:
+            result.whatif.observe(packet)
         timer = engine.get_timer()
         if verdict == HOLD:  # (a bytes verdict never equals an int)
             held[engine.last_hold_id] = frame[:off]
@@ -134,8 +206,62 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
 
 
 def _with_policy(config: Config, policy: str) -> Config:
-    services = tuple(dataclasses.replace(s, policy=policy) for s in config.services)
-    return dataclasses.replace(config, services=services)
+    """``config`` with every service balanced by ``policy`` (a relative ``file:`` path is
+    relative to the current directory). A service keeps its ``policy_options`` only when
+    ``policy`` is the one it already has; any other policy runs with its defaults."""
+    spec = resolve_spec(policy, Path.cwd())
+    services = []
+    for s in config.services:
+        options = s.policy_options if spec == s.policy else {}
+        try:
+            make_policy(spec, s.backends, options)  # fail here, clearly, not inside a run
+        except PolicyOptionError as exc:
+            raise PolicyError(f"--policy {policy}: service {s.name}: {exc}") from None
+        services.append(dataclasses.replace(s, policy=spec, policy_options=options))
+    return dataclasses.replace(config, services=tuple(services))
+
+
+def _label(policy: str) -> str:
+    return Path(policy[5:]).name if policy.startswith("file:") else policy
+
+
+def format_comparison(runs: list[tuple[str, ReplayResult]]) -> str:
+    """Per service and backend, the flows, packets and bytes of each what-if run (see WhatIf),
+    side by side."""
+    stats = []
+    for title, r in runs:
+        st = r.engine.stats()
+        assert r.whatif is not None
+        for name, svc in st["services"].items():
+            svc["unattributed"] = r.whatif.unattributed[name]
+            for b, c in svc["backends"].items():
+                c["packets"], c["bytes"] = r.whatif.packets[name].get(b, [0, 0])
+        stats.append((_label(title), st))
+    width = max(30, *(len(t) + 2 for t, _ in stats))
+
+    def cell(flows: object, packets: object, nbytes: object) -> str:
+        return f"{flows:>8}{packets:>10}{nbytes:>12}".rjust(width)
+
+    lines: list[str] = []
+    for name in stats[0][1]["services"]:
+        per_run = [st["services"][name] for _, st in stats]
+        backends = list(per_run[0]["backends"])
+        bw = max(24, *(len(b) + 2 for b in backends))
+        lines.append(f"service {name}")
+        lines.append(" " * bw + "".join(f"{t:>{width}}" for t, _ in stats))
+        lines.append(f"{'backend':<{bw}}" + cell("flows", "packets", "bytes") * len(stats))
+        for b in backends:
+            lines.append(f"{b:<{bw}}" + "".join(
+                cell(r["backends"][b]["flows"], r["backends"][b]["packets"],
+                     r["backends"][b]["bytes"]) for r in per_run))
+        for label, key, column in (("(refused flows)", "refused", 0),
+                                   ("(policy errors)", "policy_errors", 0),
+                                   ("(packets, no flow)", "unattributed", 1)):
+            values = [r.get(key, 0) for r in per_run]
+            if any(values):
+                lines.append(f"{label:<{bw}}" + "".join(
+                    cell(*[v if i == column else "" for i in range(3)]) for v in values))
+    return "\n".join(lines)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -148,19 +274,28 @@ def main(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     runs = [(p, _with_policy(config, p)) for p in policies] or [(None, config)]
+    results: list[tuple[str, ReplayResult]] = []
     for policy, cfg in runs:
         try:
             with inp.open("rb") as src:
                 if args.output:
                     with open(args.output, "wb") as dst:
-                        result = replay(cfg, src, dst)
+                        result = replay(cfg, src, dst, whatif=policy is not None)
                 else:
-                    result = replay(cfg, src, None)
+                    result = replay(cfg, src, None, whatif=policy is not None)
         except FileNotFoundError:
             print(f"nfqlb: error: {inp}: no such file", file=sys.stderr)
             return 1
         title = f"policy {policy}" if policy else str(inp)
         print(f"== {title}: {result.packets_in} packets in, {result.packets_out} out, "
               f"{result.dropped} dropped, {result.not_ip} not IP")
-        print(result.engine.format_stats())
+        if policy is None:
+            print(result.engine.format_stats())
+            continue
+        drops = result.engine.stats()["dropped"]
+        if drops:
+            print("   drops: " + ", ".join(f"{k} {v}" for k, v in drops.items()))
+        results.append((policy, result))
+    if results:
+        print(format_comparison(results))
     return 0
