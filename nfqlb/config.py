@@ -88,11 +88,11 @@ class Timeouts:
 class DaemonConfig:
     queue: int = 1
     bypass: bool = True
-    mss_clamp: int = 1460  # TCP MSS on SYNs is lowered to this (the binding caps packets at 4016 B)
+    mss_clamp: int = 1460  # TCP MSS on SYN and SYN/ACK is lowered to this (small segments on lo)
     sysctls: bool = True  # set ip_forward/accept_local as the modes need, restore on exit
     max_flows: int = 1_000_000  # per worker; at the cap the flow nearest its idle timeout goes
     max_fragments: int = 1024  # out-of-order fragments held at once
-    large_queue: int | None = None  # queue for packets over 4016 B (default: queue + 10000)
+    large_queue: int | None = None  # queue for packets over 3960 B (default: queue + 10000)
     icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
 
     @property
