@@ -113,6 +113,7 @@ class Engine:
         self.drops: dict[str, int] = {}
         self.released: list[tuple[int, Verdict]] = []
         self.last_hold_id = 0
+        self._entry_used: Entry | None = None
         self._last_log: dict[str, float] = {}
 
     def _service_state(self, svc: Service, pool: PortPool | None) -> ServiceState:
@@ -208,11 +209,22 @@ class Engine:
         if p is None:
             self.passed_unknown += 1
             return ACCEPT  # not TCP/UDP/ICMP: not balanced here
-        v6, off, proto = p.v6, p.off, p.proto
-        if proto == 1 or proto == 58:
+        if p.proto == 1 or p.proto == 58:
             return self._icmp(data, p, now)
         if not p.first:
             return self._later_fragment(data, p, now)
+        self._entry_used = None
+        verdict = self._transport(data, p, now)
+        if p.frag_key is not None:  # a first fragment: the later ones will follow it
+            ent = self._entry_used
+            self._remember_fragment(p, ent if ent is not None and isinstance(verdict, bytes)
+                                    else ACCEPT if verdict == ACCEPT else DROP, now)
+        return verdict
+
+    def _transport(self, data: bytes, p: Any, now: float) -> Verdict:
+        """A TCP/UDP packet with its transport header. A rewrite by a flow's entry records
+        the entry in ``_entry_used`` (fragments of the same datagram will need it)."""
+        v6, off, proto = p.v6, p.off, p.proto
         a, alen = (8, 16) if v6 else (12, 4)
         key = data[a:a + 2 * alen] + data[off:off + 4]
         table = self._tcp if proto == 6 else self._udp
@@ -234,8 +246,8 @@ class Engine:
                     return DROP
                 flow = ent[0]
                 flow.packets, flow.bytes = 1, len(data)
-                out = self._clamp_mss(self._rewrite(data, p, ent), off)
-                return self._first_fragment(out, p, ent, now)
+                self._entry_used = ent
+                return self._clamp_mss(self._rewrite(data, p, ent), off)
             flow, _, _, _, reply = ent
             new = TRANSITIONS.get((flow.state, tcp_event(flags, reply)))
             if new is not None and new is not flow.state:
@@ -258,7 +270,8 @@ class Engine:
         flow.last = now
         flow.packets += 1
         flow.bytes += len(data)
-        return self._first_fragment(out, p, ent, now)
+        self._entry_used = ent
+        return out
 
     def _rewrite(self, data: bytes, p: Any, ent: Entry) -> bytes:
         """Rewrite addresses and ports of any TCP/UDP packet, checksums incrementally."""
@@ -312,18 +325,25 @@ class Engine:
 
     # ---------------------------------------------------------------- fragments, ICMP
 
-    def _first_fragment(self, out: bytes, p: Any, ent: Entry, now: float) -> bytes:
-        """Remember the flow of a first fragment and release the fragments waiting for it."""
-        if p.frag_key is None:
-            return out
-        for hold_id, data in self.frags.remember(p.frag_key, ent, now):
-            self.released.append((hold_id, self._rewrite_addresses(data, p.v6, ent)))
-        return out
+    def _remember_fragment(self, p: Any, what: Entry | int, now: float) -> None:
+        """Record what became of a first fragment (the flow entry that rewrote it, or the
+        ACCEPT/DROP it got) and give the same to the fragments waiting for it."""
+        for hold_id, data in self.frags.remember(p.frag_key, what, now):
+            self.released.append((hold_id, self._follow(data, p.v6, what)))
+
+    def _follow(self, data: bytes, v6: bool, what: Entry | int) -> Verdict:
+        if isinstance(what, int):
+            if what == ACCEPT:
+                self.passed_unknown += 1
+            else:
+                self._drop("fragment_of_dropped", 0.0)
+            return what
+        return self._rewrite_addresses(data, v6, what)
 
     def _later_fragment(self, data: bytes, p: Any, now: float) -> Verdict:
-        ent = self.frags.entry_for(p.frag_key)
-        if ent is not None:
-            return self._rewrite_addresses(data, p.v6, ent)
+        what = self.frags.entry_for(p.frag_key)
+        if what is not None:
+            return self._follow(data, p.v6, what)
         hold_id = self.frags.hold(p.frag_key, data, now)
         if hold_id is None:
             return self._drop("fragment_buffer_full", now)
@@ -377,6 +397,7 @@ class Engine:
                 if ent is not None:
                     self._count("flow_adopted")
                     ent[0].packets, ent[0].bytes = 1, len(data)
+                    self._entry_used = ent
                     return self._rewrite(data, p, ent)
         return self._drop("no_flow", now)
 
@@ -402,6 +423,7 @@ class Engine:
             self._count("flow_adopted")
             rev = self.table.by_proto[p.proto][key]
             rev[0].packets, rev[0].bytes = 1, len(data)
+            self._entry_used = rev
             return self._rewrite(data, p, rev)
         self.passed_unknown += 1
         return ACCEPT

@@ -157,7 +157,8 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
     _ip_offset(b"", linktype)  # reject unsupported link types before writing anything
     writer = dpkt.pcap.Writer(sink, snaplen=65535, linktype=linktype) if sink else None
     timer = None
-    held: dict[int, bytes] = {}  # hold id -> link header of a fragment waiting for its first
+    held: dict[int, tuple[bytes, bytes]] = {}  # hold id -> (link header, packet) of a
+    # fragment waiting for its first
 
     def emit(link: bytes, verdict: Verdict, original: bytes, ts: float) -> None:
         if isinstance(verdict, bytes):
@@ -173,7 +174,8 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
 
     def flush_released(ts: float) -> None:
         for hold_id, verdict in engine.released:
-            emit(held.pop(hold_id), verdict, b"", ts)
+            link, packet = held.pop(hold_id)
+            emit(link, verdict, packet, ts)
         engine.released.clear()
 
     for ts, frame in frames:
@@ -196,7 +198,7 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
             result.whatif.observe(packet)
         timer = engine.get_timer()
         if verdict == HOLD:  # (a bytes verdict never equals an int)
-            held[engine.last_hold_id] = frame[:off]
+            held[engine.last_hold_id] = (frame[:off], packet)
         else:
             emit(frame[:off], verdict, packet, ts)
         if engine.released:

@@ -64,7 +64,10 @@ _ICMP6 = {"icmp": "ipv6-icmp", "icmp_type": "--icmpv6-type", "unreachable": "1",
           "too_big": "2", "time_exceeded": "3", "parameter_problem": "4", "echo": "128"}
 
 FAMILIES: Mapping[int, Family] = {
-    4: Family(4, "iptables", "iptables-restore", "iptables-save", 32, "-f", _ICMP4),
+    # IPv4: "-f" would match only the later fragments; this matches the first one too (MF set
+    # or an offset), so nfqlb also learns of datagrams to a VIP that are not balanced
+    4: Family(4, "iptables", "iptables-restore", "iptables-save", 32,
+              '-m u32 --u32 "0x4&0x3fff=0x1:0x3fff"', _ICMP4),
     6: Family(6, "ip6tables", "ip6tables-restore", "ip6tables-save", 128, "-m frag", _ICMP6),
 }
 

@@ -62,3 +62,18 @@ def test_fragmented_udp_through_the_vip(mode: str, family: int, conntrack: bool)
             assert int(large.group(1)) >= 2 and rewritten == packets, daemon.report()
         else:  # fragments: each one of them rewritten, none large
             assert int(large.group(1)) == 0 and rewritten >= 2 * (3 + 6) - 2, daemon.report()
+
+
+def test_fragmented_udp_to_another_port_of_the_vip_passes() -> None:
+    """Fragments to the VIP are all queued (the rules cannot see their port), but a datagram
+    to a port nfqlb does not balance must reach the balancer's own server whole."""
+    with Lab(1, backend_default_route=True, vip_on_lo=True, lb_servers=True) as lab:
+        # the service is VIP:53 -> backend; the lb's own UDP server listens on VIP:5353
+        with lab.nfqlb(lab.service("dnat", protocol="udp", port=53)) as daemon:
+            sent = [payload(8000, 1), payload(3000, 2)]
+            replies = lab.udp_exchange(lab.client, VIP, UDP_PORT, sent, timeout=3.0)
+            for data, reply in zip(sent, replies, strict=True):
+                assert reply is not None, f"no answer to {len(data)} bytes\n{daemon.report()}"
+                assert reply.label == "lb-local" and reply.payload == data
+        assert daemon.stop() == 0, daemon.report()
+        assert "fragment_timeout" not in daemon.stdout, daemon.report()

@@ -43,6 +43,7 @@ QUEUE_CHAIN = ["-A NFQLB-Q-1 -j CT --notrack",
                "-A NFQLB-Q-1 -m length --length 3961:65535 -j NFQUEUE --queue-num 10001 "
                "--queue-bypass",
                "-A NFQLB-Q-1 -j NFQUEUE --queue-num 1 --queue-bypass"]
+FRAG4 = '-m u32 --u32 "0x4&0x3fff=0x1:0x3fff"'
 ICMP4 = [f"-A NFQLB-{chain}-1 -p icmp --icmp-type {t} -g NFQLB-Q-1"
          for chain in ("PRE", "OUT") for t in (3, 11, 12)]
 QUEUE_CHAIN += ICMP4
@@ -61,13 +62,13 @@ def test_fullnat_forward_in_both_chains_and_replies_from_each_backend_to_the_poo
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.10/32 -d 198.18.1.1/32 -p tcp --sport 8080 "
         "--dport 20000:29999 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -s 198.18.1.10/32 -d 198.18.1.1/32 -p tcp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.10/32 -d 198.18.1.1/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.11/32 -d 198.18.1.1/32 -p tcp --sport 8081 "
         "--dport 20000:29999 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -s 198.18.1.11/32 -d 198.18.1.1/32 -p tcp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.11/32 -d 198.18.1.1/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
     ]
     assert rs.jumps == JUMPS
     assert "# service web: 198.18.0.10:80/tcp fullnat, 2 backends" in rs.body
@@ -78,11 +79,11 @@ def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> Non
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp " + FRAG4 + " -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.20/32 -p udp --sport 53 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -s 198.18.1.20/32 -p udp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.20/32 -p udp " + FRAG4 + " -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp --sport 5353 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp " + FRAG4 + " -g NFQLB-Q-1",
     ]
 
 
@@ -91,7 +92,7 @@ def test_local_replies_leave_through_output_with_source_only_when_given() -> Non
     assert list(rs.rules) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
-        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp -f -g NFQLB-Q-1",
+        "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -p tcp --sport 8443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -s 198.18.0.10/32 -p tcp --sport 9443 -g NFQLB-Q-1",
     ]
@@ -301,8 +302,9 @@ def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path
     assert "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p tcp -m frag -g NFQLB-Q-1" in v6_rules
     assert sum("-j DROP" in r for r in v6_rules) == 2
     for rule in rules.render(make_config(FULLNAT, DNAT, LOCAL, icmp_echo="drop"))[0].rules:
-        # iptables-save adds the implicit "-m tcp"/"-m udp"/"-m icmp" after "-p" (not for -f)
-        shown = rule if " -f " in rule else (
+        # iptables-save adds the implicit "-m tcp"/"-m udp"/"-m icmp" after "-p" when a
+        # match of that protocol's own is used
+        shown = rule if "port" not in rule and "icmp-type" not in rule else (
             rule.replace("-p tcp", "-p tcp -m tcp").replace("-p udp", "-p udp -m udp")
             .replace("-p icmp", "-p icmp -m icmp"))
         assert shown in once.splitlines()
