@@ -305,8 +305,8 @@ class Engine:
     def _clamp_mss(self, out: bytes, off: int) -> bytes:
         """Lower the MSS option of a SYN to ``mss_clamp``.
 
-        The queue binding carries packets of at most 4016 bytes; on loopback (MTU 64 KiB) a
-        flow would otherwise send segments that never reach us.
+        On loopback (MTU 64 KiB) a flow would otherwise send segments of up to 64 KiB, which
+        the NetfilterQueue binding cannot carry: they would all take the large-packet queue.
         """
         pos = tcp_mss_offset(out, off)
         if pos < 0:
