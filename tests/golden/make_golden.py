@@ -63,11 +63,13 @@ class Case:
     link: str  # "raw" or "ether"
     backend_port: int = 8080
     family: int = 4
-    kind: str = "conversation"  # conversation | frag | zero_checksum | unknown
+    kind: str = "conversation"  # conversation | frag | zero_checksum | unknown | bounded
     out_of_order: bool = False  # frag: later fragments before the first
     unknown_flow: str | None = None  # written to the config when set
     policy: str | None = None  # written to the config when set
     backend_names: tuple[str, ...] = field(default=())  # written to the config when set
+    pool: int = 100  # fullnat: ports in snat_ports
+    daemon: str = ""  # lines of a [daemon] table, when set
 
 
 CASES = [
@@ -98,6 +100,10 @@ CASES = [
            policy="flow_hash" if how == "hash" else None,
            backend_names=("b1", "b2") if how == "hash" else ())
       for how in ("reset", "drop", "hash") for fam in (4, 6)],
+    # bounded state: a fullnat pool of two ports; a table of two flows
+    Case("fullnat_udp_pool_exhausted", "fullnat", "udp", "raw", kind="bounded", pool=2),
+    Case("dnat_tcp_max_flows", "dnat", "tcp", "ether", kind="bounded",
+         daemon="max_flows = 2"),
 ]
 
 
@@ -119,7 +125,8 @@ def config_text(case: Case) -> str:
     if case.unknown_flow is not None:
         lines += [f'unknown_flow = "{case.unknown_flow}"']
     if case.mode == "fullnat":
-        lines += [f'snat_address = "{snat}"', f'snat_ports = "{POOL_LO}-{POOL_LO + 99}"']
+        lines += [f'snat_address = "{snat}"',
+                  f'snat_ports = "{POOL_LO}-{POOL_LO + case.pool - 1}"']
     for i, b in enumerate(backends):
         lines += ["  [[service.backend]]"]
         if case.backend_names:
@@ -128,6 +135,8 @@ def config_text(case: Case) -> str:
             lines += [f'  address = "{b}"']
         port = case.backend_port if case.mode != "local" else 8080 + i
         lines += [f"  port = {port}"]
+    if case.daemon:
+        lines += ["[daemon]", case.daemon]
     return "\n".join(lines) + "\n"
 
 
@@ -359,12 +368,43 @@ def unknown(case: Case, script: Script) -> None:
         script.step(stray, stray)
 
 
+def bounded(case: Case, script: Script) -> None:
+    """At the limit: new flows refused (pool) or the oldest flow evicted (table); the flows
+    that stay are rewritten as before."""
+    if case.mode == "fullnat":  # two pool ports, three clients
+        for flow in range(2):
+            c, v, s, b = _ends(case, flow)
+            script.step(_ip(case, c[0], v[0], 1) / _l4(case, c[1], v[1], "", b"q"),
+                        _ip(case, s[0], b[0], 1) / _l4(case, s[1], b[1], "", b"q"))
+        c, v, _, _ = _ends(case, 2, 0)
+        script.drop(_ip(case, c[0], v[0], 1) / _l4(case, c[1], v[1], "", b"refused"))
+        for flow in range(2):  # the two flows that have ports carry on, both ways
+            c, v, s, b = _ends(case, flow)
+            script.step(_ip(case, b[0], s[0], 2) / _l4(case, b[1], s[1], "", b"answer"),
+                        _ip(case, v[0], c[0], 2) / _l4(case, v[1], c[1], "", b"answer"))
+        script.flows = [1, 1]
+        return
+    # max_flows = 2: the third SYN evicts the flow nearest its idle timeout (all three are
+    # half-open, so the oldest); that flow's next packet is then unknown (a RST answers it)
+    for flow in range(3):
+        c, v, s, b = _ends(case, flow, flow % 2)
+        script.step(_tcp(case, c, v, "S", 1000, 0), _tcp(case, s, b, "S", 1000, 0))
+    c, v, _, _ = _ends(case, 0)
+    late = _tcp(case, c, v, "A", 1001, 2001)
+    script.step(late, _rst(case, late))
+    c, v, s, b = _ends(case, 1, 1)
+    script.step(_tcp(case, c, v, "A", 1001, 2001), _tcp(case, s, b, "A", 1001, 2001))
+    script.flows = [2, 1]
+
+
 def script_of(case: Case) -> Script:
     script = Script()
     if case.kind in ("conversation", "zero_checksum"):
         conversation(case, script)
     elif case.kind == "frag":
         fragmented(case, script)
+    elif case.kind == "bounded":
+        bounded(case, script)
     else:
         unknown(case, script)
     return script
