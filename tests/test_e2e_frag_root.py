@@ -77,3 +77,42 @@ def test_fragmented_udp_to_another_port_of_the_vip_passes() -> None:
                 assert reply.label == "lb-local" and reply.payload == data
         assert daemon.stop() == 0, daemon.report()
         assert "fragment_timeout" not in daemon.stdout, daemon.report()
+
+
+_REVERSED_SENDER = r"""
+import socket, sys
+from scapy.layers.inet import IP, UDP, fragment
+from scapy.sendrecv import send
+src, dst, port, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind((src, 0))
+rx.settimeout(3.0)
+data = bytes((i * 13) & 0xFF for i in range(size))
+dgram = IP(src=src, dst=dst, id=4242) / UDP(sport=rx.getsockname()[1], dport=port) / data
+frags = fragment(IP(bytes(dgram)), fragsize=1480)
+send(frags[::-1], verbose=False)  # the last fragment first, the first one last
+reply, peer = rx.recvfrom(65535)
+label, _, body = reply.partition(b":")
+print(len(frags), peer[0], peer[1], label.decode(), body == data)
+"""
+
+
+@pytest.mark.parametrize("mode", ["dnat", "fullnat"])
+def test_fragments_in_reverse_order_are_held_and_released(mode: str) -> None:
+    """The later fragments reach nfqlb before the first: the daemon holds them, and gives
+    them their verdict when the first one comes (through both queue adapters' late path)."""
+    import sys
+
+    from lab import CLIENT_ADDR
+
+    with Lab(2, backend_default_route=mode == "dnat") as lab:
+        with lab.nfqlb(lab.service(mode, protocol="udp")) as daemon:
+            proc = lab.exec(lab.client, [sys.executable, "-c", _REVERSED_SENDER, CLIENT_ADDR,
+                                         VIP, str(UDP_PORT), "6000"], timeout=20)
+            nfrags, peer, port, label, same = proc.stdout.decode().split()
+            assert int(nfrags) == 5 and (peer, int(port)) == (VIP, UDP_PORT)
+            assert label.startswith("backend-") and same == "True", proc.stdout
+        assert daemon.stop() == 0, daemon.report()
+        held = re.search(r"fragment_held (\d+)", daemon.stdout)
+        assert held and int(held.group(1)) == 4, daemon.report()
+        assert "fragment_timeout" not in daemon.stdout, daemon.report()
