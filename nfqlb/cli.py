@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, NoReturn
 
 from nfqlb import __version__
 from nfqlb.config import Config, find_config, load_config
-from nfqlb.engine import check_supported
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
 
 if TYPE_CHECKING:
@@ -132,9 +131,7 @@ def _positive_seconds(text: str) -> float:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    config = load_config(find_config(args.config))
-    check_supported(config)
-    return config
+    return load_config(find_config(args.config))
 
 
 def _need_root(what: str) -> None:

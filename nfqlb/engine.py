@@ -69,14 +69,9 @@ class ServiceState:
     backend_set: frozenset[Backend] = frozenset()  # what choose may return
 
 
-def check_supported(config: Config) -> None:
-    """Refuse what the configuration allows but this engine cannot carry (nothing today)."""
-
-
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
                  log: logging.Logger | None = None) -> None:
-        check_supported(config)
         self.config = config
         self.log = log or logging.getLogger("nfqlb.engine")
         self.rng = rng or random.Random(0)

@@ -20,9 +20,9 @@
     or from a router, quoting drawn lengths: translated exactly as scapy builds the error about
     the original packet; then mutated: nothing raises, and any ICMP/ICMPv6 message returned has
     a right checksum.
-(d) Engine bugs these found, pinned as strict xfails until the engine is fixed: fragments of a
-    datagram that is not balanced are held and dropped; a quote that ends inside the quoted TCP
-    checksum keeps half of the checksum as nfqlb emitted it.
+(d) Engine bugs these found: fragments of a datagram that is not balanced were held and
+    dropped (fixed; now a regression test); a quote that ends inside the quoted TCP checksum
+    keeps half of the checksum as nfqlb emitted it (a strict xfail).
 """
 
 from __future__ import annotations

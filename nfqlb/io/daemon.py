@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -53,28 +52,17 @@ class Adapter(Protocol):
     def format_stats(self) -> str: ...
 
 
-class Server:
-    """The event loop around one engine and its bound queues (the first one's clock rules)."""
+class HeldPackets:
+    """Packets the engine holds (fragments before their first), whichever queue they came
+    from: hold id -> how to give that packet its verdict later."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine,
-                 adapters: Sequence[Adapter], log: logging.Logger,
-                 stats_interval: float | None = None) -> None:
-        self.loop = loop
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.adapters = tuple(adapters)
-        self.clock = adapters[0].clock if adapters else time.monotonic
-        self.log = log
-        self.stats_interval = stats_interval
-        self.crash: BaseException | None = None
-        self.timer_errors = 0
-        self._timer: asyncio.TimerHandle | None = None
-        self._timer_deadline = float("inf")  # engine clock (self.clock)
-        # packets the engine holds (fragments before their first): hold id -> give verdict
-        self.held: dict[int, Callable[[bytes | int], None]] = {}
+        self._give: dict[int, Callable[[bytes | int], None]] = {}
 
     def on_hold(self, give_verdict: Callable[[bytes | int], None]) -> None:
         """An adapter's packet got HOLD: remember how to give it its verdict later."""
-        self.held[self.engine.last_hold_id] = give_verdict
+        self._give[self.engine.last_hold_id] = give_verdict
 
     def release(self) -> None:
         """Give the verdicts the engine decided for held packets."""
@@ -82,10 +70,38 @@ class Server:
         if not released:
             return
         for hold_id, verdict in released:
-            give = self.held.pop(hold_id, None)
+            give = self._give.pop(hold_id, None)
             if give is not None:
                 give(verdict)
         released.clear()
+
+    def drop_all(self, log: logging.Logger) -> None:
+        """At the end: the fragments whose first never came are dropped."""
+        for give in self._give.values():
+            try:
+                give(DROP)
+            except Exception as exc:
+                log.debug("dropping a held packet failed: %r", exc)
+        self._give.clear()
+
+
+class Server:
+    """The event loop around one engine and its bound queues (the first one's clock rules)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, engine: Engine,
+                 adapters: Sequence[Adapter], held: HeldPackets, log: logging.Logger,
+                 stats_interval: float | None = None) -> None:
+        self.loop = loop
+        self.engine = engine
+        self.adapters = tuple(adapters)
+        self.held = held
+        self.clock = adapters[0].clock
+        self.log = log
+        self.stats_interval = stats_interval
+        self.crash: BaseException | None = None
+        self.timer_errors = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_deadline = float("inf")  # engine clock (self.clock)
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -119,7 +135,7 @@ class Server:
     def _on_readable(self, adapter: Adapter) -> None:
         try:
             adapter.on_readable()
-            self.release()
+            self.held.release()
         except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
             self.crash = exc
             self.loop.stop()
@@ -142,7 +158,7 @@ class Server:
         now = self.clock()
         try:
             self.engine.handle_timer(now)
-            self.release()
+            self.held.release()
         except Exception as exc:
             self.timer_errors += 1
             if self.timer_errors == 1 or self.timer_errors % 100 == 0:
@@ -187,15 +203,14 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     rulesets = rules.render(config, q)
     tools = iptables.tools_for(rs.family.version for rs in rulesets)
     engine = Engine(config, log=log.getChild("engine"))
-    loop = _new_loop()
-    server = Server(loop, engine, [], log, stats_interval)
-    server.adapters = (
-        QueueAdapter(engine.handle, q, log, on_hold=server.on_hold),
-        NetlinkQueueAdapter(engine.handle, large, log, on_hold=server.on_hold,
+    held = HeldPackets(engine)
+    adapters: list[Adapter] = [
+        QueueAdapter(engine.handle, q, log, on_hold=held.on_hold),
+        NetlinkQueueAdapter(engine.handle, large, log, on_hold=held.on_hold,
                             purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
-    )
-    server.clock = server.adapters[0].clock
-    adapters: list[Adapter] = list(server.adapters)
+    ]
+    loop = _new_loop()
+    server = Server(loop, engine, adapters, held, log, stats_interval)
     clean = True
     bound: list[Adapter] = []
     try:
@@ -245,12 +260,7 @@ def _serve_bound(config: Config, queue: int, large: int,
                     adapter.drain()
                 except Exception as exc:
                     log.debug("draining the queue failed: %r", exc)
-            for give in server.held.values():  # fragments whose first never came
-                try:
-                    give(DROP)
-                except Exception as exc:
-                    log.debug("dropping a held packet failed: %r", exc)
-            server.held.clear()
+            server.held.drop_all(log)
     finally:
         clean = sysctls.restore() and clean
     return clean
