@@ -2,7 +2,8 @@
 
 Inputs are built with scapy; expected outputs are built with scapy too, from the input with
 the rewritten fields set and the checksums deleted, so scapy recomputes them from scratch.
-Nothing here uses nfqlb's own checksum code.
+Nothing here uses nfqlb's own checksum code. ``run_fixtures`` drives a fixture table
+(description, input packet, expected verdict or field changes) through an engine.
 """
 
 from __future__ import annotations
@@ -134,6 +135,25 @@ def scapy_recomputed(out: bytes) -> bytes:
     if l4 is not None and not (isinstance(l4, UDP) and l4.chksum == 0):
         del l4.chksum
     return bytes(pkt)
+
+
+Fixture = tuple[str, bytes, Any]  # description, input packet, ACCEPT | DROP | field changes
+
+
+def run_fixtures(eng, fixtures: list[Fixture], now: float = 0.0) -> None:  # type: ignore[no-untyped-def]
+    """Each input through ``eng`` in turn: the expected verdict, or exactly
+    ``rewritten(input, **changes)`` with right checksums."""
+    for desc, data, want in fixtures:
+        expected = rewritten(data, **want) if isinstance(want, dict) else want
+        got = eng.handle(data, now)
+        if isinstance(expected, bytes):
+            assert isinstance(got, bytes), f"{desc}: verdict {got}, not rewritten"
+            assert IP(got).show2(dump=True) == IP(expected).show2(dump=True), desc
+            assert got == expected, desc
+            assert checksums_ok(got), desc
+        else:
+            assert got == expected, desc
+    assert "internal_error" not in eng.drops
 
 
 class Conversation:

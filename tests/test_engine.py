@@ -3,11 +3,16 @@
 Expected packets are the input rebuilt by scapy with the rewritten fields set and every
 checksum deleted, so scapy recomputes them; outputs must match byte for byte. The expected
 addresses and ports are written here from the mode definitions, never taken from the engine.
+
+IPv4 conversations in every mode, round robin, UDP checksums, MSS clamping, reply keys shared
+by two services, expiry, counters, a failing policy and malformed input. Other engine concerns
+have their own files: ``test_ipv6``, ``test_fragments``, ``test_unknown_flow``,
+``test_bounded_state`` (flow cap, fullnat pool), ``test_icmp``/``test_icmp_props``, and the
+IPv4 property tests ``test_engine_props``.
 """
 
 from __future__ import annotations
 
-import random
 import struct
 from typing import Any
 
@@ -20,9 +25,11 @@ from helpers import (
     SNAT,
     VIP,
     Conversation,
+    Fixture,
     checksums_ok,
     engine,
     rewritten,
+    run_fixtures,
     service,
     tcp,
     udp,
@@ -50,9 +57,6 @@ def backend_side(mode: str, i: int, k: int, sport: int) -> tuple[str, int, str, 
     if mode == "dnat":
         return CLIENT, sport, (B1, B2)[i], 8080
     return SNAT, 20000 + k, (B1, B2)[i], 8080
-
-
-Fixture = tuple[str, bytes, Any]  # description, input packet, ACCEPT | DROP | field changes
 
 
 def to_backend(mode: str, i: int, k: int, sport: int) -> dict[str, Any]:
@@ -137,20 +141,6 @@ def udp_fixtures(mode: str) -> list[Fixture]:
         ("not to a VIP: accepted unchanged", udp(c, OTHER, 5000, 53), ACCEPT),
         ("TCP to a UDP service: accepted unchanged", tcp(c, VIP, 5000, 53, "S"), ACCEPT),
     ]
-
-
-def run_fixtures(eng, fixtures: list[Fixture], now: float = 0.0) -> None:  # type: ignore[no-untyped-def]
-    for desc, data, want in fixtures:
-        expected = rewritten(data, **want) if isinstance(want, dict) else want
-        got = eng.handle(data, now)
-        if isinstance(expected, bytes):
-            assert isinstance(got, bytes), f"{desc}: verdict {got}, not rewritten"
-            assert IP(got).show2(dump=True) == IP(expected).show2(dump=True), desc
-            assert got == expected, desc
-            assert checksums_ok(got), desc
-        else:
-            assert got == expected, desc
-    assert "internal_error" not in eng.drops
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -319,82 +309,7 @@ def test_mss_clamp_configurable() -> None:
     assert isinstance(out, bytes) and _mss(out) == 1200 and checksums_ok(out)
 
 
-# ---------------------------------------------------------------- fullnat port pool
-
-def _fullnat(ports: str = "20000-20002", **kw: Any):  # type: ignore[no-untyped-def]
-    return engine(service("fullnat", snat_ports=ports), **kw)
-
-
-def test_pool_exhaustion_and_reuse_after_expiry() -> None:
-    eng = _fullnat(timeouts={"syn": 5.0, "tcp": 50.0})
-    convs = [Conversation(eng, sport=40000 + i) for i in range(4)]
-    ports = []
-    for i, c in enumerate(convs[:3]):
-        out = c.client("S", now=float(i))
-        assert isinstance(out, bytes)
-        ports.append(IP(out)[TCP].sport)
-    assert ports == [20000, 20001, 20002]
-    convs[1].server("SA", now=3.0)
-    convs[1].client("A", now=3.0)  # established: 50 s
-    assert convs[3].client("S", now=4.0) == DROP
-    assert eng.drops == {"snat_exhausted": 1}
-    assert eng.stats()["services"]["fullnat-tcp"]["refused"] == 1
-    # existing flows still rewritten, both ways
-    run_fixtures(eng, [
-        ("flow 0 still rewritten", tcp(CLIENT, VIP, 40000, 80, "S"),
-         {"src": SNAT, "sport": 20000, "dst": B1, "dport": 8080}),
-        ("flow 1 reply still rewritten", tcp(B2, SNAT, 8080, 20001, "PA", b"x"),
-         {"src": VIP, "sport": 80, "dst": CLIENT, "dport": 40001}),
-    ], now=4.0)
-    eng.handle_timer(4.5)
-    assert convs[3].client("S", now=4.5) == DROP  # nothing has expired yet
-    eng.handle_timer(9.0)  # flow 0 (last used at 4.0) lives to 9.0; flow 2 died at 7.0
-    assert eng.stats()["flows_active"] == 1
-    out = convs[3].client("S", now=9.0)
-    assert isinstance(out, bytes)
-    assert IP(out)[TCP].sport in (20000, 20002)  # a freed port, never flow 1's 20001
-
-
-def test_pool_ports_unique_among_live_flows() -> None:
-    rng = random.Random(7)
-    eng = _fullnat("20000-20004", timeouts={"syn": 3.0, "tcp_close": 1.0})
-    owner: dict[int, int] = {}  # snat port -> client port holding it
-    now, next_sport, exhausted = 0.0, 30000, 0
-    for _ in range(300):
-        now += rng.choice([0.0, 0.1, 0.5, 2.0])
-        eng.handle_timer(now)
-        live = {f.snat_port: f for f in eng.table.flows()}
-        assert len(live) == eng.table.active  # unique among live flows
-        for port in list(owner):
-            if port not in live:
-                del owner[port]
-        if rng.random() < 0.2 and live:
-            port = rng.choice(sorted(live))
-            eng.handle(tcp(B1 if live[port].backend.name == "b1" else B2, SNAT, 8080, port, "R"),
-                       now)
-            continue
-        out = eng.handle(tcp(CLIENT, VIP, next_sport, 80, "S"), now)
-        if len(live) == 5:
-            assert out == DROP
-            exhausted += 1
-        else:
-            assert isinstance(out, bytes)
-            port = IP(out)[TCP].sport
-            assert 20000 <= port <= 20004 and port not in live and port not in owner
-            owner[port] = next_sport
-        next_sport += 1
-    assert exhausted and eng.drops["snat_exhausted"] == exhausted
-
-
-def test_shared_pool_between_services() -> None:
-    eng = engine(service("fullnat", snat_ports="20000-20001"),
-                 service("fullnat", name="other", port=81, snat_ports="20000-20001"))
-    a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
-    b = eng.handle(tcp(CLIENT, VIP, 40000, 81, "S"), 0.0)
-    assert {IP(a)[TCP].sport, IP(b)[TCP].sport} == {20000, 20001}  # type: ignore[arg-type]
-    assert eng.handle(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0) == DROP
-    assert eng.handle(tcp(CLIENT, VIP, 40001, 81, "S"), 0.0) == DROP
-
+# ---------------------------------------------------------------- two services, one reply key
 
 def test_reply_collision_is_refused() -> None:
     """Two dnat services on one backend: the same client port would share one reply key."""

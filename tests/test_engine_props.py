@@ -16,6 +16,7 @@ import struct
 from functools import lru_cache
 from typing import Any
 
+from dual_stack import MODES, backend_side
 from helpers import (
     B1,
     B2,
@@ -30,9 +31,10 @@ from helpers import (
     tcp,
     udp,
 )
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, UDP, IPOption_NOP, IPOption_Router_Alert, IPOption_RR
+from strategies import PROPS, TCP_FLAGS, apply_mutations, mutation, ports, tcp_options
 
 import nfqlb.engine
 from nfqlb.engine import ACCEPT, DROP
@@ -40,10 +42,7 @@ from nfqlb.engine import ACCEPT, DROP
 #: The verdicts that are not bytes; HOLD (fragments kept for later) where the engine has it.
 VERDICTS = {ACCEPT, DROP} | ({nfqlb.engine.HOLD} if hasattr(nfqlb.engine, "HOLD") else set())
 
-MODES = ["local", "dnat", "fullnat"]
 SPECIAL = {VIP, B1, B2, SNAT}
-PROPS = settings(deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 # ---------------------------------------------------------------- (a) arbitrary bytes
@@ -135,29 +134,6 @@ def _client_address(i: int) -> str:
 
 
 clients = st.integers(1, 2**17 - 2).map(_client_address).filter(lambda a: a not in SPECIAL)
-ports = st.integers(1, 65535)
-
-tcp_option = st.one_of(
-    st.tuples(st.just("NOP"), st.none()),
-    st.tuples(st.just("WScale"), st.integers(0, 14)),
-    st.tuples(st.just("SAckOK"), st.just(b"")),
-    st.tuples(st.just("Timestamp"), st.tuples(st.integers(0, 2**32 - 1),
-                                               st.integers(0, 2**32 - 1))),
-    st.tuples(st.just("SAck"), st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))),
-)
-_OPT_LEN = {"NOP": 1, "WScale": 3, "SAckOK": 2, "Timestamp": 10, "SAck": 10, "MSS": 4}
-
-
-@st.composite
-def tcp_options(draw: st.DrawFn) -> list[tuple[str, Any]]:
-    opts = draw(st.lists(tcp_option, max_size=5))
-    if draw(st.booleans()):
-        opts.insert(draw(st.integers(0, len(opts))), ("MSS", draw(st.integers(0, 65535))))
-    while sum(_OPT_LEN[o[0]] for o in opts) > 40:
-        opts.pop()
-    return opts
-
-
 ip_options = st.one_of(
     st.just([]),
     st.just([IPOption_Router_Alert()]),
@@ -166,18 +142,6 @@ ip_options = st.one_of(
     st.just([IPOption_NOP(), IPOption_NOP(), IPOption_NOP(), IPOption_NOP()]),
 )
 
-TCP_FLAGS = ["A", "PA", "FA", "R", "RA", "S", "SA", "UA", "PAU", "AE", "AC", "FPA", ""]
-
-
-def backend_side(mode: str, client: str, sport: int) -> tuple[str, int, str, int]:
-    """(src, sport, dst, dport) of the client's packets as backend b1 gets them (first flow)."""
-    if mode == "local":
-        return client, sport, VIP, 8080
-    if mode == "dnat":
-        return client, sport, B1, 8080
-    return SNAT, 20000, B1, 8080
-
-
 @st.composite
 def established_packet(draw: st.DrawFn) -> tuple[str, str, str, int, bool, bytes, dict[str, Any]]:
     """(mode, proto, client, sport, from_client, packet, expected field changes)."""
@@ -185,7 +149,7 @@ def established_packet(draw: st.DrawFn) -> tuple[str, str, str, int, bool, bytes
     proto = draw(st.sampled_from(["tcp", "udp"]))
     client, sport = draw(clients), draw(ports)
     vport = 80 if proto == "tcp" else 53
-    bsrc, bsport, bdst, bdport = backend_side(mode, client, sport)
+    bsrc, bsport, bdst, bdport = backend_side(mode, 4, client, sport)
     from_client = draw(st.booleans())
     if from_client:
         src, dst, sp, dp = client, VIP, sport, vport
@@ -216,7 +180,7 @@ def established_packet(draw: st.DrawFn) -> tuple[str, str, str, int, bool, bytes
 def _engine_with_flow(mode: str, proto: str, client: str, sport: int):  # type: ignore[no-untyped-def]
     eng = engine(service(mode, proto))
     vport = 80 if proto == "tcp" else 53
-    bsrc, bsport, bdst, bdport = backend_side(mode, client, sport)
+    bsrc, bsport, bdst, bdport = backend_side(mode, 4, client, sport)
     if proto == "tcp":
         steps = [tcp(client, VIP, sport, vport, "S"), tcp(bdst, bsrc, bdport, bsport, "SA"),
                  tcp(client, VIP, sport, vport, "A")]
@@ -227,22 +191,8 @@ def _engine_with_flow(mode: str, proto: str, client: str, sport: int):  # type: 
     return eng
 
 
-mutation = st.one_of(
-    st.tuples(st.just("flip"), st.integers(0, 2000), st.integers(1, 255)),
-    st.tuples(st.just("cut"), st.integers(0, 2000), st.just(0)),
-    st.tuples(st.just("extend"), st.integers(1, 64), st.integers(0, 255)),
-)
-
-
 def _mutate(data: bytes, muts: list[tuple[str, int, int]], fix_len: bool, fix_sum: bool) -> bytes:
-    b = bytearray(data)
-    for kind, a, v in muts:
-        if kind == "flip" and b:
-            b[a % len(b)] ^= v
-        elif kind == "cut":
-            del b[a % (len(b) + 1):]
-        elif kind == "extend":
-            b += bytes([v]) * a
+    b = apply_mutations(data, muts)
     if fix_len and len(b) >= 4:
         b[2:4] = struct.pack("!H", len(b) & 0xFFFF)
     out = bytes(b)
