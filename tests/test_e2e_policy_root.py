@@ -1,6 +1,6 @@
 """End to end: a policy plugin script chooses the backends of real curl traffic.
 
-The lab (tests/lab.py) runs nginx in three backend namespaces, each answering ``/`` with its
+The lab (tests/lab/) runs nginx in three backend namespaces, each answering ``/`` with its
 label; ``python -m nfqlb run`` in the balancer namespace loads ``policies/*.py`` relative to
 its configuration file, as an operator's deployment would.
 """

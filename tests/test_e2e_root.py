@@ -1,7 +1,7 @@
 """End to end through the kernel: real curl and a real UDP client in a client namespace, nginx
 and UDP servers in backend namespaces, ``python -m nfqlb run`` in the balancer namespace.
 
-The lab (``tests/lab.py``) builds client 198.18.0.2 -> lb 198.18.0.1 | 198.18.1.1 -> backends
+The lab (``tests/lab/``) builds client 198.18.0.2 -> lb 198.18.0.1 | 198.18.1.1 -> backends
 198.18.1.2, .3, .4 and the VIP 198.18.100.1. Every test builds its own lab and tears it down.
 The first tests check the lab itself with the kernel's own NAT, so a failure further down is
 about nfqlb, not about the lab.

@@ -1,7 +1,7 @@
 """End to end over IPv6: real curl and a real UDP client through the IPv6 VIP, nfqlb in the
 balancer namespace, nginx and UDP servers in the backends.
 
-The lab (``tests/lab.py``) is dual-stack: client 2001:db8::2 -> lb 2001:db8::1 | 2001:db8:1::1
+The lab (``tests/lab/``) is dual-stack: client 2001:db8::2 -> lb 2001:db8::1 | 2001:db8:1::1
 -> backends 2001:db8:1::2, ::3 and the VIP 2001:db8:100::1, routed to the balancer. The lab
 sets no IPv6 forwarding on the balancer: nfqlb sets ``net.ipv6.conf.all.forwarding`` itself,
 which the first test checks too. Every test builds its own lab and tears it down.

@@ -2,7 +2,7 @@
 discovery through the balancer, ICMP echo to the VIP, and TCP connections that outlive an
 nfqlb restart.
 
-Same lab as ``test_e2e_root.py`` (``tests/lab.py``): client 198.18.0.2 / 2001:db8::2 -> lb
+Same lab as ``test_e2e_root.py`` (``tests/lab/``): client 198.18.0.2 / 2001:db8::2 -> lb
 -> backends 198.18.1.x / 2001:db8:1::x, VIPs 198.18.100.1 and 2001:db8:100::1. Every test
 builds its own lab and tears it down; every traffic loop is bounded in count and time.
 """
