@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from nfqlb import __version__
@@ -216,14 +217,37 @@ def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
 
 def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
     try:
-        from nfqlb.replay import main as replay_main
+        import nfqlb.replay as replay
     except ImportError as exc:
         if exc.name == "nfqlb.replay":
             raise SystemSetupError("replay is not available in this installation "
                                    "(nfqlb.replay is missing)") from None
         raise SystemSetupError(f"replay cannot start: {exc}") from None
-    args.config = str(find_config(args.config))
-    return int(replay_main(args))
+    config = _load(args)
+    policies = list(args.policy or [])
+    if len(policies) > 1 and args.output:
+        raise UsageError("-o takes one policy; compare policies without -o")
+    capture = Path(args.input)
+    try:
+        runs = replay.compare(config, capture, policies,
+                              Path(args.output) if args.output else None)
+    except FileNotFoundError as exc:
+        raise SystemSetupError(f"{exc.filename}: no such file") from None
+    compared: list[tuple[str, replay.ReplayResult]] = []
+    for policy, result in runs:
+        title = f"policy {policy}" if policy else str(capture)
+        print(f"== {title}: {result.packets_in} packets in, {result.packets_out} out, "
+              f"{result.dropped} dropped, {result.not_ip} not IP")
+        if policy is None:
+            print(result.engine.format_stats())
+            continue
+        drops = result.engine.counters.totals()["dropped"]
+        if drops:
+            print("   drops: " + ", ".join(f"{k} {v}" for k, v in drops.items()))
+        compared.append((policy, result))
+    if compared:
+        print(replay.format_comparison(compared))
+    return 0
 
 
 COMMANDS = {"run": cmd_run, "rules": cmd_rules, "check": cmd_check, "replay": cmd_replay}
@@ -241,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = _setup_logging(args.verbose)
     try:
         return COMMANDS[args.command](args, log)
-    except (ConfigError, PolicyError) as exc:
+    except (ConfigError, PolicyError, UsageError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
     except NfqlbError as exc:

@@ -3,8 +3,12 @@
 Keys are the raw 12 bytes ``src addr | dst addr | src port | dst port`` of an IPv4 packet as
 it arrives (36 bytes for IPv6), one dict per transport protocol. A flow is stored twice: under
 the key of the client's packets (``fwd``) and under the key of the replies as they reach us
-(``rev``). Each dict value is a tuple ``(flow, new_header, ip_delta, l4_delta, is_reply)``:
-everything the per-packet path needs, precomputed when the flow is created.
+(``rev``). Each dict value is an :class:`Entry` ``(flow, header, ip_delta, l4_delta, is_reply)``:
+everything the per-packet path needs, precomputed when the flow is installed. ``header`` is
+the new ``src addr | dst addr`` (IPv4: 8 bytes; IPv6: 32) followed by the new
+``src port | dst port``; the deltas are RFC 1624 differences from the old key to ``header``
+for the IPv4 header checksum (0 for IPv6, which has none) and the TCP/UDP checksum (the
+pseudo-header's addresses and the ports).
 
 TCP states follow the table below (h11 style: one table, documented here):
 
@@ -22,6 +26,11 @@ Expiry is lazy: every packet only stores ``flow.last = now``. Each flow has at m
 entry in a deadline heap; when it comes due the real deadline (``last + timeout[state]``) is
 checked and the entry re-armed if the flow was used since. State changes to a shorter timeout
 push an earlier entry. ``next_deadline``/``expire`` are the engine's get_timer/handle_timer.
+
+The table installs flows (``install``: keys and precomputed rewrites of both directions) and
+makes room at ``max_flows`` (``evict_for_new``: the flows nearest their idle timeout go). What a
+flow held elsewhere (a pool port, a policy's count) is given back by whoever owns it: the
+table returns the flows it removed, and the engine retires them.
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from __future__ import annotations
 import enum
 import heapq
 import itertools
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from nfqlb.config import Timeouts
+from nfqlb.wire.checksum import delta
+from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from nfqlb.config import Backend, Service
-    from nfqlb.snat import PortPool
+    from nfqlb.config import Backend
+    from nfqlb.policies import FlowKey, Policy
+    from nfqlb.services import ServiceRuntime
 
 
 class TcpState(enum.IntEnum):
@@ -102,11 +114,11 @@ class Flow:
 
     __slots__ = (
         "service", "backend", "proto", "state", "last", "created", "timer_at",
-        "fwd_key", "rev_key", "pool", "snat_port", "packets", "bytes", "policy_key",
+        "fwd_key", "rev_key", "snat_port", "packets", "bytes", "placed",
     )
 
-    def __init__(self, service: Service, backend: Backend, proto: int, state: TcpState,
-                 now: float, fwd_key: bytes, rev_key: bytes) -> None:
+    def __init__(self, service: ServiceRuntime, backend: Backend, proto: int, state: TcpState,
+                 now: float, fwd_key: bytes, rev_key: bytes, snat_port: int = 0) -> None:
         self.service = service
         self.backend = backend
         self.proto = proto
@@ -116,26 +128,74 @@ class Flow:
         self.timer_at = 0.0
         self.fwd_key = fwd_key
         self.rev_key = rev_key
-        self.pool: PortPool | None = None
-        self.snat_port = 0
+        self.snat_port = snat_port  # fullnat: the pool port it holds (0: none)
         self.packets = 0
         self.bytes = 0
-        self.policy_key: object = None
+        #: (the policy that placed it, the flow key it was asked about), to tell it when the
+        #: flow ends; None for flows no policy placed (adopted by hash)
+        self.placed: tuple[Policy, FlowKey] | None = None
 
 
-Entry = tuple[Flow, bytes, int, int, bool]
+class Entry(NamedTuple):
+    """One direction of a flow, as the per-packet path needs it (see the module docstring)."""
+
+    flow: Flow
+    header: bytes
+    ip_delta: int
+    l4_delta: int
+    is_reply: bool
+
+
+def reply_key(key: bytes, backend: Backend, src: bytes, sport: bytes) -> bytes:
+    """The key of the replies to the flow ``key`` (as the client sends it) once its packets
+    leave from ``src``:``sport`` to ``backend`` (in local mode, with no address: the VIP)."""
+    alen = len(key) // 2 - 2
+    baddr = backend.address.packed if backend.address is not None else key[alen:2 * alen]
+    return baddr + src + backend.port.to_bytes(2, "big") + sport
 
 
 class FlowTable:
-    def __init__(self, timeouts: Timeouts) -> None:
+    def __init__(self, timeouts: Timeouts, max_flows: int = 1 << 62) -> None:
         self.timeout = timeouts_by_state(timeouts)
-        self.by_proto: dict[int, dict[bytes, Entry]] = {6: {}, 17: {}}
+        self.max_flows = max_flows
+        self.by_proto: dict[int, dict[bytes, Entry]] = {TCP: {}, UDP: {}}
         self._heap: list[tuple[float, int, Flow]] = []
         self._seq = itertools.count()
         self.active = 0
 
     def __len__(self) -> int:
         return self.active
+
+    def install(self, service: ServiceRuntime, backend: Backend, proto: int, state: TcpState,
+                key: bytes, src: bytes, sport: bytes, snat_port: int, now: float) -> Entry:
+        """Add the flow ``key`` (as the client sends it) on ``backend``, its packets leaving
+        from ``src``:``sport``; returns its forward entry. The caller has made room
+        (``evict_for_new``) and checked that the reply key is free."""
+        alen = len(key) // 2 - 2
+        client, vip, cport, vport = key[:alen], key[alen:2 * alen], key[-4:-2], key[-2:]
+        rev_key = reply_key(key, backend, src, sport)
+        baddr, bport = rev_key[:alen], rev_key[-4:-2]
+        fwd_hdr = src + baddr + sport + bport
+        rev_hdr = vip + client + vport + cport
+        flow = Flow(service, backend, proto, state, now, key, rev_key, snat_port)
+        v4 = alen == 4
+        fwd = Entry(flow, fwd_hdr, delta(client + vip, src + baddr) if v4 else 0,
+                    delta(key, fwd_hdr), False)
+        rev = Entry(flow, rev_hdr, delta(baddr + src, vip + client) if v4 else 0,
+                    delta(rev_key, rev_hdr), True)
+        self.add(flow, fwd, rev)
+        return fwd
+
+    def evict_for_new(self) -> list[Flow]:
+        """Make room for one more flow at ``max_flows``: remove and return the flows nearest
+        their idle timeout, as many as it takes (usually none, or one)."""
+        gone: list[Flow] = []
+        while self.active >= self.max_flows:
+            victim = self.evict_one()
+            if victim is None:
+                break
+            gone.append(victim)
+        return gone
 
     def add(self, flow: Flow, fwd: Entry, rev: Entry) -> None:
         table = self.by_proto[flow.proto]

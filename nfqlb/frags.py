@@ -11,7 +11,14 @@ dropped when its time is up. Held packets are known by an integer id the caller 
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from nfqlb.flows import Entry
+    from nfqlb.verdict import Action
+
+    #: What became of a first fragment: the flow entry that rewrote it, or ACCEPT / DROP.
+    Outcome = Entry | Action
 
 
 class FragmentTracker:
@@ -19,17 +26,17 @@ class FragmentTracker:
         self.max_held = max_held
         self.timeout = timeout
         self.max_keys = max(64, max_held * 8)
-        self._entries: dict[bytes, tuple[Any, float]] = {}  # key -> (flow entry, expires)
+        self._entries: dict[bytes, tuple[Outcome, float]] = {}  # key -> (flow entry, expires)
         self._held: dict[bytes, list[tuple[int, bytes, float]]] = {}  # key -> [(id, data, t)]
         self._order: deque[tuple[float, bytes]] = deque()  # (expires, key), time order
         self.held = 0
         self._next_id = 0
 
-    def entry_for(self, key: bytes) -> Any:
+    def entry_for(self, key: bytes) -> Outcome | None:
         got = self._entries.get(key)
         return got[0] if got is not None else None
 
-    def remember(self, key: bytes, entry: Any, now: float) -> list[tuple[int, bytes]]:
+    def remember(self, key: bytes, entry: Outcome, now: float) -> list[tuple[int, bytes]]:
         """Record the first fragment's entry; return the held fragments it releases."""
         if key not in self._entries and len(self._entries) >= self.max_keys:
             del self._entries[next(iter(self._entries))]  # the oldest datagram

@@ -5,25 +5,27 @@ nfqlb's behaviour is tested this way. Raw-IP, IPv4-only and Ethernet (with VLAN 
 types are read; the output keeps the input's link type and link headers. Dropped packets are
 left out of the output; frames that are not IP pass through unchanged. A fragment held until
 its first fragment arrives is written right after that first fragment.
+
+This module runs captures and returns results (``replay``, ``compare``) and formats them as
+text; ``nfqlb replay`` in :mod:`nfqlb.cli` prints them and turns errors into exit codes.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import dpkt
 
-from nfqlb.config import Config, Service, load_config
-from nfqlb.engine import DROP, HOLD, Engine, Verdict
+from nfqlb.config import Config, Service
+from nfqlb.engine import Engine
 from nfqlb.errors import NfqlbError, PacketError, PolicyError
 from nfqlb.policies import PolicyOptionError, make_policy, resolve_spec
-from nfqlb.wire.ip import parse_ip
+from nfqlb.verdict import DROP, Final, Held
+from nfqlb.wire.ip import TCP, UDP, parse_ip
 
 LINKTYPE_ETHERNET = 1
 LINKTYPE_RAW = (101, 12, 14)  # LINKTYPE_RAW, and the BSD/OpenBSD DLT_RAW values
@@ -82,7 +84,7 @@ class WhatIf:
             p = parse_ip(packet)
         except PacketError:
             return
-        if p is None or p.proto not in (6, 17) or not p.first:
+        if p is None or p.proto not in (TCP, UDP) or not p.first:
             return
         a, alen = (8, 16) if p.v6 else (12, 4)
         src = packet[a:a + alen] + packet[p.off:p.off + 2]
@@ -104,7 +106,7 @@ class WhatIf:
         if ent is None:
             self.unattributed[svc.name] += 1
             return False
-        c = self.packets[svc.name].setdefault(ent[0].backend.name, [0, 0])
+        c = self.packets[svc.name].setdefault(ent.flow.backend.name, [0, 0])
         c[0] += 1
         c[1] += n
         return True
@@ -160,10 +162,10 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
     held: dict[int, tuple[bytes, bytes]] = {}  # hold id -> (link header, packet) of a
     # fragment waiting for its first
 
-    def emit(link: bytes, verdict: Verdict, original: bytes, ts: float) -> None:
-        if isinstance(verdict, bytes):
+    def emit(link: bytes, verdict: Final, original: bytes, ts: float) -> None:
+        if verdict.__class__ is bytes:
             out = verdict
-        elif verdict == DROP:
+        elif verdict is DROP:
             result.dropped += 1
             return
         else:
@@ -173,10 +175,9 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
         result.packets_out += 1
 
     def flush_released(ts: float) -> None:
-        for hold_id, verdict in engine.released:
+        for hold_id, verdict in engine.released_verdicts():
             link, packet = held.pop(hold_id)
             emit(link, verdict, packet, ts)
-        engine.released.clear()
 
     for ts, frame in frames:
         ts = float(ts)
@@ -197,17 +198,16 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
         if result.whatif is not None:
             result.whatif.observe(packet)
         timer = engine.get_timer()
-        if verdict == HOLD:  # (a bytes verdict never equals an int)
-            held[engine.last_hold_id] = (frame[:off], packet)
+        if isinstance(verdict, Held):
+            held[verdict.hold_id] = (frame[:off], packet)
         else:
             emit(frame[:off], verdict, packet, ts)
-        if engine.released:
-            flush_released(ts)
+        flush_released(ts)
     result.held_at_end = len(held)
     return result
 
 
-def _with_policy(config: Config, policy: str) -> Config:
+def with_policy(config: Config, policy: str) -> Config:
     """``config`` with every service balanced by ``policy`` (a relative ``file:`` path is
     relative to the current directory). A service keeps its ``policy_options`` only when
     ``policy`` is the one it already has; any other policy runs with its defaults."""
@@ -266,38 +266,22 @@ def format_comparison(runs: list[tuple[str, ReplayResult]]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    """``nfqlb replay --config F in.pcap [-o out.pcap] [--policy P]...``"""
-    config = load_config(args.config)  # ConfigError is turned into exit 2 by the cli
-    policies = list(getattr(args, "policy", None) or [])
-    inp = Path(args.input)
-    if len(policies) > 1 and args.output:
-        print("nfqlb: error: -o takes one policy; compare policies without -o",
-              file=sys.stderr)
-        return 2
-    runs = [(p, _with_policy(config, p)) for p in policies] or [(None, config)]
-    results: list[tuple[str, ReplayResult]] = []
-    for policy, cfg in runs:
-        try:
-            with inp.open("rb") as src:
-                if args.output:
-                    with open(args.output, "wb") as dst:
-                        result = replay(cfg, src, dst, whatif=policy is not None)
-                else:
-                    result = replay(cfg, src, None, whatif=policy is not None)
-        except FileNotFoundError:
-            print(f"nfqlb: error: {inp}: no such file", file=sys.stderr)
-            return 1
-        title = f"policy {policy}" if policy else str(inp)
-        print(f"== {title}: {result.packets_in} packets in, {result.packets_out} out, "
-              f"{result.dropped} dropped, {result.not_ip} not IP")
-        if policy is None:
-            print(result.engine.format_stats())
-            continue
-        drops = result.engine.stats()["dropped"]
-        if drops:
-            print("   drops: " + ", ".join(f"{k} {v}" for k, v in drops.items()))
+def compare(config: Config, capture: Path, policies: list[str],
+            output: Path | None = None) -> list[tuple[str | None, ReplayResult]]:
+    """Replay ``capture`` once per policy in ``policies`` (every service balanced by it, see
+    ``with_policy``), or once with the configuration as it is when ``policies`` is empty;
+    ``output`` receives the rewritten capture (one run only). Raises OSError for the files,
+    ReplayError for the capture, PolicyError for a policy."""
+    if len(policies) > 1 and output is not None:
+        raise ValueError("an output capture takes one run (one policy)")
+    runs: list[tuple[str | None, Config]] = [(p, with_policy(config, p)) for p in policies]
+    results: list[tuple[str | None, ReplayResult]] = []
+    for policy, cfg in runs or [(None, config)]:
+        with capture.open("rb") as src:
+            if output is not None:
+                with output.open("wb") as dst:
+                    result = replay(cfg, src, dst, whatif=policy is not None)
+            else:
+                result = replay(cfg, src, None, whatif=policy is not None)
         results.append((policy, result))
-    if results:
-        print(format_comparison(results))
-    return 0
+    return results

@@ -26,7 +26,7 @@ from scapy.utils import checksum
 from strategies import apply_mutations
 
 from nfqlb.config import parse_config
-from nfqlb.engine import ACCEPT, DROP, HOLD, Engine
+from nfqlb.engine import ACCEPT, DROP, Engine
 
 C4, VIP4, SNAT4, B4 = CLIENT, VIP, SNAT, (B1, B2)
 C6, VIP6, SNAT6, B6 = "2001:db8::2", "2001:db8:100::1", "2001:db8:1::1", ("2001:db8:1::2",
@@ -36,7 +36,7 @@ FAMILY = {
     6: {"vip": VIP6, "snat": SNAT6, "b1": B6[0], "b2": B6[1], "router": "2001:db8:77::1"},
 }
 MODES = ["local", "dnat", "fullnat"]
-VERDICTS = {ACCEPT, DROP, HOLD}
+VERDICTS = {ACCEPT, DROP}  # and Held(...) values, for fragments kept for later
 
 
 # ---------------------------------------------------------------- service "s" on port 80

@@ -153,7 +153,7 @@ def run_fixtures(eng, fixtures: list[Fixture], now: float = 0.0) -> None:  # typ
             assert checksums_ok(got), desc
         else:
             assert got == expected, desc
-    assert "internal_error" not in eng.drops
+    assert "internal_error" not in eng.counters.drops
 
 
 class Conversation:

@@ -34,7 +34,7 @@ def test_max_flows_evicts_half_open_before_established() -> None:
         eng.handle(bytes(IP(src=f"198.19.{i // 200}.{i % 200 + 1}", dst=VIP4) /
                          TCP(sport=1024 + i, dport=80, flags="S")), 1.0 + i / 1000)
     assert eng.table.active == 10
-    assert eng.events["evicted"] == 195
+    assert eng.counters.events["evicted"] == 195
     for port in range(3000, 3005):  # the established flows are still there
         data = IP(src=C4, dst=VIP4) / TCP(sport=port, dport=80, flags="PA") / b"x"
         out = eng.handle(bytes(data), 2.0)
@@ -60,7 +60,7 @@ def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     convs[1].server("SA", now=3.0)
     convs[1].client("A", now=3.0)  # established: 50 s
     assert convs[3].client("S", now=4.0) == DROP
-    assert eng.drops == {"snat_exhausted": 1}
+    assert eng.counters.drops == {"snat_exhausted": 1}
     assert eng.stats()["services"]["fullnat-tcp"]["refused"] == 1
     # existing flows still rewritten, both ways
     run_fixtures(eng, [
@@ -106,7 +106,7 @@ def test_pool_ports_unique_among_live_flows() -> None:
             assert 20000 <= port <= 20004 and port not in live and port not in owner
             owner[port] = next_sport
         next_sport += 1
-    assert exhausted and eng.drops["snat_exhausted"] == exhausted
+    assert exhausted and eng.counters.drops["snat_exhausted"] == exhausted
 
 
 def test_shared_pool_between_services() -> None:
@@ -125,7 +125,7 @@ def test_pool_exhaustion_refuses_new_flows_and_keeps_old_ones() -> None:
         assert isinstance(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + port,
                                                                      dport=80)), 0), bytes)
     assert eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=5000, dport=80)), 0) == DROP
-    assert eng.drops["snat_exhausted"] == 1
+    assert eng.counters.drops["snat_exhausted"] == 1
     out = eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000, dport=80) / Raw(b"x")), 1)
     assert isinstance(out, bytes)
     ports = {IP(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + p, dport=80)), 1))

@@ -147,7 +147,7 @@ def udp_fixtures(mode: str) -> list[Fixture]:
 def test_tcp_fixtures(mode: str) -> None:
     eng = engine(service(mode))
     run_fixtures(eng, tcp_fixtures(mode))
-    assert eng.drops == {"no_flow": 5}
+    assert eng.counters.drops == {"no_flow": 5}
     assert eng.stats()["passed_unknown"] == 4
 
 
@@ -155,7 +155,7 @@ def test_tcp_fixtures(mode: str) -> None:
 def test_udp_fixtures(mode: str) -> None:
     eng = engine(service(mode, "udp"))
     run_fixtures(eng, udp_fixtures(mode))
-    assert eng.drops == {}
+    assert eng.counters.drops == {}
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -317,7 +317,7 @@ def test_reply_collision_is_refused() -> None:
                  service("dnat", name="other", port=81, backend=[{"address": B1, "port": 8080}]))
     assert isinstance(eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0), bytes)
     assert eng.handle(tcp(CLIENT, VIP, 40000, 81, "S"), 0.0) == DROP
-    assert eng.drops == {"reply_collision": 1}
+    assert eng.counters.drops == {"reply_collision": 1}
 
 
 def test_reply_key_of_a_closed_flow_is_taken_over() -> None:
@@ -333,7 +333,7 @@ def test_reply_key_of_a_closed_flow_is_taken_over() -> None:
         ("the reply now belongs to the new flow", tcp(B1, CLIENT, 8080, 40000, "SA"),
          {"src": VIP, "sport": 81}),
     ])
-    assert eng.table.active == 1 and eng.drops == {}
+    assert eng.table.active == 1 and eng.counters.drops == {}
     assert first.client("A") == DROP  # the old flow left the table, both keys
 
 
@@ -363,7 +363,7 @@ def test_flows_freed_on_expiry(mode: str) -> None:
     assert stats["flows_total"] == 7
     assert sum(b["flows"] for b in stats["services"][f"{mode}-tcp"]["backends"].values()) == 4
     if mode == "fullnat":  # every port back in the pool
-        assert all(len(s.pool) == 10 for s in eng.services[6].values())
+        assert all(len(s.pool) == 10 for s in eng.services)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -387,7 +387,7 @@ def test_flows_freed_after_close_linger(mode: str, close: str) -> None:
     eng.handle_timer(24.9)  # tcp_close (10 s) after the last packet
     assert eng.stats()["flows_active"] == 0
     assert c.client("A", now=25.0) == DROP
-    assert eng.drops == {"no_flow": 1}
+    assert eng.counters.drops == {"no_flow": 1}
 
 
 # ---------------------------------------------------------------- counters
@@ -457,7 +457,7 @@ class _FailingPolicy:
 
 def _with_failing_policy():  # type: ignore[no-untyped-def]
     eng = engine(service("dnat", policy_fallback="drop"))  # (test_policies*: other fallbacks)
-    (state,) = eng.services[6].values()
+    (state,) = eng.services
     state.policy = _FailingPolicy()
     return eng
 
@@ -468,7 +468,7 @@ def test_failing_policy_is_contained() -> None:
         assert eng.handle(tcp(CLIENT, VIP, sport, 80, "S"), 0.0) == DROP
     assert eng.table.active == 0
     assert eng.stats()["services"]["dnat-tcp"]["refused"] == 2
-    assert eng.drops == {"policy_error": 2}
+    assert eng.counters.drops == {"policy_error": 2}
 
 
 def test_failing_policy_counts_one_drop_per_packet() -> None:
@@ -514,7 +514,7 @@ MALFORMED = [
 def test_malformed_is_dropped_and_counted(desc: str, data: bytes, reason: str) -> None:
     eng = _established_dnat()
     assert eng.handle(data, 1.0) == DROP
-    assert eng.drops == {reason: 1}
+    assert eng.counters.drops == {reason: 1}
     assert eng.stats()["dropped"] == {reason: 1}
 
 

@@ -280,7 +280,7 @@ def test_expired_flow_leaves_both_keys() -> None:
     assert eng.table.flows() == [] and len(eng.table) == 0
     # with the flow gone, its packets are no longer rewritten in either direction
     assert c.client("A", now=91.0) == DROP
-    assert eng.drops["no_flow"] == 1
+    assert eng.counters.drops["no_flow"] == 1
     assert c.server("A", now=91.0) == ACCEPT  # to the snat address: not a VIP
 
 

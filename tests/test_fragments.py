@@ -4,7 +4,7 @@ Worked examples: fragments in order follow the first fragment's rewrite; later f
 come first are held and released when the first arrives; held fragments time out and their
 buffer is bounded. Then a property test (hypothesis, derandomized): fragmented datagrams
 (IPv4 and IPv6, UDP and TCP, fragmented by scapy), the fragments shuffled, some dropped, some
-duplicated: nothing raises; every HOLD id is released at most once, as bytes or DROP, and all
+duplicated: nothing raises; every held id is released at most once, as bytes or DROP, and all
 of them after ``handle_timer(now + frag timeout + 1)``; every fragment that comes out is
 exactly scapy's fragment of the rewritten datagram; when every fragment arrived, scapy's
 reassembly of the output is the rewritten datagram, with a right checksum. Last, a regression
@@ -44,7 +44,7 @@ from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, defragment6, fragment6
 from scapy.packet import Packet, Raw
 from strategies import PROPS, clients4, clients6, ports
 
-from nfqlb.engine import ACCEPT, DROP, HOLD
+from nfqlb.engine import ACCEPT, DROP, Held
 
 FRAG_TIMEOUT = 5.0  # the default timeouts.frag
 
@@ -93,14 +93,13 @@ def test_ipv4_fragments_out_of_order_are_held_then_released() -> None:
     frags = _v4_fragments(8000)
     later = frags[1:]
     verdicts = [eng.handle(f, 0.0) for f in later]
-    assert verdicts == [HOLD] * len(later)
-    held_ids = []
-    for _ in later:
-        held_ids.append(eng.last_hold_id)  # noqa: PERF401  (ids are taken one at a time)
+    assert all(isinstance(v, Held) for v in verdicts) and len(verdicts) == len(later)
+    held_ids = {v.hold_id for v in verdicts}  # type: ignore[union-attr]
+    assert len(held_ids) == len(later)
     first = eng.handle(frags[0], 0.1)
     assert isinstance(first, bytes)
-    released = dict(eng.released)
-    assert len(released) == len(later)
+    released = dict(eng.released_verdicts())
+    assert set(released) == held_ids and eng.released_verdicts() == []
     whole = _reassemble_v4([first, *released.values()])  # type: ignore[list-item]
     assert whole.dst == B4[0] and bytes(whole) == rebuilt(whole)
     assert eng.stats()["fragments_held"] == 0
@@ -110,13 +109,14 @@ def test_held_fragments_time_out_and_the_buffer_is_bounded() -> None:
     eng = engine_for("dnat", proto="udp", daemon={"max_fragments": 3})
     frags = _v4_fragments(8000)[1:]  # 5 later fragments, no first
     verdicts = [eng.handle(f, 0.0) for f in frags]
-    assert verdicts == [HOLD, HOLD, HOLD, DROP, DROP]
-    assert eng.drops["fragment_buffer_full"] == 2
+    assert [isinstance(v, Held) for v in verdicts] == [True, True, True, False, False]
+    assert verdicts[3:] == [DROP, DROP]
+    assert eng.counters.drops["fragment_buffer_full"] == 2
     deadline = eng.get_timer()
     assert deadline is not None and deadline <= 5.0
     eng.handle_timer(5.0)
-    assert sorted(v for _, v in eng.released) == [DROP] * 3
-    assert eng.drops["fragment_timeout"] == 3
+    assert sorted(v for _, v in eng.released_verdicts()) == [DROP] * 3
+    assert eng.counters.drops["fragment_timeout"] == 3
     assert eng.stats()["fragments_held"] == 0
 
 
@@ -127,8 +127,8 @@ def test_ipv6_fragments() -> None:
     frags = [bytes(f) for f in fragment6(dgram, 1280)]
     assert len(frags) >= 3
     outs = [eng.handle(f, 0.0) for f in [*frags[1:], frags[0]]]
-    assert outs[:-1] == [HOLD] * (len(frags) - 1)
-    released = [v for _, v in eng.released]
+    assert all(isinstance(o, Held) for o in outs[:-1])
+    released = [v for _, v in eng.released_verdicts()]
     for o in [outs[-1], *released]:
         assert isinstance(o, bytes)
         p = IPv6(o)
@@ -228,7 +228,7 @@ def test_fragments_shuffled_dropped_duplicated(case: dict[str, Any]) -> None:
 
     def collect() -> None:
         nonlocal drops
-        for hold_id, verdict in eng.released:
+        for hold_id, verdict in eng.released_verdicts():
             assert hold_id in held and hold_id not in released, (hold_id, held, released)
             released.add(hold_id)
             if isinstance(verdict, bytes):
@@ -236,15 +236,14 @@ def test_fragments_shuffled_dropped_duplicated(case: dict[str, Any]) -> None:
             else:
                 assert verdict == DROP
                 drops += 1
-        eng.released.clear()
 
     now = 1.0
     for i in order:
         now += 0.001
         got = eng.handle(fin[i], now)
-        if got == HOLD:
-            assert eng.last_hold_id not in held
-            held[eng.last_hold_id] = i
+        if isinstance(got, Held):
+            assert got.hold_id not in held
+            held[got.hold_id] = i
         elif isinstance(got, bytes):
             outputs.append((i, got))
         else:
@@ -255,7 +254,7 @@ def test_fragments_shuffled_dropped_duplicated(case: dict[str, Any]) -> None:
     collect()
     assert released == set(held), "held fragments never released"
     assert eng.stats()["fragments_held"] == 0
-    assert "internal_error" not in eng.drops, eng.drops
+    assert "internal_error" not in eng.counters.drops, eng.counters.drops
     complete = all(counts)
     event(f"{len(fin)} fragments, held {len(held)}, dropped {drops}, complete {complete}")
     # every fragment out is scapy's fragment of the rewritten datagram
@@ -301,8 +300,9 @@ def test_fragments_of_an_unbalanced_datagram_pass(family: int) -> None:
         frags = [bytes(p) for p in fragment(IP(bytes(dgram)), fragsize=1480)]
     verdicts = [eng.handle(p, 1.0) for p in frags]
     eng.handle_timer(1.0 + FRAG_TIMEOUT + 1)
-    released = [v for _, v in eng.released]
+    released = [v for _, v in eng.released_verdicts()]
     assert verdicts[0] == ACCEPT  # the first fragment: not ours
     # every later fragment passes too (unchanged): at once, or released unchanged
-    assert DROP not in released and HOLD not in verdicts, (verdicts, released)
+    assert DROP not in released and not any(isinstance(v, Held) for v in verdicts), \
+        (verdicts, released)
 

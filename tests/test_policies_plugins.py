@@ -271,9 +271,10 @@ def test_choose_raising_goes_to_the_default_fallback_counted_and_logged(
         got = backends_of_new_flows(eng, 40, first_port=1000, now=0.0)
     assert "(dropped)" not in got and got["b1"] >= 20  # even ports + fallback's share
     assert sum(got.values()) == 40
-    assert eng.events["policy_failure"] == 20 and eng.events["policy_fallback"] == 20
+    events = eng.counters.events
+    assert events["policy_failure"] == 20 and events["policy_fallback"] == 20
     assert eng.stats()["services"]["web"]["policy_errors"] == 20
-    assert eng.drops == {}
+    assert eng.counters.drops == {}
     warnings = [r.getMessage() for r in caplog.records]
     assert len(warnings) == 1  # 20 failures within the rate limit's 10 s: one line
     assert "service web: policy file:" in warnings[0]
@@ -290,7 +291,7 @@ def test_fallback_flows_are_closed_on_the_fallback_and_chosen_ones_on_the_policy
         tmp_path: Path) -> None:
     eng = _flaky_engine(tmp_path, "least_conn")
     backends_of_new_flows(eng, 10, first_port=1000)
-    fallback = eng.services[6][next(iter(eng.services[6]))].fallback
+    fallback = next(iter(eng.services)).fallback
     assert fallback is not None
     assert sum(fallback._open.count.values()) == 5  # type: ignore[attr-defined]
     eng.handle_timer(1000.0)  # every flow expires
@@ -303,9 +304,9 @@ def test_fallback_drop_refuses_the_flow(tmp_path: Path) -> None:
     eng = _flaky_engine(tmp_path, "drop")
     got = backends_of_new_flows(eng, 10, first_port=1000)
     assert got == {"b1": 5, "(dropped)": 5}
-    assert eng.drops == {"policy_error": 5}
+    assert eng.counters.drops == {"policy_error": 5}
     assert eng.stats()["services"]["web"]["refused"] == 5
-    assert "policy_fallback" not in eng.events
+    assert "policy_fallback" not in eng.counters.events
 
 
 @pytest.mark.parametrize("returned", ["'b2'", "['b2']", "Backend('b9', None, 1)",
@@ -323,7 +324,7 @@ def test_choose_returning_a_stranger_is_a_failure(returned: str, tmp_path: Path)
     eng = Engine(load_config(write_config(tmp_path, "file:stranger.py",
                                           'policy_fallback = "round_robin"')))
     assert backends_of_new_flows(eng, 6) == {"b1": 2, "b2": 2, "b3": 2}
-    assert eng.events["policy_failure"] == 6
+    assert eng.counters.events["policy_failure"] == 6
 
 
 def test_on_flow_closed_raising_is_contained(tmp_path: Path) -> None:
@@ -339,7 +340,7 @@ def test_on_flow_closed_raising_is_contained(tmp_path: Path) -> None:
     assert backends_of_new_flows(eng, 4) == {"b2": 4}
     eng.handle_timer(1000.0)
     assert eng.table.active == 0
-    assert eng.events["policy_failure"] == 4
+    assert eng.counters.events["policy_failure"] == 4
 
 
 def test_on_flow_closed_once_per_placed_flow_also_when_refused_after_choose() -> None:
@@ -348,7 +349,7 @@ def test_on_flow_closed_once_per_placed_flow_also_when_refused_after_choose() ->
     eng = engine(service("fullnat", "udp", policy="least_conn", snat_ports="20000-20000"))
     assert eng.handle(udp(CLIENT, VIP, 1000, 53), 0.0) != DROP
     assert eng.handle(udp(CLIENT, VIP, 1001, 53), 0.0) == DROP
-    assert eng.drops == {"snat_exhausted": 1}
+    assert eng.counters.drops == {"snat_exhausted": 1}
     policy = eng.policy("fullnat-udp")
     assert sum(policy._open.count.values()) == 1  # type: ignore[attr-defined]
     eng.handle_timer(10_000.0)
@@ -359,11 +360,11 @@ def test_adopted_flows_are_not_reported_to_the_policy() -> None:
     """unknown_flow = "hash" places mid-flow packets without the policy: no close for them."""
     eng = engine(service("dnat", policy="least_conn", unknown_flow="hash"))
     eng.handle(tcp(CLIENT, VIP, 1000, 80, "A"), 0.0)
-    assert eng.events.get("flow_adopted") == 1
+    assert eng.counters.events.get("flow_adopted") == 1
     eng.handle_timer(10_000.0)
     policy = eng.policy("dnat-tcp")
     assert sum(policy._open.count.values()) == 0  # type: ignore[attr-defined]
-    assert "policy_failure" not in eng.events
+    assert "policy_failure" not in eng.counters.events
 
 
 def test_a_policy_raising_anything_never_escapes_handle(tmp_path: Path) -> None:
@@ -391,8 +392,8 @@ def test_a_policy_raising_anything_never_escapes_handle(tmp_path: Path) -> None:
         eng.handle(udp(CLIENT, VIP, 1000 + i, 80), i * 0.01)
     eng.handle_timer(10_000.0)
     assert eng.table.active == 0
-    assert "internal_error" not in eng.drops
-    assert eng.events["policy_failure"] > 0
+    assert "internal_error" not in eng.counters.drops
+    assert eng.counters.events["policy_failure"] > 0
 
 
 # ---------------------------------------------------------------- the examples

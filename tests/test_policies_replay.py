@@ -15,7 +15,7 @@ from helpers import CLIENT, VIP, tcp
 from nfqlb import cli
 from nfqlb.config import load_config
 from nfqlb.errors import PolicyError
-from nfqlb.replay import _with_policy, replay
+from nfqlb.replay import replay, with_policy
 
 REPO = Path(__file__).resolve().parent.parent
 FLOWS = 30
@@ -140,13 +140,13 @@ def test_a_broken_policy_is_one_line_exit_2(tmp_path: Path, capsys: Any) -> None
 
 def test_policy_options_kept_only_for_the_same_policy(tmp_path: Path) -> None:
     cfg = load_config(config(tmp_path, "maglev", "table_size = 1009"))
-    same = _with_policy(cfg, "maglev").services[0]
+    same = with_policy(cfg, "maglev").services[0]
     assert dict(same.policy_options) == {"table_size": 1009}
-    other = _with_policy(cfg, "source_hash").services[0]
+    other = with_policy(cfg, "source_hash").services[0]
     assert (other.policy, dict(other.policy_options)) == ("source_hash", {})
     pin = load_config(config(tmp_path, "file:policies/pin.py", 'backend = "b3"'))
     with pytest.raises(PolicyError, match="policy_options.backend: is required"):
-        _with_policy(pin, f"file:{REPO}/examples/policies/pin.py")  # another file: no options
+        with_policy(pin, f"file:{REPO}/examples/policies/pin.py")  # another file: no options
 
 
 def test_replay_without_policy_is_unchanged(tmp_path: Path) -> None:

@@ -56,7 +56,7 @@ def test_replay_matches_golden(case: make_golden.Case, tmp_path: Path) -> None:
     dropped, flows = make_golden.expectations(case)
     assert result.dropped == dropped, result.engine.stats()["dropped"]
     assert result.held_at_end == 0
-    assert "internal_error" not in result.engine.drops
+    assert "internal_error" not in result.engine.counters.drops
     per_backend = result.engine.stats()["services"][case.name]["backends"]
     assert [b["flows"] for b in per_backend.values()] == flows
 

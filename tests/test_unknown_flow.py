@@ -21,7 +21,7 @@ def test_unknown_flow_reset_answers_the_client() -> None:
     assert (rst.src, rst.dst, rst[TCP].sport, rst[TCP].dport) == (VIP4, C4, 80, 4000)
     assert rst[TCP].flags == "R" and rst[TCP].seq == 5000
     assert out == rebuilt(rst)
-    assert eng.events["reset_sent"] == 1
+    assert eng.counters.events["reset_sent"] == 1
     # a RST is never answered with a RST
     assert eng.handle(bytes(IP(src=C4, dst=VIP4) / TCP(sport=4000, dport=80, flags="R")),
                       0.0) == DROP
@@ -31,7 +31,7 @@ def test_unknown_flow_drop() -> None:
     eng = engine_for("dnat", unknown_flow="drop")
     ack = IP(src=C4, dst=VIP4) / TCP(sport=4000, dport=80, flags="A")
     assert eng.handle(bytes(ack), 0.0) == DROP
-    assert eng.drops["no_flow"] == 1
+    assert eng.counters.drops["no_flow"] == 1
 
 
 def test_unknown_flow_hash_survives_a_restart() -> None:
@@ -54,7 +54,7 @@ def test_unknown_flow_hash_survives_a_restart() -> None:
             out = after.handle(bytes(reply), 1)
             assert out == rebuilt(IP(src=VIP4, dst=C4) / TCP(sport=80, dport=port, flags="PA")
                                   / b"data")
-    assert after.events["flow_adopted"] == len(choices)
+    assert after.counters.events["flow_adopted"] == len(choices)
     # a reply from the backend the hash would NOT pick is not ours: passed unchanged
     for port, dst in choices.items():
         other = B4[1] if dst == B4[0] else B4[0]

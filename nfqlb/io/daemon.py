@@ -30,11 +30,12 @@ from typing import Protocol
 
 from nfqlb import rules
 from nfqlb.config import Config
-from nfqlb.engine import DROP, Engine
+from nfqlb.engine import Engine
 from nfqlb.errors import SystemSetupError
 from nfqlb.io import iptables, sysctl
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
+from nfqlb.verdict import DROP, Final
 
 TIMER_MAX_S = 1.0  # handle_timer runs at least this often
 
@@ -58,22 +59,18 @@ class HeldPackets:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._give: dict[int, Callable[[bytes | int], None]] = {}
+        self._give: dict[int, Callable[[Final], None]] = {}
 
-    def on_hold(self, give_verdict: Callable[[bytes | int], None]) -> None:
-        """An adapter's packet got HOLD: remember how to give it its verdict later."""
-        self._give[self.engine.last_hold_id] = give_verdict
+    def on_hold(self, hold_id: int, give_verdict: Callable[[Final], None]) -> None:
+        """An adapter's packet got ``Held(hold_id)``: how to give it its verdict later."""
+        self._give[hold_id] = give_verdict
 
     def release(self) -> None:
         """Give the verdicts the engine decided for held packets."""
-        released = self.engine.released
-        if not released:
-            return
-        for hold_id, verdict in released:
+        for hold_id, verdict in self.engine.released_verdicts():
             give = self._give.pop(hold_id, None)
             if give is not None:
                 give(verdict)
-        released.clear()
 
     def drop_all(self, log: logging.Logger) -> None:
         """At the end: the fragments whose first never came are dropped."""

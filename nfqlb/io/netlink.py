@@ -58,11 +58,12 @@ import struct
 import time
 from collections.abc import Callable
 
-from nfqlb.engine import ACCEPT, DROP, HOLD
 from nfqlb.errors import SystemSetupError
-from nfqlb.io.nfqueue import OnHold
+from nfqlb.io.verdicts import OnHold, Sink, give
+from nfqlb.ratelog import RateLimitedLog
+from nfqlb.verdict import Final, Held, Verdict
 
-Handle = Callable[[bytes, float], "bytes | int"]
+Handle = Callable[[bytes, float], Verdict]
 
 # --- constants from the kernel uapi ------------------------------------------------------------
 
@@ -239,9 +240,11 @@ class NetlinkQueueAdapter:
         self._seq = 0
         self._ack_seq = -1  # the seq of the config request waiting for its answer
         self._ack: int | None = None  # its answer: 0 or a negative errno
-        self._last_log: dict[str, float] = {}
+        self._ratelog = RateLimitedLog(log, LOG_EVERY_S)
         self._accept = verdict_prefix(queue, NF_ACCEPT)
         self._drop = verdict_prefix(queue, NF_DROP)
+        self._sink = Sink(self._give_rewritten, self._give_accept, self._give_drop, self._hold)
+        self._late_sink = Sink(self._give_rewritten, self._give_accept, self._give_drop)
 
     @property
     def name(self) -> str:
@@ -359,7 +362,7 @@ class NetlinkQueueAdapter:
                     if exc.errno != errno.ENOBUFS:
                         raise
                     self.enobufs += 1
-                    self._rate_log("enobufs", logging.WARNING,
+                    self._ratelog.warning("enobufs", self.now,
                                    "%s: receive buffer overrun, the kernel dropped packets "
                                    "(%d overruns so far)", self.name, self.enobufs)
                     continue
@@ -389,40 +392,53 @@ class NetlinkQueueAdapter:
                 self.malformed += 1
             else:
                 self.truncated += 1
-                self._rate_log("truncated", logging.WARNING, "%s: dropped a packet of %d "
+                self._ratelog.warning("truncated", self.now, "%s: dropped a packet of %d "
                                "bytes, longer than the kernel copies (%d so far)", self.name,
                                cap_len, self.truncated)
-            self._queue(self._drop + BE32.pack(packet_id))
+            self._give_drop(packet_id)
             return
         try:
             r = self._handle(payload, self.now)
         except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
             self.errors += 1
-            self._queue(self._drop + BE32.pack(packet_id))
-            self._rate_log("errors", logging.ERROR, "%s: packet handler failed (%d so far, "
-                           "packet dropped): %r", self.name, self.errors, exc)
+            self._give_drop(packet_id)
+            self._ratelog.error("errors", self.now, "%s: packet handler failed (%d so far, "
+                                "packet dropped): %r", self.name, self.errors, exc)
             return
-        if type(r) is bytes and len(r) <= MAX_PAYLOAD:
-            self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, r))
-        elif type(r) is int and r == ACCEPT:
-            self._queue(self._accept + BE32.pack(packet_id))
-        elif type(r) is int and r == HOLD and self.on_hold is not None:
-            self.on_hold(functools.partial(self._late_verdict, packet_id))
-        else:
-            if type(r) is not int or r != DROP:
-                self.bad_verdicts += 1
-                self._rate_log("bad_verdicts", logging.ERROR, "%s: the handler returned no "
-                               "verdict (%.40r); packet dropped", self.name, r)
-            self._queue(self._drop + BE32.pack(packet_id))
+        if not give(r, packet_id, self._sink):
+            self._bad_verdict(r)
 
-    def _late_verdict(self, packet_id: int, r: bytes | int) -> None:
+    def _bad_verdict(self, r: object) -> None:
+        self.bad_verdicts += 1
+        self._ratelog.error("bad_verdicts", self.now, "%s: the handler returned no verdict "
+                            "(%.40r); packet dropped", self.name, r)
+
+    # the Sink: how verdicts are carried out here (queued, sent at the end of the wakeup)
+
+    def _give_rewritten(self, packet_id: int, data: bytes) -> None:
+        if len(data) > MAX_PAYLOAD:  # cannot be carried back: no verdict
+            self._give_drop(packet_id)
+            self._bad_verdict(data)
+            return
+        self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, data))
+
+    def _give_accept(self, packet_id: int) -> None:
+        self._queue(self._accept + BE32.pack(packet_id))
+
+    def _give_drop(self, packet_id: int) -> None:
+        self._queue(self._drop + BE32.pack(packet_id))
+
+    def _hold(self, packet_id: int, held: Held) -> None:
+        if self.on_hold is None:  # nobody to give the verdict later: drop now
+            self._give_drop(packet_id)
+            self._bad_verdict(held)
+            return
+        self.on_hold(held.hold_id, functools.partial(self._late_verdict, packet_id))
+
+    def _late_verdict(self, packet_id: int, r: Final) -> None:
         """The verdict for a packet held past its wakeup (a fragment before its first)."""
-        if type(r) is bytes and len(r) <= MAX_PAYLOAD:
-            self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, r))
-        elif type(r) is int and r == ACCEPT:
-            self._queue(self._accept + BE32.pack(packet_id))
-        else:
-            self._queue(self._drop + BE32.pack(packet_id))
+        if not give(r, packet_id, self._late_sink):
+            self._bad_verdict(r)
         self._flush()
 
     def _on_error(self, seq: int, err: int) -> None:
@@ -430,7 +446,7 @@ class NetlinkQueueAdapter:
             self._ack = err
         elif err:
             self.verdict_errors += 1
-            self._rate_log("verdict_errors", logging.WARNING, "%s: the kernel refused a "
+            self._ratelog.warning("verdict_errors", self.now, "%s: the kernel refused a "
                            "verdict: %s (%d so far)", self.name, os.strerror(-err),
                            self.verdict_errors)
 
@@ -459,14 +475,9 @@ class NetlinkQueueAdapter:
                 failed += 1
         self.send_errors += failed
         if failed:
-            self._rate_log("send_errors", logging.ERROR, "%s: %d verdicts could not be sent "
+            self._ratelog.error("send_errors", self.now, "%s: %d verdicts could not be sent "
                            "(%r); those packets wait until the queue is unbound", self.name,
                            failed, first)
-
-    def _rate_log(self, key: str, level: int, msg: str, *args: object) -> None:
-        if self.now - self._last_log.get(key, float("-inf")) >= LOG_EVERY_S:
-            self._last_log[key] = self.now
-            self.log.log(level, msg + " [logged at most every %d s]", *args, LOG_EVERY_S)
 
     def drain(self) -> None:
         """Give a verdict to what is still queued (after the rules are gone)."""

@@ -7,8 +7,8 @@ feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packet
 then runs its timers and signal handlers and comes straight back, since the socket is still
 readable. The clock is read once per wakeup, not per packet. The binding leaves a packet
 without a verdict if the callback raises, so the callback catches everything, counts it and
-drops the packet. A result of the handler that is no verdict (an int other than ACCEPT and
-DROP) drops the packet too and is counted, as in :mod:`nfqlb.io.netlink`.
+drops the packet. Verdicts are carried out by :func:`nfqlb.io.verdicts.give`, as in
+:mod:`nfqlb.io.netlink`: a handler result that is no verdict drops the packet and is counted.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
 packets over 4016 bytes (over 3960 with every attribute the kernel may add) never reach the
@@ -25,24 +25,35 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from nfqlb.engine import ACCEPT, DROP, HOLD
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.verdicts import OnHold, Sink, give
+from nfqlb.ratelog import RateLimitedLog
+from nfqlb.verdict import Final, Held, Verdict
 
-Handle = Callable[[bytes, float], "bytes | int"]
-#: Called with a function that gives a held packet (engine verdict HOLD) its final verdict.
-OnHold = Callable[[Callable[["bytes | int"], None]], None]
+Handle = Callable[[bytes, float], Verdict]
 
 
-def late_verdict(pkt: Any, verdict: bytes | int) -> None:
-    """The verdict for a packet held past its callback (the binding allows it: the packet
-    keeps its id; only its payload is gone, and a rewrite brings a new one)."""
-    if verdict.__class__ is bytes:
-        pkt.set_payload(verdict)
-        pkt.accept()
-    elif verdict == ACCEPT:
-        pkt.accept()
-    else:
-        pkt.drop()
+def _rewrite(pkt: Any, data: bytes) -> None:
+    pkt.set_payload(data)
+    pkt.accept()
+
+
+def _accept(pkt: Any) -> None:
+    pkt.accept()
+
+
+def _drop(pkt: Any) -> None:
+    pkt.drop()
+
+
+#: Verdicts for a packet held past its callback (the binding allows it: the packet keeps its
+#: id; only its payload is gone, and a rewrite brings a new one).
+LATE = Sink(_rewrite, _accept, _drop)
+
+
+def late_verdict(pkt: Any, verdict: Final) -> None:
+    give(verdict, pkt, LATE)
+
 
 BUDGET = 256  # packets per wakeup before the event loop gets a turn
 _RECV_SIZE = 4096  # the binding's own receive buffer: larger messages never fit anyway
@@ -80,7 +91,8 @@ class QueueAdapter:
         self.wakeups = 0
         self._handle = handle
         self._nfq: Any = None
-        self._last_error_log = float("-inf")
+        self._ratelog = RateLimitedLog(log)
+        self._sink = Sink(_rewrite, _accept, _drop, self._hold)
 
     # ------------------------------------------------------------------ binding
 
@@ -120,29 +132,24 @@ class QueueAdapter:
 
     def _make_callback(self) -> Callable[[Any], None]:
         handle = self._handle
-        accept_verdict = ACCEPT
-        drop_verdict = DROP
-        hold_verdict = HOLD
+        sink = self._sink
         adapter = self
 
         def on_packet(pkt: Any) -> None:
             try:
-                r = handle(pkt.get_payload(), adapter.now)
-                if r.__class__ is bytes:
-                    pkt.set_payload(r)
-                    pkt.accept()
-                elif r == accept_verdict and r.__class__ is int:
-                    pkt.accept()
-                elif r == hold_verdict and adapter.on_hold is not None:
-                    adapter.on_hold(functools.partial(late_verdict, pkt))
-                else:
-                    pkt.drop()
-                    if r != drop_verdict or r.__class__ is not int:
-                        adapter.bad_verdicts += 1
+                if not give(handle(pkt.get_payload(), adapter.now), pkt, sink):
+                    adapter.bad_verdicts += 1
             except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
                 adapter._callback_failed(pkt, exc)
 
         return on_packet
+
+    def _hold(self, pkt: Any, held: Held) -> None:
+        if self.on_hold is None:  # nobody to give the verdict later: drop now
+            self.bad_verdicts += 1
+            pkt.drop()
+            return
+        self.on_hold(held.hold_id, functools.partial(late_verdict, pkt))
 
     def _callback_failed(self, pkt: Any, exc: BaseException) -> None:
         self.errors += 1
@@ -150,10 +157,8 @@ class QueueAdapter:
             pkt.drop()
         except Exception:
             pass  # the verdict was given before the failure, or the queue is gone
-        if self.now - self._last_error_log >= 10.0:
-            self._last_error_log = self.now
-            self.log.error("packet callback failed (%d so far, packet dropped; logged at most "
-                           "every 10 s): %r", self.errors, exc)
+        self._ratelog.error("callback", self.now, "packet callback failed (%d so far, packet "
+                            "dropped): %r", self.errors, exc)
 
     def on_readable(self) -> None:
         """Process up to BUDGET packets pending on the queue socket."""

@@ -1,0 +1,220 @@
+"""The services at run time: what health checks, draining and reload will change.
+
+A :class:`ServiceRuntime` is one configured service while the engine runs: its policy and
+the fallback for when the policy fails (the failure contained: counted, logged at a rate
+limit, never raised), its fullnat port pool, and the totals of the flows that left the table,
+per backend. :class:`Services` holds them all, indexed the two ways the packet path asks:
+
+- by VIP and port (``by_vip[protocol][vip packed + port]``), for a packet to a service;
+- by backend address and port (``by_backend[protocol][...]``), the hash-adoption index: the
+  services with ``unknown_flow = "hash"`` that a packet from that backend may belong to.
+
+The engine decides a flow's life cycle; the runtime answers its questions about a service
+(which backend for this new flow, which port, what to do now that a flow ended). Nothing
+here sees packet bytes beyond the keys.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, Any
+
+from nfqlb.config import Backend, Config, Mode, Service, UnknownFlow
+from nfqlb.counters import Counters
+from nfqlb.policies import DROP as POLICY_DROP
+from nfqlb.policies import FlowKey, Policy, make_policy
+from nfqlb.policies.hashing import flow_bytes, rendezvous
+from nfqlb.policies.plugins import where
+from nfqlb.ratelog import RateLimitedLog
+from nfqlb.snat import PortPool
+from nfqlb.wire.checksum import U16
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Iterator
+
+    from nfqlb.flows import Flow
+
+
+class BackendTotals:
+    """Flows, packets and bytes of a backend's flows."""
+
+    __slots__ = ("flows", "packets", "bytes")
+
+    def __init__(self) -> None:
+        self.flows = 0
+        self.packets = 0
+        self.bytes = 0
+
+    def add(self, flow: Flow) -> None:
+        self.flows += 1
+        self.packets += flow.packets
+        self.bytes += flow.bytes
+
+
+class ServiceRuntime:
+    """One service while the engine runs: policy, fallback, pool, totals of closed flows."""
+
+    __slots__ = ("service", "name", "policy", "fallback", "pool", "backend_set", "closed",
+                 "refused", "policy_errors", "_counters", "_log")
+
+    def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
+                 pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
+        self.service = service
+        self.name = service.name
+        self.policy = policy
+        self.fallback = fallback  # None: a flow the policy fails on is dropped
+        self.pool = pool
+        self.backend_set = frozenset(service.backends)  # what choose may return
+        self.closed = {b.name: BackendTotals() for b in service.backends}
+        self.refused = 0  # new flows refused, for any reason
+        self.policy_errors = 0  # choose/on_flow_closed raised, or choose returned a stranger
+        self._counters = counters
+        self._log = log
+
+    # ------------------------------------------------------------ choosing
+
+    def choose(self, fkey: FlowKey, now: float) -> tuple[Backend | None, Policy | None, str]:
+        """(backend, the policy that chose it, drop reason if none). A failing policy is
+        contained: counted, logged at a rate limit, and the fallback (if any) chooses."""
+        try:
+            backend = self.policy.choose(fkey, now)
+        except Exception as exc:
+            problem = f"raised {where(exc)} in choose()"
+        else:
+            try:
+                valid = backend is None or backend in self.backend_set
+            except TypeError:  # unhashable
+                valid = False
+            if valid:
+                return backend, self.policy, "no_backend"
+            problem = f"returned {backend!r:.80}, not one of the service's backends"
+        self.policy_errors += 1
+        self._counters.event("policy_failure")
+        s = self.service
+        fallback = self.fallback
+        self._log.warning(f"policy:{s.name}", now, "service %s: policy %s %s; flow %s:%d -> %s "
+                          "(%d failures so far)", s.name, s.policy, problem, fkey.src,
+                          fkey.sport, f"fallback {s.policy_fallback}" if fallback else "dropped",
+                          self.policy_errors)
+        if fallback is None:
+            return None, None, "policy_error"
+        self._counters.event("policy_fallback")
+        return fallback.choose(fkey, now), fallback, "no_backend"
+
+    def hash_choice(self, fkey: FlowKey) -> Backend | None:
+        """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on (the same on every node and
+        after every restart, while the backend set is the same)."""
+        return rendezvous(flow_bytes(fkey), self.service.backends)
+
+    def take_port(self, now: float) -> int | None:
+        """A source port for a new fullnat flow (0 when the service does not rewrite the
+        source); None when the pool is empty (counted, logged at a rate limit)."""
+        pool = self.pool
+        if pool is None:
+            return 0
+        port = pool.take()
+        if port is None:
+            self.refused += 1
+            self._log.warning("snat_exhausted", now, "service %s: snat port pool %d-%d "
+                              "exhausted", self.name, pool.lo, pool.hi)
+        return port
+
+    # ------------------------------------------------------------ flows that end
+
+    def flow_ended(self, flow: Flow, now: float) -> None:
+        """Account a flow that left the table and give back what it held."""
+        if flow.snat_port and self.pool is not None:
+            self.pool.give(flow.snat_port)
+        totals = self.closed.get(flow.backend.name)
+        if totals is None:
+            totals = self.closed[flow.backend.name] = BackendTotals()
+        totals.add(flow)
+        if flow.placed is not None:
+            placer, fkey = flow.placed
+            self.tell_closed(placer, fkey, flow.backend, now)
+
+    def tell_closed(self, policy: Policy, fkey: FlowKey, backend: Backend, now: float) -> None:
+        """Tell the policy that placed a flow that it ended (contained like ``choose``)."""
+        hook = getattr(policy, "on_flow_closed", None)
+        if hook is None:
+            return
+        try:
+            hook(fkey, backend, now)
+        except Exception as exc:
+            self.policy_errors += 1
+            self._counters.event("policy_failure")
+            self._log.warning(f"policy:{self.name}", now, "service %s: policy %s raised %s "
+                              "in on_flow_closed()", self.name, self.service.policy, where(exc))
+
+    def stats(self, live: dict[str, BackendTotals]) -> dict[str, Any]:
+        """Per backend: closed flows plus ``live`` (the open ones, by backend name)."""
+        backends = {}
+        empty = BackendTotals()
+        for b in self.service.backends:
+            closed = self.closed.get(b.name, empty)
+            open_ = live.get(b.name, empty)
+            backends[b.name] = {
+                "flows": closed.flows + open_.flows,
+                "active": open_.flows,
+                "packets": closed.packets + open_.packets,
+                "bytes": closed.bytes + open_.bytes,
+            }
+        return {"backends": backends, "refused": self.refused,
+                "policy_errors": self.policy_errors}
+
+
+def endpoint(address: bytes, port: int) -> bytes:
+    """The index key of an address and port: packed address + 2-byte port."""
+    return address + U16[port]
+
+
+class Services:
+    """Every service of a configuration at run time, indexed for the packet path."""
+
+    def __init__(self, config: Config, rng: random.Random, counters: Counters,
+                 log: RateLimitedLog) -> None:
+        self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {6: {}, 17: {}}
+        self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {6: {}, 17: {}}
+        self._all: list[ServiceRuntime] = []
+        pools: dict[tuple[Any, ...], PortPool] = {}
+        for svc in config.services:
+            pool = None
+            if svc.mode is Mode.FULLNAT:
+                assert svc.snat_address is not None and svc.snat_ports is not None
+                pkey = (svc.protocol, svc.snat_address, svc.snat_ports)
+                pool = pools.get(pkey) or pools.setdefault(pkey, PortPool(*svc.snat_ports))
+            # each policy gets its own RNG seeded from the engine's, so that a service's
+            # choices do not depend on other services' traffic
+            policy = make_policy(svc.policy, svc.backends, svc.policy_options,
+                                 random.Random(rng.getrandbits(64)))
+            fallback = None
+            if svc.policy_fallback != POLICY_DROP:
+                fallback = make_policy(svc.policy_fallback, svc.backends,
+                                       rng=random.Random(rng.getrandbits(64)))
+            runtime = ServiceRuntime(svc, policy, fallback, pool, counters, log)
+            self._all.append(runtime)
+            self.by_vip[svc.protocol][endpoint(svc.vip.packed, svc.port)] = runtime
+            if svc.unknown_flow is UnknownFlow.HASH:
+                for b in svc.backends:
+                    key = endpoint((b.address or svc.vip).packed, b.port)
+                    self.by_backend[svc.protocol].setdefault(key, []).append(runtime)
+
+    def __iter__(self) -> Iterator[ServiceRuntime]:
+        return iter(self._all)
+
+    def named(self, name: str) -> ServiceRuntime:
+        for runtime in self._all:
+            if runtime.name == name:
+                return runtime
+        raise KeyError(name)
+
+    def stats(self, flows: Iterable[Flow]) -> dict[str, Any]:
+        """Per service and backend: closed flows plus the open ``flows``."""
+        live: dict[int, dict[str, BackendTotals]] = {}
+        for flow in flows:
+            by_name = live.setdefault(id(flow.service), {})
+            totals = by_name.get(flow.backend.name)
+            if totals is None:
+                totals = by_name[flow.backend.name] = BackendTotals()
+            totals.add(flow)
+        return {rt.name: rt.stats(live.get(id(rt), {})) for rt in self._all}
