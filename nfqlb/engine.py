@@ -312,8 +312,7 @@ class Engine:
             fkey = FlowKey(p.proto, ipaddress.ip_address(client[:-2]),
                            client[-2] << 8 | client[-1], s.vip, s.port)
             backend = svc.hash_choice(fkey)
-            if backend is None or (backend.address or s.vip).packed + U16[backend.port] \
-                    != source:
+            if backend is None or svc.endpoints[backend.name] != source:
                 continue
             fwd_key = client[:-2] + s.vip.packed + client[-2:] + U16[s.port]
             state = _ESTABLISHED if p.proto == TCP else TcpState.UDP
@@ -348,19 +347,19 @@ class Engine:
                  backend: Backend, now: float) -> Entry | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
         no pool port, or the reply key belongs to another live flow."""
-        port = svc.take_port(now)
+        port = 0 if svc.pool is None else svc.take_port(now)
         if port is None:
             self.counters.drop("snat_exhausted")
             return None
         if port:
-            snat = svc.service.snat_address
-            assert snat is not None
-            src, sport = snat.packed, U16[port]
+            src, sport = svc.snat_address, U16[port]
         else:
             alen = len(key) // 2 - 2
             src, sport = key[:alen], key[-4:-2]
+        dest = svc.endpoints[backend.name]
+        rev_key = reply_key(dest, src, sport)
         table = self.table
-        clash = table.by_proto[proto].get(reply_key(key, backend, src, sport))
+        clash = table.by_proto[proto].get(rev_key)
         if clash is not None:
             if clash.flow.state in REUSABLE:
                 self._close(clash.flow, now)
@@ -369,15 +368,15 @@ class Engine:
                     svc.pool.give(port)
                 self.counters.drop("reply_collision")
                 return None
-        evicted = table.evict_for_new()
-        for victim in evicted:
-            self._retire(victim, now)
-            self.counters.event("evicted")
-        if evicted:
+        if table.active >= table.max_flows:
+            for victim in table.evict_for_new():
+                self._retire(victim, now)
+                self.counters.event("evicted")
             self._ratelog.warning("evicted", now, "flow table full (max_flows %d): evicting "
                                   "the flows nearest their idle timeout", table.max_flows)
         self.counters.flows_total += 1
-        return table.install(svc, backend, proto, state, key, src, sport, port, now)
+        return table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
+                             port, now)
 
     def _close(self, flow: Flow, now: float) -> None:
         self.table.remove(flow)

@@ -54,8 +54,8 @@ class BackendTotals:
 class ServiceRuntime:
     """One service while the engine runs: policy, fallback, pool, totals of closed flows."""
 
-    __slots__ = ("service", "name", "policy", "fallback", "pool", "backend_set", "closed",
-                 "refused", "policy_errors", "_counters", "_log")
+    __slots__ = ("service", "name", "policy", "fallback", "pool", "snat_address", "endpoints",
+                 "backend_set", "closed", "refused", "policy_errors", "_counters", "_log")
 
     def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
                  pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
@@ -64,6 +64,11 @@ class ServiceRuntime:
         self.policy = policy
         self.fallback = fallback  # None: a flow the policy fails on is dropped
         self.pool = pool
+        self.snat_address = service.snat_address.packed if service.snat_address else b""
+        #: backend name -> packed address + port of the packets sent to it (the VIP's address for
+        #: a local backend without one)
+        self.endpoints = {b.name: endpoint((b.address or service.vip).packed, b.port)
+                          for b in service.backends}
         self.backend_set = frozenset(service.backends)  # what choose may return
         self.closed = {b.name: BackendTotals() for b in service.backends}
         self.refused = 0  # new flows refused, for any reason
@@ -195,8 +200,7 @@ class Services:
             self._all.append(runtime)
             self.by_vip[svc.protocol][endpoint(svc.vip.packed, svc.port)] = runtime
             if svc.unknown_flow is UnknownFlow.HASH:
-                for b in svc.backends:
-                    key = endpoint((b.address or svc.vip).packed, b.port)
+                for key in runtime.endpoints.values():
                     self.by_backend[svc.protocol].setdefault(key, []).append(runtime)
 
     def __iter__(self) -> Iterator[ServiceRuntime]:
