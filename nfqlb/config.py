@@ -2,6 +2,9 @@
 
 A bad configuration raises :class:`ConfigError` naming the file, the key (for example
 ``service[0].backend[1].port``) and the problem; nothing else in nfqlb validates user input.
+A service's policy is checked by the policies package (``policies.check``); its errors are
+reported here under the key they concern. The value types the dataclasses hold (``Backend``,
+``Mode``, ``Protocol``, ``IPAddress``) live in :mod:`nfqlb.values` and are re-exported.
 """
 
 from __future__ import annotations
@@ -16,21 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from nfqlb.errors import ConfigError
+from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = [
+    "DEFAULT_PATHS", "Backend", "Config", "DaemonConfig", "IPAddress", "IcmpEcho", "Mode",
+    "Protocol", "Service", "Timeouts", "UnknownFlow", "find_config", "load_config",
+    "parse_config",
+]
 
 DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))
-
-
-class Mode(enum.Enum):
-    LOCAL = "local"
-    DNAT = "dnat"
-    FULLNAT = "fullnat"
-
-
-class Protocol(enum.IntEnum):
-    TCP = 6
-    UDP = 17
 
 
 class UnknownFlow(enum.Enum):
@@ -44,14 +41,6 @@ class UnknownFlow(enum.Enum):
 class IcmpEcho(enum.Enum):
     ACCEPT = "accept"  # echo requests to a VIP go on to the kernel (it answers if it owns the VIP)
     DROP = "drop"
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    name: str
-    address: IPAddress | None  # None only in local mode: keep the destination address
-    port: int
-    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from nfqlb.config import Backend, IPAddress
 from nfqlb.errors import PolicyError
+from nfqlb.values import Backend, IPAddress
 
 __all__ = [
     "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyOptionError",

@@ -14,8 +14,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FIELDS, FlowKey, Options, live
+from nfqlb.values import Backend
 
 
 def flow_bytes(flow: FlowKey) -> bytes:

@@ -22,9 +22,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.errors import PolicyError
 from nfqlb.policies.base import Policy, PolicyFactory, PolicyOptionError
+from nfqlb.values import Backend
 
 FILE = "file:"
 MODULE = "module:"

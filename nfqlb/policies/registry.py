@@ -17,7 +17,6 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.errors import PolicyError
 from nfqlb.policies import plugins
 from nfqlb.policies.base import Policy, PolicyFactory
@@ -28,6 +27,7 @@ from nfqlb.policies.power_of_two import PowerOfTwoChoices
 from nfqlb.policies.round_robin import RoundRobin
 from nfqlb.policies.source_hash import SourceHash
 from nfqlb.policies.weighted_round_robin import WeightedRoundRobin
+from nfqlb.values import Backend
 
 BUILTINS: dict[str, PolicyFactory] = {
     "round_robin": RoundRobin,
