@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfqlb.errors import ConfigError
+from nfqlb import policies
+from nfqlb.errors import ConfigError, PolicyError
 from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
 __all__ = [
@@ -277,30 +278,22 @@ def _service(chk: _Checker) -> Service:
 
 def _policy(chk: _Checker, backends: tuple[Backend, ...]
             ) -> tuple[str, Mapping[str, Any], str]:
-    """``policy``, ``policy_options`` and ``policy_fallback``, checked by building the policy
-    (and its fallback) once: a plugin that cannot be imported or built, or an option the
-    policy refuses, is a configuration error naming the key."""
-    from nfqlb import policies  # late: policies import this module
-    from nfqlb.errors import PolicyError
-
+    """``policy``, ``policy_options`` and ``policy_fallback``, checked by the policies package
+    (which builds the policy and its fallback once): a plugin that cannot be imported or built,
+    or an option the policy refuses, is a configuration error naming the key."""
     spec = chk.text("policy", "round_robin")
     options = chk.table.get("policy_options", {})
     if not isinstance(options, Mapping):
         raise chk.fail("policy_options", "must be a table ([service.policy_options])")
     fallback = chk.text("policy_fallback", "flow_hash")
-    if fallback != policies.DROP and not policies.is_builtin(fallback):
-        raise chk.fail("policy_fallback", f"{fallback!r} is not \"drop\" nor a built-in "
-                       f"policy ({', '.join(policies.policy_names())})")
     try:
-        spec = policies.resolve_spec(spec, Path(chk.source).parent)
-        policies.make_policy(spec, backends, options)
-        if fallback != policies.DROP:
-            policies.make_policy(fallback, backends)
+        return policies.check(spec, options, fallback, backends, Path(chk.source).parent)
     except policies.PolicyOptionError as exc:
         raise chk.fail(f"policy_options.{exc.key}", exc.problem) from None
+    except policies.PolicyFallbackError as exc:
+        raise chk.fail("policy_fallback", str(exc)) from None
     except PolicyError as exc:
         raise chk.fail("policy", str(exc)) from None
-    return spec, types.MappingProxyType(dict(options)), fallback
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:

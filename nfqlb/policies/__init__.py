@@ -31,6 +31,7 @@ from nfqlb.policies.base import (
     Options,
     Policy,
     PolicyFactory,
+    PolicyFallbackError,
     PolicyOptionError,
     live,
 )
@@ -40,6 +41,7 @@ from nfqlb.policies.registry import (
     BUILTINS,
     DROP,
     build_policy,
+    check,
     is_builtin,
     make_policy,
     policy_names,
@@ -47,6 +49,6 @@ from nfqlb.policies.registry import (
 
 __all__ = [
     "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ClosesFlows", "FlowKey", "Options",
-    "Policy", "PolicyFactory", "PolicyOptionError", "build_policy", "is_builtin", "live",
-    "make_policy", "policy_names", "resolve_spec",
+    "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError", "build_policy",
+    "check", "is_builtin", "live", "make_policy", "policy_names", "resolve_spec",
 ]

@@ -28,8 +28,8 @@ from nfqlb.errors import PolicyError
 from nfqlb.values import Backend, IPAddress
 
 __all__ = [
-    "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyOptionError",
-    "ClosesFlows", "FIELDS", "live",
+    "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError",
+    "PolicyOptionError", "ClosesFlows", "FIELDS", "live",
 ]
 
 
@@ -84,6 +84,10 @@ class PolicyOptionError(PolicyError):
         self.key = key
         self.problem = problem
         super().__init__(f"policy_options.{key}: {problem}")
+
+
+class PolicyFallbackError(PolicyError):
+    """A service's ``policy_fallback`` names neither a built-in policy nor ``"drop"``."""
 
 
 class Options:
