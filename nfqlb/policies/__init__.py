@@ -5,6 +5,11 @@ tables there, off the hot path) and asked ``choose(flow, now)`` once per new flo
 connection table then keeps the flow on that backend for its life. See ``base`` for the
 contract, ``registry`` for the names, ``plugins`` for loading third-party policies.
 
+The rest of nfqlb uses only the names exported here: ``check`` (configuration: a service's
+policy, options and fallback), ``make_policy`` (build one with its backends), ``hash_choice``
+(the ``flow_hash`` placement, which the core uses to adopt flows it has no entry for) and
+``describe_failure`` (where a policy raised, for the core's log line).
+
 Writing one (``policy = "file:policies/first.py"`` in the service)::
 
     from nfqlb.policies import Backend, FlowKey
@@ -35,7 +40,8 @@ from nfqlb.policies.base import (
     PolicyOptionError,
     live,
 )
-from nfqlb.policies.plugins import resolve_spec
+from nfqlb.policies.hashing import hash_choice
+from nfqlb.policies.plugins import describe_failure, resolve_spec
 from nfqlb.policies.registry import (
     ALIASES,
     BUILTINS,
@@ -50,5 +56,6 @@ from nfqlb.policies.registry import (
 __all__ = [
     "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ClosesFlows", "FlowKey", "Options",
     "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError", "build_policy",
-    "check", "is_builtin", "live", "make_policy", "policy_names", "resolve_spec",
+    "check", "describe_failure", "hash_choice", "is_builtin", "live", "make_policy",
+    "policy_names", "resolve_spec",
 ]

@@ -73,6 +73,13 @@ def where(exc: BaseException, prefer: str | None = None) -> str:
     return f"{chosen.filename}:{chosen.lineno}: {text}"
 
 
+def describe_failure(exc: BaseException) -> str:
+    """Where a policy raised, for a log line: ``file:line: Type: message`` at the innermost
+    frame of ``exc``'s traceback (what the core logs when ``choose`` or ``on_flow_closed``
+    fails)."""
+    return where(exc)
+
+
 def _load_file(spec: str) -> PolicyFactory:
     path, attr = _split_file(spec)
     path = os.path.abspath(path)
