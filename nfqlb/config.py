@@ -10,7 +10,6 @@ reported here under the key they concern. The value types the dataclasses hold (
 from __future__ import annotations
 
 import enum
-import ipaddress
 import tomllib
 import types
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from typing import Any
 
 from nfqlb import policies
 from nfqlb.errors import ConfigError, PolicyError
+from nfqlb.typed import TableReader
 from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
 __all__ = [
@@ -110,7 +110,7 @@ _SERVICE_KEYS = {
 _BACKEND_KEYS = {"name", "address", "port", "weight"}
 
 
-class _Checker:
+class _Checker(TableReader):
     """Reads one table with typed getters; every error names ``source`` and the full key."""
 
     def __init__(self, source: str, prefix: str, table: Any, allowed: set[str]) -> None:
@@ -118,7 +118,7 @@ class _Checker:
         self.prefix = prefix
         if not isinstance(table, Mapping):
             raise ConfigError(source, prefix, f"must be a table, not {type(table).__name__}")
-        self.table = table
+        super().__init__(table)
         for key in table:
             if key not in allowed:
                 raise ConfigError(
@@ -130,62 +130,6 @@ class _Checker:
 
     def fail(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self.table
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.table.get(name, default)
-        if value is None:
-            raise self.fail(name, "is required")
-        if not isinstance(value, str) or not value:
-            raise self.fail(name, f"must be a non-empty string, not {value!r}")
-        return value
-
-    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int:
-        value = self.table.get(name, default)
-        if value is None:
-            raise self.fail(name, "is required")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, not {value!r}")
-        if not lo <= value <= hi:
-            raise self.fail(name, f"{value} is out of range {lo}-{hi}")
-        return value
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.table.get(name, default)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be true or false, not {value!r}")
-        return value
-
-    def seconds(self, name: str, default: float) -> float:
-        value = self.table.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise self.fail(name, f"must be a positive number of seconds, not {value!r}")
-        return float(value)
-
-    def address(self, name: str, required: bool = True) -> IPAddress | None:
-        if name not in self.table:
-            if required:
-                raise self.fail(name, "is required")
-            return None
-        value = self.table[name]
-        if not isinstance(value, str):
-            raise self.fail(name, f"must be an IP address string, not {value!r}")
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
-            raise self.fail(name, f"{value!r} is not an IP address") from None
-        if addr.is_unspecified or addr.is_multicast:
-            raise self.fail(name, f"{value} cannot be used here (unspecified or multicast)")
-        return addr
-
-    def choice(self, name: str, enum_type: type[enum.Enum], default: str | None) -> Any:
-        value = self.text(name, default)
-        names = {m.name.lower(): m for m in enum_type}
-        if value.lower() not in names:
-            raise self.fail(name, f"{value!r} is not one of: {', '.join(names)}")
-        return names[value.lower()]
 
     def tables(self, name: str) -> list[Any]:
         value = self.table.get(name, [])
