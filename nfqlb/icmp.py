@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING
 
 from nfqlb.errors import PacketError
 from nfqlb.wire.checksum import U16, apply, delta, full, sum16
+from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP
 
 if TYPE_CHECKING:
     from nfqlb.flows import Entry
@@ -48,17 +49,14 @@ if TYPE_CHECKING:
 #: ``lookup(protocol, key) -> entry | None``, over the flow table's per-protocol dicts.
 Lookup = Callable[[int, bytes], "Entry | None"]
 
-ICMP = 1
-ICMPV6 = 58
-TCP = 6
-UDP = 17
-
 #: Error types that quote the offending packet: RFC 792 / RFC 1812 and RFC 4443.
 ERRORS_V4 = frozenset({3, 11, 12})  # destination unreachable, time exceeded, parameter problem
 ERRORS_V6 = frozenset({1, 2, 3, 4})  # destination unreachable, packet too big, time exceeded,
 #                                      parameter problem
 ECHO_REQUEST_V4 = 8
 ECHO_REQUEST_V6 = 128
+
+_PSEUDO_NEXT_ICMPV6 = bytes((0, 0, 0, ICMPV6))  # the ICMPv6 pseudo-header's last word
 
 _V6_EXTENSIONS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 _V6_FRAGMENT = 44
@@ -148,7 +146,8 @@ def translate_error(data: bytes, off: int, lookup: Lookup) -> bytes | None:
         csum = full(buf[off:])
     else:
         length = n - off
-        pseudo = new_osrc + new_odst + U16[length >> 16] + U16[length & 0xFFFF] + b"\0\0\0\x3a"
+        pseudo = (new_osrc + new_odst + U16[length >> 16] + U16[length & 0xFFFF]
+                  + _PSEUDO_NEXT_ICMPV6)
         csum = full(buf[off:], sum16(pseudo))
     buf[off + 2:off + 4] = U16[csum]
     return bytes(buf)

@@ -38,7 +38,7 @@ __all__ = [
 class FlowKey:
     """What a policy knows of a new flow, as the client sent it."""
 
-    protocol: int  # 6 TCP, 17 UDP
+    protocol: int  # an IANA protocol number: nfqlb.values.Protocol.TCP or .UDP
     src: IPAddress
     sport: int
     dst: IPAddress  # the VIP

@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 from nfqlb.errors import PacketError
 
+# IANA protocol numbers: the one definition in nfqlb (``values.Protocol`` and the rest use these)
 TCP = 6
 UDP = 17
 ICMP = 1
