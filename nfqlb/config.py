@@ -2,12 +2,14 @@
 
 A bad configuration raises :class:`ConfigError` naming the file, the key (for example
 ``service[0].backend[1].port``) and the problem; nothing else in nfqlb validates user input.
+A service's policy is checked by the policies package (``policies.check``); its errors are
+reported here under the key they concern. The value types the dataclasses hold (``Backend``,
+``Mode``, ``Protocol``, ``IPAddress``) live in :mod:`nfqlb.values` and are re-exported.
 """
 
 from __future__ import annotations
 
 import enum
-import ipaddress
 import tomllib
 import types
 from collections.abc import Mapping
@@ -15,22 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nfqlb.errors import ConfigError
+from nfqlb import policies
+from nfqlb.errors import ConfigError, PolicyError
+from nfqlb.typed import TableReader
+from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+__all__ = [
+    "DEFAULT_PATHS", "Backend", "Config", "DaemonConfig", "IPAddress", "IcmpEcho", "Mode",
+    "Protocol", "Service", "Timeouts", "UnknownFlow", "find_config", "load_config",
+    "parse_config",
+]
 
 DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))
-
-
-class Mode(enum.Enum):
-    LOCAL = "local"
-    DNAT = "dnat"
-    FULLNAT = "fullnat"
-
-
-class Protocol(enum.IntEnum):
-    TCP = 6
-    UDP = 17
 
 
 class UnknownFlow(enum.Enum):
@@ -44,14 +42,6 @@ class UnknownFlow(enum.Enum):
 class IcmpEcho(enum.Enum):
     ACCEPT = "accept"  # echo requests to a VIP go on to the kernel (it answers if it owns the VIP)
     DROP = "drop"
-
-
-@dataclass(frozen=True, slots=True)
-class Backend:
-    name: str
-    address: IPAddress | None  # None only in local mode: keep the destination address
-    port: int
-    weight: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +110,7 @@ _SERVICE_KEYS = {
 _BACKEND_KEYS = {"name", "address", "port", "weight"}
 
 
-class _Checker:
+class _Checker(TableReader):
     """Reads one table with typed getters; every error names ``source`` and the full key."""
 
     def __init__(self, source: str, prefix: str, table: Any, allowed: set[str]) -> None:
@@ -128,7 +118,7 @@ class _Checker:
         self.prefix = prefix
         if not isinstance(table, Mapping):
             raise ConfigError(source, prefix, f"must be a table, not {type(table).__name__}")
-        self.table = table
+        super().__init__(table)
         for key in table:
             if key not in allowed:
                 raise ConfigError(
@@ -140,62 +130,6 @@ class _Checker:
 
     def fail(self, name: str, problem: str) -> ConfigError:
         return ConfigError(self.source, self.key(name), problem)
-
-    def has(self, name: str) -> bool:
-        return name in self.table
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.table.get(name, default)
-        if value is None:
-            raise self.fail(name, "is required")
-        if not isinstance(value, str) or not value:
-            raise self.fail(name, f"must be a non-empty string, not {value!r}")
-        return value
-
-    def integer(self, name: str, default: int | None, lo: int, hi: int) -> int:
-        value = self.table.get(name, default)
-        if value is None:
-            raise self.fail(name, "is required")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.fail(name, f"must be an integer, not {value!r}")
-        if not lo <= value <= hi:
-            raise self.fail(name, f"{value} is out of range {lo}-{hi}")
-        return value
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.table.get(name, default)
-        if not isinstance(value, bool):
-            raise self.fail(name, f"must be true or false, not {value!r}")
-        return value
-
-    def seconds(self, name: str, default: float) -> float:
-        value = self.table.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-            raise self.fail(name, f"must be a positive number of seconds, not {value!r}")
-        return float(value)
-
-    def address(self, name: str, required: bool = True) -> IPAddress | None:
-        if name not in self.table:
-            if required:
-                raise self.fail(name, "is required")
-            return None
-        value = self.table[name]
-        if not isinstance(value, str):
-            raise self.fail(name, f"must be an IP address string, not {value!r}")
-        try:
-            addr = ipaddress.ip_address(value)
-        except ValueError:
-            raise self.fail(name, f"{value!r} is not an IP address") from None
-        if addr.is_unspecified or addr.is_multicast:
-            raise self.fail(name, f"{value} cannot be used here (unspecified or multicast)")
-        return addr
-
-    def choice(self, name: str, enum_type: type[enum.Enum], default: str | None) -> Any:
-        value = self.text(name, default)
-        names = {m.name.lower(): m for m in enum_type}
-        if value.lower() not in names:
-            raise self.fail(name, f"{value!r} is not one of: {', '.join(names)}")
-        return names[value.lower()]
 
     def tables(self, name: str) -> list[Any]:
         value = self.table.get(name, [])
@@ -288,30 +222,22 @@ def _service(chk: _Checker) -> Service:
 
 def _policy(chk: _Checker, backends: tuple[Backend, ...]
             ) -> tuple[str, Mapping[str, Any], str]:
-    """``policy``, ``policy_options`` and ``policy_fallback``, checked by building the policy
-    (and its fallback) once: a plugin that cannot be imported or built, or an option the
-    policy refuses, is a configuration error naming the key."""
-    from nfqlb import policies  # late: policies import this module
-    from nfqlb.errors import PolicyError
-
+    """``policy``, ``policy_options`` and ``policy_fallback``, checked by the policies package
+    (which builds the policy and its fallback once): a plugin that cannot be imported or built,
+    or an option the policy refuses, is a configuration error naming the key."""
     spec = chk.text("policy", "round_robin")
     options = chk.table.get("policy_options", {})
     if not isinstance(options, Mapping):
         raise chk.fail("policy_options", "must be a table ([service.policy_options])")
     fallback = chk.text("policy_fallback", "flow_hash")
-    if fallback != policies.DROP and not policies.is_builtin(fallback):
-        raise chk.fail("policy_fallback", f"{fallback!r} is not \"drop\" nor a built-in "
-                       f"policy ({', '.join(policies.policy_names())})")
     try:
-        spec = policies.resolve_spec(spec, Path(chk.source).parent)
-        policies.make_policy(spec, backends, options)
-        if fallback != policies.DROP:
-            policies.make_policy(fallback, backends)
+        return policies.check(spec, options, fallback, backends, Path(chk.source).parent)
     except policies.PolicyOptionError as exc:
         raise chk.fail(f"policy_options.{exc.key}", exc.problem) from None
+    except policies.PolicyFallbackError as exc:
+        raise chk.fail("policy_fallback", str(exc)) from None
     except PolicyError as exc:
         raise chk.fail("policy", str(exc)) from None
-    return spec, types.MappingProxyType(dict(options)), fallback
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:

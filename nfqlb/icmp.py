@@ -41,17 +41,13 @@ from typing import TYPE_CHECKING
 
 from nfqlb.errors import PacketError
 from nfqlb.wire.checksum import U16, apply, delta, full, sum16
+from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, V6Reasons, walk_v6
 
 if TYPE_CHECKING:
     from nfqlb.flows import Entry
 
 #: ``lookup(protocol, key) -> entry | None``, over the flow table's per-protocol dicts.
 Lookup = Callable[[int, bytes], "Entry | None"]
-
-ICMP = 1
-ICMPV6 = 58
-TCP = 6
-UDP = 17
 
 #: Error types that quote the offending packet: RFC 792 / RFC 1812 and RFC 4443.
 ERRORS_V4 = frozenset({3, 11, 12})  # destination unreachable, time exceeded, parameter problem
@@ -60,9 +56,11 @@ ERRORS_V6 = frozenset({1, 2, 3, 4})  # destination unreachable, packet too big, 
 ECHO_REQUEST_V4 = 8
 ECHO_REQUEST_V6 = 128
 
-_V6_EXTENSIONS = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
-_V6_FRAGMENT = 44
-_MAX_EXTENSIONS = 8  # a quoted header chain longer than this is refused as malformed
+_PSEUDO_NEXT_ICMPV6 = bytes((0, 0, 0, ICMPV6))  # the ICMPv6 pseudo-header's last word
+
+#: The quoted packet's extension headers are walked as ``parse_ip`` walks a packet's, under
+#: this module's counter names; a quoted routing header is walked like any other.
+_QUOTE_REASONS = V6Reasons("icmp_truncated_quote", "icmp_bad_quote", None)
 
 
 def translate_error(data: bytes, off: int, lookup: Lookup) -> bytes | None:
@@ -148,7 +146,8 @@ def translate_error(data: bytes, off: int, lookup: Lookup) -> bytes | None:
         csum = full(buf[off:])
     else:
         length = n - off
-        pseudo = new_osrc + new_odst + U16[length >> 16] + U16[length & 0xFFFF] + b"\0\0\0\x3a"
+        pseudo = (new_osrc + new_odst + U16[length >> 16] + U16[length & 0xFFFF]
+                  + _PSEUDO_NEXT_ICMPV6)
         csum = full(buf[off:], sum16(pseudo))
     buf[off + 2:off + 4] = U16[csum]
     return bytes(buf)
@@ -178,25 +177,11 @@ def _quoted_transport(data: bytes, q: int, version: int) -> tuple[int, int] | No
             raise PacketError("icmp_truncated_quote")
         if data[q] >> 4 != 6:
             raise PacketError("icmp_bad_quote")
-        proto, l4 = data[q + 6], q + 40
-        for _ in range(_MAX_EXTENSIONS):
-            if proto == TCP or proto == UDP:
-                break
-            if proto == _V6_FRAGMENT:
-                if n < l4 + 8:
-                    raise PacketError("icmp_truncated_quote")
-                if (data[l4 + 2] << 8 | data[l4 + 3]) & 0xFFF8:
-                    return None  # fragment offset > 0
-                proto, l4 = data[l4], l4 + 8
-            elif proto in _V6_EXTENSIONS:
-                if n < l4 + 2:
-                    raise PacketError("icmp_truncated_quote")
-                proto, l4 = data[l4], l4 + (data[l4 + 1] + 1) * 8
-            else:
-                return None  # ICMPv6, ESP, no next header, ...: not a balanced protocol
-        else:
-            if proto != TCP and proto != UDP:
-                raise PacketError("icmp_bad_quote")  # an absurdly long extension chain
+        proto, l4, frag = walk_v6(data, q, _QUOTE_REASONS)
+        if frag >= 0 and (data[frag + 2] << 8 | data[frag + 3]) & 0xFFF8:
+            return None  # fragment offset > 0: no transport header in it
+        if proto != TCP and proto != UDP:
+            return None  # ICMPv6, ESP, no next header, ...: not a balanced protocol
     if n < l4 + 8:
         raise PacketError("icmp_truncated_quote")
     return proto, l4

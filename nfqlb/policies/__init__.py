@@ -5,6 +5,11 @@ tables there, off the hot path) and asked ``choose(flow, now)`` once per new flo
 connection table then keeps the flow on that backend for its life. See ``base`` for the
 contract, ``registry`` for the names, ``plugins`` for loading third-party policies.
 
+The rest of nfqlb uses only the names exported here: ``check`` (configuration: a service's
+policy, options and fallback), ``make_policy`` (build one with its backends), ``hash_choice``
+(the ``flow_hash`` placement, which the core uses to adopt flows it has no entry for) and
+``describe_failure`` (where a policy raised, for the core's log line).
+
 Writing one (``policy = "file:policies/first.py"`` in the service)::
 
     from nfqlb.policies import Backend, FlowKey
@@ -31,15 +36,18 @@ from nfqlb.policies.base import (
     Options,
     Policy,
     PolicyFactory,
+    PolicyFallbackError,
     PolicyOptionError,
     live,
 )
-from nfqlb.policies.plugins import resolve_spec
+from nfqlb.policies.hashing import hash_choice
+from nfqlb.policies.plugins import describe_failure, resolve_spec
 from nfqlb.policies.registry import (
     ALIASES,
     BUILTINS,
     DROP,
     build_policy,
+    check,
     is_builtin,
     make_policy,
     policy_names,
@@ -47,6 +55,7 @@ from nfqlb.policies.registry import (
 
 __all__ = [
     "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ClosesFlows", "FlowKey", "Options",
-    "Policy", "PolicyFactory", "PolicyOptionError", "build_policy", "is_builtin", "live",
-    "make_policy", "policy_names", "resolve_spec",
+    "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError", "build_policy",
+    "check", "describe_failure", "hash_choice", "is_builtin", "live", "make_policy",
+    "policy_names", "resolve_spec",
 ]

@@ -24,12 +24,13 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from nfqlb.config import Backend, IPAddress
 from nfqlb.errors import PolicyError
+from nfqlb.typed import TableReader
+from nfqlb.values import Backend, IPAddress
 
 __all__ = [
-    "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyOptionError",
-    "ClosesFlows", "FIELDS", "live",
+    "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError",
+    "PolicyOptionError", "ClosesFlows", "FIELDS", "live",
 ]
 
 
@@ -37,7 +38,7 @@ __all__ = [
 class FlowKey:
     """What a policy knows of a new flow, as the client sent it."""
 
-    protocol: int  # 6 TCP, 17 UDP
+    protocol: int  # an IANA protocol number: nfqlb.values.Protocol.TCP or .UDP
     src: IPAddress
     sport: int
     dst: IPAddress  # the VIP
@@ -86,63 +87,29 @@ class PolicyOptionError(PolicyError):
         super().__init__(f"policy_options.{key}: {problem}")
 
 
-class Options:
+class PolicyFallbackError(PolicyError):
+    """A service's ``policy_fallback`` names neither a built-in policy nor ``"drop"``."""
+
+
+class Options(TableReader):
     """Typed reads of ``[service.policy_options]``; every error names the option.
 
     ``Options(options, known={"table_size"})`` rejects keys outside ``known`` (a typo should
-    not silently keep a default). Plugins may use it too.
+    not silently keep a default). Plugins may use it too: ``get`` (unchecked), ``text``,
+    ``integer``, ``number``, ``flag``, ``subset`` and the other getters of
+    :class:`nfqlb.typed.TableReader` raise ``PolicyOptionError`` naming the option.
     """
 
     def __init__(self, options: Mapping[str, Any], known: Collection[str]) -> None:
-        self.options = options
+        super().__init__(options)
         for key in options:
             if key not in known:
                 hint = f"known: {', '.join(sorted(known))}" if known else "it takes no options"
                 raise PolicyOptionError(key, f"unknown option ({hint})")
 
-    def get(self, name: str, default: Any = None) -> Any:
-        return self.options.get(name, default)
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return self.table
 
-    def integer(self, name: str, default: int, lo: int, hi: int) -> int:
-        value = self.options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise PolicyOptionError(name, f"must be an integer, not {value!r}")
-        if not lo <= value <= hi:
-            raise PolicyOptionError(name, f"{value} is out of range {lo}-{hi}")
-        return value
-
-    def number(self, name: str, default: float, lo: float, hi: float) -> float:
-        value = self.options.get(name, default)
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise PolicyOptionError(name, f"must be a number, not {value!r}")
-        if not lo <= value <= hi:
-            raise PolicyOptionError(name, f"{value} is out of range {lo}-{hi}")
-        return float(value)
-
-    def flag(self, name: str, default: bool) -> bool:
-        value = self.options.get(name, default)
-        if not isinstance(value, bool):
-            raise PolicyOptionError(name, f"must be true or false, not {value!r}")
-        return value
-
-    def text(self, name: str, default: str | None = None) -> str:
-        value = self.options.get(name, default)
-        if value is None:
-            raise PolicyOptionError(name, "is required")
-        if not isinstance(value, str) or not value:
-            raise PolicyOptionError(name, f"must be a non-empty string, not {value!r}")
-        return value
-
-    def subset(self, name: str, default: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
-        """A non-empty list of distinct names out of ``allowed``, kept in ``allowed``'s order."""
-        value = self.options.get(name, list(default))
-        if not isinstance(value, list) or not value \
-                or not all(isinstance(v, str) for v in value):
-            raise PolicyOptionError(name, f"must be a non-empty list of names out of "
-                                    f"{', '.join(allowed)}; not {value!r}")
-        for v in value:
-            if v not in allowed:
-                raise PolicyOptionError(name, f"{v!r} is not one of: {', '.join(allowed)}")
-        if len(set(value)) != len(value):
-            raise PolicyOptionError(name, f"{value!r} names a field twice")
-        return tuple(a for a in allowed if a in value)
+    def fail(self, name: str, problem: str) -> PolicyOptionError:
+        return PolicyOptionError(name, problem)

@@ -14,8 +14,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FIELDS, FlowKey, Options, live
+from nfqlb.values import Backend
 
 
 def flow_bytes(flow: FlowKey) -> bytes:
@@ -76,6 +76,15 @@ def rendezvous(key: bytes, backends: Sequence[Backend]) -> Backend | None:
     return best
 
 
+def hash_choice(flow: FlowKey, backends: Sequence[Backend]) -> Backend | None:
+    """The backend ``flow_hash`` gives ``flow`` among ``backends`` (weight 0 never chosen).
+
+    The core uses it to adopt a mid-flow packet of a flow it has no entry for: with the same
+    backends it lands where ``flow_hash`` placed the flow before a restart.
+    """
+    return rendezvous(flow_bytes(flow), backends)
+
+
 class FlowHash:
     """Policy ``flow_hash``: rendezvous hash of the whole flow (protocol, addresses, ports).
 
@@ -91,4 +100,4 @@ class FlowHash:
         self._backends = live(backends)
 
     def choose(self, flow: FlowKey, now: float) -> Backend | None:
-        return rendezvous(flow_bytes(flow), self._backends)
+        return hash_choice(flow, self._backends)

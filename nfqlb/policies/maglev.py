@@ -25,9 +25,9 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FIELDS, FlowKey, Options, PolicyOptionError, live
 from nfqlb.policies.hashing import hash64, key_function
+from nfqlb.values import Backend
 
 DEFAULT_TABLE_SIZE = 65537
 MAX_TABLE_SIZE = 16777259  # the first prime above 2**24

@@ -22,9 +22,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.errors import PolicyError
 from nfqlb.policies.base import Policy, PolicyFactory, PolicyOptionError
+from nfqlb.values import Backend
 
 FILE = "file:"
 MODULE = "module:"
@@ -71,6 +71,13 @@ def where(exc: BaseException, prefer: str | None = None) -> str:
     if prefer is not None and os.path.abspath(chosen.filename) == prefer:
         return f"line {chosen.lineno}: {text}"
     return f"{chosen.filename}:{chosen.lineno}: {text}"
+
+
+def describe_failure(exc: BaseException) -> str:
+    """Where a policy raised, for a log line: ``file:line: Type: message`` at the innermost
+    frame of ``exc``'s traceback (what the core logs when ``choose`` or ``on_flow_closed``
+    fails)."""
+    return where(exc)
 
 
 def _load_file(spec: str) -> PolicyFactory:

@@ -16,9 +16,9 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FlowKey, Options, live
 from nfqlb.policies.least_conn import OpenFlows
+from nfqlb.values import Backend
 
 
 class PowerOfTwoChoices:

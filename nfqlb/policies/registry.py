@@ -14,13 +14,14 @@ A policy is named in the configuration in one of four ways:
 from __future__ import annotations
 
 import random
+import types
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.errors import PolicyError
 from nfqlb.policies import plugins
-from nfqlb.policies.base import Policy, PolicyFactory
+from nfqlb.policies.base import Policy, PolicyFactory, PolicyFallbackError
 from nfqlb.policies.hashing import FlowHash
 from nfqlb.policies.least_conn import LeastConn
 from nfqlb.policies.maglev import Maglev
@@ -28,6 +29,7 @@ from nfqlb.policies.power_of_two import PowerOfTwoChoices
 from nfqlb.policies.round_robin import RoundRobin
 from nfqlb.policies.source_hash import SourceHash
 from nfqlb.policies.weighted_round_robin import WeightedRoundRobin
+from nfqlb.values import Backend
 
 BUILTINS: dict[str, PolicyFactory] = {
     "round_robin": RoundRobin,
@@ -97,3 +99,23 @@ def make_policy(spec: str, backends: Sequence[Backend], options: Mapping[str, An
     policy = build_policy(spec, options, rng)
     plugins.call_set_backends(spec, policy, backends)
     return policy
+
+
+def check(spec: str, options: Mapping[str, Any], fallback: str, backends: Sequence[Backend],
+          base_dir: str | Path) -> tuple[str, Mapping[str, Any], str]:
+    """A service's ``policy``, ``policy_options`` and ``policy_fallback``, checked by building
+    the policy (and its fallback) once with ``backends``.
+
+    Returns ``(spec with a relative file: path resolved against base_dir, a read-only copy of
+    options, fallback)``. Raises PolicyFallbackError when ``fallback`` is neither ``"drop"``
+    nor a built-in, PolicyOptionError for an option the policy refuses, PolicyError for a
+    policy that cannot be found, imported or built.
+    """
+    if fallback != DROP and not is_builtin(fallback):
+        raise PolicyFallbackError(f"{fallback!r} is not \"drop\" nor a built-in "
+                                  f"policy ({', '.join(policy_names())})")
+    spec = plugins.resolve_spec(spec, base_dir)
+    make_policy(spec, backends, options)
+    if fallback != DROP:
+        make_policy(fallback, backends)
+    return spec, types.MappingProxyType(dict(options)), fallback

@@ -16,9 +16,9 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FIELDS, FlowKey, Options, live
 from nfqlb.policies.hashing import key_function, rendezvous
+from nfqlb.values import Backend
 
 
 class SourceHash:

@@ -13,8 +13,8 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.config import Backend
 from nfqlb.policies.base import FlowKey, Options, live
+from nfqlb.values import Backend
 
 
 class WeightedRoundRobin:

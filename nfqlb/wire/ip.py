@@ -3,6 +3,11 @@
 ``parse_ip`` validates what the rewrite relies on and raises :class:`PacketError` with the
 counter name as its reason; it never lets an ``IndexError`` or ``struct.error`` escape. It is
 the general path only: established flows never get here.
+
+``walk_v6`` is the one walk over an IPv6 extension-header chain: ``parse_ip`` walks the packet,
+``icmp`` the packet an ICMPv6 error quotes, each raising under its own counter names.
+Hop-by-hop, routing and destination options are ``(len + 1) * 8`` bytes long, AH
+``(len + 2) * 4`` (RFC 4302: its length is in 32-bit words, less 2), a fragment header 8.
 """
 
 from __future__ import annotations
@@ -11,15 +16,33 @@ from typing import NamedTuple
 
 from nfqlb.errors import PacketError
 
+# IANA protocol numbers: the one definition in nfqlb (``values.Protocol`` and the rest use these)
 TCP = 6
 UDP = 17
 ICMP = 1
 ICMPV6 = 58
 
-_V6_EXT = {0, 43, 60}  # hop-by-hop, routing, destination options: (len + 1) * 8 bytes
-_V6_FRAG = 44
-_V6_AH = 51
-_V6_NONE = 59
+# IPv6 extension headers (IANA protocol numbers too)
+HOPOPT = 0
+IPV6_ROUTE = 43
+IPV6_FRAG = 44
+AH = 51
+IPV6_OPTS = 60
+_V6_EXT = frozenset({HOPOPT, IPV6_ROUTE, IPV6_OPTS})  # (len + 1) * 8 bytes
+_V6_MAX_HEADERS = 7  # a longer chain is refused: the walk is bounded
+
+
+class V6Reasons(NamedTuple):
+    """The counter names ``walk_v6`` raises under: each caller keeps its own."""
+
+    truncated: str  # the chain runs past the end of the data
+    too_many: str  # more than _V6_MAX_HEADERS extension headers
+    routing: str | None  # a routing header with segments left; None: walked like the others
+
+
+#: What ``parse_ip`` raises: a routing header with segments left is refused, since the final
+#: destination (and with it the TCP/UDP pseudo-header) would change on the way.
+PACKET_REASONS = V6Reasons("truncated", "ipv6_too_many_headers", "ipv6_routing_header")
 
 
 class Parsed(NamedTuple):
@@ -95,38 +118,51 @@ def _parse_v6(data: bytes, n: int) -> Parsed | None:
     if (data[4] << 8 | data[5]) != n - 40:
         raise PacketError("truncated" if (data[4] << 8 | data[5]) > n - 40
                           else "bad_total_length")
-    nh = data[6]
-    off = 40
+    nh, off, frag = walk_v6(data, 0, PACKET_REASONS)
     frag_key: bytes | None = None
     first = True
-    for _ in range(8):  # a bounded walk of the extension headers
-        if nh in _V6_EXT or nh == _V6_AH:
-            if n < off + 8:
-                raise PacketError("truncated")
-            if nh == 43 and data[off + 3]:
-                raise PacketError("ipv6_routing_header")  # the pseudo-header would change
-            size = (data[off + 1] + 2) * 4 if nh == _V6_AH else (data[off + 1] + 1) * 8
-            nh = data[off]
-            off += size
-            if off > n:
-                raise PacketError("truncated")
-        elif nh == _V6_FRAG:
-            if n < off + 8:
-                raise PacketError("truncated")
-            offset = (data[off + 2] << 8 | data[off + 3]) >> 3
-            more = data[off + 3] & 1
-            ident = data[off + 4:off + 8]
-            nh = data[off]
-            off += 8
-            if offset or more:
-                frag_key = data[8:40] + bytes((nh,)) + ident
-                first = offset == 0
-        else:
-            break
-    else:
-        raise PacketError("ipv6_too_many_headers")
+    if frag >= 0:
+        frag_key = data[8:40] + data[frag:frag + 1] + data[frag + 4:frag + 8]
+        first = (data[frag + 2] << 8 | data[frag + 3]) < 8  # fragment offset 0
     if nh not in (TCP, UDP, ICMPV6):
         return None
     if first and not (frag_key is not None and nh == ICMPV6):
         _check_transport(data, off, nh, whole=frag_key is None)
     return Parsed(True, off, nh, frag_key, first)
+
+
+def walk_v6(data: bytes, start: int, reasons: V6Reasons) -> tuple[int, int, int]:
+    """The extension headers of the IPv6 packet at ``start`` (its fixed 40-byte header must be
+    in ``data``): ``(proto, off, frag)``, the first header that is not an extension header
+    (TCP, UDP, ICMPv6, ESP, ...) and its offset, and the offset of the last fragment header
+    that has a fragment offset or the M flag (-1 if none: not a fragment).
+
+    Each extension header must be whole in ``data`` (else ``reasons.truncated``); the walk goes
+    on after a fragment header whatever its offset, and stops at the first header that is not
+    an extension header, or refuses the chain after _V6_MAX_HEADERS of them.
+    """
+    n = len(data)
+    nh = data[start + 6]
+    off = start + 40
+    frag = -1
+    for _ in range(_V6_MAX_HEADERS + 1):
+        if nh in _V6_EXT or nh == AH:
+            if n < off + 8:
+                raise PacketError(reasons.truncated)
+            if nh == IPV6_ROUTE and data[off + 3] and reasons.routing is not None:
+                raise PacketError(reasons.routing)  # segments left: not the final destination
+            size = (data[off + 1] + 2) * 4 if nh == AH else (data[off + 1] + 1) * 8
+            nh = data[off]
+            off += size
+            if off > n:
+                raise PacketError(reasons.truncated)
+        elif nh == IPV6_FRAG:
+            if n < off + 8:
+                raise PacketError(reasons.truncated)
+            if (data[off + 2] << 8 | data[off + 3]) & 0xFFF9:  # fragment offset, or M
+                frag = off
+            nh = data[off]
+            off += 8
+        else:
+            return nh, off, frag
+    raise PacketError(reasons.too_many)

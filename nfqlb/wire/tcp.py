@@ -5,6 +5,7 @@ from __future__ import annotations
 import struct
 
 from nfqlb.wire.checksum import full
+from nfqlb.wire.ip import TCP
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
@@ -22,11 +23,11 @@ def build_rst(data: bytes, off: int, v6: bool) -> bytes:
     tcp = _TCP.pack(dport, sport, rseq, rack, 5 << 4, rflags, 0, 0, 0)
     if v6:
         src, dst = data[24:40], data[8:24]
-        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), 6)
-        ip = struct.pack("!IHBB", 0x60000000, len(tcp), 6, 64) + src + dst
+        pseudo = src + dst + struct.pack("!IxxxB", len(tcp), TCP)
+        ip = struct.pack("!IHBB", 0x60000000, len(tcp), TCP, 64) + src + dst
     else:
         src, dst = data[16:20], data[12:16]
-        pseudo = src + dst + struct.pack("!xBH", 6, len(tcp))
-        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0, src, dst)
+        pseudo = src + dst + struct.pack("!xBH", TCP, len(tcp))
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, TCP, 0, src, dst)
         ip = ip[:10] + struct.pack("!H", full(ip)) + ip[12:]
     return ip + tcp[:16] + struct.pack("!H", full(pseudo + tcp)) + tcp[18:]
