@@ -23,9 +23,8 @@ from nfqlb.typed import TableReader
 from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
 __all__ = [
-    "DEFAULT_PATHS", "Backend", "Config", "DaemonConfig", "IPAddress", "IcmpEcho", "Mode",
-    "Protocol", "Service", "Timeouts", "UnknownFlow", "find_config", "load_config",
-    "parse_config",
+    "DEFAULT_PATHS", "Config", "DaemonConfig", "IcmpEcho", "Service", "Timeouts",
+    "UnknownFlow", "find_config", "load_config", "parse_config",
 ]
 
 DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))

@@ -36,7 +36,7 @@ import random
 from typing import Any
 
 from nfqlb import icmp
-from nfqlb.config import Backend, Config, UnknownFlow
+from nfqlb.config import Config, UnknownFlow
 from nfqlb.counters import Counters, format_stats
 from nfqlb.errors import PacketError
 from nfqlb.flows import (
@@ -53,6 +53,7 @@ from nfqlb.frags import FragmentTracker
 from nfqlb.policies import FlowKey, Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import ServiceRuntime, Services
+from nfqlb.values import Backend
 from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip

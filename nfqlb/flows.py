@@ -45,9 +45,9 @@ from nfqlb.wire.checksum import delta
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from nfqlb.config import Backend
     from nfqlb.policies import FlowKey, Policy
     from nfqlb.services import ServiceRuntime
+    from nfqlb.values import Backend
 
 
 class TcpState(enum.IntEnum):

@@ -25,8 +25,9 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Backend, Config, IcmpEcho, IPAddress, Mode, Service
+from nfqlb.config import Config, IcmpEcho, Service
 from nfqlb.errors import ConfigError
+from nfqlb.values import Backend, IPAddress, Mode
 
 TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
 TABLE = "raw"

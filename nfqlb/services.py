@@ -19,15 +19,15 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING, Any
 
-from nfqlb.config import Backend, Config, Mode, Service, UnknownFlow
+from nfqlb.config import Config, Service, UnknownFlow
 from nfqlb.counters import Counters
 from nfqlb.policies import DROP as POLICY_DROP
-from nfqlb.policies import FlowKey, Policy, make_policy
-from nfqlb.policies.hashing import flow_bytes, rendezvous
-from nfqlb.policies.plugins import where
+from nfqlb.policies import FlowKey, Policy, describe_failure, hash_choice, make_policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.snat import PortPool
+from nfqlb.values import Backend, Mode
 from nfqlb.wire.checksum import U16
+from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -84,7 +84,7 @@ class ServiceRuntime:
         try:
             backend = self.policy.choose(fkey, now)
         except Exception as exc:
-            problem = f"raised {where(exc)} in choose()"
+            problem = f"raised {describe_failure(exc)} in choose()"
         else:
             try:
                 valid = backend is None or backend in self.backend_set
@@ -109,7 +109,7 @@ class ServiceRuntime:
     def hash_choice(self, fkey: FlowKey) -> Backend | None:
         """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on (the same on every node and
         after every restart, while the backend set is the same)."""
-        return rendezvous(flow_bytes(fkey), self.service.backends)
+        return hash_choice(fkey, self.service.backends)
 
     def take_port(self, now: float) -> int | None:
         """A source port for a new fullnat flow (0 when the service does not rewrite the
@@ -149,7 +149,8 @@ class ServiceRuntime:
             self.policy_errors += 1
             self._counters.event("policy_failure")
             self._log.warning(f"policy:{self.name}", now, "service %s: policy %s raised %s "
-                              "in on_flow_closed()", self.name, self.service.policy, where(exc))
+                              "in on_flow_closed()", self.name, self.service.policy,
+                              describe_failure(exc))
 
     def stats(self, live: dict[str, BackendTotals]) -> dict[str, Any]:
         """Per backend: closed flows plus ``live`` (the open ones, by backend name)."""
@@ -178,8 +179,8 @@ class Services:
 
     def __init__(self, config: Config, rng: random.Random, counters: Counters,
                  log: RateLimitedLog) -> None:
-        self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {6: {}, 17: {}}
-        self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {6: {}, 17: {}}
+        self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
+        self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {TCP: {}, UDP: {}}
         self._all: list[ServiceRuntime] = []
         pools: dict[tuple[Any, ...], PortPool] = {}
         for svc in config.services:

@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from nfqlb.config import Mode, Protocol, load_config, parse_config
+from nfqlb.config import load_config, parse_config
 from nfqlb.errors import ConfigError
+from nfqlb.values import Mode, Protocol
 
 EXAMPLE = """\
 [daemon]

@@ -21,11 +21,16 @@ SOURCE = "\n".join(p.read_text() for p in sorted((ROOT / "nfqlb").rglob("*.py"))
 
 DROP_SITES = re.compile(r"""(?:PacketError\(|\.drop\()\s*"([a-z0-9_]+)"|"""
                         r"""return [^\n]*"(no_backend|policy_error)"\s*$""", re.M)
+REASON_SETS = re.compile(r"""V6Reasons\(([^)]*)\)""")  # reasons handed to the IPv6 walk
 EVENT_SITES = re.compile(r"""\.event\(\s*"([a-z0-9_]+)"\s*\)""")
 
 
 def _names(pattern: re.Pattern[str]) -> set[str]:
-    return {next(g for g in m.groups() if g) for m in pattern.finditer(SOURCE)}
+    found = {next(g for g in m.groups() if g) for m in pattern.finditer(SOURCE)}
+    if pattern is DROP_SITES:
+        for m in REASON_SETS.finditer(SOURCE):
+            found.update(re.findall(r'"([a-z0-9_]+)"', m.group(1)))
+    return found
 
 
 def test_every_drop_reason_in_the_code_is_registered() -> None:

@@ -25,7 +25,7 @@ import pytest
 from helpers import CLIENT, VIP, engine, service, tcp, udp
 
 from nfqlb import policies
-from nfqlb.config import Backend, parse_config
+from nfqlb.config import parse_config
 from nfqlb.engine import DROP, backend_of
 from nfqlb.errors import ConfigError
 from nfqlb.policies import FlowKey, make_policy
@@ -34,6 +34,7 @@ from nfqlb.policies.least_conn import LeastConn
 from nfqlb.policies.maglev import Maglev, build_table, is_prime
 from nfqlb.policies.power_of_two import PowerOfTwoChoices
 from nfqlb.policies.source_hash import SourceHash
+from nfqlb.values import Backend
 
 VIP_ADDR = ipaddress.ip_address(VIP)
 

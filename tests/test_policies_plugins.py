@@ -314,7 +314,7 @@ def test_fallback_drop_refuses_the_flow(tmp_path: Path) -> None:
 def test_choose_returning_a_stranger_is_a_failure(returned: str, tmp_path: Path) -> None:
     write(tmp_path / "stranger.py", f"""
         import dataclasses
-        from nfqlb.config import Backend
+        from nfqlb.values import Backend
         class P:
             def __init__(self, options, rng): pass
             def set_backends(self, backends): self.b1 = backends[0]

@@ -1,4 +1,8 @@
-"""IPv4/TCP/UDP offsets: round trips against scapy, every cut point, every malformation."""
+"""IPv4/TCP/UDP offsets: round trips against scapy, every cut point, every malformation.
+
+``parse_ipv4`` below is ``parse_ip`` seen as the IPv4-only, unfragmented parser these tables
+were written for (it was a function of nfqlb's until nothing but these tests used it).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,21 @@ from hypothesis import strategies as st
 from scapy.layers.inet import IP, TCP, IPOption_Router_Alert, IPOption_RR
 
 from nfqlb.errors import PacketError
-from nfqlb.wire.ipv4 import parse_ipv4, tcp_mss_offset
+from nfqlb.wire.ip import ICMP, parse_ip
+from nfqlb.wire.tcp import tcp_mss_offset
+
+
+def parse_ipv4(data: bytes) -> tuple[int, int] | None:
+    """``(transport offset, protocol)`` of a whole IPv4 TCP/UDP packet; None for others."""
+    if data and data[0] >> 4 == 6:
+        raise PacketError("ipv6_unsupported")
+    parsed = parse_ip(data)
+    if parsed is None or parsed.proto == ICMP:
+        return None
+    if parsed.frag_key is not None:
+        raise PacketError("fragment")
+    return parsed.off, parsed.proto
+
 
 RR = IPOption_RR(routers=["198.18.0.1", "198.18.0.3"])  # 12 bytes: ihl 8
 RA = IPOption_Router_Alert()  # 4 bytes: ihl 6

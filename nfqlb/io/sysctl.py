@@ -18,8 +18,9 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from nfqlb.config import Config, Mode
+from nfqlb.config import Config
 from nfqlb.errors import SystemSetupError
+from nfqlb.values import Mode
 
 PROC_SYS = Path("/proc/sys")
 

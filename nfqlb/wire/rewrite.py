@@ -17,7 +17,7 @@ from __future__ import annotations
 from nfqlb.errors import PacketError
 from nfqlb.wire.checksum import U16, apply, delta, full
 from nfqlb.wire.ip import TCP, UDP
-from nfqlb.wire.ipv4 import tcp_mss_offset
+from nfqlb.wire.tcp import tcp_mss_offset
 
 
 def rewrite(data: bytes, v6: bool, off: int, proto: int, fragment: bool, header: bytes,

@@ -1,4 +1,5 @@
-"""TCP segments nfqlb writes itself: the RST answering a packet of a flow it does not know."""
+"""TCP by index on ``bytes``: finding the MSS option, and the segments nfqlb writes itself (the
+RST answering a packet of a flow it does not know)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,28 @@ from nfqlb.wire.ip import TCP
 
 _TCP = struct.Struct("!HHIIBBHHH")
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+
+
+def tcp_mss_offset(data: bytes, off: int) -> int:
+    """Offset of the 2-byte MSS value in the TCP options at ``off``, or -1 (well-formed input)."""
+    end = off + (data[off + 12] >> 4) * 4
+    i = off + 20
+    while i < end:
+        kind = data[i]
+        if kind == 0:
+            break
+        if kind == 1:
+            i += 1
+            continue
+        if i + 1 >= end:
+            break
+        length = data[i + 1]
+        if length < 2 or i + length > end:
+            break
+        if kind == 2 and length == 4:
+            return i + 2
+        i += length
+    return -1
 
 
 def build_rst(data: bytes, off: int, v6: bool) -> bytes:

@@ -311,8 +311,8 @@ def hash_backend(case: Case, client: str, cport: int) -> int:
     """Which backend (index) rendezvous hashing over the whole flow picks: the key is
     protocol | client address | client port | VIP | VIP port, each backend scored by its name
     (``nfqlb.policies.hashing.rendezvous``, a pure function of key and backend names)."""
-    from nfqlb.config import Backend
     from nfqlb.policies.hashing import rendezvous
+    from nfqlb.values import Backend
 
     _, vip, _, backends = addresses(case)
     key = (bytes((6,)) + ipaddress.ip_address(client).packed + cport.to_bytes(2, "big")
