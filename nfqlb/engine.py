@@ -30,7 +30,6 @@ not ours and passes.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import random
 from typing import Any
@@ -50,7 +49,7 @@ from nfqlb.flows import (
     tcp_event,
 )
 from nfqlb.frags import FragmentTracker
-from nfqlb.policies import FlowKey, Policy
+from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import ServiceRuntime, Services
 from nfqlb.values import Backend
@@ -293,7 +292,7 @@ class Engine:
             self.counters.event("reset_sent")
             return build_rst(data, p.off, p.v6), None  # the packet turns into its own answer
         if how is UnknownFlow.HASH and p.frag_key is None:
-            backend = svc.hash_choice(flow_key(data, p))
+            backend = svc.hash_choice(svc.flow_key(key))
             if backend is not None:
                 ent = self._install(svc, key, p.proto, _ESTABLISHED, backend, now)
                 if ent is not None:
@@ -307,15 +306,13 @@ class Engine:
         nfqlb lost (adopted by hash where configured), or simply not ours (accepted)."""
         a, alen = (8, 16) if p.v6 else (12, 4)
         source = data[a:a + alen] + data[p.off:p.off + 2]
+        client = data[a + alen:a + 2 * alen] + data[p.off + 2:p.off + 4]
         for svc in self.services.by_backend[p.proto].get(source, ()):
-            s = svc.service
-            client = data[a + alen:a + 2 * alen] + data[p.off + 2:p.off + 4]
-            fkey = FlowKey(p.proto, ipaddress.ip_address(client[:-2]),
-                           client[-2] << 8 | client[-1], s.vip, s.port)
-            backend = svc.hash_choice(fkey)
+            vip = svc.vip_endpoint
+            fwd_key = client[:-2] + vip[:-2] + client[-2:] + vip[-2:]
+            backend = svc.hash_choice(svc.flow_key(fwd_key))
             if backend is None or svc.endpoints[backend.name] != source:
                 continue
-            fwd_key = client[:-2] + s.vip.packed + client[-2:] + U16[s.port]
             state = _ESTABLISHED if p.proto == TCP else TcpState.UDP
             if self._install(svc, fwd_key, p.proto, state, backend, now) is None:
                 break
@@ -330,7 +327,7 @@ class Engine:
     def _open(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes, state: TcpState,
               now: float) -> Entry | None:
         """Choose a backend for a new flow and install it; None if refused (counted)."""
-        fkey = flow_key(data, p)
+        fkey = svc.flow_key(key)
         backend, placer, reason = svc.choose(fkey, now)
         if backend is None:
             svc.refused += 1
@@ -424,15 +421,6 @@ class Engine:
 
     def format_stats(self) -> str:
         return format_stats(self.stats())
-
-
-def flow_key(data: bytes, p: Parsed) -> FlowKey:
-    """What a policy sees of the packet's flow, as the client sent it."""
-    a, alen = (8, 16) if p.v6 else (12, 4)
-    ip = ipaddress.ip_address
-    off = p.off
-    return FlowKey(p.proto, ip(data[a:a + alen]), data[off] << 8 | data[off + 1],
-                   ip(data[a + alen:a + 2 * alen]), data[off + 2] << 8 | data[off + 3])
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:

@@ -54,8 +54,9 @@ class BackendTotals:
 class ServiceRuntime:
     """One service while the engine runs: policy, fallback, pool, totals of closed flows."""
 
-    __slots__ = ("service", "name", "policy", "fallback", "pool", "snat_address", "endpoints",
-                 "backend_set", "closed", "refused", "policy_errors", "_counters", "_log")
+    __slots__ = ("service", "name", "policy", "fallback", "pool", "snat_address", "vip_endpoint",
+                 "endpoints", "backend_set", "closed", "refused", "policy_errors", "_address",
+                 "_counters", "_log")
 
     def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
                  pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
@@ -65,6 +66,8 @@ class ServiceRuntime:
         self.fallback = fallback  # None: a flow the policy fails on is dropped
         self.pool = pool
         self.snat_address = service.snat_address.packed if service.snat_address else b""
+        self.vip_endpoint = endpoint(service.vip.packed, service.port)
+        self._address = type(service.vip)  # IPv4Address or IPv6Address, for client addresses
         #: backend name -> packed address + port of the packets sent to it (the VIP's address for
         #: a local backend without one)
         self.endpoints = {b.name: endpoint((b.address or service.vip).packed, b.port)
@@ -77,6 +80,14 @@ class ServiceRuntime:
         self._log = log
 
     # ------------------------------------------------------------ choosing
+
+    def flow_key(self, key: bytes) -> FlowKey:
+        """What a policy sees of the flow ``key`` (``client | VIP | client port | port``, as
+        the client sends it): the VIP's address object is the service's own, only the
+        client's is built."""
+        alen = len(key) // 2 - 2
+        return FlowKey(self.service.protocol.value, self._address(key[:alen]),
+                       key[-4] << 8 | key[-3], self.service.vip, self.service.port)
 
     def choose(self, fkey: FlowKey, now: float) -> tuple[Backend | None, Policy | None, str]:
         """(backend, the policy that chose it, drop reason if none). A failing policy is
