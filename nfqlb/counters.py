@@ -62,7 +62,8 @@ DROPS: dict[str, str] = {
 #: Things that happened that are not drops.
 EVENTS: dict[str, str] = {
     "evicted": "flows evicted at max_flows (the flow nearest its idle timeout goes first)",
-    "reset_sent": "RSTs sent for TCP packets with no flow (unknown_flow \"reset\")",
+    "reset_sent": "RSTs sent for TCP packets with no flow (unknown_flow \"reset\"; in local "
+                  "mode the packet goes to the host's stack, which sends it)",
     "flow_adopted": "flows adopted by hash with no SYN seen (unknown_flow \"hash\")",
     "fragment_held": "fragments held because they came before their first fragment",
     "icmp_error_translated": "ICMP errors about balanced flows, translated for the other side",

@@ -290,6 +290,11 @@ class Engine:
             if data[p.off + 13] & 0x04:
                 return self.counters.drop("no_flow"), None  # never answer a RST with a RST
             self.counters.event("reset_sent")
+            if svc.local:
+                # The VIP is this host's own address: the host's stack answers a segment of no
+                # connection with a RST, as for any closed port. A RST forged here would have
+                # a local source and, for a remote client, need forwarding (off in local mode)
+                return ACCEPT, None
             return build_rst(data, p.off, p.v6), None  # the packet turns into its own answer
         if how is UnknownFlow.HASH and p.frag_key is None:
             backend = svc.hash_choice(svc.flow_key(key))

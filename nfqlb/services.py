@@ -54,7 +54,7 @@ class BackendTotals:
 class ServiceRuntime:
     """One service while the engine runs: policy, fallback, pool, totals of closed flows."""
 
-    __slots__ = ("service", "name", "policy", "fallback", "pool", "snat_address", "vip_endpoint",
+    __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address", "vip_endpoint",
                  "endpoints", "backend_set", "closed", "refused", "policy_errors", "_address",
                  "_counters", "_log")
 
@@ -62,6 +62,7 @@ class ServiceRuntime:
                  pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
         self.service = service
         self.name = service.name
+        self.local = service.mode is Mode.LOCAL
         self.policy = policy
         self.fallback = fallback  # None: a flow the policy fails on is dropped
         self.pool = pool

@@ -90,4 +90,4 @@ def test_adapters_count_under_registry_names() -> None:
 
 def test_readme_counter_list_is_the_registry() -> None:
     readme = (ROOT / "README.md").read_text()
-    assert counters.markdown() in readme, "regenerate with: python -m nfqlb.counters"
+    assert counters.markdown() in readme, "regenerate with: python scripts/readme-counters.py"

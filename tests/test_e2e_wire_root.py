@@ -206,7 +206,7 @@ def test_icmp_echo_to_the_vip(echo: str, family: int) -> None:
 # One TCP connection, HTTP/1.1 keep-alive requests every "interval" seconds; per request the
 # time and the body; on the first error its type and time, then stop. One JSON line per event.
 _KEEPALIVE = r'''
-import json, re, socket, sys, time
+import json, os, re, socket, sys, time
 a = json.loads(sys.argv[1])
 def emit(**kw):
     print(json.dumps(kw), flush=True)
@@ -219,6 +219,8 @@ def read_some():
         raise ConnectionAbortedError("closed by the peer")
     return chunk
 for i in range(a["count"]):
+    while a.get("hold") and os.path.exists(a["hold"]):  # the test holds the client meanwhile
+        time.sleep(0.01)
     t0 = time.monotonic()
     try:
         sock.sendall(b"GET / HTTP/1.1\r\nHost: lab\r\n\r\n")
@@ -243,22 +245,31 @@ INTERVAL = 0.2
 RESTART_AFTER = 1.2  # seconds into the conversation
 
 
-def run_across_restart(lab: Lab, svc: dict[str, object]) -> tuple[list[dict[str, object]],
-                                                                  float, Nfqlb]:
+def run_across_restart(lab: Lab, svc: dict[str, object], host: Host | None = None,
+                       quiet_restart: bool = False
+                       ) -> tuple[list[dict[str, object]], float, Nfqlb]:
     """Start nfqlb, run the keep-alive client, restart nfqlb after RESTART_AFTER seconds.
 
+    With ``quiet_restart`` the client sends nothing while no nfqlb runs (with the rules gone,
+    a packet to a local VIP would be answered by the kernel itself, not by nfqlb).
     Returns the client's events, the time (monotonic, shared by all namespaces) at which
     the second nfqlb had its rules in place, and that second daemon (stopped).
     """
     first = lab.nfqlb(svc).start()
     out = lab.dir / "keepalive.out"
-    args = {"dst": VIP, "port": 80, "count": REQUESTS, "interval": INTERVAL, "timeout": 8}
-    client = lab.spawn(lab.client, [sys.executable, "-c", _KEEPALIVE, json.dumps(args)],
-                       log=out)
+    hold = lab.dir / "hold"
+    args = {"dst": VIP, "port": 80, "count": REQUESTS, "interval": INTERVAL, "timeout": 8,
+            "hold": str(hold) if quiet_restart else None}
+    client = lab.spawn(host or lab.client,
+                       [sys.executable, "-c", _KEEPALIVE, json.dumps(args)], log=out)
     time.sleep(RESTART_AFTER)
+    if quiet_restart:
+        hold.touch()
+        time.sleep(INTERVAL * 2)  # the request under way is answered
     assert first.stop() == 0, first.report()
     second = lab.nfqlb(svc).start()
     up = time.monotonic()
+    hold.unlink(missing_ok=True)
     try:
         client.wait(REQUESTS * INTERVAL + 15)
     except Exception:
@@ -288,10 +299,18 @@ def test_connection_survives_restart_with_unknown_flow_hash() -> None:
         assert second.stats()[-1].get("flow_adopted", 0) >= 1, second.report()
 
 
-def test_connection_is_reset_promptly_after_restart_with_unknown_flow_reset() -> None:
-    with Lab(2) as lab:
-        svc = lab.service("dnat", policy="flow_hash", unknown_flow="reset")
-        events, up, second = run_across_restart(lab, svc)
+@pytest.mark.parametrize("mode, where", [(m, w) for m in ("local", "dnat", "fullnat")
+                                         for w in ("client", "lb")])
+def test_connection_is_reset_promptly_after_restart_with_unknown_flow_reset(
+        mode: str, where: str) -> None:
+    """The RST for a packet of no flow reaches the client in every mode, remote or on the
+    balancer host itself (VIP on lo)."""
+    local_vip = mode == "local" or where == "lb"
+    with Lab(2, backend_default_route=mode == "dnat", vip_on_lo=local_vip,
+             lb_servers=mode == "local") as lab:
+        svc = lab.service(mode, policy="flow_hash", unknown_flow="reset")
+        host = lab.client if where == "client" else lab.lb
+        events, up, second = run_across_restart(lab, svc, host, quiet_restart=True)
         answers = [e for e in events if e["event"] == "answer"]
         errors = [e for e in events if e["event"] == "error"]
         assert answers and all(float(e["done"]) < up for e in answers), events
@@ -300,4 +319,3 @@ def test_connection_is_reset_promptly_after_restart_with_unknown_flow_reset() ->
         # far from the client's own 8 s timeout
         assert float(errors[0]["at"]) - up < 3.0, (events, up)
         assert second.stats()[-1].get("reset_sent", 0) >= 1, second.report()
-
