@@ -55,6 +55,8 @@ DROPS: dict[str, str] = {
     "reply_collision": "new flow refused: its reply key belongs to another live flow",
     "fragment_of_dropped": "later fragment of a datagram whose first fragment was dropped",
     "fragment_buffer_full": "early fragment refused: max_fragments are held already",
+    "fragment_source_full": "early fragment refused: its source has max_fragments_per_source "
+                            "held already",
     "fragment_timeout": "held fragment whose first fragment did not come within timeouts.frag",
     "internal_error": "a bug in nfqlb cost this packet (logged with its traceback)",
 }
@@ -64,11 +66,15 @@ EVENTS: dict[str, str] = {
     "evicted": "flows evicted at max_flows (the flow nearest its idle timeout goes first)",
     "reset_sent": "RSTs sent for TCP packets with no flow (unknown_flow \"reset\"; in local "
                   "mode the packet goes to the host's stack, which sends it)",
-    "flow_adopted": "flows adopted by hash with no SYN seen (unknown_flow \"hash\")",
+    "flow_adopted": "flows adopted by hash with no SYN seen (unknown_flow \"hash\"); they keep "
+                    "the syn timeout until the other side answers",
     "fragment_held": "fragments held because they came before their first fragment",
     "icmp_error_translated": "ICMP errors about balanced flows, translated for the other side",
     "policy_failure": "a policy raised, or chose a backend not of its service",
     "policy_fallback": "new flows placed by policy_fallback after a policy failure",
+    "reclaimed": "half-open fullnat flows closed to give their port to a new flow (pool empty)",
+    "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
+    "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
 }
 
 #: Per service.

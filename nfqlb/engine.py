@@ -39,6 +39,7 @@ from nfqlb.config import Config, UnknownFlow
 from nfqlb.counters import Counters, format_stats
 from nfqlb.errors import PacketError
 from nfqlb.flows import (
+    HALF_OPEN,
     REUSABLE,
     TRANSITIONS,
     Entry,
@@ -57,11 +58,16 @@ from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
-from nfqlb.wire.tcp import build_rst
+from nfqlb.wire.tcp import build_rst, tcp_wscale
 
 __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
 _ESTABLISHED = TcpState.ESTABLISHED
+
+#: Flows expired per handle_timer call at most: a million flows coming due at once are
+#: expired a slice per event-loop turn, with the queue read in between (get_timer says when
+#: more are due: at once).
+EXPIRE_SLICE = 1000
 
 
 class Engine:
@@ -73,7 +79,8 @@ class Engine:
         self._ratelog = RateLimitedLog(self.log)
         self.table = FlowTable(config.timeouts, config.daemon.max_flows)
         self.services = Services(config, rng or random.Random(0), self.counters, self._ratelog)
-        self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag)
+        self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag,
+                                     getattr(config.daemon, "max_fragments_per_source", 64))
         self.mss_clamp = config.daemon.mss_clamp
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
@@ -95,8 +102,11 @@ class Engine:
                         flow, hdr, ipd, l4d, reply = ent
                         if flow.state is _ESTABLISHED:
                             flow.last = now
-                            flow.packets += 1
-                            flow.bytes += n
+                            flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                            flow.peer[reply] = data[28:36]
+                            t = flow.totals
+                            t.packets += 1
+                            t.bytes += n
                             self.counters.fast += 1
                             return b"".join((
                                 data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
@@ -108,8 +118,10 @@ class Engine:
                     if ent is not None and (data[24] << 8 | data[25]) == n - 20:
                         flow, hdr, ipd, l4d, reply = ent
                         flow.last = now
-                        flow.packets += 1
-                        flow.bytes += n
+                        flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                        t = flow.totals
+                        t.packets += 1
+                        t.bytes += n
                         self.counters.fast += 1
                         c = data[26] << 8 | data[27]
                         if c:
@@ -127,8 +139,11 @@ class Engine:
                         flow, hdr, ipd, l4d, reply = ent
                         if flow.state is _ESTABLISHED:
                             flow.last = now
-                            flow.packets += 1
-                            flow.bytes += n
+                            flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                            flow.peer[reply] = data[48:56]
+                            t = flow.totals
+                            t.packets += 1
+                            t.bytes += n
                             self.counters.fast += 1
                             return b"".join((
                                 data[:8], hdr, data[44:56],
@@ -140,8 +155,10 @@ class Engine:
                     if ent is not None and c and (data[44] << 8 | data[45]) == n - 40:
                         flow, hdr, ipd, l4d, reply = ent
                         flow.last = now
-                        flow.packets += 1
-                        flow.bytes += n
+                        flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                        t = flow.totals
+                        t.packets += 1
+                        t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
                             data[:8], hdr, data[44:46], U16[apply(c, l4d) or 0xFFFF], data[48:],
@@ -149,6 +166,8 @@ class Engine:
             self.counters.packets += 1
             return self._general(data, now)
         except PacketError as exc:
+            if exc.frag_key is not None:  # a malformed first fragment: the rest go with it
+                self._remember_fragment(exc.frag_key, exc.v6, DROP, now)
             return self.counters.drop(exc.reason)
         except Exception:  # a bug must cost one packet, never the worker
             self.log.exception("internal error handling a packet; dropped")
@@ -173,7 +192,8 @@ class Engine:
             return self._later_fragment(data, p, now)
         verdict, ent = self._transport(data, p, now)
         if p.frag_key is not None:  # a first fragment: the later ones will follow it
-            self._remember_fragment(p, ent if ent is not None and verdict.__class__ is bytes
+            self._remember_fragment(p.frag_key, p.v6, ent if ent is not None
+                                    and verdict.__class__ is bytes
                                     else ACCEPT if verdict is ACCEPT else DROP, now)
         return verdict
 
@@ -184,60 +204,74 @@ class Engine:
         a, alen = (8, 16) if v6 else (12, 4)
         key = data[a:a + 2 * alen] + data[off:off + 4]
         ent = (self._tcp if proto == TCP else self._udp).get(key)
-        if proto == TCP:
-            flags = data[off + 13]
-            if ent is not None and flags & 0x12 == 0x02 and ent.flow.state in REUSABLE:
-                self._close(ent.flow, now)  # client port reused after close: a new choice
-                ent = None
+        if proto != TCP:
             if ent is None:
-                svc = self.services.by_vip[TCP].get(data[a + alen:a + 2 * alen]
+                svc = self.services.by_vip[UDP].get(data[a + alen:a + 2 * alen]
                                                      + data[off + 2:off + 4])
                 if svc is None:
                     return self._unknown_reply(data, p, key, now)
-                if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
-                    return self._unknown_flow(svc, data, p, key, now)
-                ent = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
+                ent = self._open(svc, data, p, key, TcpState.UDP, now)
                 if ent is None:
                     return DROP, None
-                return clamp_mss(self._rewrite(data, p, ent, now), off, self.mss_clamp), ent
-            flow = ent.flow
-            new = TRANSITIONS.get((flow.state, tcp_event(flags, ent.is_reply)))
-            if new is not None and new is not flow.state:
-                flow.state = new
-                self.table.arm(flow)
-            out = self._rewrite(data, p, ent, now)
-            if flags & 0x02:
-                out = clamp_mss(out, off, self.mss_clamp)
-            return out, ent
+            return self._rewrite(data, p, ent, now), ent
+        flags = data[off + 13]
+        if ent is not None and flags & 0x12 == 0x02 and ent.flow.state in REUSABLE:
+            self._close(ent.flow, now)  # client port reused while closing: a new choice
+            ent = None
         if ent is None:
-            svc = self.services.by_vip[UDP].get(data[a + alen:a + 2 * alen]
+            svc = self.services.by_vip[TCP].get(data[a + alen:a + 2 * alen]
                                                  + data[off + 2:off + 4])
             if svc is None:
                 return self._unknown_reply(data, p, key, now)
-            ent = self._open(svc, data, p, key, TcpState.UDP, now)
+            if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
+                return self._unknown_flow(svc, data, p, key, now)
+            ent = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
             if ent is None:
                 return DROP, None
-        return self._rewrite(data, p, ent, now), ent
+            ent.flow.ws[0] = tcp_wscale(data, off)
+            return clamp_mss(self._rewrite(data, p, ent, now), off, self.mss_clamp), ent
+        flow, reply = ent.flow, ent.is_reply
+        if flags & 0x04 and not rst_in_window(flow, data, off, reply):
+            # endpoints ignore it (RFC 5961): so does the flow; the packet goes on, rewritten
+            self.counters.event("rst_out_of_window")
+        else:
+            new = TRANSITIONS.get((flow.state, tcp_event(flags, reply)))
+            if new is not None and new is not flow.state:
+                self._set_state(flow, new)
+        out = self._rewrite(data, p, ent, now)
+        if flags & 0x02:
+            if reply and flags & 0x10:
+                flow.ws[1] = tcp_wscale(data, off)
+            out = clamp_mss(out, off, self.mss_clamp)
+        return out, ent
 
     def _rewrite(self, data: bytes, p: Parsed, ent: Entry, now: float) -> bytes:
         """Rewrite a TCP/UDP packet (or first fragment) of ``ent``'s flow and account it."""
         flow = ent.flow
-        out = rewrite(data, p.v6, p.off, p.proto, p.frag_key is not None, ent.header,
+        off = p.off
+        out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, ent.header,
                       ent.ip_delta, ent.l4_delta)
         flow.last = now
-        flow.packets += 1
-        flow.bytes += len(data)
+        if flow.lru is not None:
+            flow.lru.move_to_end(flow)
+        if flow.reclaim is not None:
+            flow.reclaim.move_to_end(flow)
+        if p.proto == TCP:
+            flow.peer[ent.is_reply] = data[off + 8:off + 16]
+        t = flow.totals
+        t.packets += 1
+        t.bytes += len(data)
         self.counters.rewritten += 1
         return out
 
     # ---------------------------------------------------------------- fragments, ICMP
 
-    def _remember_fragment(self, p: Parsed, what: Entry | Action, now: float) -> None:
+    def _remember_fragment(self, frag_key: bytes, v6: bool, what: Entry | Action,
+                           now: float) -> None:
         """Record what became of a first fragment (the flow entry that rewrote it, or the
         ACCEPT/DROP it got) and settle the fragments that were waiting for it."""
-        assert p.frag_key is not None
-        for hold_id, data in self.frags.remember(p.frag_key, what, now):
-            self._released.append((hold_id, self._follow(data, p.v6, what)))
+        for hold_id, data in self.frags.remember(frag_key, what, now):
+            self._released.append((hold_id, self._follow(data, v6, what)))
 
     def _follow(self, data: bytes, v6: bool, what: Entry | Action) -> Final:
         """A later fragment gets what its first fragment got."""
@@ -247,9 +281,9 @@ class Engine:
         if what is DROP:
             return self.counters.drop("fragment_of_dropped")
         assert isinstance(what, Entry)
-        flow = what.flow
-        flow.packets += 1
-        flow.bytes += len(data)
+        t = what.flow.totals
+        t.packets += 1
+        t.bytes += len(data)
         self.counters.rewritten += 1
         return rewrite_addresses(data, v6, what.header, what.ip_delta)
 
@@ -258,9 +292,9 @@ class Engine:
         what = self.frags.entry_for(p.frag_key)
         if what is not None:
             return self._follow(data, p.v6, what)
-        hold_id = self.frags.hold(p.frag_key, data, now)
-        if hold_id is None:
-            return self.counters.drop("fragment_buffer_full")
+        hold_id, refused = self.frags.hold(p.frag_key, data, now)
+        if refused:
+            return self.counters.drop(refused)
         self.counters.event("fragment_held")
         return Held(hold_id)
 
@@ -286,8 +320,9 @@ class Engine:
                       now: float) -> tuple[Verdict, Entry | None]:
         """A TCP packet to a VIP that is not a SYN and matches no flow (say, after a restart)."""
         how = svc.service.unknown_flow
+        flags = data[p.off + 13]
         if how is UnknownFlow.RESET:
-            if data[p.off + 13] & 0x04:
+            if flags & 0x04:
                 return self.counters.drop("no_flow"), None  # never answer a RST with a RST
             self.counters.event("reset_sent")
             if svc.local:
@@ -299,8 +334,11 @@ class Engine:
         if how is UnknownFlow.HASH and p.frag_key is None:
             backend = svc.hash_choice(svc.flow_key(key))
             if backend is not None:
-                ent = self._install(svc, key, p.proto, _ESTABLISHED, backend, now)
+                if flags & 0x05:  # FIN or RST: passed on by the hash, never a flow
+                    return self._pass_unadopted(svc, data, p, key, backend, False), None
+                ent = self._install(svc, key, p.proto, TcpState.ADOPTED, backend, now)
                 if ent is not None:
+                    ent.flow.ws = [14, 14]  # not seen: the widest window, to judge RSTs
                     self.counters.event("flow_adopted")
                     return self._rewrite(data, p, ent, now), ent
         return self.counters.drop("no_flow"), None
@@ -308,24 +346,52 @@ class Engine:
     def _unknown_reply(self, data: bytes, p: Parsed, key: bytes,
                        now: float) -> tuple[Verdict, Entry | None]:
         """A packet that is not to a VIP and matches no flow: a backend's reply to a flow
-        nfqlb lost (adopted by hash where configured), or simply not ours (accepted)."""
+        nfqlb lost (adopted by hash where configured), or simply not ours (accepted).
+
+        A packet from a backend to a client port that has a live flow on another backend is
+        not adopted: it would take the flow over (the client's next packets would go to the
+        other backend). It is not ours: it passes unchanged."""
         a, alen = (8, 16) if p.v6 else (12, 4)
         source = data[a:a + alen] + data[p.off:p.off + 2]
         client = data[a + alen:a + 2 * alen] + data[p.off + 2:p.off + 4]
+        table = self.table.by_proto[p.proto]
         for svc in self.services.by_backend[p.proto].get(source, ()):
             vip = svc.vip_endpoint
             fwd_key = client[:-2] + vip[:-2] + client[-2:] + vip[-2:]
+            if fwd_key in table:
+                break  # the client port has a live flow, on another backend: a stray
             backend = svc.hash_choice(svc.flow_key(fwd_key))
             if backend is None or svc.endpoints[backend.name] != source:
                 continue
-            state = _ESTABLISHED if p.proto == TCP else TcpState.UDP
-            if self._install(svc, fwd_key, p.proto, state, backend, now) is None:
+            if p.proto == TCP:
+                if data[p.off + 13] & 0x05:  # FIN or RST: passed on by the hash, never a flow
+                    return self._pass_unadopted(svc, data, p, fwd_key, backend, True), None
+                state = TcpState.ADOPTED_REPLY
+            else:
+                state = TcpState.UDP
+            fwd = self._install(svc, fwd_key, p.proto, state, backend, now)
+            if fwd is None:
                 break
+            fwd.flow.ws = [14, 14]
             self.counters.event("flow_adopted")
-            rev = self.table.by_proto[p.proto][key]
+            rev = table[key]
             return self._rewrite(data, p, rev, now), rev
         self.counters.passed_unknown += 1
         return ACCEPT, None
+
+    def _pass_unadopted(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes,
+                        backend: Backend, reply: bool) -> bytes:
+        """Rewrite a packet of no flow as the flow ``key`` on ``backend`` would be, without
+        installing it (a FIN or RST that ``unknown_flow = "hash"`` passes on)."""
+        src, sport, dest, rev_key = self._addresses(svc, key, backend, 0)
+        _, fwd, rev = self.table.build(svc, backend, svc.totals[backend.name], p.proto,
+                                       TcpState.CLOSED, key, rev_key, src, sport, dest[:-2],
+                                       0, 0.0)
+        ent = rev if reply else fwd
+        self.counters.event("hash_passed")
+        self.counters.rewritten += 1
+        return rewrite(data, p.v6, p.off, p.proto, False, ent.header, ent.ip_delta,
+                       ent.l4_delta)
 
     # ---------------------------------------------------------------- the flow's life
 
@@ -346,21 +412,45 @@ class Engine:
             ent.flow.placed = (placer, fkey)
         return ent
 
-    def _install(self, svc: ServiceRuntime, key: bytes, proto: int, state: TcpState,
-                 backend: Backend, now: float) -> Entry | None:
-        """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
-        no pool port, or the reply key belongs to another live flow."""
-        port = 0 if svc.pool is None else svc.take_port(now)
-        if port is None:
-            self.counters.drop("snat_exhausted")
-            return None
+    @staticmethod
+    def _addresses(svc: ServiceRuntime, key: bytes, backend: Backend,
+                   port: int) -> tuple[bytes, bytes, bytes, bytes]:
+        """(source address, source port, backend address + port, reply key) of the flow
+        ``key`` on ``backend``, its source the pool ``port`` (fullnat) or the client's."""
         if port:
             src, sport = svc.snat_address, U16[port]
         else:
             alen = len(key) // 2 - 2
             src, sport = key[:alen], key[-4:-2]
         dest = svc.endpoints[backend.name]
-        rev_key = reply_key(dest, src, sport)
+        return src, sport, dest, reply_key(dest, src, sport)
+
+    def _take_port(self, svc: ServiceRuntime, now: float) -> int | None:
+        """A pool port for a new fullnat flow; when none is free, the least recently used
+        half-open flow holding one gives it back (a SYN flood cannot lock clients out)."""
+        port = svc.take_port()
+        if port is None:
+            pool = svc.pool
+            assert pool is not None
+            if pool.half_open:
+                victim = next(iter(pool.half_open))
+                assert isinstance(victim, Flow)
+                self._close(victim, now)
+                self.counters.event("reclaimed")
+                port = pool.take()
+            if port is None:
+                svc.refuse_no_port(now)
+        return port
+
+    def _install(self, svc: ServiceRuntime, key: bytes, proto: int, state: TcpState,
+                 backend: Backend, now: float) -> Entry | None:
+        """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
+        no pool port, or the reply key belongs to another live flow."""
+        port = 0 if svc.pool is None else self._take_port(svc, now)
+        if port is None:
+            self.counters.drop("snat_exhausted")
+            return None
+        src, sport, dest, rev_key = self._addresses(svc, key, backend, port)
         table = self.table
         clash = table.by_proto[proto].get(rev_key)
         if clash is not None:
@@ -378,8 +468,20 @@ class Engine:
             self._ratelog.warning("evicted", now, "flow table full (max_flows %d): evicting "
                                   "the flows nearest their idle timeout", table.max_flows)
         self.counters.flows_total += 1
-        return table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
-                             port, now)
+        ent = table.install(svc, backend, svc.flow_started(backend), proto, state, key,
+                            rev_key, src, sport, dest[:-2], port, now)
+        if port and state in HALF_OPEN:
+            flow = ent.flow
+            assert svc.pool is not None
+            flow.reclaim = svc.pool.half_open  # type: ignore[assignment]
+            svc.pool.half_open[flow] = None
+        return ent
+
+    def _set_state(self, flow: Flow, state: TcpState) -> None:
+        self.table.set_state(flow, state)
+        if flow.reclaim is not None and state not in HALF_OPEN:
+            del flow.reclaim[flow]
+            flow.reclaim = None
 
     def _close(self, flow: Flow, now: float) -> None:
         self.table.remove(flow)
@@ -387,6 +489,9 @@ class Engine:
 
     def _retire(self, flow: Flow, now: float) -> None:
         """A flow left the table: its service takes back what it held and accounts it."""
+        if flow.reclaim is not None:
+            del flow.reclaim[flow]
+            flow.reclaim = None
         flow.service.flow_ended(flow, now)
 
     def policy(self, service: str) -> Policy:
@@ -405,9 +510,10 @@ class Engine:
         return min(a, b)
 
     def handle_timer(self, now: float) -> None:
-        """Expire idle flows, and fragments that waited too long (their DROP verdicts are
-        then in ``released_verdicts()``)."""
-        for flow in self.table.expire(now):
+        """Expire idle flows (at most EXPIRE_SLICE: ``get_timer`` then says ``now``), and
+        fragments that waited too long (their DROP verdicts are then in
+        ``released_verdicts()``)."""
+        for flow in self.table.expire(now, EXPIRE_SLICE):
             self._retire(flow, now)
         for hold_id in self.frags.expire(now):
             self._released.append((hold_id, self.counters.drop("fragment_timeout")))
@@ -415,17 +521,34 @@ class Engine:
     # ---------------------------------------------------------------- counters
 
     def stats(self) -> dict[str, Any]:
-        """Counters, and per service and backend the flows, packets and bytes (closed flows
-        plus the ones still open). The names are those of :mod:`nfqlb.counters`."""
+        """Counters, and per service and backend the flows, packets and bytes. The names are
+        those of :mod:`nfqlb.counters`; nothing here walks the table."""
         return {
             **self.counters.totals(),
             "fragments_held": self.frags.held,
             "flows_active": self.table.active,
-            "services": self.services.stats(self.table.flows()),
+            "services": self.services.stats(),
         }
 
     def format_stats(self) -> str:
         return format_stats(self.stats())
+
+
+def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:
+    """Whether the RST at ``off`` (from the backend if ``reply``) is in the receiver's window,
+    as the receiver's last segment announced it: ``0 <= seq - ack <= window`` (mod 2**32),
+    the window scaled when both SYNs carried a scale. With nothing seen from the receiver
+    (or no ACK in it), the RST is taken as it is."""
+    seen = flow.peer[not reply]  # ack(4) offset/flags(2) window(2) of the receiver's segment
+    if len(seen) < 8 or not seen[5] & 0x10:
+        return True
+    ack = seen[0] << 24 | seen[1] << 16 | seen[2] << 8 | seen[3]
+    window = seen[6] << 8 | seen[7]
+    ws = flow.ws
+    if ws[0] >= 0 and ws[1] >= 0 and not seen[5] & 0x02:  # a SYN's window is never scaled
+        window <<= ws[1 if not reply else 0]
+    seq = data[off + 4] << 24 | data[off + 5] << 16 | data[off + 6] << 8 | data[off + 7]
+    return (seq - ack) & 0xFFFFFFFF <= max(window, 1)
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:

@@ -19,10 +19,13 @@ class ConfigError(NfqlbError):
 
 
 class PacketError(NfqlbError):
-    """A packet cannot be parsed; ``reason`` is the counter it is counted under."""
+    """A packet cannot be parsed; ``reason`` is the counter it is counted under. For a first
+    fragment, ``frag_key`` names its datagram (the later fragments are dropped with it)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, frag_key: bytes | None = None, v6: bool = False) -> None:
         self.reason = reason
+        self.frag_key = frag_key
+        self.v6 = v6
         super().__init__(reason)
 
 

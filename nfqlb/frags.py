@@ -4,8 +4,14 @@ When a first fragment (the one with the transport header) is rewritten, its frag
 (source, destination, protocol and identification: the same in every fragment of a datagram)
 is remembered with the flow entry it used. Later fragments are rewritten with that entry's
 addresses. A later fragment that arrives before its first is held, in a buffer bounded in
-count (``max_held``) and time (``timeout``); it is released once the first fragment comes, or
-dropped when its time is up. Held packets are known by an integer id the caller keeps.
+count (``max_held``, and ``max_per_source`` per source address) and time (``timeout``); it is
+released once the first fragment comes, or dropped when its time is up. Held packets are known
+by an integer id the caller keeps.
+
+A held fragment has no verdict yet, so it occupies a slot of the kernel queue: the bounds keep
+a flood of spoofed later fragments from filling the queue (the per-source bound keeps one
+source from taking the whole buffer). A datagram whose first fragment was dropped (malformed,
+refused) is remembered as DROP, so its later fragments are dropped at once, not held.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ if TYPE_CHECKING:
 
 
 class FragmentTracker:
-    def __init__(self, max_held: int, timeout: float) -> None:
+    def __init__(self, max_held: int, timeout: float, max_per_source: int | None = None) -> None:
         self.max_held = max_held
+        self.max_per_source = max_held if max_per_source is None else max_per_source
         self.timeout = timeout
+        self._by_source: dict[bytes, int] = {}  # source address -> fragments held
         self.max_keys = max(64, max_held * 8)
         self._entries: dict[bytes, tuple[Outcome, float]] = {}  # key -> (flow entry, expires)
         self._held: dict[bytes, list[tuple[int, bytes, float]]] = {}  # key -> [(id, data, t)]
@@ -46,19 +54,34 @@ class FragmentTracker:
         waiting = self._held.pop(key, None)
         if not waiting:
             return []
-        self.held -= len(waiting)
+        self._unhold(key, len(waiting))
         return [(hold_id, data) for hold_id, data, _ in waiting]
 
-    def hold(self, key: bytes, data: bytes, now: float) -> int | None:
-        """Keep a fragment that came before its first; None when the buffer is full."""
+    def hold(self, key: bytes, data: bytes, now: float) -> tuple[int, str]:
+        """Keep a fragment that came before its first: ``(hold id, "")``, or ``(0, reason)``
+        when a bound refuses it (the drop reason to count)."""
         if self.held >= self.max_held:
-            return None
+            return 0, "fragment_buffer_full"
+        source = _source(key)
+        n = self._by_source.get(source, 0)
+        if n >= self.max_per_source:
+            return 0, "fragment_source_full"
+        self._by_source[source] = n + 1
         self._next_id += 1
         expires = now + self.timeout
         self._held.setdefault(key, []).append((self._next_id, data, expires))
         self._order.append((expires, key))
         self.held += 1
-        return self._next_id
+        return self._next_id, ""
+
+    def _unhold(self, key: bytes, n: int) -> None:
+        self.held -= n
+        source = _source(key)
+        left = self._by_source[source] - n
+        if left:
+            self._by_source[source] = left
+        else:
+            del self._by_source[source]
 
     def next_deadline(self) -> float | None:
         return self._order[0][0] if self._order else None
@@ -76,9 +99,16 @@ class FragmentTracker:
             if waiting:
                 keep = [w for w in waiting if w[2] > now]
                 dropped.extend(w[0] for w in waiting if w[2] <= now)
-                self.held -= len(waiting) - len(keep)
+                if len(keep) < len(waiting):
+                    self._unhold(key, len(waiting) - len(keep))
                 if keep:
                     self._held[key] = keep
                 else:
                     del self._held[key]
         return dropped
+
+
+def _source(key: bytes) -> bytes:
+    """The source address in a fragment key (IPv4: 4 + 4 + 1 + 2 bytes; IPv6: 16 + 16 + 1 +
+    4)."""
+    return key[:4] if len(key) == 11 else key[:16]

@@ -2,8 +2,9 @@
 
 A :class:`ServiceRuntime` is one configured service while the engine runs: its policy and
 the fallback for when the policy fails (the failure contained: counted, logged at a rate
-limit, never raised), its fullnat port pool, and the totals of the flows that left the table,
-per backend. :class:`Services` holds them all, indexed the two ways the packet path asks:
+limit, never raised), its fullnat port pool, and per backend the figures (flows placed and
+open, packets, bytes) kept as they change: a flow holds its backend's ``BackendTotals`` and
+every packet adds to it, so status never walks the table. :class:`Services` holds them all, indexed the two ways the packet path asks:
 
 - by VIP and port (``by_vip[protocol][vip packed + port]``), for a packet to a service;
 - by backend address and port (``by_backend[protocol][...]``), the hash-adoption index: the
@@ -30,32 +31,33 @@ from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Iterator
+    from collections.abc import Iterator
 
     from nfqlb.flows import Flow
 
 
 class BackendTotals:
-    """Flows, packets and bytes of a backend's flows."""
+    """A backend's figures since start, kept as they change (never a walk of the table):
+    flows placed, flows open now, packets and bytes of its flows (both directions)."""
 
-    __slots__ = ("flows", "packets", "bytes")
+    __slots__ = ("flows", "active", "packets", "bytes")
 
     def __init__(self) -> None:
         self.flows = 0
+        self.active = 0
         self.packets = 0
         self.bytes = 0
 
-    def add(self, flow: Flow) -> None:
-        self.flows += 1
-        self.packets += flow.packets
-        self.bytes += flow.bytes
+    def as_dict(self) -> dict[str, int]:
+        return {"flows": self.flows, "active": self.active, "packets": self.packets,
+                "bytes": self.bytes}
 
 
 class ServiceRuntime:
-    """One service while the engine runs: policy, fallback, pool, totals of closed flows."""
+    """One service while the engine runs: policy, fallback, pool, per-backend figures."""
 
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address", "vip_endpoint",
-                 "endpoints", "backend_set", "closed", "refused", "policy_errors", "_address",
+                 "endpoints", "backend_set", "totals", "refused", "policy_errors", "_address",
                  "_counters", "_log")
 
     def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
@@ -74,7 +76,7 @@ class ServiceRuntime:
         self.endpoints = {b.name: endpoint((b.address or service.vip).packed, b.port)
                           for b in service.backends}
         self.backend_set = frozenset(service.backends)  # what choose may return
-        self.closed = {b.name: BackendTotals() for b in service.backends}
+        self.totals = {b.name: BackendTotals() for b in service.backends}
         self.refused = 0  # new flows refused, for any reason
         self.policy_errors = 0  # choose/on_flow_closed raised, or choose returned a stranger
         self._counters = counters
@@ -123,29 +125,33 @@ class ServiceRuntime:
         after every restart, while the backend set is the same)."""
         return hash_choice(fkey, self.service.backends)
 
-    def take_port(self, now: float) -> int | None:
+    def take_port(self) -> int | None:
         """A source port for a new fullnat flow (0 when the service does not rewrite the
-        source); None when the pool is empty (counted, logged at a rate limit)."""
-        pool = self.pool
-        if pool is None:
-            return 0
-        port = pool.take()
-        if port is None:
-            self.refused += 1
-            self._log.warning("snat_exhausted", now, "service %s: snat port pool %d-%d "
-                              "exhausted", self.name, pool.lo, pool.hi)
-        return port
+        source); None when the pool is empty."""
+        return 0 if self.pool is None else self.pool.take()
 
-    # ------------------------------------------------------------ flows that end
+    def refuse_no_port(self, now: float) -> None:
+        """Count and log (at a rate limit) a flow refused for an empty port pool."""
+        assert self.pool is not None
+        self.refused += 1
+        self._log.warning("snat_exhausted", now, "service %s: snat port pool %d-%d exhausted "
+                          "(no half-open flow to take a port from)", self.name, self.pool.lo,
+                          self.pool.hi)
+
+    # ------------------------------------------------------------ flows that start and end
+
+    def flow_started(self, backend: Backend) -> BackendTotals:
+        """Count a new flow on ``backend``; its figures, which the flow's packets add to."""
+        totals = self.totals[backend.name]
+        totals.flows += 1
+        totals.active += 1
+        return totals
 
     def flow_ended(self, flow: Flow, now: float) -> None:
-        """Account a flow that left the table and give back what it held."""
+        """A flow left the table: give back its pool port, tell its policy."""
         if flow.snat_port and self.pool is not None:
             self.pool.give(flow.snat_port)
-        totals = self.closed.get(flow.backend.name)
-        if totals is None:
-            totals = self.closed[flow.backend.name] = BackendTotals()
-        totals.add(flow)
+        flow.totals.active -= 1
         if flow.placed is not None:
             placer, fkey = flow.placed
             self.tell_closed(placer, fkey, flow.backend, now)
@@ -164,21 +170,9 @@ class ServiceRuntime:
                               "in on_flow_closed()", self.name, self.service.policy,
                               describe_failure(exc))
 
-    def stats(self, live: dict[str, BackendTotals]) -> dict[str, Any]:
-        """Per backend: closed flows plus ``live`` (the open ones, by backend name)."""
-        backends = {}
-        empty = BackendTotals()
-        for b in self.service.backends:
-            closed = self.closed.get(b.name, empty)
-            open_ = live.get(b.name, empty)
-            backends[b.name] = {
-                "flows": closed.flows + open_.flows,
-                "active": open_.flows,
-                "packets": closed.packets + open_.packets,
-                "bytes": closed.bytes + open_.bytes,
-            }
-        return {"backends": backends, "refused": self.refused,
-                "policy_errors": self.policy_errors}
+    def stats(self) -> dict[str, Any]:
+        return {"backends": {name: t.as_dict() for name, t in self.totals.items()},
+                "refused": self.refused, "policy_errors": self.policy_errors}
 
 
 def endpoint(address: bytes, port: int) -> bytes:
@@ -225,13 +219,6 @@ class Services:
                 return runtime
         raise KeyError(name)
 
-    def stats(self, flows: Iterable[Flow]) -> dict[str, Any]:
-        """Per service and backend: closed flows plus the open ``flows``."""
-        live: dict[int, dict[str, BackendTotals]] = {}
-        for flow in flows:
-            by_name = live.setdefault(id(flow.service), {})
-            totals = by_name.get(flow.backend.name)
-            if totals is None:
-                totals = by_name[flow.backend.name] = BackendTotals()
-            totals.add(flow)
-        return {rt.name: rt.stats(live.get(id(rt), {})) for rt in self._all}
+    def stats(self) -> dict[str, Any]:
+        """Per service and backend: the figures kept as they change."""
+        return {rt.name: rt.stats() for rt in self._all}

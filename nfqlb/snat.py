@@ -1,12 +1,15 @@
 """Source-port pool for fullnat: a port is never handed out twice while its flow lives.
 
 Free ports are kept in FIFO order, so a released port is reused as late as possible
-(the backend may still hold the old connection in TIME_WAIT).
+(the backend may still hold the old connection in TIME_WAIT). When none is free, a SYN flood
+must not lock new clients out until its half-open flows time out: the pool keeps the list of
+half-open flows holding its ports, and the engine takes the port of the least recently used
+one (as ``max_flows`` evicts the flow nearest its deadline).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import OrderedDict, deque
 
 
 class PortPool:
@@ -17,6 +20,9 @@ class PortPool:
         self.hi = hi
         self._free: deque[int] = deque(range(lo, hi + 1))
         self.exhausted = 0  # times a port was asked for and none was free
+        #: the half-open flows holding a port of this pool, least recently used first (the
+        #: engine keeps it): when no port is free, the first of them gives its port back
+        self.half_open: OrderedDict[object, None] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._free)

@@ -42,7 +42,8 @@ VERDICTS = {ACCEPT, DROP}  # and Held(...) values, for fragments kept for later
 # ---------------------------------------------------------------- service "s" on port 80
 
 def engine_for(mode: str, v6: bool = False, proto: str = "tcp", **extra: Any) -> Engine:
-    """One service on port 80 of the family's VIP; ``daemon=`` and service keys in ``extra``."""
+    """One service on port 80 of the family's VIP; ``daemon=``, ``timeouts=`` and service keys
+    in ``extra``."""
     vip, snat, backends = (VIP6, SNAT6, B6) if v6 else (VIP4, SNAT4, B4)
     svc: dict[str, Any] = {"name": "s", "vip": vip, "port": 80, "protocol": proto, "mode": mode,
                            "backend": [{"address": b, "port": 8080} for b in backends]}
@@ -51,8 +52,9 @@ def engine_for(mode: str, v6: bool = False, proto: str = "tcp", **extra: Any) ->
     if mode == "fullnat":
         svc.update(snat_address=snat, snat_ports="20000-20099")
     daemon = extra.pop("daemon", {})
+    timeouts = extra.pop("timeouts", {})
     svc.update(extra)
-    return Engine(parse_config({"service": [svc], "daemon": daemon}))
+    return Engine(parse_config({"service": [svc], "daemon": daemon, "timeouts": timeouts}))
 
 
 def rebuilt(pkt: Any) -> bytes:

@@ -1,9 +1,11 @@
 """Engine: its state is bounded: the flow table's cap and the fullnat source-port pool.
 
-``daemon.max_flows`` evicts half-open flows before established ones under a SYN flood. A
-fullnat pool that runs dry refuses new flows (``snat_exhausted``) while the flows that hold its
-ports carry on both ways; ports come back when flows expire, are never shared by two live
-flows, and one pool may serve several services.
+``daemon.max_flows`` evicts exactly the flows nearest their idle deadline (half-open ones
+before established ones under a SYN flood). A fullnat pool that runs dry takes the port of its
+least recently used half-open flow (a SYN flood cannot lock clients out); with none, it refuses
+new flows (``snat_exhausted``) while the flows that hold its ports carry on both ways. Ports
+come back when flows expire, are never shared by two live flows, and one pool may serve
+several services.
 
 Expected packets are built by scapy; nothing expected comes from nfqlb.
 """
@@ -11,14 +13,27 @@ Expected packets are built by scapy; nothing expected comes from nfqlb.
 from __future__ import annotations
 
 import random
+import struct
+from collections import Counter
 from typing import Any
 
+import pytest
 from dual_stack import C4, VIP4, engine_for
 from helpers import B1, B2, CLIENT, SNAT, VIP, Conversation, engine, run_fixtures, service, tcp
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.packet import Raw
 
 from nfqlb.engine import DROP
+from nfqlb.flows import HALF_OPEN, TcpState
+
+
+def _raw_tcp(src: str, sport: int, dst: str, dport: int, flags: int) -> bytes:
+    """An IPv4/TCP segment without options, by struct (scapy is too slow for 20,000 flows;
+    the engine updates checksums incrementally, so zero ones are fine here)."""
+    s, d = bytes(map(int, src.split("."))), bytes(map(int, dst.split(".")))
+    return (struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0x4000, 64, 6, 0, s, d)
+            + struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 65535, 0, 0))
+
 
 # ---------------------------------------------------------------- the flow table's cap
 
@@ -50,7 +65,7 @@ def _fullnat(ports: str = "20000-20002", **kw: Any):  # type: ignore[no-untyped-
 
 def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     eng = _fullnat(timeouts={"syn": 5.0, "tcp": 50.0})
-    convs = [Conversation(eng, sport=40000 + i) for i in range(4)]
+    convs = [Conversation(eng, sport=40000 + i) for i in range(6)]
     ports = []
     for i, c in enumerate(convs[:3]):
         out = c.client("S", now=float(i))
@@ -59,30 +74,62 @@ def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     assert ports == [20000, 20001, 20002]
     convs[1].server("SA", now=3.0)
     convs[1].client("A", now=3.0)  # established: 50 s
-    assert convs[3].client("S", now=4.0) == DROP
+    # the pool is dry: the least recently used half-open flow (0) gives its port
+    out = convs[3].client("S", now=4.0)
+    assert isinstance(out, bytes) and IP(out)[TCP].sport == 20000
+    assert eng.counters.events["reclaimed"] == 1 and eng.counters.drops == {}
+    for c in convs[3:4]:  # the new flow completes its handshake: it keeps its port
+        c.server("SA", now=4.0)
+        c.client("A", now=4.0)
+    out = convs[4].client("S", now=4.1)  # then flow 2 (the last half-open one) gives its port
+    assert isinstance(out, bytes) and IP(out)[TCP].sport == 20002
+    convs[4].server("SA", now=4.1)
+    convs[4].client("A", now=4.1)
+    # every port held by an established flow: refused
+    assert convs[5].client("S", now=4.2) == DROP
     assert eng.counters.drops == {"snat_exhausted": 1}
+    assert eng.counters.events["reclaimed"] == 2
     assert eng.stats()["services"]["fullnat-tcp"]["refused"] == 1
     # existing flows still rewritten, both ways
     run_fixtures(eng, [
-        ("flow 0 still rewritten", tcp(CLIENT, VIP, 40000, 80, "S"),
-         {"src": SNAT, "sport": 20000, "dst": B1, "dport": 8080}),
+        ("flow 1 still rewritten", tcp(CLIENT, VIP, 40001, 80, "PA", b"x"),
+         {"src": SNAT, "sport": 20001, "dst": B2, "dport": 8080}),
         ("flow 1 reply still rewritten", tcp(B2, SNAT, 8080, 20001, "PA", b"x"),
          {"src": VIP, "sport": 80, "dst": CLIENT, "dport": 40001}),
-    ], now=4.0)
-    eng.handle_timer(4.5)
-    assert convs[3].client("S", now=4.5) == DROP  # nothing has expired yet
-    eng.handle_timer(9.0)  # flow 0 (last used at 4.0) lives to 9.0; flow 2 died at 7.0
-    assert eng.stats()["flows_active"] == 1
-    out = convs[3].client("S", now=9.0)
+    ], now=4.2)
+    eng.handle_timer(53.0)
+    assert convs[5].client("S", now=53.0) == DROP  # nothing has expired yet
+    eng.handle_timer(54.2)  # flow 1 (last used at 4.2) lives to 54.2; flows 3, 4 died before
+    assert eng.stats()["flows_active"] == 0
+    out = convs[5].client("S", now=54.2)
     assert isinstance(out, bytes)
-    assert IP(out)[TCP].sport in (20000, 20002)  # a freed port, never flow 1's 20001
+    assert IP(out)[TCP].sport in (20000, 20001, 20002)
+
+
+def test_syn_flood_does_not_lock_fullnat_out() -> None:
+    """About 167 spoofed SYNs a second used to keep a 10,000-port pool empty for a minute
+    after the flood; now each new client takes the port of the oldest half-open flow."""
+    eng = _fullnat("20000-29999")
+    now = 0.0
+    for i in range(12_000):  # a minute and more of spoofed SYNs that never complete
+        now = i / 167
+        src = f"198.19.{i // 250 % 250}.{i % 250 + 1}"
+        eng.handle(_raw_tcp(src, 1024 + i % 60000, VIP, 80, 0x02), now)
+    assert eng.table.active == 10_000
+    for k in range(20):  # legitimate clients right after: every one gets a port
+        c = Conversation(eng, sport=50000 + k)
+        c.handshake(now=now + k / 100)
+        assert isinstance(c.client("PA", b"GET /", now=now + 1), bytes)
+    assert eng.counters.drops.get("snat_exhausted", 0) == 0
+    assert eng.counters.events["reclaimed"] >= 2_000 + 20
 
 
 def test_pool_ports_unique_among_live_flows() -> None:
     rng = random.Random(7)
     eng = _fullnat("20000-20004", timeouts={"syn": 3.0, "tcp_close": 1.0})
     owner: dict[int, int] = {}  # snat port -> client port holding it
-    now, next_sport, exhausted = 0.0, 30000, 0
+    convs: dict[int, Conversation] = {}  # client port -> its conversation
+    now, next_sport, exhausted, reclaimed = 0.0, 30000, 0, 0
     for _ in range(300):
         now += rng.choice([0.0, 0.1, 0.5, 2.0])
         eng.handle_timer(now)
@@ -91,22 +138,37 @@ def test_pool_ports_unique_among_live_flows() -> None:
         for port in list(owner):
             if port not in live:
                 del owner[port]
-        if rng.random() < 0.2 and live:
+        roll = rng.random()
+        if roll < 0.1 and live:
             port = rng.choice(sorted(live))
             eng.handle(tcp(B1 if live[port].backend.name == "b1" else B2, SNAT, 8080, port, "R"),
                        now)
             continue
-        out = eng.handle(tcp(CLIENT, VIP, next_sport, 80, "S"), now)
-        if len(live) == 5:
+        half_open = [f for f in live.values() if f.state in HALF_OPEN]
+        if roll < 0.6 and half_open:  # complete a half-open flow's handshake
+            c = convs[owner[rng.choice(half_open).snat_port]]
+            c.server("SA", now=now)
+            c.client("A", now=now)
+            continue
+        c = convs[next_sport] = Conversation(eng, sport=next_sport)
+        out = c.client("S", now=now)
+        if len(live) == 5 and not half_open:
             assert out == DROP
             exhausted += 1
         else:
             assert isinstance(out, bytes)
             port = IP(out)[TCP].sport
-            assert 20000 <= port <= 20004 and port not in live and port not in owner
+            assert 20000 <= port <= 20004
+            if len(live) == 5:  # taken from the least recently used half-open flow
+                victim = min(half_open, key=lambda f: f.last)
+                assert port == victim.snat_port
+                reclaimed += 1
+            else:
+                assert port not in live and port not in owner
             owner[port] = next_sport
         next_sport += 1
     assert exhausted and eng.counters.drops["snat_exhausted"] == exhausted
+    assert reclaimed and eng.counters.events["reclaimed"] == reclaimed
 
 
 def test_shared_pool_between_services() -> None:
@@ -115,8 +177,12 @@ def test_shared_pool_between_services() -> None:
     a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
     b = eng.handle(tcp(CLIENT, VIP, 40000, 81, "S"), 0.0)
     assert {IP(a)[TCP].sport, IP(b)[TCP].sport} == {20000, 20001}  # type: ignore[arg-type]
-    assert eng.handle(tcp(CLIENT, VIP, 40001, 80, "S"), 0.0) == DROP
-    assert eng.handle(tcp(CLIENT, VIP, 40001, 81, "S"), 0.0) == DROP
+    # a third SYN, to either service, takes the port of the oldest half-open flow of the
+    # shared pool (service 80's): one pool, one list
+    c = eng.handle(tcp(CLIENT, VIP, 40001, 81, "S"), 0.1)
+    assert IP(c)[TCP].sport == IP(a)[TCP].sport  # type: ignore[arg-type]
+    assert eng.counters.events["reclaimed"] == 1
+    assert eng.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.2) == DROP  # flow a is gone (no_flow)
 
 
 def test_pool_exhaustion_refuses_new_flows_and_keeps_old_ones() -> None:
@@ -131,3 +197,61 @@ def test_pool_exhaustion_refuses_new_flows_and_keeps_old_ones() -> None:
     ports = {IP(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + p, dport=80)), 1))
              [UDP].sport for p in range(100)}
     assert len(ports) == 100  # no port shared by two live flows
+
+
+# ---------------------------------------------------------------- exact eviction, bounded work
+
+def test_eviction_at_the_cap_is_exact_at_scale() -> None:
+    """20,000 established flows, each active within the last 100 s, then a burst of 2,000
+    SYNs at the cap: the flood evicts itself, not one established flow (the old lazy heap
+    gave up after 64 stale entries and evicted whatever was on top)."""
+    n = 20_000
+    eng = engine(service("dnat"), daemon={"max_flows": n + 1})
+    clients = [(f"198.18.{10 + i // 250}.{i % 250 + 1}", 1024 + i) for i in range(n)]
+    for i, (src, sport) in enumerate(clients):  # handshakes spread over 20 s
+        syn = eng.handle(_raw_tcp(src, sport, VIP, 80, 0x02), i * 0.001)
+        assert isinstance(syn, bytes)
+        backend = ".".join(map(str, syn[16:20]))
+        eng.handle(_raw_tcp(backend, 8080, src, sport, 0x12), i * 0.001)
+        eng.handle(_raw_tcp(src, sport, VIP, 80, 0x10), i * 0.001)
+    for i, (src, sport) in enumerate(clients):  # each active within 100 s before the flood
+        out = eng.handle(_raw_tcp(src, sport, VIP, 80, 0x18), 1000.0 + (i * 7919 % n) * 0.005)
+        assert isinstance(out, bytes)
+    for k in range(2_000):
+        eng.handle(_raw_tcp(f"198.19.{k // 250}.{k % 250 + 1}", 2000 + k, VIP, 80, 0x02),
+                   1100.0 + k * 0.0001)
+    assert eng.table.active == n + 1
+    assert eng.counters.events["evicted"] == 1_999  # the first SYN fills the last place
+    table = eng.table.by_proto[6]
+    lost = [c for c in clients if _raw_tcp(*c, VIP, 80, 0x10)[12:24] not in table]
+    assert lost == []
+    states = Counter(f.state for f in eng.table.flows())
+    assert states == {TcpState.ESTABLISHED: n, TcpState.SYN_SENT: 1}
+
+
+def test_expiry_runs_in_bounded_slices() -> None:
+    from nfqlb.engine import EXPIRE_SLICE
+
+    eng = engine(service("dnat", "udp"), timeouts={"udp": 10.0})
+    n = EXPIRE_SLICE * 3 + 7
+    for i in range(n):
+        Conversation(eng, proto="udp", sport=1024 + i).client(now=0.0)
+    assert eng.table.active == n
+    calls = 0
+    while (t := eng.get_timer()) is not None and t <= 20.0:
+        before = eng.table.active
+        eng.handle_timer(20.0)
+        assert before - eng.table.active <= EXPIRE_SLICE
+        calls += 1
+    assert eng.table.active == 0 and calls == 4
+
+
+def test_stats_never_walk_the_table(monkeypatch: Any) -> None:
+    eng = engine(service("dnat"))
+    for k in range(50):
+        Conversation(eng, sport=1000 + k).handshake()
+    monkeypatch.setattr(eng.table, "flows", lambda: pytest.fail("stats walked the table"))
+    stats = eng.stats()
+    backends = stats["services"]["dnat-tcp"]["backends"]
+    assert sum(b["active"] for b in backends.values()) == 50 == stats["flows_active"]
+    assert sum(b["packets"] for b in backends.values()) == 150

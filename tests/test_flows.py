@@ -19,9 +19,10 @@ from nfqlb.flows import (
     tcp_event,
     timeouts_by_state,
 )
+from nfqlb.services import BackendTotals
 
 S, E = TcpState, TcpEvent
-OPEN = {S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED}
+OPEN = {S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED, S.ADOPTED, S.ADOPTED_REPLY}
 # distinct values, so a state mapped to the wrong timeout shows
 T = {"syn": 6.0, "tcp": 90.0, "tcp_fin": 12.0, "tcp_close": 1.0, "udp": 30.0}
 TIMEOUTS = {"timeouts": T}
@@ -35,8 +36,10 @@ def expected_next(state: TcpState, event: TcpEvent) -> TcpState:
         return S.CLOSED
     if state is S.SYN_SENT and event is E.SYNACK:
         return S.SYN_RECV
-    if state is S.SYN_RECV and event is E.ACK:
+    if state is S.SYN_RECV and event in (E.ACK, E.REPLY):
         return S.ESTABLISHED
+    if (state, event) in ((S.ADOPTED, E.REPLY), (S.ADOPTED_REPLY, E.ACK)):
+        return S.ESTABLISHED  # an adopted flow is established once the other side answers
     if state in OPEN and event is E.FIN_CLIENT:
         return S.FIN_CLIENT
     if state in OPEN and event is E.FIN_SERVER:
@@ -52,7 +55,8 @@ def test_transition_table(state: TcpState, event: TcpEvent) -> None:
 
 
 def test_reusable_states() -> None:
-    assert REUSABLE == {S.CLOSING, S.CLOSED}
+    """A client SYN starts a new flow on a flow closing in any way (one FIN, both, RST)."""
+    assert REUSABLE == {S.FIN_CLIENT, S.FIN_SERVER, S.CLOSING, S.CLOSED}
 
 
 @pytest.mark.parametrize("flags", range(256))
@@ -66,7 +70,7 @@ def test_tcp_event_classification(flags: int, is_reply: bool) -> None:
     elif fin:
         want = E.FIN_SERVER if is_reply else E.FIN_CLIENT
     else:
-        want = E.ACK
+        want = E.REPLY if is_reply else E.ACK
     assert tcp_event(flags, is_reply) is want
 
 
@@ -77,6 +81,7 @@ def test_timeouts_by_state() -> None:
     assert by[S.FIN_CLIENT] == by[S.FIN_SERVER] == 12.0
     assert by[S.CLOSING] == by[S.CLOSED] == 1.0
     assert by[S.UDP] == 30.0
+    assert by[S.ADOPTED] == by[S.ADOPTED_REPLY] == 6.0  # until the other side answers
     assert timeouts_by_state(Timeouts())[S.ESTABLISHED] == 900.0
 
 
@@ -230,8 +235,9 @@ def test_timer_never_later_than_a_deadline() -> None:
     eng = engine(service("dnat"), **TIMEOUTS)
     c = Conversation(eng)
     c.handshake(now=0.0)
-    assert eng.get_timer() == 6.0  # armed in SYN_SENT; lazily re-armed when it comes due
+    assert eng.get_timer() == 90.0  # exact: the established flow's own deadline
     c.client("A", now=3.0)
+    assert eng.get_timer() == 93.0
     eng.handle_timer(6.0)
     assert eng.table.active == 1
     assert eng.get_timer() == 93.0
@@ -246,7 +252,7 @@ def test_shorter_timeout_after_state_change() -> None:
     c.handshake(now=0.0)
     c.client("A", now=20.0)
     c.client("R", now=30.0)
-    assert eng.get_timer() == 6.0  # the stale SYN entry; re-arms to 31 when run
+    assert eng.get_timer() == 31.0  # exact at once: the closed flow's deadline
     _advance(eng, 30.99)
     assert eng.table.active == 1
     assert eng.get_timer() == 31.0
@@ -293,7 +299,7 @@ def _table_with(n: int, timeouts: Timeouts):  # type: ignore[no-untyped-def]
     flows = []
     for i in range(n):
         fwd, rev = b"f%011d" % i, b"r%011d" % i
-        flow = Flow(svc, svc.backends[0], 6, S.ESTABLISHED, float(i), fwd, rev)
+        flow = Flow(svc, svc.backends[0], BackendTotals(), 6, S.ESTABLISHED, float(i), fwd, rev)
         table.add(flow, (flow, b"", 0, 0, False), (flow, b"", 0, 0, True))
         flows.append(flow)
     return table, flows
@@ -305,7 +311,7 @@ def test_table_remove_and_expire_order() -> None:
     table.remove(flows[2])
     assert len(table) == 4
     assert b"f%011d" % 2 not in table.by_proto[6] and b"r%011d" % 2 not in table.by_proto[6]
-    flows[0].last = 7.0  # used later: lives to 17
+    table.touch(flows[0], 7.0)  # used later: lives to 17
     gone = table.expire(13.0)
     assert [f.fwd_key for f in gone] == [b"f%011d" % i for i in (1, 3)]
     assert table.next_deadline() == 14.0
@@ -316,7 +322,8 @@ def test_table_remove_and_expire_order() -> None:
 def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     table, (old,) = _table_with(1, Timeouts())
     svc = old.service
-    new = Flow(svc, svc.backends[1], 6, S.SYN_SENT, 5.0, b"other-key-00", old.rev_key)
+    new = Flow(svc, svc.backends[1], BackendTotals(), 6, S.SYN_SENT, 5.0, b"other-key-00",
+               old.rev_key)
     table.add(new, (new, b"", 0, 0, False), (new, b"", 0, 0, True))
     table.remove(old)
     assert table.by_proto[6][old.rev_key][0] is new
@@ -333,10 +340,80 @@ def test_port_reuse_after_close_is_a_new_flow_in_the_table() -> None:
     c.client("S", now=0.5)
     second = _flow(eng, c)
     assert second is not first and second.state is S.SYN_SENT
-    assert eng.table.active == 1 and first.timer_at == -1.0
+    assert eng.table.active == 1 and first.lru is None  # gone from the table
     assert eng.stats()["flows_total"] == 2
 
 
 def test_client_and_vip_are_the_keys() -> None:
     # sanity for the helpers above: the key of a packet is its address/port quadruple
     assert _key(CLIENT, VIP, 1, 2) == bytes([198, 18, 0, 2, 198, 18, 100, 1, 0, 1, 0, 2])
+
+
+# ---------------------------------------------------------------- RSTs and reused ports
+
+def _established(mode: str = "dnat"):  # type: ignore[no-untyped-def]
+    """A flow past its handshake, sequence numbers as a real one: client ISN 1000, server
+    ISN 5000, windows 8192 (no scaling)."""
+    eng = engine(service(mode), **TIMEOUTS)
+    c = Conversation(eng)
+    c.client("S", seq=1000)
+    c.server("SA", seq=5000, ack=1001)
+    c.client("A", seq=1001, ack=5001)
+    c.client("PA", b"GET /", seq=1001, ack=5001)
+    c.server("PA", b"200 OK", seq=5001, ack=1006)
+    return eng, c
+
+
+@pytest.mark.parametrize("who, seq", [("client", 1006 + 100_000), ("client", 1006 - 9000),
+                                      ("server", 5007 + 100_000), ("server", 0)])
+def test_rst_outside_the_window_leaves_the_flow(who: str, seq: int) -> None:
+    """The endpoints ignore it (RFC 5961), so the flow stays as it was (conntrack does the
+    same); the RST itself is passed on, rewritten, for the endpoint to judge."""
+    eng, c = _established()
+    flow = _flow(eng, c)
+    assert isinstance(getattr(c, who)("R", seq=seq % 2**32), bytes)
+    assert flow.state is S.ESTABLISHED
+    assert eng.counters.events["rst_out_of_window"] == 1
+    _advance(eng, 60.0)  # far past the closed timeout (1 s): still there
+    assert isinstance(c.client("PA", b"more", seq=1006, ack=5007, now=60.0), bytes)
+
+
+@pytest.mark.parametrize("who, seq", [("client", 1006), ("client", 1006 + 4000),
+                                      ("server", 5007), ("server", 5007 + 8000)])
+def test_rst_in_the_window_closes_the_flow(who: str, seq: int) -> None:
+    eng, c = _established()
+    getattr(c, who)("R", seq=seq)
+    assert _flow(eng, c).state is S.CLOSED
+    assert "rst_out_of_window" not in eng.counters.events
+
+
+def test_window_scale_widens_the_window_a_rst_may_fall_in() -> None:
+    eng = engine(service("dnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.client("S", seq=1000, options=[("WScale", 7)])
+    c.server("SA", seq=5000, ack=1001, options=[("WScale", 7)])
+    c.client("A", seq=1001, ack=5001)  # window 8192 << 7 = 1 MiB from here on
+    c.server("A", seq=5001, ack=1001)
+    c.client("R", seq=1001 + 500_000)  # in the backend's scaled window
+    assert _flow(eng, c).state is S.CLOSED
+
+
+@pytest.mark.parametrize("closing", ["client FIN", "server FIN", "both FINs", "RST"])
+def test_a_syn_on_a_closing_flow_starts_a_new_flow_and_choice(closing: str) -> None:
+    """A client port reused while the old connection is closing (any way) gets a new flow on
+    a new choice (round robin: the other backend), not the old FIN state's 120 s."""
+    eng, c = _established()
+    first = _flow(eng, c)
+    if closing in ("client FIN", "both FINs"):
+        c.client("FA", seq=1006, ack=5007)
+    if closing in ("server FIN", "both FINs"):
+        c.server("FA", seq=5007, ack=1007)
+    if closing == "RST":
+        c.client("R", seq=1006)
+    assert first.state in REUSABLE
+    out = c.client("S", seq=90_000, now=1.0)
+    assert isinstance(out, bytes)
+    second = _flow(eng, c)
+    assert second is not first and second.state is S.SYN_SENT
+    assert second.backend is not first.backend
+    assert first.lru is None and eng.table.active == 1

@@ -306,3 +306,54 @@ def test_fragments_of_an_unbalanced_datagram_pass(family: int) -> None:
     assert DROP not in released and not any(isinstance(v, Held) for v in verdicts), \
         (verdicts, released)
 
+
+
+def test_a_malformed_first_fragment_takes_its_datagram_with_it() -> None:
+    """A first fragment too short for its transport header (hping3 -f) is dropped; its later
+    fragments are dropped at once, held or not, instead of waiting timeouts.frag in the
+    kernel queue."""
+    eng = engine_for("dnat")
+    payload = b"z" * 64
+    later = IP(src=C4, dst=VIP4, id=77, flags=0, frag=2, proto=6) / Raw(payload)
+    first = IP(src=C4, dst=VIP4, id=77, flags="MF", frag=0, proto=6) / Raw(b"\x13\x88\x00\x50"
+                                                                          b"\x00\x00\x00\x01")
+    held = eng.handle(bytes(later), 0.0)  # came first: held
+    assert isinstance(held, Held)
+    assert eng.handle(bytes(first), 0.1) == DROP
+    assert eng.counters.drops["truncated"] == 1
+    assert eng.released_verdicts() == [(held.hold_id, DROP)]
+    assert eng.handle(bytes(later), 0.2) == DROP  # later ones: at once
+    assert eng.counters.drops["fragment_of_dropped"] == 2
+    assert eng.stats()["fragments_held"] == 0
+
+
+def test_held_fragments_are_bounded_per_source() -> None:
+    eng = engine_for("dnat", proto="udp",
+                     daemon={"max_fragments": 100, "max_fragments_per_source": 4})
+    verdicts = [eng.handle(bytes(IP(src="198.19.0.1", dst=VIP4, id=i, frag=10, proto=17)
+                                 / Raw(b"x" * 16)), 0.0) for i in range(10)]
+    assert sum(isinstance(v, Held) for v in verdicts) == 4
+    assert eng.counters.drops["fragment_source_full"] == 6
+    # another source still gets its share
+    other = eng.handle(bytes(IP(src="198.19.0.2", dst=VIP4, id=1, frag=10, proto=17)
+                             / Raw(b"x" * 16)), 0.0)
+    assert isinstance(other, Held)
+    eng.handle_timer(10.0)  # timed out: the source may hold again
+    again = eng.handle(bytes(IP(src="198.19.0.1", dst=VIP4, id=99, frag=10, proto=17)
+                             / Raw(b"x" * 16)), 10.0)
+    assert isinstance(again, Held)
+
+
+def test_a_later_ipv6_fragment_is_not_read_as_headers() -> None:
+    """After the fragment header of a later fragment comes data, not extension headers: a
+    fragmentable part that starts with destination options (next header 60) is followed by
+    the first fragment's decision, whatever its data bytes look like."""
+    from scapy.layers.inet6 import IPv6ExtHdrDestOpt
+
+    eng = engine_for("dnat", v6=True, proto="udp")
+    dgram = (IPv6(src=C6, dst=VIP6) / IPv6ExtHdrFragment(id=5) / IPv6ExtHdrDestOpt()
+             / UDP(sport=5000, dport=80) / (b"\x2c" * 3000))  # data that looks like headers
+    frags = [bytes(f) for f in fragment6(dgram, 1280)]
+    outs = [eng.handle(f, 0.0) for f in frags]
+    assert all(isinstance(o, bytes) for o in outs), outs
+    assert all(IPv6(o).dst == B6[0] for o in outs)  # type: ignore[arg-type]

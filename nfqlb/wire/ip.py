@@ -106,7 +106,10 @@ def _parse_v4(data: bytes, n: int) -> Parsed | None:
         key = data[12:20] + data[9:10] + data[4:6]
         if offset or proto == ICMP:  # ICMP fragments: the engine passes them on unread
             return Parsed(False, hl, proto, key, offset == 0)
-        _check_transport(data, hl, proto, whole=False)
+        try:
+            _check_transport(data, hl, proto, whole=False)
+        except PacketError as exc:  # the later fragments of this datagram go with it
+            raise PacketError(exc.reason, key) from None
         return Parsed(False, hl, proto, key, True)
     _check_transport(data, hl, proto, whole=True)
     return Parsed(False, hl, proto, None, True)
@@ -124,10 +127,17 @@ def _parse_v6(data: bytes, n: int) -> Parsed | None:
     if frag >= 0:
         frag_key = data[8:40] + data[frag:frag + 1] + data[frag + 4:frag + 8]
         first = (data[frag + 2] << 8 | data[frag + 3]) < 8  # fragment offset 0
+    if not first and (nh in _V6_EXT or nh == AH):
+        # a later fragment whose fragmentable part starts with extension headers: they are in
+        # the first fragment only, which tells the protocol; this one follows it
+        return Parsed(True, off, nh, frag_key, False)
     if nh not in (TCP, UDP, ICMPV6):
         return None
     if first and not (frag_key is not None and nh == ICMPV6):
-        _check_transport(data, off, nh, whole=frag_key is None)
+        try:
+            _check_transport(data, off, nh, whole=frag_key is None)
+        except PacketError as exc:  # a first fragment: the later ones go with it
+            raise PacketError(exc.reason, frag_key, True) from None
     return Parsed(True, off, nh, frag_key, first)
 
 
@@ -137,9 +147,10 @@ def walk_v6(data: bytes, start: int, reasons: V6Reasons) -> tuple[int, int, int]
     (TCP, UDP, ICMPv6, ESP, ...) and its offset, and the offset of the last fragment header
     that has a fragment offset or the M flag (-1 if none: not a fragment).
 
-    Each extension header must be whole in ``data`` (else ``reasons.truncated``); the walk goes
-    on after a fragment header whatever its offset, and stops at the first header that is not
-    an extension header, or refuses the chain after _V6_MAX_HEADERS of them.
+    Each extension header must be whole in ``data`` (else ``reasons.truncated``); the walk stops
+    at the first header that is not an extension header, after the fragment header of a later
+    fragment (what follows it is the datagram's data, not headers), or refuses the chain after
+    _V6_MAX_HEADERS of them.
     """
     n = len(data)
     nh = data[start + 6]
@@ -159,10 +170,13 @@ def walk_v6(data: bytes, start: int, reasons: V6Reasons) -> tuple[int, int, int]
         elif nh == IPV6_FRAG:
             if n < off + 8:
                 raise PacketError(reasons.truncated)
-            if (data[off + 2] << 8 | data[off + 3]) & 0xFFF9:  # fragment offset, or M
+            field = data[off + 2] << 8 | data[off + 3]
+            if field & 0xFFF9:  # fragment offset, or M
                 frag = off
             nh = data[off]
             off += 8
+            if field & 0xFFF8:  # a later fragment: what follows is data, not headers
+                return nh, off, frag
         else:
             return nh, off, frag
     raise PacketError(reasons.too_many)

@@ -12,26 +12,43 @@ _TCP = struct.Struct("!HHIIBBHHH")
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 
-def tcp_mss_offset(data: bytes, off: int) -> int:
-    """Offset of the 2-byte MSS value in the TCP options at ``off``, or -1 (well-formed input)."""
+MSS = 2  # option kinds (RFC 9293, RFC 7323)
+WSCALE = 3
+
+
+def tcp_option(data: bytes, off: int, kind: int, length: int) -> int:
+    """Offset of the value of option ``kind`` (total ``length`` bytes) in the TCP header at
+    ``off``, or -1 (well-formed input: the header's data offset is checked by the caller)."""
     end = off + (data[off + 12] >> 4) * 4
     i = off + 20
     while i < end:
-        kind = data[i]
-        if kind == 0:
+        k = data[i]
+        if k == 0:
             break
-        if kind == 1:
+        if k == 1:
             i += 1
             continue
         if i + 1 >= end:
             break
-        length = data[i + 1]
-        if length < 2 or i + length > end:
+        size = data[i + 1]
+        if size < 2 or i + size > end:
             break
-        if kind == 2 and length == 4:
+        if k == kind and size == length:
             return i + 2
-        i += length
+        i += size
     return -1
+
+
+def tcp_mss_offset(data: bytes, off: int) -> int:
+    """Offset of the 2-byte MSS value in the TCP options at ``off``, or -1."""
+    return tcp_option(data, off, MSS, 4)
+
+
+def tcp_wscale(data: bytes, off: int) -> int:
+    """The window scale shift the TCP options at ``off`` announce (capped at 14, RFC 7323
+    2.3), or -1 when there is none."""
+    pos = tcp_option(data, off, WSCALE, 3)
+    return -1 if pos < 0 else min(data[pos], 14)
 
 
 def build_rst(data: bytes, off: int, v6: bool) -> bytes:
