@@ -81,6 +81,9 @@ class DaemonConfig:
     sysctls: bool = True  # set ip_forward/accept_local as the modes need, restore on exit
     max_flows: int = 1_000_000  # per worker; at the cap the flow nearest its idle timeout goes
     max_fragments: int = 1024  # out-of-order fragments held at once
+    max_fragments_per_source: int = 64  # of those, at most this many from one source address
+    queue_maxlen: int = 8192  # kernel queue length (default_queue_maxlen); held fragments
+    # occupy slots of it
     large_queue: int | None = None  # queue for packets over 3960 B (default: queue + 10000)
     icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
 
@@ -100,7 +103,7 @@ class Config:
 _TOP_KEYS = {"daemon", "service", "timeouts"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
-    "icmp_echo",
+    "icmp_echo", "max_fragments_per_source", "queue_maxlen",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -243,18 +246,24 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate an already-parsed TOML document."""
     top = _Checker(source, "", data, _TOP_KEYS)
     d = _Checker(source, "daemon", data.get("daemon", {}), _DAEMON_KEYS)
+    max_fragments = d.integer("max_fragments", 1024, 0, 1_000_000)
     daemon = DaemonConfig(
         queue=d.integer("queue", 1, 0, 65535),
         bypass=d.flag("bypass", True),
         mss_clamp=d.integer("mss_clamp", 1460, 536, 3900),
         sysctls=d.flag("sysctls", True),
         max_flows=d.integer("max_flows", 1_000_000, 1, 100_000_000),
-        max_fragments=d.integer("max_fragments", 1024, 0, 1_000_000),
+        max_fragments=max_fragments,
+        max_fragments_per_source=d.integer("max_fragments_per_source",
+                                           min(64, max(max_fragments, 1)), 1, 1_000_000),
+        queue_maxlen=d.integer("queue_maxlen", default_queue_maxlen(max_fragments), 1,
+                               10_000_000),
         large_queue=d.integer("large_queue", None, 0, 65535) if d.has("large_queue") else None,
         icmp_echo=d.choice("icmp_echo", IcmpEcho, "accept"),
     )
     if daemon.large_queue_number == daemon.queue:
         raise d.fail("large_queue", f"must differ from queue ({daemon.queue})")
+    _check_queue_room(d, daemon)
     t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
     base = Timeouts()
     timeouts = Timeouts(**{k: t.seconds(k, getattr(base, k)) for k in Timeouts.__slots__})
@@ -275,6 +284,33 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not services:
         raise ConfigError(source, "service", "no services: add at least one [[service]]")
     return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts)
+
+
+QUEUE_ROOM = 4
+"""daemon.queue_maxlen must be at least this many times daemon.max_fragments (and that plus
+QUEUE_MIN_FREE): a held fragment has no verdict yet and keeps its slot of the kernel queue, so
+a queue only as long as the fragments it may hold is full, and drops everything else, as soon
+as the fragment buffer is."""
+QUEUE_MIN_FREE = 256
+
+
+def default_queue_maxlen(max_fragments: int) -> int:
+    """8192, or eight times max_fragments when that is more."""
+    return max(8192, 8 * max_fragments)
+
+
+def _check_queue_room(d: _Checker, daemon: DaemonConfig) -> None:
+    """queue_maxlen comfortably above max_fragments; max_fragments_per_source within it."""
+    if daemon.max_fragments_per_source > max(daemon.max_fragments, 1):
+        raise d.fail("max_fragments_per_source",
+                     f"{daemon.max_fragments_per_source} is more than max_fragments "
+                     f"({daemon.max_fragments})")
+    least = max(QUEUE_ROOM * daemon.max_fragments, daemon.max_fragments + QUEUE_MIN_FREE)
+    if daemon.queue_maxlen < least:
+        raise d.fail("queue_maxlen",
+                     f"{daemon.queue_maxlen} leaves too little room above max_fragments "
+                     f"({daemon.max_fragments}): held fragments keep their queue slots; "
+                     f"use at least {least}")
 
 
 def _check_pools(source: str, i: int, svc: Service, j: int, other: Service) -> None:

@@ -2,24 +2,29 @@
 
 The rule text comes from the templates in ``rules/`` (installed as ``nfqlb/rules.d``), one
 file per concern, filled with :class:`string.Template`. Everything lives in the ``raw`` table,
-in three chains nfqlb owns per queue (see :func:`chains_for`), reached by one jump each from
-raw PREROUTING and raw OUTPUT. Every match goes (``-g``) to the queue chain, which takes the
-packet out of conntrack (``CT --notrack``) and hands it to ``NFQUEUE``: packets longer than
-:data:`BINDING_MAX_PACKET` to the large-packet queue (:func:`large_queue_for`), the others to
-the queue itself. The large-packet rule lives in the queue's own chain, so it comes and goes
-with it.
+in four chains nfqlb owns per queue (see :func:`chains_for`), reached by one jump each from
+raw PREROUTING and raw OUTPUT (ICMP errors go through a chain of their own, which keeps only
+those that quote one of the queue's packets). Every match goes (``-g``) to the queue chain,
+which takes the packet out of conntrack (``CT --notrack``) and hands it to ``NFQUEUE``:
+packets longer than :data:`BINDING_MAX_PACKET` to the large-packet queue
+(:func:`large_queue_for`), the others to the queue itself. The large-packet rule lives in the
+queue's own chain, so it comes and goes with it.
 
 Services with an IPv4 VIP render into an ``iptables`` rule set, IPv6 VIPs into an
 ``ip6tables`` one (:data:`FAMILIES`). Applying and deleting is done by ``nfqlb.io.iptables``
 with ``iptables-restore --noflush``, from texts built here: :func:`format_restore` for apply
 (idempotent: declaring an existing chain flushes it, jumps are added only when missing) and
 :func:`plan_delete` for removal, both planned against a parsed ``iptables-save``
-(:func:`parse_save`) so they touch exactly nfqlb's own rules.
+(:func:`parse_save`) so they touch exactly nfqlb's own rules. Before either, the rules of
+other queues in that dump are checked for overlap (:func:`find_overlap`): two instances must
+not match each other's packets.
 """
 
 from __future__ import annotations
 
 import functools
+import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from importlib import resources
@@ -79,15 +84,22 @@ class Chains:
 
     pre: str  # jumped to from PREROUTING
     out: str  # jumped to from OUTPUT
+    errors: str  # ICMP errors, jumped to from pre and out: queues those quoting our packets
     target: str  # CT --notrack, then NFQUEUE
 
     @property
-    def all(self) -> tuple[str, str, str]:
-        return (self.pre, self.out, self.target)
+    def all(self) -> tuple[str, str, str, str]:
+        return (self.pre, self.out, self.errors, self.target)
+
+    @property
+    def names(self) -> dict[str, str]:
+        """The template variables naming the chains."""
+        return {"pre": self.pre, "out": self.out, "errors": self.errors, "target": self.target}
 
 
 def chains_for(queue: int) -> Chains:
-    return Chains(pre=f"NFQLB-PRE-{queue}", out=f"NFQLB-OUT-{queue}", target=f"NFQLB-Q-{queue}")
+    return Chains(pre=f"NFQLB-PRE-{queue}", out=f"NFQLB-OUT-{queue}",
+                  errors=f"NFQLB-ERR-{queue}", target=f"NFQLB-Q-{queue}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,13 +143,99 @@ def _host(address: IPAddress, family: Family) -> str:
 
 
 def _service_rules(svc: Service, family: Family, chains: Chains) -> list[str]:
-    common = {"pre": chains.pre, "out": chains.out, "target": chains.target,
-              "proto": svc.protocol.name.lower(), "frag": family.frag}
+    common = {**chains.names, "proto": svc.protocol.name.lower(), "frag": family.frag}
     lines = _fill("forward.rules", {**common, "vip": _host(svc.vip, family), "port": svc.port})
     for b in svc.backends:
         values = {**common, **_backend_values(svc, b, family)}
         lines += _fill(f"reply-{svc.mode.value}.rules", values)
+    for quoted in _quoted_packets(svc):
+        lines += _fill("icmp-quote.rules", {**common, "quote": quoted.u32(family)})
     return lines
+
+
+# --- ICMP errors: which quoted packets are ours -------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QuotedPacket:
+    """What an ICMP error quotes, as far as a rule can tell a service's packets by it: the
+    protocol and any of source address, source port (or range), destination, destination
+    port."""
+
+    protocol: int
+    src: IPAddress | None = None
+    sport: tuple[int, int] | None = None
+    dst: IPAddress | None = None
+    dport: int | None = None
+
+    def u32(self, family: Family) -> str:
+        """``-m u32 --u32 "..."`` matches (several when one would exceed u32's ten tests)."""
+        tests = (_quote_tests_v4 if family.version == 4 else _quote_tests_v6)(self)
+        return " ".join(f'-m u32 --u32 "{"&&".join(tests[i:i + U32_MAX_TESTS])}"'
+                        for i in range(0, len(tests), U32_MAX_TESTS))
+
+
+U32_MAX_TESTS = 10  # xt_u32 takes at most XT_U32_MAXSIZE + 1 = 11 tests per match
+
+# IPv4: "0>>22&0x3C" is the outer header's length; "@" moves there, so "<that>@8" reads the
+# quoted header's first word, "@8>>22&0x3C@8" the first word after the quoted header (ports).
+_V4_QUOTE = "0>>22&0x3C@"
+_V4_PORTS = "0>>22&0x3C@8>>22&0x3C@8"
+
+
+def _ports(value: tuple[int, int] | int) -> str:
+    if isinstance(value, int):
+        return str(value)
+    return str(value[0]) if value[0] == value[1] else f"{value[0]}:{value[1]}"
+
+
+def _quote_tests_v4(q: QuotedPacket) -> list[str]:
+    tests = [f"{_V4_QUOTE}16>>16&0xFF={q.protocol}"]
+    if q.src is not None:
+        tests.append(f"{_V4_QUOTE}20=0x{int(q.src):08x}")
+    if q.dst is not None:
+        tests.append(f"{_V4_QUOTE}24=0x{int(q.dst):08x}")
+    if q.sport is not None or q.dport is not None:
+        tests.append(f"{_V4_QUOTE}12&0x1FFF=0")  # the quote is a first fragment: it has ports
+    if q.sport is not None:
+        tests.append(f"{_V4_PORTS}>>16={_ports(q.sport)}")
+    if q.dport is not None:
+        tests.append(f"{_V4_PORTS}&0xFFFF={_ports(q.dport)}")
+    return tests
+
+
+def _v6_words(address: IPAddress, offset: int) -> list[str]:
+    value = int(address)
+    return [f"{offset + 4 * i}=0x{(value >> (96 - 32 * i)) & 0xFFFFFFFF:08x}" for i in range(4)]
+
+
+def _quote_tests_v6(q: QuotedPacket) -> list[str]:
+    # outer: next header ICMPv6 (no extension headers), quoted header at 48, ports at 88
+    tests = ["4>>8&0xFF=58", f"52>>8&0xFF={q.protocol}"]
+    if q.src is not None:
+        tests += _v6_words(q.src, 56)
+    if q.dst is not None:
+        tests += _v6_words(q.dst, 72)
+    if q.sport is not None:
+        tests.append(f"88>>16={_ports(q.sport)}")
+    if q.dport is not None:
+        tests.append(f"88&0xFFFF={_ports(q.dport)}")
+    return tests
+
+
+def _quoted_packets(svc: Service) -> list[QuotedPacket]:
+    """The packets of ``svc`` nfqlb sends out, as an error about them would quote them."""
+    proto = int(svc.protocol)
+    out = [QuotedPacket(proto, src=svc.vip, sport=(svc.port, svc.port))]  # replies
+    for b in svc.backends:
+        if svc.mode is Mode.LOCAL:
+            out.append(QuotedPacket(proto, dst=b.address or svc.vip, dport=b.port))
+        elif svc.mode is Mode.DNAT:
+            out.append(QuotedPacket(proto, dst=b.address, dport=b.port))
+        else:
+            out.append(QuotedPacket(proto, src=svc.snat_address, sport=svc.snat_ports,
+                                    dst=b.address, dport=b.port))
+    return out
 
 
 def _backend_values(svc: Service, b: Backend, family: Family) -> dict[str, object]:
@@ -193,7 +291,7 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
         body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
                                      "large_queue": large,
                                      "large_from": BINDING_MAX_PACKET + 1})
-        where = {"pre": chains.pre, "out": chains.out, "target": chains.target}
+        where = chains.names
         body += dict.fromkeys(_fill("icmp.rules", {**where, **family.icmp}))
         if config.daemon.icmp_echo is IcmpEcho.DROP:
             for vip in dict.fromkeys(s.vip for s in services):
@@ -278,8 +376,7 @@ def format_restore(ruleset: RuleSet, saved: SavedTable | None = None, *,
     ``all_jumps`` puts all of them in (for printing).
     """
     jumps = ruleset.jumps if all_jumps else missing_jumps(ruleset, saved)
-    chains = {"pre": ruleset.chains.pre, "out": ruleset.chains.out,
-              "target": ruleset.chains.target}
+    chains = ruleset.chains.names
     lines = [f"# {h}" for h in header]
     for line in _template("table.rules"):
         if line.strip() == "${body}":
@@ -310,6 +407,128 @@ def plan_delete(queue: int, saved: SavedTable | None) -> str | None:
     if not lines:
         return None
     return "\n".join([f"*{TABLE}", *lines, "COMMIT"]) + "\n"
+
+
+# --- another instance's rules that would take this one's packets ----------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PortRule:
+    """A rule of an nfqlb chain that matches by port: a forward rule (``--dport`` only, to a
+    VIP) or a reply rule (``--sport``: from a backend). Fragment and ICMP rules are not."""
+
+    queue: int
+    chain: str  # "PRE" | "OUT"
+    protocol: str
+    src: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    dst: ipaddress.IPv4Network | ipaddress.IPv6Network | None
+    sport: tuple[int, int] | None
+    dport: tuple[int, int] | None
+    text: str
+
+    @property
+    def is_reply(self) -> bool:
+        return self.sport is not None
+
+    def overlaps(self, other: PortRule) -> bool:
+        """Some packet matches both (same direction and chain, every field intersecting)."""
+        if (self.chain, self.protocol, self.is_reply) != (other.chain, other.protocol,
+                                                          other.is_reply):
+            return False
+        for a, b in ((self.src, other.src), (self.dst, other.dst)):
+            if a is not None and b is not None and (a.version != b.version
+                                                    or not a.overlaps(b)):
+                return False
+        for p, q in ((self.sport, other.sport), (self.dport, other.dport)):
+            if p is not None and q is not None and (p[1] < q[0] or q[1] < p[0]):
+                return False
+        return True
+
+
+_CHAIN = re.compile(r"^-A NFQLB-(PRE|OUT)-(\d+) ")
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    lo, _, hi = text.partition(":")
+    return int(lo), int(hi or lo)
+
+
+def parse_port_rule(rule: str) -> PortRule | None:
+    """The :class:`PortRule` of an ``-A NFQLB-PRE|OUT-<q> ...`` line (rendered or as
+    iptables-save shows it), None for any other rule."""
+    m = _CHAIN.match(rule)
+    if m is None:
+        return None
+    words = rule.split()
+    if "!" in words or "u32" in words:
+        return None
+    opts: dict[str, str] = {}
+    for flag, value in zip(words, words[1:], strict=False):
+        if flag in ("-s", "-d", "-p", "--sport", "--dport"):
+            opts[flag] = value
+    if "--sport" not in opts and "--dport" not in opts:
+        return None
+    try:
+        return PortRule(
+            queue=int(m.group(2)), chain=m.group(1), protocol=opts.get("-p", "all"),
+            src=ipaddress.ip_network(opts["-s"], strict=False) if "-s" in opts else None,
+            dst=ipaddress.ip_network(opts["-d"], strict=False) if "-d" in opts else None,
+            sport=_port_range(opts["--sport"]) if "--sport" in opts else None,
+            dport=_port_range(opts["--dport"]) if "--dport" in opts else None,
+            text=rule)
+    except ValueError:
+        return None
+
+
+def find_overlap(ruleset: RuleSet, saved: SavedTable | None) -> str | None:
+    """Why ``ruleset`` cannot be installed next to another queue's rules in ``saved``, or None.
+
+    Two instances (two queues) whose port rules overlap would each take the other's packets,
+    whichever jump comes first: the same VIP and port, or replies from the same backend
+    address and port that nothing tells apart. In dnat and local mode a reply carries
+    neither the VIP nor anything of the instance; in fullnat it comes back to the instance's
+    snat address and pool, so two fullnat instances sharing a backend need disjoint pools.
+    """
+    if saved is None:
+        return None
+    theirs = [r for rule in saved.rules
+              if (r := parse_port_rule(rule)) is not None and r.queue != ruleset.queue]
+    for rule in ruleset.rules:
+        mine = parse_port_rule(rule)
+        if mine is None:
+            continue
+        for other in theirs:
+            if mine.overlaps(other):
+                what = (f"replies from {_describe_reply(mine)}" if mine.is_reply
+                        else f"packets to {_endpoint(mine.dst, mine.dport, mine.protocol)}")
+                if not mine.is_reply:
+                    advice = "two instances cannot serve the same VIP and port"
+                elif mine.dport is not None and other.dport is not None:
+                    advice = ("two fullnat instances sharing a backend need disjoint "
+                              "snat_ports or snat_addresses of their own")
+                else:
+                    advice = ("replies in dnat and local mode carry nothing of the instance: "
+                              "two instances cannot share a backend there; use fullnat with "
+                              "disjoint snat_ports")
+                return (f"queue {ruleset.queue}: {what} are already taken by queue "
+                        f"{other.queue}'s rule \"{other.text}\" ({advice}; `nfqlb rules "
+                        f"--delete --queue {other.queue}` removes rules a dead instance left)")
+    return None
+
+
+def _endpoint(net: ipaddress.IPv4Network | ipaddress.IPv6Network | None,
+              ports: tuple[int, int] | None, protocol: str) -> str:
+    host = "*" if net is None else (str(net.network_address) if net.version == 4
+                                    else f"[{net.network_address}]")
+    port = "*" if ports is None else _ports(ports).replace(":", "-")
+    return f"{host}:{port}/{protocol}"
+
+
+def _describe_reply(rule: PortRule) -> str:
+    text = _endpoint(rule.src, rule.sport, rule.protocol)
+    if rule.dst is not None or rule.dport is not None:
+        text += f" to {_endpoint(rule.dst, rule.dport, rule.protocol)}"
+    return text
 
 
 DROP_EMPTY_TABLE = f"*{TABLE}\nCOMMIT\n"

@@ -44,10 +44,15 @@ QUEUE_CHAIN = ["-A NFQLB-Q-1 -j CT --notrack",
                "--queue-bypass",
                "-A NFQLB-Q-1 -j NFQUEUE --queue-num 1 --queue-bypass"]
 FRAG4 = '-m u32 --u32 "0x4&0x3fff=0x1:0x3fff"'
-ICMP4 = [f"-A NFQLB-{chain}-1 -p icmp --icmp-type {t} -g NFQLB-Q-1"
+ICMP4 = [f"-A NFQLB-{chain}-1 -p icmp --icmp-type {t} -j NFQLB-ERR-1"
          for chain in ("PRE", "OUT") for t in (3, 11, 12)]
 QUEUE_CHAIN += ICMP4
 JUMPS = ("-I PREROUTING -j NFQLB-PRE-1", "-I OUTPUT -j NFQLB-OUT-1")
+
+
+def without_quotes(rs: rules.RuleSet) -> list[str]:
+    """The rules, without the ICMP-quote rules of NFQLB-ERR-<q> (tested on their own)."""
+    return [r for r in rs.rules if not r.startswith("-A NFQLB-ERR-")]
 
 
 def only(config: Config, queue: int | None = None) -> rules.RuleSet:
@@ -59,7 +64,7 @@ def only(config: Config, queue: int | None = None) -> rules.RuleSet:
 def test_fullnat_forward_in_both_chains_and_replies_from_each_backend_to_the_pool() -> None:
     rs = only(make_config(FULLNAT))
     assert rs.family.iptables == "iptables"
-    assert list(rs.rules) == QUEUE_CHAIN + [
+    assert without_quotes(rs) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
@@ -76,7 +81,7 @@ def test_fullnat_forward_in_both_chains_and_replies_from_each_backend_to_the_poo
 
 def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> None:
     rs = only(make_config(DNAT))
-    assert list(rs.rules) == QUEUE_CHAIN + [
+    assert without_quotes(rs) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p udp --dport 53 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p udp " + FRAG4 + " -g NFQLB-Q-1",
@@ -89,7 +94,7 @@ def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> Non
 
 def test_local_replies_leave_through_output_with_source_only_when_given() -> None:
     rs = only(make_config(LOCAL))
-    assert list(rs.rules) == QUEUE_CHAIN + [
+    assert without_quotes(rs) == QUEUE_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
@@ -110,13 +115,14 @@ def test_echo_drop_adds_one_drop_per_vip_and_family() -> None:
         "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p ipv6-icmp --icmpv6-type 128 -j DROP",
         "-A NFQLB-OUT-1 -d 2001:db8::10/128 -p ipv6-icmp --icmpv6-type 128 -j DROP"]
     assert "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p tcp -m frag -g NFQLB-Q-1" in six.rules
-    assert "-A NFQLB-PRE-1 -p ipv6-icmp --icmpv6-type 2 -g NFQLB-Q-1" in six.rules
+    assert "-A NFQLB-PRE-1 -p ipv6-icmp --icmpv6-type 2 -j NFQLB-ERR-1" in six.rules
     assert not any(r.endswith("-j DROP") for r in only(make_config(FULLNAT)).rules)
 
 
 def test_no_bypass_and_queue_override_name_the_chains() -> None:
     rs = only(make_config(DNAT, bypass=False), queue=7)
-    assert rs.chains == rules.Chains("NFQLB-PRE-7", "NFQLB-OUT-7", "NFQLB-Q-7")
+    assert rs.chains == rules.Chains("NFQLB-PRE-7", "NFQLB-OUT-7", "NFQLB-ERR-7",
+                                        "NFQLB-Q-7")
     assert rs.rules[:3] == ("-A NFQLB-Q-7 -j CT --notrack",
                             "-A NFQLB-Q-7 -m length --length 3961:65535 -j NFQUEUE "
                             "--queue-num 10007",
@@ -170,8 +176,8 @@ def test_restore_text_declares_chains_then_rules_then_missing_jumps() -> None:
     rs = only(make_config(FULLNAT))
     text = rules.format_restore(rs, None, header=["hello"])
     lines = text.splitlines()
-    assert lines[:5] == ["# hello", "*raw", ":NFQLB-PRE-1 - [0:0]", ":NFQLB-OUT-1 - [0:0]",
-                         ":NFQLB-Q-1 - [0:0]"]
+    assert lines[:6] == ["# hello", "*raw", ":NFQLB-PRE-1 - [0:0]", ":NFQLB-OUT-1 - [0:0]",
+                         ":NFQLB-ERR-1 - [0:0]", ":NFQLB-Q-1 - [0:0]"]
     assert lines[-3:] == [*JUMPS, "COMMIT"]
     assert text.endswith("COMMIT\n")
     saved = rules.parse_save(SAVED_WITH_NFQLB)
@@ -244,7 +250,8 @@ def test_plan_delete_removes_jumps_into_the_queue_chains_and_the_chains_only() -
 
 def test_templates_are_installed_with_the_package_and_are_the_repository_files() -> None:
     names = sorted(p.name for p in (REPO / "rules").glob("*.rules"))
-    assert names == ["echo-drop.rules", "forward.rules", "icmp.rules", "jumps.rules",
+    assert names == ["echo-drop.rules", "forward.rules", "icmp-quote.rules", "icmp.rules",
+                     "jumps.rules",
                      "queue.rules", "reply-dnat.rules", "reply-fullnat.rules",
                      "reply-local.rules", "table.rules"]
     from importlib import resources
@@ -301,7 +308,11 @@ def test_apply_twice_then_delete_twice_in_a_namespace(netns: str, tmp_path: Path
     v6_rules = [r for r in _save(netns, "ip6tables-save").splitlines() if "NFQLB" in r]
     assert "-A NFQLB-PRE-1 -d 2001:db8::10/128 -p tcp -m frag -g NFQLB-Q-1" in v6_rules
     assert sum("-j DROP" in r for r in v6_rules) == 2
-    for rule in rules.render(make_config(FULLNAT, DNAT, LOCAL, icmp_echo="drop"))[0].rules:
+    rendered = rules.render(make_config(FULLNAT, DNAT, LOCAL, icmp_echo="drop"))[0]
+    # iptables-save writes u32 numbers in hex: the quote rules are counted, not compared
+    quotes = [r for r in once.splitlines() if r.startswith("-A NFQLB-ERR-1 -m u32")]
+    assert len(quotes) == len(rendered.rules) - len(without_quotes(rendered))
+    for rule in without_quotes(rendered):
         # iptables-save adds the implicit "-m tcp"/"-m udp"/"-m icmp" after "-p" when a
         # match of that protocol's own is used
         shown = rule if "port" not in rule and "icmp-type" not in rule else (

@@ -6,7 +6,9 @@ packets the binding cannot carry whole, through nfqlb's own netlink client
 (:class:`~nfqlb.io.netlink.NetlinkQueueAdapter`).
 
 Order of start-up, each step only once the previous one worked, so that a failure leaves the
-host as it was: resolve the iptables tools; build the engine; bind both queues (a second
+host as it was: resolve the iptables tools; refuse rules that overlap another instance's
+(another queue matching the same VIP and port, or replies it could not tell from ours); build
+the engine; bind both queues (a second
 instance on the same queue stops here, having touched nothing); set the sysctls the modes need;
 install the rules; serve on a uvloop event loop. Everything done is undone in ``finally``
 blocks, in reverse: the rules go first (with --queue-bypass, new packets then pass the kernel
@@ -45,7 +47,7 @@ class Adapter(Protocol):
 
     clock: Callable[[], float]
 
-    def bind(self) -> None: ...
+    def bind(self, max_len: int = ...) -> None: ...
     def fileno(self) -> int: ...
     def on_readable(self) -> None: ...
     def drain(self) -> None: ...
@@ -199,6 +201,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     large = rules.large_queue_for(config, q)
     rulesets = rules.render(config, q)
     tools = iptables.tools_for(rs.family.version for rs in rulesets)
+    iptables.check_overlap(rulesets, tools)  # another instance's packets: refuse, touch nothing
     engine = Engine(config, log=log.getChild("engine"))
     held = HeldPackets(engine)
     adapters: list[Adapter] = [
@@ -214,7 +217,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         server.install_signal_handlers()
         try:
             for adapter in adapters:  # either one failing: nothing else is touched
-                adapter.bind()
+                adapter.bind(max_len=config.daemon.queue_maxlen)
                 bound.append(adapter)
             clean = _serve_bound(config, q, large, rulesets, tools, server, log)
         finally:

@@ -64,9 +64,23 @@ def tools_for(versions: Iterable[int]) -> dict[int, Iptables]:
     return {v: Iptables(FAMILIES[v]) for v in versions}
 
 
+def check_overlap(rulesets: Iterable[RuleSet], tools: dict[int, Iptables]) -> None:
+    """Raise SystemSetupError (one line) when another queue's installed rules would take
+    packets of ``rulesets`` (:func:`nfqlb.rules.find_overlap`); changes nothing."""
+    for rs in rulesets:
+        problem = rules.find_overlap(rs, tools[rs.family.version].save())
+        if problem is not None:
+            raise SystemSetupError(problem)
+
+
 def apply(ruleset: RuleSet, tools: Iptables) -> None:
-    """Install ``ruleset``, replacing what nfqlb had on its queue; idempotent."""
-    text = rules.format_restore(ruleset, tools.save())
+    """Install ``ruleset``, replacing what nfqlb had on its queue; idempotent. Refused
+    (SystemSetupError) when it overlaps another queue's rules."""
+    saved = tools.save()
+    problem = rules.find_overlap(ruleset, saved)
+    if problem is not None:
+        raise SystemSetupError(problem)
+    text = rules.format_restore(ruleset, saved)
     log.debug("%s --noflush <<\n%s", tools.family.restore, text)
     tools.restore(text)
     log.debug("rules for queue %d installed with %s", ruleset.queue, tools.family.restore)
