@@ -80,7 +80,7 @@ class Engine:
         self.table = FlowTable(config.timeouts, config.daemon.max_flows)
         self.services = Services(config, rng or random.Random(0), self.counters, self._ratelog)
         self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag,
-                                     getattr(config.daemon, "max_fragments_per_source", 64))
+                                     config.daemon.max_fragments_per_source)
         self.mss_clamp = config.daemon.mss_clamp
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]

@@ -4,7 +4,8 @@ A :class:`ServiceRuntime` is one configured service while the engine runs: its p
 the fallback for when the policy fails (the failure contained: counted, logged at a rate
 limit, never raised), its fullnat port pool, and per backend the figures (flows placed and
 open, packets, bytes) kept as they change: a flow holds its backend's ``BackendTotals`` and
-every packet adds to it, so status never walks the table. :class:`Services` holds them all, indexed the two ways the packet path asks:
+every packet adds to it, so status never walks the table. :class:`Services` holds them all,
+indexed the two ways the packet path asks:
 
 - by VIP and port (``by_vip[protocol][vip packed + port]``), for a packet to a service;
 - by backend address and port (``by_backend[protocol][...]``), the hash-adoption index: the
@@ -56,9 +57,9 @@ class BackendTotals:
 class ServiceRuntime:
     """One service while the engine runs: policy, fallback, pool, per-backend figures."""
 
-    __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address", "vip_endpoint",
-                 "endpoints", "backend_set", "totals", "refused", "policy_errors", "_address",
-                 "_counters", "_log")
+    __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
+                 "vip_endpoint", "endpoints", "backend_set", "totals", "refused", "policy_errors",
+                 "_address", "_counters", "_log")
 
     def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
                  pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
