@@ -103,6 +103,12 @@ QUEUE: dict[str, str] = {
     "enobufs": "receive buffer overruns: the kernel dropped packets for a full buffer",
     "verdict_errors": "verdicts the kernel refused (a packet id it no longer knew)",
     "send_errors": "verdicts that could not be sent",
+    # the kernel's own counters of the queue (nfqlb.io.kstats), printed after "kernel:"
+    "queue_dropped": "packets the kernel dropped because the queue was full (queue_maxlen "
+                     "waiting for a verdict)",
+    "user_dropped": "packets the kernel dropped because they did not fit the worker's "
+                    "socket buffer",
+    "queue_total": "packets waiting in the kernel queue for a verdict now",
 }
 
 GROUPS: tuple[tuple[str, dict[str, str]], ...] = (

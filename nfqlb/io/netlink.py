@@ -42,8 +42,9 @@ Fail-open (NFQA_CFG_F_FAIL_OPEN) is off by default, as it is for the binding's q
 queue is full the kernel would accept the packet *unchanged*, and for nfqlb an unchanged packet
 is a wrong one (a backend's source address leaking to the client, a VIP nobody listens on,
 untracked so no conntrack NAT fixes it up). Dropping under overload is what TCP and UDP
-clients already cope with; the queue-full drops show in ``/proc/net/netfilter/nfnetlink_queue``.
-A receive buffer overrun (ENOBUFS: the kernel dropped packets for us) is counted and logged.
+clients already cope with; the queue-full drops show in ``/proc/net/netfilter/nfnetlink_queue``,
+which :mod:`nfqlb.io.kstats` reads for the adapter's stats. A receive buffer overrun (ENOBUFS:
+the kernel dropped packets for us) is counted and logged.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ import time
 from collections.abc import Callable
 
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import Final, Held, Verdict
@@ -231,6 +233,7 @@ class NetlinkQueueAdapter:
         self.enobufs = 0  # receive buffer overruns: the kernel dropped packets for us
         self.verdict_errors = 0  # the kernel refused a verdict (NLMSG_ERROR)
         self.send_errors = 0  # verdicts that could not be sent
+        self.kernel: KernelQueueStats | None = None  # the kernel's counters, once bound
         self._handle = handle
         self._sock: socket.socket | None = None
         self._buf = bytearray(RECV_SIZE)
@@ -292,6 +295,7 @@ class NetlinkQueueAdapter:
                                        "(needs root or CAP_NET_ADMIN)")
             raise SystemSetupError(f"cannot bind {self.name}: {os.strerror(-err)} "
                                    "(is nfnetlink_queue available in this kernel?)")
+        self.kernel = KernelQueueStats(self.queue)  # opened here: this namespace's file
 
     def fileno(self) -> int:
         assert self._sock is not None, "not bound"
@@ -301,6 +305,8 @@ class NetlinkQueueAdapter:
         """Send what is pending, unbind (the kernel drops what is still queued), close."""
         if self._sock is None:
             return
+        if self.kernel is not None:
+            self.kernel.close()  # with a last reading, while the queue is still bound
         try:
             self._flush()
             err = self._request(build_command(self.queue, self._next_seq(),
@@ -312,6 +318,8 @@ class NetlinkQueueAdapter:
         self._close()
 
     def _close(self) -> None:
+        if self.kernel is not None:
+            self.kernel.close()
         if self._sock is not None:
             self._sock.close()  # the kernel also unbinds every queue of a closed socket
             self._sock = None
@@ -495,7 +503,8 @@ class NetlinkQueueAdapter:
         extra = [(self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
                  (self.malformed, "malformed"), (self.enobufs, "receive overruns"),
                  (self.verdict_errors, "verdict errors"), (self.send_errors, "send errors")]
-        return text + "".join(f", {n} {what}" for n, what in extra if n)
+        text += "".join(f", {n} {what}" for n, what in extra if n)
+        return text + (f"\n  {self.kernel.describe()}" if self.kernel is not None else "")
 
 
 def _split_messages(parts: list[bytes]) -> list[list[bytes]]:

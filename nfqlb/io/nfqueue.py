@@ -7,8 +7,11 @@ feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packet
 then runs its timers and signal handlers and comes straight back, since the socket is still
 readable. The clock is read once per wakeup, not per packet. The binding leaves a packet
 without a verdict if the callback raises, so the callback catches everything, counts it and
-drops the packet. Verdicts are carried out by :func:`nfqlb.io.verdicts.give`, as in
-:mod:`nfqlb.io.netlink`: a handler result that is no verdict drops the packet and is counted.
+drops the packet. A receive buffer overrun (ENOBUFS, which the binding's ``run_socket`` would
+swallow) is counted as ``enobufs`` and reading goes on; the kernel's own drop counters for the
+queue (:mod:`nfqlb.io.kstats`) are printed with the adapter's. Verdicts are carried out by
+:func:`nfqlb.io.verdicts.give`, as in :mod:`nfqlb.io.netlink`: a handler result that is no
+verdict drops the packet and is counted.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
 packets over 4016 bytes (over 3960 with every attribute the kernel may add) never reach the
@@ -26,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import Final, Held, Verdict
@@ -60,19 +64,31 @@ _RECV_SIZE = 4096  # the binding's own receive buffer: larger messages never fit
 
 
 class _BudgetSocket:
-    """What ``run_socket`` reads from: the queue socket, but "empty" after ``budget`` reads."""
+    """What ``run_socket`` reads from: the queue socket, but "empty" after ``budget`` reads.
 
-    __slots__ = ("_recv", "left")
+    ENOBUFS (the kernel dropped packets because the receive buffer was full; it says so once
+    per overrun) is reported to ``on_enobufs`` and reading goes on: the binding's own
+    ``run_socket`` would swallow it without a trace.
+    """
 
-    def __init__(self, sock: socket.socket) -> None:
+    __slots__ = ("_recv", "_on_enobufs", "left")
+
+    def __init__(self, sock: socket.socket, on_enobufs: Callable[[], None]) -> None:
         self._recv = sock.recv
+        self._on_enobufs = on_enobufs
         self.left = 0
 
     def recv(self, size: int) -> bytes:
-        if self.left <= 0:
-            raise BlockingIOError(errno.EAGAIN, "budget used up")
-        self.left -= 1
-        return self._recv(size)  # non-blocking: raises BlockingIOError(EAGAIN) when empty
+        while True:
+            if self.left <= 0:
+                raise BlockingIOError(errno.EAGAIN, "budget used up")
+            self.left -= 1
+            try:
+                return self._recv(size)  # non-blocking: BlockingIOError(EAGAIN) when empty
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise
+                self._on_enobufs()
 
 
 class QueueAdapter:
@@ -89,6 +105,8 @@ class QueueAdapter:
         self.errors = 0  # callback exceptions (each cost one dropped packet)
         self.bad_verdicts = 0  # handler results that are no verdict (each dropped)
         self.wakeups = 0
+        self.enobufs = 0  # receive buffer overruns: the kernel dropped packets for us
+        self.kernel: KernelQueueStats | None = None  # the kernel's counters, once bound
         self._handle = handle
         self._nfq: Any = None
         self._ratelog = RateLimitedLog(log)
@@ -116,13 +134,16 @@ class QueueAdapter:
         self._nfq = nfq
         self._sock = socket.socket(fileno=nfq.get_fd())  # a view of the binding's socket
         self._sock.setblocking(False)
-        self._budget = _BudgetSocket(self._sock)
+        self._budget = _BudgetSocket(self._sock, self._on_enobufs)
+        self.kernel = KernelQueueStats(self.queue)  # opened here: this namespace's file
 
     def fileno(self) -> int:
         fd: int = self._nfq.get_fd()
         return fd
 
     def unbind(self) -> None:
+        if self.kernel is not None:
+            self.kernel.close()  # with a last reading, while the queue is still bound
         if self._nfq is not None:
             self._sock.detach()  # the fd belongs to the binding
             self._nfq.unbind()
@@ -160,6 +181,12 @@ class QueueAdapter:
         self._ratelog.error("callback", self.now, "packet callback failed (%d so far, packet "
                             "dropped): %r", self.errors, exc)
 
+    def _on_enobufs(self) -> None:
+        self.enobufs += 1
+        self._ratelog.warning("enobufs", self.now, "queue %d: receive buffer overrun, the "
+                              "kernel dropped packets (%d overruns so far)", self.queue,
+                              self.enobufs)
+
     def on_readable(self) -> None:
         """Process up to BUDGET packets pending on the queue socket."""
         self.now = self.clock()
@@ -177,4 +204,6 @@ class QueueAdapter:
 
     def format_stats(self) -> str:
         text = f"queue {self.queue}: {self.wakeups} wakeups, {self.errors} callback errors"
-        return text + (f", {self.bad_verdicts} bad verdicts" if self.bad_verdicts else "")
+        extra = [(self.bad_verdicts, "bad verdicts"), (self.enobufs, "receive overruns")]
+        text += "".join(f", {n} {what}" for n, what in extra if n)
+        return text + (f"\n  {self.kernel.describe()}" if self.kernel is not None else "")
