@@ -94,7 +94,7 @@ class ServiceRuntime:
         contained: counted, logged at a rate limit, and the fallback (if any) chooses."""
         try:
             backend = self.policy.choose(fkey, now)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the plugin's
             problem = f"raised {describe_failure(exc)} in choose()"
         else:
             try:
@@ -156,7 +156,7 @@ class ServiceRuntime:
             return
         try:
             hook(fkey, backend, now)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the plugin's
             self.policy_errors += 1
             self._counters.event("policy_failure")
             self._log.warning(f"policy:{self.name}", now, "service %s: policy %s raised %s "
