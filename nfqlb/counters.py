@@ -68,6 +68,8 @@ EVENTS: dict[str, str] = {
     "icmp_error_translated": "ICMP errors about balanced flows, translated for the other side",
     "policy_failure": "a policy raised, or chose a backend not of its service",
     "policy_fallback": "new flows placed by policy_fallback after a policy failure",
+    "policy_slow": "policy calls (choose, on_flow_closed) that took 1 ms or more (the daemon "
+                   "times them; logged at a rate limit with the plugin and the duration)",
 }
 
 #: Per service.
@@ -75,6 +77,8 @@ SERVICE: dict[str, str] = {
     "refused": "new flows refused: no backend chosen, policy error, port pool empty",
     "policy_errors": "this service's policy failures (choose or on_flow_closed raised, or a "
                      "stranger was chosen)",
+    "policy_slow": "this service's policy calls that took 1 ms or more",
+    "policy_slowest_ms": "the longest call of this service's policy, in milliseconds",
 }
 
 #: Per backend of a service: flows that ended plus the ones still open.
