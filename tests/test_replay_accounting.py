@@ -21,7 +21,7 @@ from typing import Any
 import dpkt
 import pytest
 from helpers import B1, CLIENT, VIP, service, tcp, udp
-from hypothesis import given
+from hypothesis import event, given
 from hypothesis import strategies as st
 from scapy.layers.inet import IP, UDP, fragment
 from scapy.layers.l2 import Ether
@@ -165,6 +165,9 @@ def test_drawn_captures_are_accounted(packets: list[tuple[str, int, int, float]]
     result, out = run(config(daemon={"max_fragments": max_fragments}), capture)
     assert result.packets_in == len(frames)
     accounted(result, out)
+    for reason in ("fragment_timeout", "fragment_buffer_full"):
+        if reason in result.engine.counters.drops:
+            event(reason)
 
 
 # ---------------------------------------------------------------- pcapng, and past 2106
