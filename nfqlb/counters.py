@@ -75,6 +75,8 @@ EVENTS: dict[str, str] = {
     "reclaimed": "half-open fullnat flows closed to give their port to a new flow (pool empty)",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
+    "policy_slow": "policy calls (choose, on_flow_closed) that took 1 ms or more (the daemon "
+                   "times them; logged at a rate limit with the plugin and the duration)",
 }
 
 #: Per service.
@@ -82,6 +84,8 @@ SERVICE: dict[str, str] = {
     "refused": "new flows refused: no backend chosen, policy error, port pool empty",
     "policy_errors": "this service's policy failures (choose or on_flow_closed raised, or a "
                      "stranger was chosen)",
+    "policy_slow": "this service's policy calls that took 1 ms or more",
+    "policy_slowest_ms": "the longest call of this service's policy, in milliseconds",
 }
 
 #: Per backend of a service: flows that ended plus the ones still open.

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Callable
 from typing import Any
 
 from nfqlb import icmp
@@ -72,13 +73,16 @@ EXPIRE_SLICE = 1000
 
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None,
+                 clock: Callable[[], float] | None = None) -> None:
         self.config = config
         self.log = log or logging.getLogger("nfqlb.engine")
         self.counters = Counters()
         self._ratelog = RateLimitedLog(self.log)
         self.table = FlowTable(config.timeouts, config.daemon.max_flows)
-        self.services = Services(config, rng or random.Random(0), self.counters, self._ratelog)
+        # clock: a real one (the daemon's time.perf_counter) to time policy hooks; None: untimed
+        self.services = Services(config, rng or random.Random(0), self.counters, self._ratelog,
+                                 clock)
         self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag,
                                      config.daemon.max_fragments_per_source)
         self.mss_clamp = config.daemon.mss_clamp

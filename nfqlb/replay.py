@@ -2,9 +2,16 @@
 
 Deterministic (the RNG is seeded), so a capture replays to the same bytes every time; most of
 nfqlb's behaviour is tested this way. Raw-IP, IPv4-only and Ethernet (with VLAN tags) link
-types are read; the output keeps the input's link type and link headers. Dropped packets are
-left out of the output; frames that are not IP pass through unchanged. A fragment held until
-its first fragment arrives is written right after that first fragment.
+types are read, from pcap or pcapng; the output keeps the input's link type, link headers and
+file format (pcapng in, pcapng out: its 64-bit timestamps go past 2106, where the classic
+pcap header's 32-bit seconds end).
+
+Every packet in is accounted for: ``packets_in == packets_out + dropped``. Dropped packets
+are left out of the output and counted by reason in the engine's counters; frames that are
+not IP pass through unchanged. A fragment held until its first fragment arrives is written
+right after that first fragment; fragments still held when the capture ends are timed out
+as they would have been on the wire (the engine's timer runs at the last timestamp plus
+``timeouts.frag``) and counted as ``fragment_timeout``.
 
 This module runs captures and returns results (``replay``, ``compare``) and formats them as
 text; ``nfqlb replay`` in :mod:`nfqlb.cli` prints them and turns errors into exit codes.
@@ -14,9 +21,10 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import dpkt
 
@@ -137,12 +145,37 @@ def _ip_length(packet: bytes) -> int:
     return len(packet)
 
 
-def _read(stream: BinaryIO) -> tuple[int, Iterator[tuple[float, bytes]]]:
+class _Writer(Protocol):
+    def writepkt(self, pkt: bytes, ts: float) -> None: ...
+
+
+def _read(stream: BinaryIO) -> tuple[int, bool, Iterator[tuple[float, bytes]]]:
+    """(link type, whether the capture is pcapng, its frames)."""
     try:
         reader = dpkt.pcap.UniversalReader(stream)
     except (ValueError, dpkt.dpkt.NeedData) as exc:
         raise ReplayError(f"not a pcap or pcapng capture ({exc})") from None
-    return reader.datalink(), iter(reader)
+    return reader.datalink(), isinstance(reader, dpkt.pcapng.Reader), _frames(reader)
+
+
+def _frames(reader: Iterable[tuple[float, bytes]]) -> Iterator[tuple[float, bytes]]:
+    """The capture's frames; a block that cannot be read is one clear ReplayError."""
+    n = 0
+    try:
+        for ts, frame in reader:
+            n += 1
+            yield float(ts), bytes(frame)
+    except (dpkt.dpkt.Error, struct.error, ValueError) as exc:
+        raise ReplayError(f"the capture cannot be read after packet {n} "
+                          f"({type(exc).__name__}: {exc})") from None
+
+
+def _writer(sink: BinaryIO, linktype: int, pcapng: bool) -> _Writer:
+    """A writer in the input's format: pcapng timestamps are 64-bit (microseconds), classic
+    pcap ones 32-bit seconds (they end in 2106, which a classic input cannot go past)."""
+    writer: _Writer = (dpkt.pcapng.Writer if pcapng else dpkt.pcap.Writer)(
+        sink, snaplen=65535, linktype=linktype)
+    return writer
 
 
 def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
@@ -155,10 +188,11 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
     result = ReplayResult(engine)
     if whatif:
         result.whatif = WhatIf(engine)
-    linktype, frames = _read(source)
+    linktype, pcapng, frames = _read(source)
     _ip_offset(b"", linktype)  # reject unsupported link types before writing anything
-    writer = dpkt.pcap.Writer(sink, snaplen=65535, linktype=linktype) if sink else None
+    writer = _writer(sink, linktype, pcapng) if sink else None
     timer = None
+    last_ts = 0.0
     held: dict[int, tuple[bytes, bytes]] = {}  # hold id -> (link header, packet) of a
     # fragment waiting for its first
 
@@ -180,7 +214,7 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
             emit(link, verdict, packet, ts)
 
     for ts, frame in frames:
-        ts = float(ts)
+        last_ts = ts
         result.packets_in += 1
         if timer is not None and ts >= timer:
             engine.handle_timer(ts)
@@ -203,7 +237,10 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
         else:
             emit(frame[:off], verdict, packet, ts)
         flush_released(ts)
-    result.held_at_end = len(held)
+    if held:  # the capture ended: fragments whose first never came time out, as on the wire
+        engine.handle_timer(last_ts + config.timeouts.frag)
+        flush_released(last_ts + config.timeouts.frag)
+    result.held_at_end = len(held)  # 0, unless the engine broke its promise
     return result
 
 

@@ -32,9 +32,13 @@ from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from nfqlb.flows import Flow
+
+#: A policy hook (choose, on_flow_closed) that takes this long or longer is counted
+#: ``policy_slow`` and logged: it ran on the packet path while the queue waited.
+SLOW_POLICY_S = 0.001
 
 
 class BackendTotals:
@@ -59,10 +63,11 @@ class ServiceRuntime:
 
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
                  "vip_endpoint", "endpoints", "backend_set", "totals", "refused", "policy_errors",
-                 "_address", "_counters", "_log")
+                 "_address", "_counters", "_log", "_clock", "policy_slow", "slowest")
 
     def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
-                 pool: PortPool | None, counters: Counters, log: RateLimitedLog) -> None:
+                 pool: PortPool | None, counters: Counters, log: RateLimitedLog,
+                 clock: Callable[[], float] | None = None) -> None:
         self.service = service
         self.name = service.name
         self.local = service.mode is Mode.LOCAL
@@ -82,6 +87,9 @@ class ServiceRuntime:
         self.policy_errors = 0  # choose/on_flow_closed raised, or choose returned a stranger
         self._counters = counters
         self._log = log
+        self._clock = clock  # a real clock (seconds) to time the policy's hooks; None: untimed
+        self.policy_slow = 0  # hook calls of SLOW_POLICY_S or longer
+        self.slowest = 0.0  # the longest hook call timed, in seconds
 
     # ------------------------------------------------------------ choosing
 
@@ -95,12 +103,18 @@ class ServiceRuntime:
 
     def choose(self, fkey: FlowKey, now: float) -> tuple[Backend | None, Policy | None, str]:
         """(backend, the policy that chose it, drop reason if none). A failing policy is
-        contained: counted, logged at a rate limit, and the fallback (if any) chooses."""
+        contained: counted, logged at a rate limit, and the fallback (if any) chooses. With a
+        clock, the call is timed (see ``timed``)."""
+        clock = self._clock
+        started = clock() if clock is not None else 0.0
+        failure: BaseException | None = None
         try:
             backend = self.policy.choose(fkey, now)
-        except Exception as exc:
-            problem = f"raised {describe_failure(exc)} in choose()"
-        else:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the plugin's
+            backend, failure = None, exc
+        if clock is not None:
+            self.timed("choose", clock() - started, now)
+        if failure is None:
             try:
                 valid = backend is None or backend in self.backend_set
             except TypeError:  # unhashable
@@ -108,6 +122,9 @@ class ServiceRuntime:
             if valid:
                 return backend, self.policy, "no_backend"
             problem = f"returned {backend!r:.80}, not one of the service's backends"
+        else:
+            problem = f"raised {describe_failure(failure)} in choose()"
+            del failure
         self.policy_errors += 1
         self._counters.event("policy_failure")
         s = self.service
@@ -120,6 +137,20 @@ class ServiceRuntime:
             return None, None, "policy_error"
         self._counters.event("policy_fallback")
         return fallback.choose(fkey, now), fallback, "no_backend"
+
+    def timed(self, hook: str, took: float, now: float) -> None:
+        """Record that the policy's ``hook`` took ``took`` seconds: keep the longest; at
+        SLOW_POLICY_S or over, count it ``policy_slow`` and log it at a rate limit."""
+        if took > self.slowest:
+            self.slowest = took
+        if took < SLOW_POLICY_S:
+            return
+        self.policy_slow += 1
+        self._counters.event("policy_slow")
+        self._log.warning(f"policy_slow:{self.name}", now, "service %s: policy %s took %.1f ms "
+                          "in %s() (%d calls of %g ms or more so far, the longest %.1f ms)",
+                          self.name, self.service.policy, took * 1e3, hook, self.policy_slow,
+                          SLOW_POLICY_S * 1e3, self.slowest * 1e3)
 
     def hash_choice(self, fkey: FlowKey) -> Backend | None:
         """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on (the same on every node and
@@ -162,18 +193,24 @@ class ServiceRuntime:
         hook = getattr(policy, "on_flow_closed", None)
         if hook is None:
             return
+        clock = self._clock
+        started = clock() if clock is not None else 0.0
         try:
             hook(fkey, backend, now)
-        except Exception as exc:
+        except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the plugin's
             self.policy_errors += 1
             self._counters.event("policy_failure")
             self._log.warning(f"policy:{self.name}", now, "service %s: policy %s raised %s "
                               "in on_flow_closed()", self.name, self.service.policy,
                               describe_failure(exc))
+        if clock is not None:
+            self.timed("on_flow_closed", clock() - started, now)
 
     def stats(self) -> dict[str, Any]:
         return {"backends": {name: t.as_dict() for name, t in self.totals.items()},
-                "refused": self.refused, "policy_errors": self.policy_errors}
+                "refused": self.refused, "policy_errors": self.policy_errors,
+                "policy_slow": self.policy_slow,
+                "policy_slowest_ms": round(self.slowest * 1e3, 3)}
 
 
 def endpoint(address: bytes, port: int) -> bytes:
@@ -185,7 +222,7 @@ class Services:
     """Every service of a configuration at run time, indexed for the packet path."""
 
     def __init__(self, config: Config, rng: random.Random, counters: Counters,
-                 log: RateLimitedLog) -> None:
+                 log: RateLimitedLog, clock: Callable[[], float] | None = None) -> None:
         self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
         self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {TCP: {}, UDP: {}}
         self._all: list[ServiceRuntime] = []
@@ -204,7 +241,7 @@ class Services:
             if svc.policy_fallback != POLICY_DROP:
                 fallback = make_policy(svc.policy_fallback, svc.backends,
                                        rng=random.Random(rng.getrandbits(64)))
-            runtime = ServiceRuntime(svc, policy, fallback, pool, counters, log)
+            runtime = ServiceRuntime(svc, policy, fallback, pool, counters, log, clock)
             self._all.append(runtime)
             self.by_vip[svc.protocol][endpoint(svc.vip.packed, svc.port)] = runtime
             if svc.unknown_flow is UnknownFlow.HASH:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -202,7 +203,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     rulesets = rules.render(config, q)
     tools = iptables.tools_for(rs.family.version for rs in rulesets)
     iptables.check_overlap(rulesets, tools)  # another instance's packets: refuse, touch nothing
-    engine = Engine(config, log=log.getChild("engine"))
+    engine = Engine(config, log=log.getChild("engine"), clock=time.perf_counter)
     held = HeldPackets(engine)
     adapters: list[Adapter] = [
         QueueAdapter(engine.handle, q, log, on_hold=held.on_hold),

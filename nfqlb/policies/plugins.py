@@ -1,20 +1,48 @@
 """Loading third-party policies: script files, modules and ``nfqlb.policies`` entry points.
 
-Scripts are loaded the way mitmproxy loads addon scripts: by path, as a module of their own
-(the script's directory is on ``sys.path`` while it runs, so it may import its neighbours).
+Scripts are loaded the way mitmproxy loads addon scripts: by path, as a module of their own.
+nfqlb runs as root, so a script is trusted only as far as its path is, by the rule sshd
+applies with StrictModes: the file and every directory above it, up to ``/``, are owned by
+root or by the user running nfqlb, and none of them is writable by its group or by others.
+One exception for directories: a sticky directory owned by root (``/tmp``) may be writable by
+all, since nobody can rename or delete another user's entry in it. Anything else is refused
+with one line naming the component and what is wrong with it. The check is made on the
+resolved path (symlinks followed), and the bytes that run are the bytes read from the file
+that was checked.
+
+A script may import its neighbours (``import helpers`` finds ``helpers.py`` or the package
+``helpers/`` next to it) while it loads. They are found after everything else on
+``sys.meta_path``: a neighbour never shadows the standard library or an installed package,
+and the script's directory is never put on ``sys.path``. A neighbour is checked like the
+script (a package's own submodules are trusted with their directory).
+
+Each script is read and executed once per process: later builds of the same path (the
+configuration check builds a policy, then the engine builds it again, as do ``--policy``
+runs of replay) reuse the module, so the engine runs exactly the source that was checked.
+The file is read again each time only to compare its content hash: if it changed since it
+was loaded, the build fails with one line (start nfqlb again to load the new version)
+rather than silently run something that was never checked, or keep running the old one
+while the file says otherwise. Modules (``module:``) and entry points are imported by
+Python's own machinery and trusted like nfqlb's installation.
+
 Anything that goes wrong while loading or building a plugin becomes one ``PolicyError`` line
-that names the plugin, the place in its code and the reason; nothing here runs per packet.
+that names the plugin, the place in its code and the reason, whatever the plugin raised
+(``SystemExit`` and ``KeyboardInterrupt`` included); nothing here runs per packet.
 """
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
+import pwd
 import random
 import re
+import stat
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -32,7 +60,7 @@ GROUP = "nfqlb.policies"
 DEFAULT_FACTORY = "factory"
 
 _FILE_SPEC = re.compile(r"(?P<path>.+?\.py)(?::(?P<attr>[A-Za-z_][A-Za-z0-9_]*))?")
-_loaded: dict[str, tuple[tuple[int, int], ModuleType]] = {}  # path -> ((mtime, size), module)
+_loaded: dict[str, tuple[str, ModuleType]] = {}  # resolved path -> (sha256 of source, module)
 
 
 def resolve_spec(spec: str, base: str | Path) -> str:
@@ -80,40 +108,126 @@ def describe_failure(exc: BaseException) -> str:
     return where(exc)
 
 
+def _owner(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _untrusted(path: str, st: os.stat_result) -> str | None:
+    """Why ``path`` (a file, or a directory above one) with status ``st`` cannot be trusted
+    with code that runs as root, or None (see the module's docstring for the rule)."""
+    me = os.geteuid()
+    if st.st_uid not in (0, me):
+        return f"{path} is owned by {_owner(st.st_uid)}, not by root or {_owner(me)}"
+    writable = st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    if not writable:
+        return None
+    if stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and st.st_uid == 0:
+        return None  # like /tmp: others may add entries, never replace ours
+    who = "its group and others" if writable == stat.S_IWGRP | stat.S_IWOTH else \
+        "its group" if writable == stat.S_IWGRP else "others"
+    return f"{path} is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+
+
+def check_trusted(path: str, st: os.stat_result | None = None) -> None:
+    """Raise PolicyError unless the file ``path`` (status ``st``, if it is open already) and
+    every directory above it are trusted: owned by root or this user, writable by no one
+    else (a sticky root-owned directory excepted)."""
+    real = os.path.realpath(path)
+    problem = _untrusted(real, st or os.stat(real))
+    directory = real
+    while problem is None and directory != os.path.dirname(directory):
+        directory = os.path.dirname(directory)
+        problem = _untrusted(directory, os.stat(directory))
+    if problem is not None:
+        raise PolicyError(f"{path}: refused: {problem} (a plugin runs as root: the file and "
+                          "every directory above it must be writable only by root or this "
+                          "user)")
+
+
+class _Neighbours(importlib.abc.MetaPathFinder):
+    """While a script loads, ``import name`` finds ``name.py`` or ``name/`` in its directory,
+    checked like the script, after every other finder (the standard library and installed
+    packages come first)."""
+
+    def __init__(self, directory: str) -> None:
+        self.directory = directory
+
+    def find_spec(self, fullname: str, path: Sequence[str] | None,
+                  target: ModuleType | None = None) -> importlib.machinery.ModuleSpec | None:
+        if path is not None:  # a submodule: its package's own path finds it
+            return None
+        module = os.path.join(self.directory, fullname + ".py")
+        package = os.path.join(self.directory, fullname, "__init__.py")
+        for candidate in (module, package):
+            if os.path.isfile(candidate):
+                check_trusted(candidate)
+                locations = [os.path.dirname(candidate)] if candidate == package else None
+                return importlib.util.spec_from_file_location(
+                    fullname, candidate, submodule_search_locations=locations)
+        return None
+
+
+def _read_checked(path: str) -> bytes:
+    """The bytes of the plugin file ``path``, read from the very file that was checked."""
+    try:
+        with open(os.path.realpath(path), "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PolicyError(f"{path}: cannot load: not a regular file")
+            check_trusted(path, st)
+            return f.read()
+    except OSError as exc:
+        raise PolicyError(f"{path}: cannot load: {exc.strerror or exc}") from None
+
+
 def _load_file(spec: str) -> PolicyFactory:
     path, attr = _split_file(spec)
     path = os.path.abspath(path)
-    try:
-        st = os.stat(path)
-    except OSError as exc:
-        raise PolicyError(f"{path}: cannot load: {exc.strerror or exc}") from None
-    stamp = (st.st_mtime_ns, st.st_size)
-    cached = _loaded.get(path)
-    if cached is not None and cached[0] == stamp:
+    source = _read_checked(path)
+    digest = hashlib.sha256(source).hexdigest()
+    real = os.path.realpath(path)
+    cached = _loaded.get(real)
+    if cached is not None:
+        if cached[0] != digest:
+            raise PolicyError(f"{path}: changed since nfqlb loaded and checked it (sha256 "
+                              f"{cached[0][:12]}, now {digest[:12]}); a plugin is loaded once "
+                              "per process: start nfqlb again to run the new version")
         module = cached[1]
     else:
-        name = "nfqlb_policy_" + hashlib.blake2b(path.encode(), digest_size=6).hexdigest()
-        mspec = importlib.util.spec_from_file_location(name, path)
-        if mspec is None or mspec.loader is None:
-            raise PolicyError(f"{path}: cannot load: not a Python file")
-        module = importlib.util.module_from_spec(mspec)
-        sys.modules[name] = module  # dataclasses and pickling look the module up by name
-        here = os.path.dirname(path)
-        sys.path.insert(0, here)
-        try:
-            mspec.loader.exec_module(module)
-        except Exception as exc:
-            sys.modules.pop(name, None)
-            raise PolicyError(f"{path}: cannot load: {where(exc, path)}") from None
-        finally:
-            if here in sys.path:
-                sys.path.remove(here)
-        _loaded[path] = (stamp, module)
+        module = _execute(path, source)
+        _loaded[real] = (digest, module)
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise PolicyError(f"{path}: defines no {attr!r} (the callable nfqlb calls as "
                           f"{attr}(options, rng) to build the policy)")
     return factory  # type: ignore[no-any-return]
+
+
+def _execute(path: str, source: bytes) -> ModuleType:
+    """``source`` (read from ``path``) run as a module of its own, its neighbours importable
+    while it runs."""
+    name = "nfqlb_policy_" + hashlib.blake2b(path.encode(), digest_size=6).hexdigest()
+    mspec = importlib.util.spec_from_file_location(name, path)
+    if mspec is None:
+        raise PolicyError(f"{path}: cannot load: not a Python file")
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[name] = module  # dataclasses and pickling look the module up by name
+    neighbours = _Neighbours(os.path.dirname(path))
+    sys.meta_path.append(neighbours)
+    try:
+        exec(compile(source, path, "exec"), module.__dict__)
+    except PolicyError as exc:  # a neighbour refused
+        sys.modules.pop(name, None)
+        raise PolicyError(f"{path}: cannot load: {exc}") from None
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: it is the plugin's
+        sys.modules.pop(name, None)
+        raise PolicyError(f"{path}: cannot load: {where(exc, path)}") from None
+    finally:
+        sys.meta_path.remove(neighbours)
+    return module
 
 
 def _load_module(spec: str) -> PolicyFactory:
@@ -129,7 +243,7 @@ def _load_module(spec: str) -> PolicyFactory:
         if exc.name and modname.startswith(exc.name):
             raise PolicyError(f"{spec}: cannot load: no module named {exc.name!r}") from None
         raise PolicyError(f"{spec}: cannot load: {where(exc)}") from None
-    except Exception as exc:
+    except BaseException as exc:  # SystemExit and KeyboardInterrupt too: it is the plugin's
         raise PolicyError(f"{spec}: cannot load: {where(exc)}") from None
     factory = getattr(module, attr, None)
     if not callable(factory):
@@ -153,7 +267,7 @@ def entry_point(name: str) -> PolicyFactory | None:
         dist = f" from {ep.dist.name}" if ep.dist is not None else ""
         try:
             factory = ep.load()
-        except Exception as exc:
+        except BaseException as exc:
             raise PolicyError(f"plugin {name!r} ({ep.value}{dist}): cannot load: "
                               f"{where(exc)}") from None
         if not callable(factory):
@@ -177,7 +291,7 @@ def construct(spec: str, factory: PolicyFactory, options: Mapping[str, Any],
         policy = factory(dict(options), rng)
     except PolicyError:
         raise  # PolicyOptionError included: the configuration names the option
-    except Exception as exc:
+    except BaseException as exc:
         raise PolicyError(f"{_label(spec)}: building the policy failed: "
                           f"{where(exc, _plugin_path(spec))}") from None
     missing = [m for m in ("set_backends", "choose") if not callable(getattr(policy, m, None))]
@@ -192,6 +306,6 @@ def call_set_backends(spec: str, policy: Policy, backends: Sequence[Backend]) ->
         policy.set_backends(tuple(backends))
     except PolicyOptionError:
         raise
-    except Exception as exc:
+    except BaseException as exc:
         raise PolicyError(f"{_label(spec)}: set_backends failed: "
                           f"{where(exc, _plugin_path(spec))}") from None
