@@ -70,6 +70,10 @@ _ESTABLISHED = TcpState.ESTABLISHED
 #: more are due: at once).
 EXPIRE_SLICE = 1000
 
+#: Half-open flows looked at, from the least recently used, for one of another backend when a
+#: dry fullnat pool must take a port back (see Engine._take_port).
+RECLAIM_SCAN = 16
+
 
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
@@ -429,15 +433,29 @@ class Engine:
         dest = svc.endpoints[backend.name]
         return src, sport, dest, reply_key(dest, src, sport)
 
-    def _take_port(self, svc: ServiceRuntime, now: float) -> int | None:
-        """A pool port for a new fullnat flow; when none is free, the least recently used
-        half-open flow holding one gives it back (a SYN flood cannot lock clients out)."""
+    def _take_port(self, svc: ServiceRuntime, backend: Backend, now: float) -> int | None:
+        """A pool port for a new fullnat flow to ``backend``; when none is free, a half-open
+        flow holding one gives it back (a SYN flood cannot lock clients out): the least
+        recently used one of another backend, among the first RECLAIM_SCAN, else the least
+        recently used. Its backend may still hold the half-open connection for a while: the
+        same address and port toward it again would be taken for that connection (its SYN
+        seen as a retransmission, answered with the old SYN-ACK), so another backend's port
+        is preferred."""
         port = svc.take_port()
         if port is None:
             pool = svc.pool
             assert pool is not None
             if pool.half_open:
-                victim = next(iter(pool.half_open))
+                victim = None
+                for i, flow in enumerate(pool.half_open):
+                    if i == RECLAIM_SCAN:
+                        break
+                    if victim is None:
+                        victim = flow  # the least recently used, whatever its backend
+                    assert isinstance(flow, Flow)
+                    if flow.backend is not backend:
+                        victim = flow
+                        break
                 assert isinstance(victim, Flow)
                 self._close(victim, now)
                 self.counters.event("reclaimed")
@@ -450,7 +468,7 @@ class Engine:
                  backend: Backend, now: float) -> Entry | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
         no pool port, or the reply key belongs to another live flow."""
-        port = 0 if svc.pool is None else self._take_port(svc, now)
+        port = 0 if svc.pool is None else self._take_port(svc, backend, now)
         if port is None:
             self.counters.drop("snat_exhausted")
             return None

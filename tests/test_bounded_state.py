@@ -159,9 +159,14 @@ def test_pool_ports_unique_among_live_flows() -> None:
             assert isinstance(out, bytes)
             port = IP(out)[TCP].sport
             assert 20000 <= port <= 20004
-            if len(live) == 5:  # taken from the least recently used half-open flow
-                victim = min(half_open, key=lambda f: f.last)
-                assert port == victim.snat_port
+            if len(live) == 5:  # taken from a half-open flow, of another backend if any
+                victim = live[port]
+                assert victim in half_open
+                to = IP(out).dst
+                if any(str(f.backend.address) != to for f in half_open):
+                    assert str(victim.backend.address) != to
+                else:
+                    assert victim.last == min(f.last for f in half_open)
                 reclaimed += 1
             else:
                 assert port not in live and port not in owner
@@ -255,3 +260,17 @@ def test_stats_never_walk_the_table(monkeypatch: Any) -> None:
     backends = stats["services"]["dnat-tcp"]["backends"]
     assert sum(b["active"] for b in backends.values()) == 50 == stats["flows_active"]
     assert sum(b["packets"] for b in backends.values()) == 150
+
+
+def test_a_reclaimed_port_is_taken_from_another_backends_flow() -> None:
+    """The backend of a reclaimed half-open flow may still hold that connection: the same
+    source address and port toward it again would look like the old SYN retransmitted. So the
+    port comes from a flow on another backend when one is half-open too."""
+    eng = _fullnat("20000-20001")  # round robin over b1, b2
+    a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)  # b1, the least recently used
+    b = eng.handle(tcp(CLIENT, VIP, 40001, 80, "S"), 0.1)  # b2
+    assert (IP(a).dst, IP(b).dst) == (B1, B2)  # type: ignore[arg-type]
+    c = eng.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.2)  # b1 again: takes b2's flow's port
+    assert IP(c).dst == B1 and IP(c)[TCP].sport == IP(b)[TCP].sport  # type: ignore[arg-type]
+    assert eng.counters.events["reclaimed"] == 1
+    assert eng.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.3) != DROP  # a's flow still there
