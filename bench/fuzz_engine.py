@@ -289,9 +289,12 @@ def layout(data: bytes) -> tuple[int, int, bool] | None:
         elif nh == 44:
             if n < off + 8:
                 return None
-            if (data[off + 2] << 8 | data[off + 3]) & 0xFFF9:
+            field = data[off + 2] << 8 | data[off + 3]
+            if field & 0xFFF9:
                 whole = False
             nh, off = data[off], off + 8
+            if field & 0xFFF8:  # a later fragment: what follows is data, not headers
+                break
         else:
             break
     if off > n:
