@@ -72,6 +72,7 @@ EVENTS: dict[str, str] = {
     "icmp_error_translated": "ICMP errors about balanced flows, translated for the other side",
     "policy_failure": "a policy raised, or chose a backend not of its service",
     "policy_fallback": "new flows placed by policy_fallback after a policy failure",
+    "no_backend_up": "new flows refused because no backend of the service could take them",
     "reclaimed": "half-open fullnat flows closed to give their port to a new flow (pool empty)",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
@@ -81,6 +82,8 @@ EVENTS: dict[str, str] = {
 
 #: Per service.
 SERVICE: dict[str, str] = {
+    "no_backend_up": "new flows refused because no backend could take them (down, drained, "
+                     "weight 0)",
     "refused": "new flows refused: no backend chosen, policy error, port pool empty",
     "policy_errors": "this service's policy failures (choose or on_flow_closed raised, or a "
                      "stranger was chosen)",
@@ -90,10 +93,23 @@ SERVICE: dict[str, str] = {
 
 #: Per backend of a service: flows that ended plus the ones still open.
 BACKEND: dict[str, str] = {
+    "state": "up, down (health check), draining (nfqlb ctl drain) or removed (by a reload, "
+             "while its flows last)",
+    "weight": "the weight policies see (the configured one, or what nfqlb ctl weight set)",
+    "address": "the backend's address",
+    "port": "the backend's port",
+    "active": "its TCP flows established now (ipvsadm's ActiveConn)",
+    "inactive": "its other flows now: half-open, closing, UDP (ipvsadm's InActConn)",
     "flows": "flows placed on the backend since start",
-    "active": "its flows in the table now",
+    "new_per_s": "new flows per second, over the last 10 s",
+    "packets_in": "packets toward the backend",
+    "packets_out": "packets from the backend",
+    "bytes_in": "bytes toward the backend",
+    "bytes_out": "bytes from the backend",
     "packets": "packets of its flows, both directions",
     "bytes": "bytes of its flows, both directions",
+    "check": "the last health check's result (ok, timeout, refused, status 503, exit 1)",
+    "latency_ms": "the last health check's time, ms",
 }
 
 #: Per bound queue (the daemon's adapters).

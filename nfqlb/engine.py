@@ -53,7 +53,7 @@ from nfqlb.flows import (
 from nfqlb.frags import FragmentTracker
 from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
-from nfqlb.services import ServiceRuntime, Services
+from nfqlb.services import BackendRuntime, ServiceRuntime, Services
 from nfqlb.values import Backend
 from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
@@ -107,12 +107,11 @@ class Engine:
                     ent = self._tcp.get(data[12:24])
                     if ent is not None and not data[33] & 0x07 \
                             and 20 <= (data[32] >> 4) * 4 <= n - 20:
-                        flow, hdr, ipd, l4d, reply = ent
+                        flow, hdr, ipd, l4d, reply, t = ent
                         if flow.state is _ESTABLISHED:
                             flow.last = now
                             flow.lru.move_to_end(flow)  # type: ignore[union-attr]
                             flow.peer[reply] = data[28:36]
-                            t = flow.totals
                             t.packets += 1
                             t.bytes += n
                             self.counters.fast += 1
@@ -124,10 +123,9 @@ class Engine:
                 elif proto == UDP:
                     ent = self._udp.get(data[12:24])
                     if ent is not None and (data[24] << 8 | data[25]) == n - 20:
-                        flow, hdr, ipd, l4d, reply = ent
+                        flow, hdr, ipd, l4d, reply, t = ent
                         flow.last = now
                         flow.lru.move_to_end(flow)  # type: ignore[union-attr]
-                        t = flow.totals
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
@@ -144,12 +142,11 @@ class Engine:
                     ent = self._tcp.get(data[8:44])
                     if ent is not None and n >= 60 and not data[53] & 0x07 \
                             and 20 <= (data[52] >> 4) * 4 <= n - 40:
-                        flow, hdr, ipd, l4d, reply = ent
+                        flow, hdr, ipd, l4d, reply, t = ent
                         if flow.state is _ESTABLISHED:
                             flow.last = now
                             flow.lru.move_to_end(flow)  # type: ignore[union-attr]
                             flow.peer[reply] = data[48:56]
-                            t = flow.totals
                             t.packets += 1
                             t.bytes += n
                             self.counters.fast += 1
@@ -161,10 +158,9 @@ class Engine:
                     ent = self._udp.get(data[8:44])
                     c = data[46] << 8 | data[47]
                     if ent is not None and c and (data[44] << 8 | data[45]) == n - 40:
-                        flow, hdr, ipd, l4d, reply = ent
+                        flow, hdr, ipd, l4d, reply, t = ent
                         flow.last = now
                         flow.lru.move_to_end(flow)  # type: ignore[union-attr]
-                        t = flow.totals
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
@@ -233,6 +229,8 @@ class Engine:
                 return self._unknown_reply(data, p, key, now)
             if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
                 return self._unknown_flow(svc, data, p, key, now)
+            if not svc.any_live:
+                return self._no_backend_up(svc, data, p), None
             ent = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
             if ent is None:
                 return DROP, None
@@ -266,7 +264,7 @@ class Engine:
             flow.reclaim.move_to_end(flow)
         if p.proto == TCP:
             flow.peer[ent.is_reply] = data[off + 8:off + 16]
-        t = flow.totals
+        t = ent.counts
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -289,7 +287,7 @@ class Engine:
         if what is DROP:
             return self.counters.drop("fragment_of_dropped")
         assert isinstance(what, Entry)
-        t = what.flow.totals
+        t = what.counts
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -369,7 +367,7 @@ class Engine:
             if fwd_key in table:
                 break  # the client port has a live flow, on another backend: a stray
             backend = svc.hash_choice(svc.flow_key(fwd_key))
-            if backend is None or svc.endpoints[backend.name] != source:
+            if backend is None or backend.endpoint != source:
                 continue
             if p.proto == TCP:
                 if data[p.off + 13] & 0x05:  # FIN or RST: passed on by the hash, never a flow
@@ -388,13 +386,12 @@ class Engine:
         return ACCEPT, None
 
     def _pass_unadopted(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes,
-                        backend: Backend, reply: bool) -> bytes:
+                        backend: BackendRuntime, reply: bool) -> bytes:
         """Rewrite a packet of no flow as the flow ``key`` on ``backend`` would be, without
         installing it (a FIN or RST that ``unknown_flow = "hash"`` passes on)."""
         src, sport, dest, rev_key = self._addresses(svc, key, backend, 0)
-        _, fwd, rev = self.table.build(svc, backend, svc.totals[backend.name], p.proto,
-                                       TcpState.CLOSED, key, rev_key, src, sport, dest[:-2],
-                                       0, 0.0)
+        _, fwd, rev = self.table.build(svc, backend, p.proto, TcpState.CLOSED, key, rev_key,
+                                       src, sport, dest[:-2], 0, 0.0)
         ent = rev if reply else fwd
         self.counters.event("hash_passed")
         self.counters.rewritten += 1
@@ -407,21 +404,32 @@ class Engine:
               now: float) -> Entry | None:
         """Choose a backend for a new flow and install it; None if refused (counted)."""
         fkey = svc.flow_key(key)
-        backend, placer, reason = svc.choose(fkey, now)
+        backend, placer, chosen, reason = svc.choose(fkey, now)
         if backend is None:
             svc.refused += 1
             self.counters.drop(reason)
             return None
-        assert placer is not None
+        assert placer is not None and chosen is not None
         ent = self._install(svc, key, p.proto, state, backend, now)
         if ent is None:  # refused after all: the policy hears at once that it ended
-            svc.tell_closed(placer, fkey, backend, now)
+            svc.tell_closed(placer, fkey, chosen, now)
         else:
-            ent.flow.placed = (placer, fkey)
+            ent.flow.placed = (placer, fkey, chosen)
         return ent
 
+    def _no_backend_up(self, svc: ServiceRuntime, data: bytes, p: Parsed) -> Verdict:
+        """A new flow to a service none of whose backends may take it (all down, drained or
+        weight 0): refused, and counted; TCP gets ``unknown_flow``'s answer."""
+        svc.refused += 1
+        svc.no_backend_up += 1
+        self.counters.event("no_backend_up")
+        if p.proto == TCP and svc.service.unknown_flow is UnknownFlow.RESET:
+            self.counters.event("reset_sent")
+            return ACCEPT if svc.local else build_rst(data, p.off, p.v6)
+        return self.counters.drop("no_backend")
+
     @staticmethod
-    def _addresses(svc: ServiceRuntime, key: bytes, backend: Backend,
+    def _addresses(svc: ServiceRuntime, key: bytes, backend: BackendRuntime,
                    port: int) -> tuple[bytes, bytes, bytes, bytes]:
         """(source address, source port, backend address + port, reply key) of the flow
         ``key`` on ``backend``, its source the pool ``port`` (fullnat) or the client's."""
@@ -430,10 +438,11 @@ class Engine:
         else:
             alen = len(key) // 2 - 2
             src, sport = key[:alen], key[-4:-2]
-        dest = svc.endpoints[backend.name]
+        dest = backend.endpoint
         return src, sport, dest, reply_key(dest, src, sport)
 
-    def _take_port(self, svc: ServiceRuntime, backend: Backend, now: float) -> int | None:
+    def _take_port(self, svc: ServiceRuntime, backend: BackendRuntime,
+                   now: float) -> int | None:
         """A pool port for a new fullnat flow to ``backend``; when none is free, a half-open
         flow holding one gives it back (a SYN flood cannot lock clients out): the least
         recently used one of another backend, among the first RECLAIM_SCAN, else the least
@@ -465,7 +474,7 @@ class Engine:
         return port
 
     def _install(self, svc: ServiceRuntime, key: bytes, proto: int, state: TcpState,
-                 backend: Backend, now: float) -> Entry | None:
+                 backend: BackendRuntime, now: float) -> Entry | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
         no pool port, or the reply key belongs to another live flow."""
         port = 0 if svc.pool is None else self._take_port(svc, backend, now)
@@ -490,8 +499,9 @@ class Engine:
             self._ratelog.warning("evicted", now, "flow table full (max_flows %d): evicting "
                                   "the flows nearest their idle timeout", table.max_flows)
         self.counters.flows_total += 1
-        ent = table.install(svc, backend, svc.flow_started(backend), proto, state, key,
-                            rev_key, src, sport, dest[:-2], port, now)
+        ent = table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
+                            port, now)
+        backend.started(ent.flow, now)
         if port and state in HALF_OPEN:
             flow = ent.flow
             assert svc.pool is not None
@@ -500,6 +510,12 @@ class Engine:
         return ent
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
+        was = flow.state is _ESTABLISHED
+        if was is not (state is _ESTABLISHED):  # established <-> inactive, as ipvsadm counts
+            rt = flow.backend
+            d = -1 if was else 1
+            rt.established += d
+            rt.inactive -= d
         self.table.set_state(flow, state)
         if flow.reclaim is not None and state not in HALF_OPEN:
             del flow.reclaim[flow]
@@ -514,7 +530,7 @@ class Engine:
         if flow.reclaim is not None:
             del flow.reclaim[flow]
             flow.reclaim = None
-        flow.service.flow_ended(flow, now)
+        flow.service.flow_ended(flow, now, flow.state is _ESTABLISHED)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy
@@ -580,4 +596,4 @@ def backend_of(engine: Engine, data: bytes) -> Backend | None:
         return None
     a, alen = (8, 16) if p.v6 else (12, 4)
     ent = engine.table.by_proto[p.proto].get(data[a:a + 2 * alen] + data[p.off:p.off + 4])
-    return ent.flow.backend if ent else None
+    return ent.flow.backend.backend if ent else None

@@ -55,7 +55,7 @@ from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
     from nfqlb.policies import FlowKey, Policy
-    from nfqlb.services import BackendTotals, ServiceRuntime
+    from nfqlb.services import BackendRuntime, Direction, ServiceRuntime
     from nfqlb.values import Backend
 
 
@@ -134,25 +134,24 @@ class Flow:
     """One balanced connection. Per-flow, never per-packet."""
 
     __slots__ = (
-        "service", "backend", "totals", "proto", "state", "last", "fwd_key", "rev_key",
+        "service", "backend", "proto", "state", "last", "fwd_key", "rev_key",
         "snat_port", "placed", "lru", "reclaim", "peer", "ws",
     )
 
-    def __init__(self, service: ServiceRuntime, backend: Backend, totals: BackendTotals,
-                 proto: int, state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
+    def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
+                 state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
                  snat_port: int = 0) -> None:
         self.service = service
-        self.backend = backend
-        self.totals = totals  # its backend's figures: every packet adds to them
+        self.backend = backend  # its backend at run time (figures, state)
         self.proto = proto
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
         self.rev_key = rev_key
         self.snat_port = snat_port  # fullnat: the pool port it holds (0: none)
-        #: (the policy that placed it, the flow key it was asked about), to tell it when the
-        #: flow ends; None for flows no policy placed (adopted by hash)
-        self.placed: tuple[Policy, FlowKey] | None = None
+        #: (the policy that placed it, the flow key it was asked about, the backend value it
+        #: returned), to tell it when the flow ends; None for flows no policy placed
+        self.placed: tuple[Policy, FlowKey, Backend] | None = None
         #: the least-recently-used list of its state, while it is in the table
         self.lru: OrderedDict[Flow, None] | None = None
         #: the port pool's list of reclaimable half-open flows, while it is on it
@@ -166,13 +165,15 @@ class Flow:
 
 
 class Entry(NamedTuple):
-    """One direction of a flow, as the per-packet path needs it (see the module docstring)."""
+    """One direction of a flow, as the per-packet path needs it (see the module docstring);
+    ``counts`` is its backend's packets and bytes in this direction."""
 
     flow: Flow
     header: bytes
     ip_delta: int
     l4_delta: int
     is_reply: bool
+    counts: Direction
 
 
 #: ``_entry(Entry, (...))`` builds an Entry without the Python-level ``__new__`` NamedTuple
@@ -198,10 +199,9 @@ class FlowTable:
     def __len__(self) -> int:
         return self.active
 
-    def build(self, service: ServiceRuntime, backend: Backend, totals: BackendTotals,
-              proto: int, state: TcpState, key: bytes, rev_key: bytes, src: bytes,
-              sport: bytes, baddr: bytes, snat_port: int, now: float
-              ) -> tuple[Flow, Entry, Entry]:
+    def build(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
+              state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,
+              baddr: bytes, snat_port: int, now: float) -> tuple[Flow, Entry, Entry]:
         """A flow ``key`` (as the client sends it) on ``backend`` (address ``baddr``), its
         packets leaving from ``src``:``sport``, its replies arriving as ``rev_key``
         (``reply_key``), and its two entries; not in the table (see ``add``)."""
@@ -209,21 +209,21 @@ class FlowTable:
         client, vip = key[:alen], key[alen:2 * alen]
         fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
         rev_hdr = vip + client + key[-2:] + key[-4:-2]
-        flow = Flow(service, backend, totals, proto, state, now, key, rev_key, snat_port)
+        flow = Flow(service, backend, proto, state, now, key, rev_key, snat_port)
         v4 = alen == 4
         fwd = _entry(Entry, (flow, fwd_hdr, delta(client + vip, src + baddr) if v4 else 0,
-                             delta(key, fwd_hdr), False))
+                             delta(key, fwd_hdr), False, backend.inbound))
         rev = _entry(Entry, (flow, rev_hdr, delta(baddr + src, vip + client) if v4 else 0,
-                             delta(rev_key, rev_hdr), True))
+                             delta(rev_key, rev_hdr), True, backend.outbound))
         return flow, fwd, rev
 
-    def install(self, service: ServiceRuntime, backend: Backend, totals: BackendTotals,
-                proto: int, state: TcpState, key: bytes, rev_key: bytes, src: bytes,
-                sport: bytes, baddr: bytes, snat_port: int, now: float) -> Entry:
+    def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
+                state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,
+                baddr: bytes, snat_port: int, now: float) -> Entry:
         """``build`` the flow and ``add`` it; returns its forward entry. The caller has made
         room (``evict_for_new``) and checked that ``rev_key`` is free."""
-        flow, fwd, rev = self.build(service, backend, totals, proto, state, key, rev_key, src,
-                                    sport, baddr, snat_port, now)
+        flow, fwd, rev = self.build(service, backend, proto, state, key, rev_key, src, sport,
+                                    baddr, snat_port, now)
         self.add(flow, fwd, rev)
         return fwd
 

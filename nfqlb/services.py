@@ -1,23 +1,31 @@
-"""The services at run time: what health checks, draining and reload will change.
+"""The services at run time: what health checks, draining and reload change.
 
 A :class:`ServiceRuntime` is one configured service while the engine runs: its policy and
 the fallback for when the policy fails (the failure contained: counted, logged at a rate
-limit, never raised), its fullnat port pool, and per backend the figures (flows placed and
-open, packets, bytes) kept as they change: a flow holds its backend's ``BackendTotals`` and
-every packet adds to it, so status never walks the table. :class:`Services` holds them all,
-indexed the two ways the packet path asks:
+limit, never raised), its fullnat port pool, and its backends at run time
+(:class:`BackendRuntime`): each one's state, weight and figures. :class:`Services` holds them
+all, indexed the two ways the packet path asks:
 
 - by VIP and port (``by_vip[protocol][vip packed + port]``), for a packet to a service;
 - by backend address and port (``by_backend[protocol][...]``), the hash-adoption index: the
   services with ``unknown_flow = "hash"`` that a packet from that backend may belong to.
 
+A backend is *up* (takes new flows), *down* (its health check failed), *draining* (an
+operator's ``nfqlb ctl drain``: no new flows, its flows carry on) or *removed* (gone from the
+configuration by a reload, kept while its flows last). The policies see only the backends
+that may take new flows: on every change the runtime hands them the service's backends again,
+in configuration order, those that may not with weight 0 (``set_backends``: tables are
+rebuilt there, off the packet path). What a backend serves is counted as it happens (never a
+walk of the table): flows placed, established and inactive flows now (ipvsadm's ActiveConn and
+InActConn), packets and bytes in (toward the backend) and out, new flows per second.
+
 The engine decides a flow's life cycle; the runtime answers its questions about a service
-(which backend for this new flow, which port, what to do now that a flow ended). Nothing
-here sees packet bytes beyond the keys.
+(which backend for this new flow, which port, what to do now that a flow ended).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from typing import TYPE_CHECKING, Any
 
@@ -40,56 +48,203 @@ if TYPE_CHECKING:
 #: ``policy_slow`` and logged: it ran on the packet path while the queue waited.
 SLOW_POLICY_S = 0.001
 
+#: New flows per second are the mean over this many seconds.
+RATE_WINDOW_S = 10
 
-class BackendTotals:
-    """A backend's figures since start, kept as they change (never a walk of the table):
-    flows placed, flows open now, packets and bytes of its flows (both directions)."""
 
-    __slots__ = ("flows", "active", "packets", "bytes")
+class Direction:
+    """Packets and bytes one way (every packet adds to one of these)."""
+
+    __slots__ = ("packets", "bytes")
 
     def __init__(self) -> None:
-        self.flows = 0
-        self.active = 0
         self.packets = 0
         self.bytes = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {"flows": self.flows, "active": self.active, "packets": self.packets,
-                "bytes": self.bytes}
+
+class BackendRuntime:
+    """One backend of a service at run time: its state, weight and figures."""
+
+    __slots__ = ("backend", "name", "address", "port", "endpoint", "weight", "healthy",
+                 "drained", "drain_deadline", "removed", "check", "latency", "inbound",
+                 "outbound", "flows_total", "established", "inactive", "flows", "_rate",
+                 "_rate_at")
+
+    def __init__(self, backend: Backend, vip: Any, service_port: int) -> None:
+        self.backend = backend  # the configured value (name, address, port, weight)
+        self.name = backend.name
+        self.address = backend.address
+        self.port = backend.port
+        #: packed address + port of the packets sent to it (the VIP's address for a local
+        #: backend without one)
+        self.endpoint = endpoint((backend.address or vip).packed, backend.port)
+        self.weight = backend.weight  # the configured one, or what `nfqlb ctl weight` set
+        self.healthy = True  # up until a health check says otherwise
+        self.drained = False
+        self.drain_deadline: float | None = None  # its flows are reset then (drain_timeout)
+        self.removed = False  # gone from the configuration; kept while its flows last
+        self.check = ""  # the last health check's result, e.g. "ok", "timeout", "status 503"
+        self.latency: float | None = None  # the last check's time, seconds
+        self.inbound = Direction()  # client -> backend
+        self.outbound = Direction()  # backend -> client
+        self.flows_total = 0
+        self.established = 0  # TCP flows established now (ipvsadm ActiveConn)
+        self.inactive = 0  # any other flow now: half-open, closing, UDP (InActConn)
+        self.flows: dict[Flow, None] = {}  # its flows now
+        self._rate: list[int] = [0] * RATE_WINDOW_S  # new flows in each of the last seconds
+        self._rate_at = 0  # the second the last new flow came in
+
+    @property
+    def state(self) -> str:
+        if self.removed:
+            return "removed"
+        if not self.healthy:
+            return "down"
+        if self.drained:
+            return "draining"
+        return "up"
+
+    @property
+    def live(self) -> bool:
+        """May take new flows."""
+        return self.healthy and not self.drained and not self.removed and self.weight > 0
+
+    def started(self, flow: Flow, now: float) -> None:
+        self.flows_total += 1
+        self.inactive += 1  # a new flow is never established yet
+        self.flows[flow] = None
+        second = int(now)
+        if second != self._rate_at:
+            gap = second - self._rate_at
+            if gap >= RATE_WINDOW_S or gap < 0:
+                self._rate = [0] * RATE_WINDOW_S
+            else:
+                for s in range(self._rate_at + 1, second + 1):
+                    self._rate[s % RATE_WINDOW_S] = 0
+            self._rate_at = second
+        self._rate[second % RATE_WINDOW_S] += 1
+
+    def new_per_second(self, now: float) -> float:
+        second = int(now)
+        if second - self._rate_at >= RATE_WINDOW_S:
+            return 0.0
+        # the seconds since the last new flow had none
+        old = {s % RATE_WINDOW_S for s in range(self._rate_at + 1, second + 1)}
+        return sum(n for i, n in enumerate(self._rate) if i not in old) / RATE_WINDOW_S
+
+    def figures(self, now: float) -> dict[str, Any]:
+        return {
+            "state": self.state, "weight": self.weight, "address": str(self.address or ""),
+            "port": self.port, "active": self.established, "inactive": self.inactive,
+            "flows": self.flows_total, "new_per_s": round(self.new_per_second(now), 2),
+            "packets_in": self.inbound.packets, "packets_out": self.outbound.packets,
+            "bytes_in": self.inbound.bytes, "bytes_out": self.outbound.bytes,
+            "packets": self.inbound.packets + self.outbound.packets,
+            "bytes": self.inbound.bytes + self.outbound.bytes,
+            "check": self.check, "latency_ms": None if self.latency is None
+            else round(self.latency * 1e3, 3),
+        }
 
 
 class ServiceRuntime:
-    """One service while the engine runs: policy, fallback, pool, per-backend figures."""
+    """One service while the engine runs: policy, fallback, pool, backends at run time."""
 
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
-                 "vip_endpoint", "endpoints", "backend_set", "totals", "refused", "policy_errors",
-                 "_address", "_counters", "_log", "_clock", "policy_slow", "slowest")
+                 "vip_endpoint", "backends", "offered", "backend_set", "any_live", "refused",
+                 "no_backend_up",
+                 "policy_errors", "_address", "_counters", "_log", "_clock", "policy_slow",
+                 "slowest", "_rng")
 
-    def __init__(self, service: Service, policy: Policy, fallback: Policy | None,
-                 pool: PortPool | None, counters: Counters, log: RateLimitedLog,
+    def __init__(self, service: Service, pool: PortPool | None, counters: Counters,
+                 log: RateLimitedLog, rng: random.Random,
                  clock: Callable[[], float] | None = None) -> None:
+        self._counters = counters
+        self._log = log
+        self._clock = clock  # a real clock (seconds) to time the policy's hooks; None: untimed
+        self._rng = rng
+        self.refused = 0  # new flows refused, for any reason
+        self.no_backend_up = 0  # of which: no backend could take it (all down or drained)
+        self.policy_errors = 0  # choose/on_flow_closed raised, or choose returned a stranger
+        self.policy_slow = 0  # hook calls of SLOW_POLICY_S or longer
+        self.slowest = 0.0  # the longest hook call timed, in seconds
+        self.backends: dict[str, BackendRuntime] = {}
+        self.offered: tuple[Backend, ...] = ()
+        self.backend_set: frozenset[Backend] = frozenset()
+        self.any_live = True  # some backend may take new flows
+        self.policy: Policy
+        self.fallback: Policy | None
+        self.apply(service, pool)
+
+    def apply(self, service: Service, pool: PortPool | None) -> list[BackendRuntime]:
+        """Take (or, on reload, take again) the configuration of the service: its backends
+        (kept where they stay: their state, flows and figures; added; removed ones are
+        returned and kept, marked removed, while their flows last), its policy (built anew
+        when its spec, options or fallback changed) and its pool."""
+        old = getattr(self, "service", None)
         self.service = service
         self.name = service.name
         self.local = service.mode is Mode.LOCAL
-        self.policy = policy
-        self.fallback = fallback  # None: a flow the policy fails on is dropped
         self.pool = pool
         self.snat_address = service.snat_address.packed if service.snat_address else b""
         self.vip_endpoint = endpoint(service.vip.packed, service.port)
         self._address = type(service.vip)  # IPv4Address or IPv6Address, for client addresses
-        #: backend name -> packed address + port of the packets sent to it (the VIP's address for
-        #: a local backend without one)
-        self.endpoints = {b.name: endpoint((b.address or service.vip).packed, b.port)
-                          for b in service.backends}
-        self.backend_set = frozenset(service.backends)  # what choose may return
-        self.totals = {b.name: BackendTotals() for b in service.backends}
-        self.refused = 0  # new flows refused, for any reason
-        self.policy_errors = 0  # choose/on_flow_closed raised, or choose returned a stranger
-        self._counters = counters
-        self._log = log
-        self._clock = clock  # a real clock (seconds) to time the policy's hooks; None: untimed
-        self.policy_slow = 0  # hook calls of SLOW_POLICY_S or longer
-        self.slowest = 0.0  # the longest hook call timed, in seconds
+        removed = []
+        keep: dict[str, BackendRuntime] = {}
+        for b in service.backends:
+            rt = self.backends.get(b.name)
+            if rt is None or rt.removed or (rt.address, rt.port) != (b.address, b.port):
+                rt = BackendRuntime(b, service.vip, service.port)
+            else:
+                weight_changed = rt.backend.weight != b.weight
+                rt.backend = b
+                if weight_changed:  # the file's weight wins over an earlier ctl weight
+                    rt.weight = b.weight
+            keep[b.name] = rt
+        for name, rt in self.backends.items():
+            if rt.removed:
+                if rt.flows:
+                    keep[name] = rt  # still draining out from an earlier reload
+            elif keep.get(name) is not rt and rt.flows:
+                rt.removed = True
+                removed.append(rt)
+                keep[f"{name} (removed)"] = rt
+        self.backends = keep
+        if old is None or (old.policy, old.policy_options, old.policy_fallback) != \
+                (service.policy, service.policy_options, service.policy_fallback):
+            # each policy gets its own RNG seeded from the engine's, so that a service's
+            # choices do not depend on other services' traffic
+            self.policy = make_policy(service.policy, service.backends, service.policy_options,
+                                      random.Random(self._rng.getrandbits(64)))
+            self.fallback = None
+            if service.policy_fallback != POLICY_DROP:
+                self.fallback = make_policy(service.policy_fallback, service.backends,
+                                            rng=random.Random(self._rng.getrandbits(64)))
+            self.offered = ()  # new policies: hand them the backends as they are now
+        self.refresh(0.0)
+        return removed
+
+    def refresh(self, now: float) -> None:
+        """Hand the policies the backends again, those that may not take new flows with
+        weight 0 (after a health, drain, weight or configuration change)."""
+        self.any_live = any(rt.live for rt in self.backends.values())
+        offered = tuple(rt.backend if rt.live and rt.weight == rt.backend.weight
+                        else dataclasses.replace(rt.backend, weight=rt.weight if rt.live else 0)
+                        for rt in self.backends.values() if not rt.removed)
+        if offered == self.offered:
+            return
+        self.offered = offered
+        self.backend_set = frozenset(offered)
+        for policy in (self.policy, self.fallback):
+            if policy is None:
+                continue
+            try:
+                policy.set_backends(offered)
+            except BaseException as exc:  # a plugin's: contained like choose
+                self.policy_errors += 1
+                self._counters.event("policy_failure")
+                self._log.warning(f"policy:{self.name}", now, "service %s: policy %s raised "
+                                  "%s in set_backends()", self.name, self.service.policy,
+                                  describe_failure(exc))
 
     # ------------------------------------------------------------ choosing
 
@@ -101,10 +256,11 @@ class ServiceRuntime:
         return FlowKey(self.service.protocol.value, self._address(key[:alen]),
                        key[-4] << 8 | key[-3], self.service.vip, self.service.port)
 
-    def choose(self, fkey: FlowKey, now: float) -> tuple[Backend | None, Policy | None, str]:
-        """(backend, the policy that chose it, drop reason if none). A failing policy is
-        contained: counted, logged at a rate limit, and the fallback (if any) chooses. With a
-        clock, the call is timed (see ``timed``)."""
+    def choose(self, fkey: FlowKey, now: float
+               ) -> tuple[BackendRuntime | None, Policy | None, Backend | None, str]:
+        """(backend, the policy that chose it, the value it returned, drop reason if none). A
+        failing policy is contained: counted, logged at a rate limit, and the fallback (if
+        any) chooses. With a clock, the call is timed (see ``timed``)."""
         clock = self._clock
         started = clock() if clock is not None else 0.0
         failure: BaseException | None = None
@@ -120,7 +276,7 @@ class ServiceRuntime:
             except TypeError:  # unhashable
                 valid = False
             if valid:
-                return backend, self.policy, "no_backend"
+                return self._runtime(backend), self.policy, backend, "no_backend"
             problem = f"returned {backend!r:.80}, not one of the service's backends"
         else:
             problem = f"raised {describe_failure(failure)} in choose()"
@@ -134,9 +290,15 @@ class ServiceRuntime:
                           fkey.sport, f"fallback {s.policy_fallback}" if fallback else "dropped",
                           self.policy_errors)
         if fallback is None:
-            return None, None, "policy_error"
+            return None, None, None, "policy_error"
         self._counters.event("policy_fallback")
-        return fallback.choose(fkey, now), fallback, "no_backend"
+        backend = fallback.choose(fkey, now)
+        return self._runtime(backend), fallback, backend, "no_backend"
+
+    def _runtime(self, backend: Backend | None) -> BackendRuntime | None:
+        if backend is None or backend.weight <= 0:
+            return None  # (a weight-0 backend is offered to be seen, never to be chosen)
+        return self.backends.get(backend.name)
 
     def timed(self, hook: str, took: float, now: float) -> None:
         """Record that the policy's ``hook`` took ``took`` seconds: keep the longest; at
@@ -152,10 +314,11 @@ class ServiceRuntime:
                           self.name, self.service.policy, took * 1e3, hook, self.policy_slow,
                           SLOW_POLICY_S * 1e3, self.slowest * 1e3)
 
-    def hash_choice(self, fkey: FlowKey) -> Backend | None:
+    def hash_choice(self, fkey: FlowKey) -> BackendRuntime | None:
         """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on (the same on every node and
-        after every restart, while the backend set is the same)."""
-        return hash_choice(fkey, self.service.backends)
+        after every restart, while the backend set is the same): among those that may take
+        new flows."""
+        return self._runtime(hash_choice(fkey, self.offered))
 
     def take_port(self) -> int | None:
         """A source port for a new fullnat flow (0 when the service does not rewrite the
@@ -170,23 +333,24 @@ class ServiceRuntime:
                           "(no half-open flow to take a port from)", self.name, self.pool.lo,
                           self.pool.hi)
 
-    # ------------------------------------------------------------ flows that start and end
+    # ------------------------------------------------------------ flows that end
 
-    def flow_started(self, backend: Backend) -> BackendTotals:
-        """Count a new flow on ``backend``; its figures, which the flow's packets add to."""
-        totals = self.totals[backend.name]
-        totals.flows += 1
-        totals.active += 1
-        return totals
-
-    def flow_ended(self, flow: Flow, now: float) -> None:
-        """A flow left the table: give back its pool port, tell its policy."""
+    def flow_ended(self, flow: Flow, now: float, established: bool) -> None:
+        """A flow left the table: give back its pool port, count it off its backend, tell
+        its policy."""
         if flow.snat_port and self.pool is not None:
             self.pool.give(flow.snat_port)
-        flow.totals.active -= 1
+        rt = flow.backend
+        rt.flows.pop(flow, None)
+        if established:
+            rt.established -= 1
+        else:
+            rt.inactive -= 1
+        if rt.removed and not rt.flows:  # the last flow of a removed backend
+            self.backends = {k: v for k, v in self.backends.items() if v is not rt}
         if flow.placed is not None:
-            placer, fkey = flow.placed
-            self.tell_closed(placer, fkey, flow.backend, now)
+            placer, fkey, chosen = flow.placed
+            self.tell_closed(placer, fkey, chosen, now)
 
     def tell_closed(self, policy: Policy, fkey: FlowKey, backend: Backend, now: float) -> None:
         """Tell the policy that placed a flow that it ended (contained like ``choose``)."""
@@ -206,10 +370,10 @@ class ServiceRuntime:
         if clock is not None:
             self.timed("on_flow_closed", clock() - started, now)
 
-    def stats(self) -> dict[str, Any]:
-        return {"backends": {name: t.as_dict() for name, t in self.totals.items()},
-                "refused": self.refused, "policy_errors": self.policy_errors,
-                "policy_slow": self.policy_slow,
+    def stats(self, now: float = 0.0) -> dict[str, Any]:
+        return {"backends": {rt.name: rt.figures(now) for rt in self.backends.values()},
+                "refused": self.refused, "no_backend_up": self.no_backend_up,
+                "policy_errors": self.policy_errors, "policy_slow": self.policy_slow,
                 "policy_slowest_ms": round(self.slowest * 1e3, 3)}
 
 
@@ -218,35 +382,79 @@ def endpoint(address: bytes, port: int) -> bytes:
     return address + U16[port]
 
 
+def _pool_key(svc: Service) -> tuple[Any, ...] | None:
+    if svc.mode is not Mode.FULLNAT:
+        return None
+    return (svc.protocol, svc.snat_address, svc.snat_ports)
+
+
+def _service_key(svc: Service) -> tuple[Any, ...]:
+    return (svc.protocol, svc.vip, svc.port)
+
+
 class Services:
     """Every service of a configuration at run time, indexed for the packet path."""
 
     def __init__(self, config: Config, rng: random.Random, counters: Counters,
                  log: RateLimitedLog, clock: Callable[[], float] | None = None) -> None:
+        self._rng = rng
+        self._counters = counters
+        self._log = log
+        self._clock = clock
+        self._all: list[ServiceRuntime] = []
+        self._pools: dict[tuple[Any, ...], PortPool] = {}
         self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
         self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {TCP: {}, UDP: {}}
-        self._all: list[ServiceRuntime] = []
+        self.reconfigure(config)
+
+    def reconfigure(self, config: Config) -> tuple[list[ServiceRuntime],
+                                                   list[BackendRuntime]]:
+        """Take ``config``: services that stay (same VIP, port and protocol) keep their
+        runtime, flows and figures, the others are built; pools are kept where their address
+        and range stay. Returns the services and the backends that are gone (kept, for their
+        flows, outside the indexes)."""
+        old = {_service_key(rt.service): rt for rt in self._all}
         pools: dict[tuple[Any, ...], PortPool] = {}
+        services: list[ServiceRuntime] = []
+        gone_backends: list[BackendRuntime] = []
         for svc in config.services:
             pool = None
-            if svc.mode is Mode.FULLNAT:
-                assert svc.snat_address is not None and svc.snat_ports is not None
-                pkey = (svc.protocol, svc.snat_address, svc.snat_ports)
-                pool = pools.get(pkey) or pools.setdefault(pkey, PortPool(*svc.snat_ports))
-            # each policy gets its own RNG seeded from the engine's, so that a service's
-            # choices do not depend on other services' traffic
-            policy = make_policy(svc.policy, svc.backends, svc.policy_options,
-                                 random.Random(rng.getrandbits(64)))
-            fallback = None
-            if svc.policy_fallback != POLICY_DROP:
-                fallback = make_policy(svc.policy_fallback, svc.backends,
-                                       rng=random.Random(rng.getrandbits(64)))
-            runtime = ServiceRuntime(svc, policy, fallback, pool, counters, log, clock)
-            self._all.append(runtime)
-            self.by_vip[svc.protocol][endpoint(svc.vip.packed, svc.port)] = runtime
+            pkey = _pool_key(svc)
+            if pkey is not None:
+                assert svc.snat_ports is not None
+                pool = pools.get(pkey) or self._pools.get(pkey)
+                if pool is None:
+                    pool = PortPool(*svc.snat_ports, in_use=self._ports_in_use(svc))
+                pools[pkey] = pool
+            rt = old.pop(_service_key(svc), None)
+            if rt is None:
+                rt = ServiceRuntime(svc, pool, self._counters, self._log,
+                                    random.Random(self._rng.getrandbits(64)), self._clock)
+            else:
+                gone_backends += rt.apply(svc, pool)
+            services.append(rt)
+        self._all = services
+        self._pools = pools
+        self.by_vip = {TCP: {}, UDP: {}}
+        self.by_backend = {TCP: {}, UDP: {}}
+        for rt in services:
+            svc = rt.service
+            self.by_vip[svc.protocol][rt.vip_endpoint] = rt
             if svc.unknown_flow is UnknownFlow.HASH:
-                for key in runtime.endpoints.values():
-                    self.by_backend[svc.protocol].setdefault(key, []).append(runtime)
+                for b in rt.backends.values():
+                    if not b.removed:
+                        self.by_backend[svc.protocol].setdefault(b.endpoint, []).append(rt)
+        return list(old.values()), gone_backends
+
+    def _ports_in_use(self, svc: Service) -> set[int]:
+        """Ports of ``svc``'s snat address held by live flows of any pool (a new pool on the
+        same address must not hand them out again)."""
+        used: set[int] = set()
+        for rt in self._all:
+            if rt.service.snat_address == svc.snat_address and rt.pool is not None:
+                for b in rt.backends.values():
+                    used.update(f.snat_port for f in b.flows if f.snat_port)
+        return used
 
     def __iter__(self) -> Iterator[ServiceRuntime]:
         return iter(self._all)
@@ -257,6 +465,6 @@ class Services:
                 return runtime
         raise KeyError(name)
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self, now: float = 0.0) -> dict[str, Any]:
         """Per service and backend: the figures kept as they change."""
-        return {rt.name: rt.stats() for rt in self._all}
+        return {rt.name: rt.stats(now) for rt in self._all}

@@ -13,12 +13,14 @@ from collections import OrderedDict, deque
 
 
 class PortPool:
-    def __init__(self, lo: int, hi: int) -> None:
+    def __init__(self, lo: int, hi: int, in_use: set[int] | frozenset[int] = frozenset()) -> None:
+        """Ports ``lo``-``hi``, except those ``in_use`` (held by live flows of an earlier pool on
+        the same address, after a reload: they join the pool when their flows give them)."""
         if not 1 <= lo <= hi <= 65535:
             raise ValueError(f"bad port range {lo}-{hi}")
         self.lo = lo
         self.hi = hi
-        self._free: deque[int] = deque(range(lo, hi + 1))
+        self._free: deque[int] = deque(p for p in range(lo, hi + 1) if p not in in_use)
         self.exhausted = 0  # times a port was asked for and none was free
         #: the half-open flows holding a port of this pool, least recently used first (the
         #: engine keeps it): when no port is free, the first of them gives its port back
@@ -38,4 +40,5 @@ class PortPool:
         return None
 
     def give(self, port: int) -> None:
-        self._free.append(port)
+        if self.lo <= port <= self.hi:  # (a port of an earlier range, after a reload: not ours)
+            self._free.append(port)

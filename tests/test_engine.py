@@ -406,16 +406,22 @@ def test_per_backend_stats_tcp() -> None:
             sizes[name] += len(conv.sent)
             counts[name] += 1
     eng.handle(tcp(CLIENT, VIP, 1, 80, "A"), 0.0)  # no flow: counted nowhere per backend
+    keys = ("flows", "active", "inactive", "packets", "bytes")
     backends = eng.stats()["services"]["dnat-tcp"]["backends"]
-    assert backends == {
-        "b1": {"flows": 2, "active": 2, "packets": counts["b1"], "bytes": sizes["b1"]},
-        "b2": {"flows": 1, "active": 1, "packets": counts["b2"], "bytes": sizes["b2"]},
+    # active: established (ipvsadm's ActiveConn), inactive: any other (InActConn)
+    assert {n: {k: b[k] for k in keys} for n, b in backends.items()} == {
+        "b1": {"flows": 2, "active": 1, "inactive": 1, "packets": counts["b1"],
+               "bytes": sizes["b1"]},
+        "b2": {"flows": 1, "active": 0, "inactive": 1, "packets": counts["b2"],
+               "bytes": sizes["b2"]},
     }
+    b1 = backends["b1"]
+    assert b1["packets_in"] + b1["packets_out"] == b1["packets"] and b1["packets_out"] == 2
     eng.handle_timer(1000.0)
     after = eng.stats()
     backends = after["services"]["dnat-tcp"]["backends"]
-    assert backends["b1"] == {"flows": 2, "active": 0, "packets": counts["b1"],
-                              "bytes": sizes["b1"]}
+    assert {k: backends["b1"][k] for k in keys} == {
+        "flows": 2, "active": 0, "inactive": 0, "packets": counts["b1"], "bytes": sizes["b1"]}
     assert after["packets"] == 9 and after["rewritten"] == 8 and after["flows_total"] == 3
 
 
@@ -426,7 +432,8 @@ def test_per_backend_stats_udp(mode: str) -> None:
     assert isinstance(c.client(payload=b"one"), bytes)
     first = len(c.sent)
     backends = eng.stats()["services"][f"{mode}-udp"]["backends"]
-    assert backends["b1"] == {"flows": 1, "active": 1, "packets": 1, "bytes": first}
+    assert {k: backends["b1"][k] for k in ("flows", "active", "inactive", "packets", "bytes")} \
+        == {"flows": 1, "active": 0, "inactive": 1, "packets": 1, "bytes": first}  # as IPVS
     assert isinstance(c.client(payload=b"two!"), bytes)
     assert isinstance(c.server(payload=b"reply"), bytes)
     backends = eng.stats()["services"][f"{mode}-udp"]["backends"]

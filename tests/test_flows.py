@@ -19,7 +19,7 @@ from nfqlb.flows import (
     tcp_event,
     timeouts_by_state,
 )
-from nfqlb.services import BackendTotals
+from nfqlb.services import BackendRuntime
 
 S, E = TcpState, TcpEvent
 OPEN = {S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED, S.ADOPTED, S.ADOPTED_REPLY}
@@ -299,7 +299,8 @@ def _table_with(n: int, timeouts: Timeouts):  # type: ignore[no-untyped-def]
     flows = []
     for i in range(n):
         fwd, rev = b"f%011d" % i, b"r%011d" % i
-        flow = Flow(svc, svc.backends[0], BackendTotals(), 6, S.ESTABLISHED, float(i), fwd, rev)
+        backend = BackendRuntime(svc.backends[0], svc.vip, svc.port)
+        flow = Flow(svc, backend, 6, S.ESTABLISHED, float(i), fwd, rev)
         table.add(flow, (flow, b"", 0, 0, False), (flow, b"", 0, 0, True))
         flows.append(flow)
     return table, flows
@@ -322,8 +323,8 @@ def test_table_remove_and_expire_order() -> None:
 def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     table, (old,) = _table_with(1, Timeouts())
     svc = old.service
-    new = Flow(svc, svc.backends[1], BackendTotals(), 6, S.SYN_SENT, 5.0, b"other-key-00",
-               old.rev_key)
+    new = Flow(svc, BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
+               b"other-key-00", old.rev_key)
     table.add(new, (new, b"", 0, 0, False), (new, b"", 0, 0, True))
     table.remove(old)
     assert table.by_proto[6][old.rev_key][0] is new
