@@ -23,11 +23,18 @@ from nfqlb.typed import TableReader
 from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
 __all__ = [
-    "DEFAULT_PATHS", "Config", "DaemonConfig", "IcmpEcho", "Service", "Timeouts",
+    "DEFAULT_PATHS", "Config", "DaemonConfig", "IcmpEcho", "OnBackendDown", "Service", "Timeouts",
     "UnknownFlow", "find_config", "load_config", "parse_config",
 ]
 
 DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))
+
+
+class OnBackendDown(enum.Enum):
+    """What becomes of a backend's flows when it goes down or is removed by a reload."""
+
+    KEEP = "keep"  # they carry on (as IPVS does); the backend gets no new flows
+    RESET = "reset"  # both ends get a RST (TCP) and the flows leave the table
 
 
 class UnknownFlow(enum.Enum):
@@ -59,6 +66,8 @@ class Service:
     policy_options: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False)
     policy_fallback: str = "flow_hash"  # when the policy raises: a built-in policy, or "drop"
+    on_backend_down: OnBackendDown = OnBackendDown.KEEP
+    drain_timeout: float = 0.0  # a drained backend's flows are reset after this; 0: never
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,7 +116,7 @@ _DAEMON_KEYS = {
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
-    "unknown_flow", "policy_options", "policy_fallback",
+    "unknown_flow", "policy_options", "policy_fallback", "on_backend_down", "drain_timeout",
 }
 _BACKEND_KEYS = {"name", "address", "port", "weight"}
 
@@ -216,10 +225,13 @@ def _service(chk: _Checker) -> Service:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
                        "the backend knows the connection by is lost with the table")
     policy, options, fallback = _policy(chk, backends)
+    on_backend_down = chk.choice("on_backend_down", OnBackendDown, "keep")
+    drain_timeout = chk.number("drain_timeout", 0.0, 0.0, 1e7)
     return Service(name=name, vip=vip, port=port, protocol=protocol, mode=mode,
                    backends=backends, policy=policy, snat_address=snat_address,
                    snat_ports=snat_ports, unknown_flow=unknown_flow, policy_options=options,
-                   policy_fallback=fallback)
+                   policy_fallback=fallback, on_backend_down=on_backend_down,
+                   drain_timeout=drain_timeout)
 
 
 def _policy(chk: _Checker, backends: tuple[Backend, ...]

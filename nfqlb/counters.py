@@ -73,6 +73,8 @@ EVENTS: dict[str, str] = {
     "policy_failure": "a policy raised, or chose a backend not of its service",
     "policy_fallback": "new flows placed by policy_fallback after a policy failure",
     "no_backend_up": "new flows refused because no backend of the service could take them",
+    "flows_reset": "flows ended by nfqlb with a RST to both ends (on_backend_down \"reset\", "
+                   "drain_timeout)",
     "reclaimed": "half-open fullnat flows closed to give their port to a new flow (pool empty)",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
@@ -157,9 +159,9 @@ class Counters:
         self.drops[reason] = self.drops.get(reason, 0) + 1
         return DROP
 
-    def event(self, name: str) -> None:
-        """Count an event (an EVENTS name)."""
-        self.events[name] = self.events.get(name, 0) + 1
+    def event(self, name: str, n: int = 1) -> None:
+        """Count an event (an EVENTS name), ``n`` times."""
+        self.events[name] = self.events.get(name, 0) + n
 
     def totals(self) -> dict[str, Any]:
         return {

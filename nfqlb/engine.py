@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from nfqlb import icmp
-from nfqlb.config import Config, UnknownFlow
+from nfqlb.config import Config, OnBackendDown, UnknownFlow
 from nfqlb.counters import Counters, format_stats
 from nfqlb.errors import PacketError
 from nfqlb.flows import (
@@ -49,6 +49,7 @@ from nfqlb.flows import (
     TcpState,
     reply_key,
     tcp_event,
+    timeouts_by_state,
 )
 from nfqlb.frags import FragmentTracker
 from nfqlb.policies import Policy
@@ -59,7 +60,7 @@ from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
-from nfqlb.wire.tcp import build_rst, tcp_wscale
+from nfqlb.wire.tcp import build_rst, build_rst_to, tcp_wscale
 
 __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
@@ -93,6 +94,7 @@ class Engine:
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
         self._released: list[tuple[int, Final]] = []
+        self._outbound: list[bytes] = []  # packets of nfqlb's own to send (see packets_to_send)
 
     # ---------------------------------------------------------------- per packet
 
@@ -177,6 +179,13 @@ class Engine:
             self.log.exception("internal error handling a packet; dropped")
             return self.counters.drop("internal_error")
 
+    def packets_to_send(self) -> list[bytes]:
+        """IP packets nfqlb sends of its own accord since the last call: the RSTs that end
+        both sides of flows it gives up (``on_backend_down = "reset"``, ``drain_timeout``).
+        The daemon sends them on a raw socket."""
+        out, self._outbound = self._outbound, []
+        return out
+
     def released_verdicts(self) -> list[tuple[int, Final]]:
         """The final verdicts of held packets decided since the last call, as
         ``(hold_id, verdict)``; each held packet appears exactly once (after ``handle`` or
@@ -214,6 +223,8 @@ class Engine:
                                                      + data[off + 2:off + 4])
                 if svc is None:
                     return self._unknown_reply(data, p, key, now)
+                if not svc.any_live:
+                    return self._no_backend_up(svc, data, p), None
                 ent = self._open(svc, data, p, key, TcpState.UDP, now)
                 if ent is None:
                     return DROP, None
@@ -538,14 +549,132 @@ class Engine:
         ``observe``). Call it from the thread that calls ``handle``."""
         return self.services.named(service).policy
 
+    def _reset_flows(self, rt: BackendRuntime, now: float, why: str) -> int:
+        """End every flow of ``rt``: a RST to both ends of each TCP flow whose sequence numbers
+        are known (``packets_to_send``), and the flow leaves the table."""
+        n = 0
+        for flow in list(rt.flows):
+            if flow.proto == TCP:
+                table = self.table.by_proto[TCP]
+                fwd, rev = table.get(flow.fwd_key), table.get(flow.rev_key)
+                client_ack, backend_ack = flow.peer  # what each side expects next
+                if rev is not None and len(client_ack) >= 4:  # to the client, as the VIP
+                    self._outbound.append(build_rst_to(rev.header, _be32(client_ack)))
+                if fwd is not None and len(backend_ack) >= 4:  # to the backend, as the client
+                    self._outbound.append(build_rst_to(fwd.header, _be32(backend_ack)))
+            self._close(flow, now)
+            n += 1
+        if n:
+            self.counters.event("flows_reset", n)
+            self.log.info("service %s: backend %s %s: %d flows reset", rt_service(self, rt),
+                          rt.name, why, n)
+        return n
+
+    # ---------------------------------------------------------------- operations
+
+    def backend(self, service: str, backend: str) -> tuple[ServiceRuntime, BackendRuntime]:
+        """The service and backend so named; KeyError (naming what is unknown) otherwise."""
+        try:
+            svc = self.services.named(service)
+        except KeyError:
+            raise KeyError(f"no service {service!r}") from None
+        rt = svc.backends.get(backend)
+        if rt is None or rt.removed:
+            raise KeyError(f"service {service!r} has no backend {backend!r}")
+        return svc, rt
+
+    def set_health(self, service: str, backend: str, up: bool, now: float, reason: str = "",
+                   latency: float | None = None) -> None:
+        """A health check's result: up (takes new flows) or down (none; its flows follow the
+        service's ``on_backend_down``)."""
+        svc, rt = self.backend(service, backend)
+        rt.check = reason or ("ok" if up else "failed")
+        rt.latency = latency
+        if up is rt.healthy:
+            return
+        rt.healthy = up
+        svc.refresh(now)
+        if not up and svc.service.on_backend_down is OnBackendDown.RESET:
+            self._reset_flows(rt, now, "down")
+
+    def drain(self, service: str, backend: str, now: float,
+              timeout: float | None = None) -> None:
+        """No new flows to the backend; its flows carry on until they end, or until
+        ``timeout`` (default: the service's ``drain_timeout``; 0: no limit), then are reset."""
+        svc, rt = self.backend(service, backend)
+        limit = svc.service.drain_timeout if timeout is None else timeout
+        rt.drained = True
+        rt.drain_deadline = now + limit if limit > 0 else None
+        svc.refresh(now)
+
+    def enable(self, service: str, backend: str, now: float) -> None:
+        """Undo ``drain``."""
+        svc, rt = self.backend(service, backend)
+        rt.drained = False
+        rt.drain_deadline = None
+        svc.refresh(now)
+
+    def set_weight(self, service: str, backend: str, weight: int, now: float) -> None:
+        """The backend's weight from now on (0: no new flows), until a reload with a changed
+        weight in the file."""
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
+            raise ValueError(f"weight must be an integer 0-1000000, not {weight!r}")
+        svc, rt = self.backend(service, backend)
+        rt.weight = weight
+        svc.refresh(now)
+
+    def reconfigure(self, config: Config, now: float) -> None:
+        """Take a changed configuration while the flow table is kept: services and backends
+        added or removed (a removed backend's flows follow its service's ``on_backend_down``;
+        a removed service's flows end with its rules), weights, policies, timeouts (for every
+        flow from now on), limits. Backends that stay keep their state (down, draining)."""
+        gone_services, gone_backends = self.services.reconfigure(config)
+        self.config = config
+        self.table.timeout = timeouts_by_state(config.timeouts)
+        self.table.max_flows = config.daemon.max_flows
+        self.mss_clamp = config.daemon.mss_clamp
+        self.frags.max_held = config.daemon.max_fragments
+        self.frags.max_per_source = config.daemon.max_fragments_per_source
+        self.frags.timeout = config.timeouts.frag
+        for rt in gone_backends:
+            svc = next(s for s in self.services if rt in s.backends.values())
+            if svc.service.on_backend_down is OnBackendDown.RESET:
+                self._reset_flows(rt, now, "removed")
+        for svc in gone_services:
+            if svc.service.on_backend_down is OnBackendDown.RESET:
+                for rt in list(svc.backends.values()):
+                    self._reset_flows(rt, now, "removed with its service")
+
+    def status(self, now: float) -> dict[str, Any]:
+        """``stats()`` with every backend's state, weight, check and rates as of ``now``."""
+        return {**self.stats(), "services": self.services.stats(now)}
+
+    def flow_list(self, now: float, service: str | None = None, backend: str | None = None,
+                  limit: int = 10_000) -> list[dict[str, Any]]:
+        """The connection table as ``ipvsadm -Lnc`` shows it, at most ``limit`` flows, of one
+        service and backend if named (a walk of those flows: for operators, not per packet)."""
+        out: list[dict[str, Any]] = []
+        services = [self.services.named(service)] if service is not None else list(self.services)
+        for svc in services:
+            for rt in svc.backends.values():
+                if backend is not None and rt.name != backend:
+                    continue
+                for flow in rt.flows:
+                    if len(out) >= limit:
+                        return out
+                    out.append(_describe(flow, svc, rt, self.table.deadline(flow) - now, now))
+        return out
     # ---------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next run (same clock as ``now``), or None."""
-        a, b = self.table.next_deadline(), self.frags.next_deadline()
-        if a is None or b is None:
-            return a if b is None else b
-        return min(a, b)
+        due = [t for t in (self.table.next_deadline(), self.frags.next_deadline(),
+                           *self._drain_deadlines()) if t is not None]
+        return min(due) if due else None
+
+    def _drain_deadlines(self) -> list[float]:
+        return [rt.drain_deadline for svc in self.services for rt in svc.backends.values()
+                if rt.drain_deadline is not None]
 
     def handle_timer(self, now: float) -> None:
         """Expire idle flows (at most EXPIRE_SLICE: ``get_timer`` then says ``now``), and
@@ -553,6 +682,11 @@ class Engine:
         ``released_verdicts()``)."""
         for flow in self.table.expire(now, EXPIRE_SLICE):
             self._retire(flow, now)
+        for svc in self.services:
+            for rt in svc.backends.values():
+                if rt.drain_deadline is not None and rt.drain_deadline <= now:
+                    rt.drain_deadline = None
+                    self._reset_flows(rt, now, "drain_timeout")
         for hold_id in self.frags.expire(now):
             self._released.append((hold_id, self.counters.drop("fragment_timeout")))
 
@@ -587,6 +721,32 @@ def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:
         window <<= ws[1 if not reply else 0]
     seq = data[off + 4] << 24 | data[off + 5] << 16 | data[off + 6] << 8 | data[off + 7]
     return (seq - ack) & 0xFFFFFFFF <= max(window, 1)
+
+
+def _be32(b: bytes) -> int:
+    return b[0] << 24 | b[1] << 16 | b[2] << 8 | b[3]
+
+
+def rt_service(engine: Engine, rt: BackendRuntime) -> str:
+    """The name of the service ``rt`` belongs to (for log lines)."""
+    for svc in engine.services:
+        if rt in svc.backends.values():
+            return svc.name
+    return "?"
+
+
+def _describe(flow: Flow, svc: ServiceRuntime, rt: BackendRuntime, expires: float,
+              now: float) -> dict[str, Any]:
+    key = flow.fwd_key
+    alen = len(key) // 2 - 2
+    addr = svc.address_type
+    return {
+        "service": svc.name, "protocol": "tcp" if flow.proto == TCP else "udp",
+        "state": flow.state.name, "client": str(addr(key[:alen])),
+        "client_port": key[-4] << 8 | key[-3], "vip": str(svc.service.vip),
+        "port": svc.service.port, "backend": rt.name, "snat_port": flow.snat_port or None,
+        "idle_s": round(now - flow.last, 3), "expires_s": round(expires, 3),
+    }
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:

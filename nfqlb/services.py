@@ -152,7 +152,7 @@ class ServiceRuntime:
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
                  "vip_endpoint", "backends", "offered", "backend_set", "any_live", "refused",
                  "no_backend_up",
-                 "policy_errors", "_address", "_counters", "_log", "_clock", "policy_slow",
+                 "policy_errors", "address_type", "_counters", "_log", "_clock", "policy_slow",
                  "slowest", "_rng")
 
     def __init__(self, service: Service, pool: PortPool | None, counters: Counters,
@@ -187,7 +187,7 @@ class ServiceRuntime:
         self.pool = pool
         self.snat_address = service.snat_address.packed if service.snat_address else b""
         self.vip_endpoint = endpoint(service.vip.packed, service.port)
-        self._address = type(service.vip)  # IPv4Address or IPv6Address, for client addresses
+        self.address_type = type(service.vip)  # IPv4Address or IPv6Address: client addresses
         removed = []
         keep: dict[str, BackendRuntime] = {}
         for b in service.backends:
@@ -253,7 +253,7 @@ class ServiceRuntime:
         the client sends it): the VIP's address object is the service's own, only the
         client's is built."""
         alen = len(key) // 2 - 2
-        return FlowKey(self.service.protocol.value, self._address(key[:alen]),
+        return FlowKey(self.service.protocol.value, self.address_type(key[:alen]),
                        key[-4] << 8 | key[-3], self.service.vip, self.service.port)
 
     def choose(self, fkey: FlowKey, now: float
@@ -371,7 +371,7 @@ class ServiceRuntime:
             self.timed("on_flow_closed", clock() - started, now)
 
     def stats(self, now: float = 0.0) -> dict[str, Any]:
-        return {"backends": {rt.name: rt.figures(now) for rt in self.backends.values()},
+        return {"backends": {name: rt.figures(now) for name, rt in self.backends.items()},
                 "refused": self.refused, "no_backend_up": self.no_backend_up,
                 "policy_errors": self.policy_errors, "policy_slow": self.policy_slow,
                 "policy_slowest_ms": round(self.slowest * 1e3, 3)}

@@ -60,13 +60,32 @@ def build_rst(data: bytes, off: int, v6: bool) -> bytes:
     else:
         length = payload + (1 if flags & _SYN else 0) + (1 if flags & _FIN else 0)
         rseq, rack, rflags = 0, (seq + length) & 0xFFFFFFFF, _RST | _ACK
-    tcp = _TCP.pack(dport, sport, rseq, rack, 5 << 4, rflags, 0, 0, 0)
     if v6:
         src, dst = data[24:40], data[8:24]
+    else:
+        src, dst = data[16:20], data[12:16]
+    return _segment(src, dst, dport, sport, rseq, rack, rflags)
+
+
+def build_rst_to(header: bytes, seq: int) -> bytes:
+    """A RST with sequence number ``seq`` from ``header``'s source to its destination
+    (``header``: ``src addr | dst addr | src port | dst port``, 12 bytes for IPv4, 36 for
+    IPv6: a flow entry's header). With ``seq`` the receiver's next expected byte, the
+    receiver takes it (RFC 5961 3.2): how nfqlb ends both sides of a flow it gives up."""
+    alen = (len(header) - 4) // 2
+    src, dst = header[:alen], header[alen:2 * alen]
+    sport, dport = struct.unpack_from("!HH", header, 2 * alen)
+    return _segment(src, dst, sport, dport, seq, 0, _RST)
+
+
+def _segment(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int,
+             flags: int) -> bytes:
+    """An IP packet of one TCP segment without options or payload, checksums computed."""
+    tcp = _TCP.pack(sport, dport, seq, ack, 5 << 4, flags, 0, 0, 0)
+    if len(src) == 16:
         pseudo = src + dst + struct.pack("!IxxxB", len(tcp), TCP)
         ip = struct.pack("!IHBB", 0x60000000, len(tcp), TCP, 64) + src + dst
     else:
-        src, dst = data[16:20], data[12:16]
         pseudo = src + dst + struct.pack("!xBH", TCP, len(tcp))
         ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, TCP, 0, src, dst)
         ip = ip[:10] + struct.pack("!H", full(ip)) + ip[12:]
