@@ -208,11 +208,13 @@ def _optional_tools(have: set[int]) -> dict[int, Iptables]:
 
 
 def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
-    config = _load(args)
+    path = find_config(args.config)
+    config = load_config(path)
     _need_root("run")
     from nfqlb.io import daemon
 
-    return daemon.run(config, args.queue, log, stats_interval=args.stats_interval)
+    return daemon.run(config, args.queue, log, stats_interval=args.stats_interval,
+                      config_path=str(path))
 
 
 def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:

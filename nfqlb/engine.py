@@ -645,6 +645,16 @@ class Engine:
                 for rt in list(svc.backends.values()):
                     self._reset_flows(rt, now, "removed with its service")
 
+    def lingering(self) -> dict[str, tuple[Backend, ...]]:
+        """Per service, the backends a reload removed that still have flows (their replies
+        must still reach nfqlb: the daemon keeps their rules until these end)."""
+        out: dict[str, tuple[Backend, ...]] = {}
+        for svc in self.services:
+            gone = tuple(rt.backend for rt in svc.backends.values() if rt.removed and rt.flows)
+            if gone:
+                out[svc.name] = gone
+        return out
+
     def status(self, now: float) -> dict[str, Any]:
         """``stats()`` with every backend's state, weight, check and rates as of ``now``."""
         return {**self.stats(), "services": self.services.stats(now)}

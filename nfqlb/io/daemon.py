@@ -18,26 +18,39 @@ queues are unbound and the counters are printed to stdout.
 The loop has three kinds of sources: the two queue sockets (``add_reader`` -> the adapter's
 ``on_readable``, which handles a bounded number of packets per wakeup), the engine's timer
 (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
-and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters). Signal handlers are installed
-before anything is changed, so a SIGTERM at any point after that leads through the clean-up.
+and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGHUP reloads). Signal
+handlers are installed before anything is changed, so a SIGTERM at any point after that leads
+through the clean-up.
+
+A reload (SIGHUP, ``nfqlb ctl reload``) reads the configuration file again; one that fails
+``check`` is refused (one line, logged) and the running one keeps serving. Otherwise the
+engine takes it with its flow table kept (``Engine.reconfigure``), the sysctls a new mode
+needs are set, and the rules of each family whose rule set changed are replaced in one
+``iptables-restore`` (atomic: no moment with half the rules). The packets the engine makes of
+its own accord (RSTs of flows it ends) go out on raw sockets (:mod:`nfqlb.io.rawsend`) after
+each wakeup, timer and reload.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from nfqlb import rules
-from nfqlb.config import Config
+from nfqlb.config import Config, load_config
 from nfqlb.engine import Engine
-from nfqlb.errors import SystemSetupError
+from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import iptables, sysctl
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
+from nfqlb.io.rawsend import RawSender
+from nfqlb.values import Backend
 from nfqlb.verdict import DROP, Final
 
 TIMER_MAX_S = 1.0  # handle_timer runs at least this often
@@ -102,11 +115,64 @@ class Server:
         self.timer_errors = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = float("inf")  # engine clock (self.clock)
+        self.sender = RawSender(log)
+        self.started_at = time.time()
+        self.loaded_at = self.started_at
+        self.config_path = ""
+        self.reload_hooks: list[Callable[[Config], None]] = []  # told of a new configuration
+        self._live: _Live | None = None  # what a reload changes (set by run())
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
         self.loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    def flush_outbound(self) -> None:
+        """Send the packets the engine made of its own accord (RSTs of flows it ended)."""
+        for packet in self.engine.packets_to_send():
+            self.sender.send(packet)
+
+    def reload(self) -> tuple[bool, str]:
+        """Read the configuration file again and apply it while the flow table is kept
+        (SIGHUP, ``nfqlb ctl reload``). A file that fails ``check`` changes nothing: the error
+        is logged in one line and returned."""
+        live = self._live
+        if live is None:
+            return False, "not serving yet"
+        try:
+            config = load_config(self.config_path)
+            large = rules.large_queue_for(config, live.queue)
+            if large != live.large:
+                raise ConfigError(config.source, "daemon.large_queue", f"is {large}, the "
+                                  f"running daemon serves {live.large}: restart to change it")
+            rulesets = rules.render(config, live.queue)
+            for rs in rulesets:
+                if rs.family.version not in live.tools:
+                    live.tools.update(iptables.tools_for([rs.family.version]))
+            iptables.check_overlap(rulesets, live.tools)
+        except NfqlbError as exc:
+            self.log.error("reload refused, the running configuration keeps serving: %s", exc)
+            return False, str(exc)
+        now = self.clock()
+        self.engine.reconfigure(config, now)
+        live.config = config
+        try:
+            sysctl.setup(config, live.sysctls)
+            self._apply_rules()
+        except NfqlbError as exc:
+            self.log.error("reload: the rules could not be changed: %s", exc)
+            return False, f"rules not changed: {exc}"
+        for hook in self.reload_hooks:
+            try:
+                hook(config)
+            except Exception as exc:
+                self.log.error("reload: %r", exc)
+        self.loaded_at = time.time()
+        self.flush_outbound()
+        n = len(config.services)
+        self.log.info("reloaded %s: %d service%s", self.config_path, n, "" if n == 1 else "s")
+        return True, f"reloaded {self.config_path}"
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
         self.log.info("%s: removing rules and stopping", sig.name)
@@ -132,10 +198,43 @@ class Server:
         if self.crash is not None:
             raise self.crash
 
+    def _apply_rules(self) -> None:
+        """Make the installed rules those of the configuration, plus the reply rules of
+        backends a reload removed while they still have flows; each family whose rule set
+        changed in one ``iptables-restore`` (atomic)."""
+        live = self._live
+        assert live is not None
+        lingering = self.engine.lingering()
+        config = live.config
+        if lingering:
+            config = dataclasses.replace(config, services=tuple(
+                dataclasses.replace(svc, backends=svc.backends + lingering.get(svc.name, ()))
+                for svc in config.services))
+        rulesets = rules.render(config, live.queue)
+        old = {rs.family.version: rs for rs in live.rulesets}
+        new = {rs.family.version: rs for rs in rulesets}
+        for version, rs in new.items():
+            if old.get(version) != rs:
+                iptables.apply(rs, live.tools[version])
+        for version in old.keys() - new.keys():
+            iptables.delete(live.queue, live.tools[version])
+        live.rulesets = rulesets
+        live.lingering = lingering
+
+    def _check_lingering(self) -> None:
+        """Once the flows of removed backends are gone, so go their rules."""
+        live = self._live
+        if live is not None and live.lingering and self.engine.lingering() != live.lingering:
+            try:
+                self._apply_rules()
+            except NfqlbError as exc:
+                self.log.error("could not update the rules: %s", exc)
+
     def _on_readable(self, adapter: Adapter) -> None:
         try:
             adapter.on_readable()
             self.held.release()
+            self.flush_outbound()
         except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
             self.crash = exc
             self.loop.stop()
@@ -159,6 +258,8 @@ class Server:
         try:
             self.engine.handle_timer(now)
             self.held.release()
+            self.flush_outbound()
+            self._check_lingering()
         except Exception as exc:
             self.timer_errors += 1
             if self.timer_errors == 1 or self.timer_errors % 100 == 0:
@@ -191,8 +292,21 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
+@dataclass
+class _Live:
+    """What a reload changes (and what stopping undoes)."""
+
+    config: Config
+    queue: int
+    large: int
+    rulesets: tuple[rules.RuleSet, ...]
+    tools: dict[int, iptables.Iptables]
+    sysctls: sysctl.Sysctls
+    lingering: dict[str, tuple[Backend, ...]] = field(default_factory=dict)
+
+
 def run(config: Config, queue: int | None, log: logging.Logger,
-        stats_interval: float | None = None) -> int:
+        stats_interval: float | None = None, config_path: str = "") -> int:
     """Serve ``config`` on ``queue`` (default daemon.queue) until SIGINT/SIGTERM.
 
     Returns 0 after a clean stop, 1 when the clean-up itself failed; raises NfqlbError (or
@@ -212,6 +326,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     ]
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
+    server.config_path = config_path or config.source
     clean = True
     bound: list[Adapter] = []
     try:
@@ -237,6 +352,7 @@ def _serve_bound(config: Config, queue: int, large: int,
     """Sysctls, rules, serve; undo both. False if undoing failed (already logged)."""
     sysctls = sysctl.Sysctls(log)
     clean = True
+    server._live = _Live(config, queue, large, rulesets, tools, sysctls)
     try:
         sysctl.setup(config, sysctls)
         try:
@@ -249,7 +365,7 @@ def _serve_bound(config: Config, queue: int, large: int,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
             server.serve()
         finally:
-            for t in tools.values():
+            for t in server._live.tools.values():
                 try:
                     if iptables.delete(queue, t):
                         log.info("rules for queue %d removed (%s)", queue, t.family.iptables)
@@ -262,6 +378,7 @@ def _serve_bound(config: Config, queue: int, large: int,
                 except Exception as exc:
                     log.debug("draining the queue failed: %r", exc)
             server.held.drop_all(log)
+            server.sender.close()
     finally:
         clean = sysctls.restore() and clean
     return clean
