@@ -210,7 +210,9 @@ def _optional_tools(have: set[int]) -> dict[int, Iptables]:
 def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
     config = _load(args)
     _need_root("run")
-    from nfqlb.io import daemon
+    from nfqlb.io import daemon, preflight
+
+    preflight.check_addresses(config)  # before anything on the host is touched
 
     return daemon.run(config, args.queue, log, stats_interval=args.stats_interval)
 
