@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from nfqlb import __version__
 from nfqlb.config import Config, find_config, load_config
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
+from nfqlb.io import logs
 
 if TYPE_CHECKING:
     from nfqlb.io.iptables import Iptables
@@ -42,26 +43,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{PROG}: {level}{record.getMessage()}"
-        if record.exc_info and logging.getLogger(PROG).isEnabledFor(logging.DEBUG):
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
 def _setup_logging(verbose: bool) -> logging.Logger:
+    """Log lines on stderr: timestamped, or the journal's priority prefix under systemd
+    (:mod:`nfqlb.io.logs`)."""
     log = logging.getLogger(PROG)
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(logs.Formatter(PROG, journal=logs.to_journal(sys.stderr)))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
     logging.captureWarnings(True)  # e.g. the binding's "Socket rcvbuf limit" RuntimeWarning
     logging.getLogger("py.warnings").handlers[:] = [handler]
     return log
+
+
+def _print_error(text: str) -> None:
+    """The one ``nfqlb: error:`` line (an error priority prefix when stderr is the journal)."""
+    prefix = f"<{logs.priority(logging.ERROR)}>" if logs.to_journal(sys.stderr) else ""
+    print(f"{prefix}{PROG}: error: {text}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -260,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
@@ -268,20 +268,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, log)
     except (ConfigError, PolicyError, UsageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except NfqlbError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        _print_error("interrupted")
         return 1
     except OSError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         log.debug("traceback", exc_info=True)
         return 1
     except Exception as exc:
-        print(f"{PROG}: error: internal error: {exc!r} (run with -v for the traceback)",
-              file=sys.stderr)
+        _print_error(f"internal error: {exc!r} (run with -v for the traceback)")
         log.debug("traceback", exc_info=True)
         return 1
