@@ -161,12 +161,8 @@ def cmd_rules(args: argparse.Namespace, log: logging.Logger) -> int:
     assert queue is not None
     if args.action == "print":
         assert config is not None
-        for rs in rules.render(config, queue):
-            header = [f"nfqlb rules for queue {queue}, IPv{rs.family.version}, from "
-                      f"{config.source}",
-                      f"install with: {rs.family.restore} --noflush (nfqlb rules --apply does "
-                      "it idempotently)"]
-            sys.stdout.write(rules.format_restore(rs, all_jumps=True, header=header))
+        for rs in rules.render(config, queue, comments=True):
+            sys.stdout.write(rules.format_print(rs, config.source))
         return 0
 
     from nfqlb.io import iptables
