@@ -108,7 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write the verdicts' packets here")
     p.add_argument("--policy", action="append", metavar="NAME",
                    help="override every service's policy (give twice to compare two)")
+    p.add_argument("--policy-option", action="append", type=_policy_option, metavar="KEY=VALUE",
+                   dest="policy_options",
+                   help="an option for the --policy runs, as in [service.policy_options]; "
+                   "VALUE is a TOML value (table_size=1009, 'fields=[\"src\"]'), or a string "
+                   "when it is none (backend=b2); repeatable")
     return parser
+
+
+def _policy_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, the TOML value, or the text itself when it is no TOML value)."""
+    import re
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
 
 
 def _queue_number(text: str) -> int:
@@ -225,11 +245,22 @@ def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
     policies = list(args.policy or [])
     if len(policies) > 1 and args.output:
         raise UsageError("-o takes one policy; compare policies without -o")
+    options: dict[str, object] = {}
+    for key, value in args.policy_options or []:
+        if key in options:
+            raise UsageError(f"--policy-option {key} is given twice")
+        options[key] = value
+    if options and not policies:
+        raise UsageError("--policy-option needs --policy (the options of the configured "
+                         "policy are in the config)")
     capture = Path(args.input)
+    output = Path(args.output) if args.output else None
     try:
-        runs = replay.compare(config, capture, policies,
-                              Path(args.output) if args.output else None)
+        runs = replay.compare(config, capture, policies, output, options)
     except FileNotFoundError as exc:
+        if output is not None and exc.filename == str(output):
+            raise SystemSetupError(f"-o {output}: no such directory: "
+                                   f"{output.parent}") from None
         raise SystemSetupError(f"{exc.filename}: no such file") from None
     compared: list[tuple[str, replay.ReplayResult]] = []
     for policy, result in runs:
@@ -237,7 +268,7 @@ def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
         print(f"== {title}: {result.packets_in} packets in, {result.packets_out} out, "
               f"{result.dropped} dropped, {result.not_ip} not IP")
         if policy is None:
-            print(result.engine.format_stats())
+            print(replay.format_result(result))
             continue
         drops = result.engine.counters.totals()["dropped"]
         if drops:
