@@ -38,6 +38,8 @@ from lab import (  # noqa: E402
     can_use_netns,
 )
 
+LOCAL_UDP_VIP_PORT = 53
+
 
 def say(text: str = "") -> None:
     print(text, flush=True)
@@ -59,6 +61,13 @@ def last_seen(read: Callable[[Host], Sequence[tuple[Any, ...]]], host: Host, bef
     return f"{rows[-1][0]}:{rows[-1][1]}" if len(rows) > before else "?"
 
 
+def udp_port(mode: str) -> int:
+    """The VIP's UDP port: the servers' own port, except in local mode, where the server on
+    this host listens on it and a VIP port equal to the backend's would loop (the config
+    refuses it): there the VIP answers on 53 and nfqlb forwards to the local server's port."""
+    return LOCAL_UDP_VIP_PORT if mode == "local" else UDP_PORT
+
+
 def topology(lab: Lab, mode: str) -> str:
     route = (f"default via {LB_BACKEND_ADDR}" if lab.backend_default_route
              else f"only {BACKEND_NET}, no route to the client")
@@ -67,7 +76,7 @@ def topology(lab: Lab, mode: str) -> str:
         f"   [netns {lab.client.ns}]",
         f"  balancer   {LB_CLIENT_ADDR:<13} (client side), {LB_BACKEND_ADDR} (bridge to backends)"
         f"   [netns {lab.lb.ns}]",
-        f"  VIP        {VIP}:80/tcp and {VIP}:{UDP_PORT}/udp"
+        f"  VIP        {VIP}:80/tcp and {VIP}:{udp_port(mode)}/udp"
         + ("  (on the balancer's lo)" if lab.vip_on_lo else "  (routed to the balancer)"),
     ]
     if mode == "local":
@@ -88,7 +97,7 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
         say(f"== nfqlb demo: {mode} load balancing, round robin ==")
         say(topology(lab, mode))
         tcp = lab.service(mode, name="web")
-        udp = lab.service(mode, protocol="udp", name="dns-like")
+        udp = lab.service(mode, protocol="udp", name="dns-like", port=udp_port(mode))
         daemon = lab.nfqlb(tcp, udp)
         say("\n== config ==")
         say(indent(daemon.config_path.read_text()))
@@ -120,10 +129,10 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
             say(f"  #{i:<2} {CLIENT_ADDR} -> {VIP}:80  served by {label:<9} ({addr}:{HTTP_PORT})"
                 f"  the server saw the client as {seen}")
 
-        say(f"\n== UDP: {datagrams} datagrams from the client to {VIP}:{UDP_PORT},"
+        say(f"\n== UDP: {datagrams} datagrams from the client to {VIP}:{udp_port(mode)},"
             " a new socket (flow) each ==")
         payloads = [f"hello-{i}".encode() for i in range(1, datagrams + 1)]
-        replies = lab.udp_exchange(lab.client, VIP, UDP_PORT, payloads, new_socket_each=True)
+        replies = lab.udp_exchange(lab.client, VIP, udp_port(mode), payloads, new_socket_each=True)
         for i, (payload, reply) in enumerate(zip(payloads, replies, strict=True), start=1):
             if reply is None:
                 failures += 1
@@ -151,8 +160,8 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
             failures += 1
 
         say("\n== result ==")
-        for label in sorted(servers[a].label for a in servers if servers[a] is not lab.lb
-                            or mode == "local"):
+        for label in sorted(h.label for h in servers.values()
+                            if (h is lab.lb) == (mode == "local")):
             say(f"  {label:<10} {served[label]} HTTP requests, {len(udp_seen[label])} datagrams")
         say(f"  {failures} failures; tearing the lab down")
     return 0 if failures == 0 else 1

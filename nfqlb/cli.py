@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NoReturn
 from nfqlb import __version__
 from nfqlb.config import Config, find_config, load_config
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
+from nfqlb.io import logs
 
 if TYPE_CHECKING:
     from nfqlb.io.iptables import Iptables
@@ -42,26 +43,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
-class _Formatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
-        text = f"{PROG}: {level}{record.getMessage()}"
-        if record.exc_info and logging.getLogger(PROG).isEnabledFor(logging.DEBUG):
-            text += "\n" + self.formatException(record.exc_info)
-        return text
-
-
 def _setup_logging(verbose: bool) -> logging.Logger:
+    """Log lines on stderr: timestamped, or the journal's priority prefix under systemd
+    (:mod:`nfqlb.io.logs`)."""
     log = logging.getLogger(PROG)
     log.handlers.clear()
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter())
+    handler.setFormatter(logs.Formatter(PROG, journal=logs.to_journal(sys.stderr)))
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if verbose else logging.INFO)
     log.propagate = False
     logging.captureWarnings(True)  # e.g. the binding's "Socket rcvbuf limit" RuntimeWarning
     logging.getLogger("py.warnings").handlers[:] = [handler]
     return log
+
+
+def _print_error(text: str) -> None:
+    """The one ``nfqlb: error:`` line (an error priority prefix when stderr is the journal)."""
+    prefix = f"<{logs.priority(logging.ERROR)}>" if logs.to_journal(sys.stderr) else ""
+    print(f"{prefix}{PROG}: error: {text}", file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,7 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", metavar="FILE", help="write the verdicts' packets here")
     p.add_argument("--policy", action="append", metavar="NAME",
                    help="override every service's policy (give twice to compare two)")
+    p.add_argument("--policy-option", action="append", type=_policy_option, metavar="KEY=VALUE",
+                   dest="policy_options",
+                   help="an option for the --policy runs, as in [service.policy_options]; "
+                   "VALUE is a TOML value (table_size=1009, 'fields=[\"src\"]'), or a string "
+                   "when it is none (backend=b2); repeatable")
     return parser
+
+
+def _policy_option(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` -> (key, the TOML value, or the text itself when it is no TOML value)."""
+    import re
+    import tomllib
+
+    key, sep, value = text.partition("=")
+    key = key.strip()
+    if not sep or not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        return key, tomllib.loads(f"v = {value}")["v"]
+    except tomllib.TOMLDecodeError:
+        return key, value
 
 
 def _queue_number(text: str) -> int:
@@ -161,12 +181,8 @@ def cmd_rules(args: argparse.Namespace, log: logging.Logger) -> int:
     assert queue is not None
     if args.action == "print":
         assert config is not None
-        for rs in rules.render(config, queue):
-            header = [f"nfqlb rules for queue {queue}, IPv{rs.family.version}, from "
-                      f"{config.source}",
-                      f"install with: {rs.family.restore} --noflush (nfqlb rules --apply does "
-                      "it idempotently)"]
-            sys.stdout.write(rules.format_restore(rs, all_jumps=True, header=header))
+        for rs in rules.render(config, queue, comments=True):
+            sys.stdout.write(rules.format_print(rs, config.source))
         return 0
 
     from nfqlb.io import iptables
@@ -211,7 +227,9 @@ def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
     path = find_config(args.config)
     config = load_config(path)
     _need_root("run")
-    from nfqlb.io import daemon
+    from nfqlb.io import daemon, preflight
+
+    preflight.check_addresses(config)  # before anything on the host is touched
 
     return daemon.run(config, args.queue, log, stats_interval=args.stats_interval,
                       config_path=str(path))
@@ -229,11 +247,22 @@ def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
     policies = list(args.policy or [])
     if len(policies) > 1 and args.output:
         raise UsageError("-o takes one policy; compare policies without -o")
+    options: dict[str, object] = {}
+    for key, value in args.policy_options or []:
+        if key in options:
+            raise UsageError(f"--policy-option {key} is given twice")
+        options[key] = value
+    if options and not policies:
+        raise UsageError("--policy-option needs --policy (the options of the configured "
+                         "policy are in the config)")
     capture = Path(args.input)
+    output = Path(args.output) if args.output else None
     try:
-        runs = replay.compare(config, capture, policies,
-                              Path(args.output) if args.output else None)
+        runs = replay.compare(config, capture, policies, output, options)
     except FileNotFoundError as exc:
+        if output is not None and exc.filename == str(output):
+            raise SystemSetupError(f"-o {output}: no such directory: "
+                                   f"{output.parent}") from None
         raise SystemSetupError(f"{exc.filename}: no such file") from None
     compared: list[tuple[str, replay.ReplayResult]] = []
     for policy, result in runs:
@@ -241,7 +270,7 @@ def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
         print(f"== {title}: {result.packets_in} packets in, {result.packets_out} out, "
               f"{result.dropped} dropped, {result.not_ip} not IP")
         if policy is None:
-            print(result.engine.format_stats())
+            print(replay.format_result(result))
             continue
         drops = result.engine.counters.totals()["dropped"]
         if drops:
@@ -260,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except UsageError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0
@@ -268,20 +297,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, log)
     except (ConfigError, PolicyError, UsageError) as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 2
     except NfqlbError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         return 1
     except KeyboardInterrupt:
-        print(f"{PROG}: error: interrupted", file=sys.stderr)
+        _print_error("interrupted")
         return 1
     except OSError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        _print_error(str(exc))
         log.debug("traceback", exc_info=True)
         return 1
     except Exception as exc:
-        print(f"{PROG}: error: internal error: {exc!r} (run with -v for the traceback)",
-              file=sys.stderr)
+        _print_error(f"internal error: {exc!r} (run with -v for the traceback)")
         log.debug("traceback", exc_info=True)
         return 1

@@ -162,6 +162,8 @@ def _port_range(chk: _Checker, name: str) -> tuple[int, int] | None:
         lo, hi = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else (0, -1)
     except ValueError:
         raise chk.fail(name, f"{value!r} is not a port range like \"20000-29999\"") from None
+    if 1 <= hi < lo <= 65535:
+        raise chk.fail(name, f"{value!r} is a reversed port range: write \"{hi}-{lo}\"")
     if not (1 <= lo <= hi <= 65535):
         raise chk.fail(name, f"{value!r} is not a port range within 1-65535")
     return lo, hi
@@ -218,8 +220,7 @@ def _service(chk: _Checker) -> Service:
         names.add(b.name)
     if not any(b.weight > 0 for b in backends):
         raise chk.fail("backend", "every backend has weight 0: nothing could be chosen")
-    if mode is Mode.LOCAL and any(b.port == port and b.address in (None, vip) for b in backends):
-        raise chk.fail("backend", "a local backend on the VIP's own port would loop")
+    _check_loops(chk, mode, vip, port, snat_address, backends)
     unknown_flow = chk.choice("unknown_flow", UnknownFlow, "reset")
     if unknown_flow is UnknownFlow.HASH and mode is Mode.FULLNAT:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
@@ -232,6 +233,21 @@ def _service(chk: _Checker) -> Service:
                    snat_ports=snat_ports, unknown_flow=unknown_flow, policy_options=options,
                    policy_fallback=fallback, on_backend_down=on_backend_down,
                    drain_timeout=drain_timeout)
+
+
+def _check_loops(chk: _Checker, mode: Mode, vip: IPAddress, port: int,
+                 snat_address: IPAddress | None, backends: tuple[Backend, ...]) -> None:
+    """What the host need not be asked about: a backend that is the service itself (its
+    packets would come back to nfqlb as new flows), or a fullnat source address that is a
+    backend's (the backend would answer itself)."""
+    for i, b in enumerate(backends):
+        if b.port == port and b.address in (None, vip):
+            where = "local backend" if mode is Mode.LOCAL else "backend"
+            raise chk.fail(f"backend[{i}]", f"a {where} on the VIP's own address and port "
+                           "would loop")
+        if snat_address is not None and b.address == snat_address:
+            raise chk.fail("snat_address", f"{snat_address} is backend[{i}]'s address: it must "
+                           "be an address of this host that the backends reach")
 
 
 def _policy(chk: _Checker, backends: tuple[Backend, ...]

@@ -22,13 +22,15 @@ from __future__ import annotations
 import dataclasses
 import random
 import struct
-from collections.abc import Iterable, Iterator
+import types
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import BinaryIO, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import dpkt
 
 from nfqlb.config import Config, Service
+from nfqlb.counters import format_stats
 from nfqlb.engine import Engine
 from nfqlb.errors import NfqlbError, PacketError, PolicyError
 from nfqlb.policies import PolicyOptionError, make_policy, resolve_spec
@@ -55,30 +57,38 @@ class ReplayResult:
     dropped: int = 0
     not_ip: int = 0
     held_at_end: int = 0  # fragments still waiting for their first fragment
-    whatif: WhatIf | None = None
+    traffic: Traffic | None = None  # set by replay(): the capture's packets per backend
 
 
-class WhatIf:
-    """What a policy would have sent each backend, from a capture taken under another one.
+class Traffic:
+    """The capture's packets and bytes per service and backend, one way for plain replay and
+    what-if alike (so a what-if of the configured policy prints what plain replay prints).
 
-    Flows are the engine's (the policy under test chose their backends). Packets and bytes
-    are those of the capture, both directions, attributed to the backend the policy chose for
-    the flow: a reply counts when it is addressed to the client (a client-side capture, or a
-    dnat/local backend-side one) from the VIP or any backend of the service, whichever backend
-    sent it in the capture. Later fragments and fullnat replies (addressed to the balancer's
-    port pool) are not attributed; ``unattributed`` counts the packets to or from a service
-    that had no flow in the table (refused, or after the flow left it).
+    A packet counts on the backend of its flow in the engine's table (the flows are the
+    engine's: the policy replayed chose their backends):
+
+    - every packet the engine handled as a flow's packet, exactly as the engine counts it for
+      ``nfqlb run`` (both directions, later fragments, fullnat replies to the port pool);
+    - a TCP/UDP packet the engine did not take as a flow's, from the VIP or any backend of a
+      service to a client, or from a client to the VIP, when that client's flow is in the
+      table: the reply of a client-side capture (from the VIP), or of a capture taken under
+      another policy (from the backend that served then, not the one chosen now).
+
+    ``no_flow`` counts the packets of the second kind whose client had no flow (refused, or
+    after the flow left the table). Later fragments and fullnat replies the engine did not
+    take as a flow's are not attributed: they carry no client.
     """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.packets: dict[str, dict[str, list[int]]] = {}  # service -> backend -> [pk, bytes]
-        self.unattributed: dict[str, int] = {}
+        self.extra: dict[str, dict[str, list[int]]] = {}  # service -> backend -> [pk, bytes]
+        self.no_flow: dict[str, int] = {}
+        self._totals = [t for svc in engine.services for t in svc.totals.values()]
         self._vips: dict[tuple[int, bytes], Service] = {}
         self._sources: dict[tuple[int, bytes], list[Service]] = {}
         for s in engine.config.services:
-            self.packets[s.name] = {b.name: [0, 0] for b in s.backends}
-            self.unattributed[s.name] = 0
+            self.extra[s.name] = {b.name: [0, 0] for b in s.backends}
+            self.no_flow[s.name] = 0
             vip = s.vip.packed + s.port.to_bytes(2, "big")
             self._vips[(s.protocol, vip)] = s
             sources = {vip} | {(b.address or s.vip).packed + b.port.to_bytes(2, "big")
@@ -86,8 +96,15 @@ class WhatIf:
             for src in sources:
                 self._sources.setdefault((s.protocol, src), []).append(s)
 
-    def observe(self, packet: bytes) -> None:
-        """Attribute ``packet`` (as captured), after the engine has handled it."""
+    def engine_packets(self) -> int:
+        """Packets the engine has counted on backends so far."""
+        return sum(t.packets for t in self._totals)
+
+    def observe(self, packet: bytes, counted: bool) -> None:
+        """Attribute ``packet`` (as captured), after the engine has handled it; ``counted``:
+        the engine counted it on a flow's backend itself."""
+        if counted:
+            return
         try:
             p = parse_ip(packet)
         except PacketError:
@@ -112,12 +129,24 @@ class WhatIf:
         key = client[:-2] + vip + client[-2:] + svc.port.to_bytes(2, "big")
         ent = self.engine.table.by_proto[proto].get(key)
         if ent is None:
-            self.unattributed[svc.name] += 1
+            self.no_flow[svc.name] += 1
             return False
-        c = self.packets[svc.name].setdefault(ent.flow.backend.name, [0, 0])
+        c = self.extra[svc.name].setdefault(ent.flow.backend.name, [0, 0])
         c[0] += 1
         c[1] += n
         return True
+
+    def stats(self) -> dict[str, Any]:
+        """The engine's ``stats()`` with each backend's packets and bytes counted as above,
+        and ``no_flow`` per service."""
+        st = self.engine.stats()
+        for name, svc in st["services"].items():
+            svc["no_flow"] = self.no_flow[name]
+            for b, c in svc["backends"].items():
+                packets, nbytes = self.extra[name].get(b, [0, 0])
+                c["packets"] += packets
+                c["bytes"] += nbytes
+        return st
 
 
 def _ip_offset(frame: bytes, linktype: int) -> int:
@@ -179,15 +208,14 @@ def _writer(sink: BinaryIO, linktype: int, pcapng: bool) -> _Writer:
 
 
 def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
-           seed: int = 0, whatif: bool = False) -> ReplayResult:
+           seed: int = 0) -> ReplayResult:
     """Run ``config``'s engine over the capture ``source``; write the result to ``sink``.
 
-    With ``whatif``, ``result.whatif`` attributes the capture's packets to the backends the
-    configured policies chose (see WhatIf)."""
+    ``result.traffic`` attributes the capture's packets to the backends the configured
+    policies chose (see Traffic)."""
     engine = Engine(config, rng=random.Random(seed))
-    result = ReplayResult(engine)
-    if whatif:
-        result.whatif = WhatIf(engine)
+    traffic = Traffic(engine)
+    result = ReplayResult(engine, traffic=traffic)
     linktype, pcapng, frames = _read(source)
     _ip_offset(b"", linktype)  # reject unsupported link types before writing anything
     writer = _writer(sink, linktype, pcapng) if sink else None
@@ -228,9 +256,9 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
             continue
         packet = frame[off:]
         packet = packet[:_ip_length(packet)]
+        before = traffic.engine_packets()
         verdict = engine.handle(packet, ts)
-        if result.whatif is not None:
-            result.whatif.observe(packet)
+        traffic.observe(packet, traffic.engine_packets() != before)
         timer = engine.get_timer()
         if isinstance(verdict, Held):
             held[verdict.hold_id] = (frame[:off], packet)
@@ -244,19 +272,26 @@ def replay(config: Config, source: BinaryIO, sink: BinaryIO | None,
     return result
 
 
-def with_policy(config: Config, policy: str) -> Config:
+def with_policy(config: Config, policy: str,
+                options: Mapping[str, Any] | None = None) -> Config:
     """``config`` with every service balanced by ``policy`` (a relative ``file:`` path is
     relative to the current directory). A service keeps its ``policy_options`` only when
-    ``policy`` is the one it already has; any other policy runs with its defaults."""
+    ``policy`` is the one it already has; ``options`` (``--policy-option``) are laid over
+    them, and are all another policy gets. They are checked by the policy, as a config's
+    are: a wrong one raises PolicyError naming it."""
     spec = resolve_spec(policy, Path.cwd())
     services = []
     for s in config.services:
-        options = s.policy_options if spec == s.policy else {}
+        merged = {**(s.policy_options if spec == s.policy else {}), **(options or {})}
         try:
-            make_policy(spec, s.backends, options)  # fail here, clearly, not inside a run
+            make_policy(spec, s.backends, merged)  # fail here, clearly, not inside a run
         except PolicyOptionError as exc:
+            if options and exc.key in options:
+                raise PolicyError(f"--policy {policy}: service {s.name}: --policy-option "
+                                  f"{exc.key}: {exc.problem}") from None
             raise PolicyError(f"--policy {policy}: service {s.name}: {exc}") from None
-        services.append(dataclasses.replace(s, policy=spec, policy_options=options))
+        services.append(dataclasses.replace(s, policy=spec,
+                                            policy_options=types.MappingProxyType(merged)))
     return dataclasses.replace(config, services=tuple(services))
 
 
@@ -264,18 +299,26 @@ def _label(policy: str) -> str:
     return Path(policy[5:]).name if policy.startswith("file:") else policy
 
 
+def format_result(result: ReplayResult) -> str:
+    """A plain replay's counters, as ``nfqlb run`` prints them, with each backend's packets
+    and bytes counted as a what-if counts them (see Traffic)."""
+    assert result.traffic is not None
+    st = result.traffic.stats()
+    text = format_stats(st)
+    no_flow = {name: svc["no_flow"] for name, svc in st["services"].items() if svc["no_flow"]}
+    if no_flow:
+        text += "\npackets to or from a service with no flow: " + ", ".join(
+            f"{name} {n}" for name, n in no_flow.items())
+    return text
+
+
 def format_comparison(runs: list[tuple[str, ReplayResult]]) -> str:
-    """Per service and backend, the flows, packets and bytes of each what-if run (see WhatIf),
-    side by side."""
+    """Per service and backend, the flows, packets and bytes of each what-if run (see
+    Traffic), side by side."""
     stats = []
     for title, r in runs:
-        st = r.engine.stats()
-        assert r.whatif is not None
-        for name, svc in st["services"].items():
-            svc["unattributed"] = r.whatif.unattributed[name]
-            for b, c in svc["backends"].items():
-                c["packets"], c["bytes"] = r.whatif.packets[name].get(b, [0, 0])
-        stats.append((_label(title), st))
+        assert r.traffic is not None
+        stats.append((_label(title), r.traffic.stats()))
     width = max(30, *(len(t) + 2 for t, _ in stats))
 
     def cell(flows: object, packets: object, nbytes: object) -> str:
@@ -295,7 +338,7 @@ def format_comparison(runs: list[tuple[str, ReplayResult]]) -> str:
                      r["backends"][b]["bytes"]) for r in per_run))
         for label, key, column in (("(refused flows)", "refused", 0),
                                    ("(policy errors)", "policy_errors", 0),
-                                   ("(packets, no flow)", "unattributed", 1)):
+                                   ("(packets, no flow)", "no_flow", 1)):
             values = [r.get(key, 0) for r in per_run]
             if any(values):
                 lines.append(f"{label:<{bw}}" + "".join(
@@ -304,21 +347,23 @@ def format_comparison(runs: list[tuple[str, ReplayResult]]) -> str:
 
 
 def compare(config: Config, capture: Path, policies: list[str],
-            output: Path | None = None) -> list[tuple[str | None, ReplayResult]]:
-    """Replay ``capture`` once per policy in ``policies`` (every service balanced by it, see
-    ``with_policy``), or once with the configuration as it is when ``policies`` is empty;
-    ``output`` receives the rewritten capture (one run only). Raises OSError for the files,
-    ReplayError for the capture, PolicyError for a policy."""
+            output: Path | None = None, options: Mapping[str, Any] | None = None,
+            ) -> list[tuple[str | None, ReplayResult]]:
+    """Replay ``capture`` once per policy in ``policies`` (every service balanced by it, with
+    ``options``, see ``with_policy``), or once with the configuration as it is when
+    ``policies`` is empty; ``output`` receives the rewritten capture (one run only). Raises
+    OSError for the files, ReplayError for the capture, PolicyError for a policy."""
     if len(policies) > 1 and output is not None:
         raise ValueError("an output capture takes one run (one policy)")
-    runs: list[tuple[str | None, Config]] = [(p, with_policy(config, p)) for p in policies]
+    runs: list[tuple[str | None, Config]] = [(p, with_policy(config, p, options))
+                                             for p in policies]
     results: list[tuple[str | None, ReplayResult]] = []
     for policy, cfg in runs or [(None, config)]:
         with capture.open("rb") as src:
             if output is not None:
                 with output.open("wb") as dst:
-                    result = replay(cfg, src, dst, whatif=policy is not None)
+                    result = replay(cfg, src, dst)
             else:
-                result = replay(cfg, src, None, whatif=policy is not None)
+                result = replay(cfg, src, None)
         results.append((policy, result))
     return results

@@ -126,10 +126,24 @@ class RuleSet:
 
 
 @functools.cache
+def _template_text(name: str) -> str:
+    return resources.files("nfqlb").joinpath(TEMPLATE_DIR, name).read_text(encoding="utf-8")
+
+
+@functools.cache
 def _template(name: str) -> tuple[str, ...]:
     """The non-comment lines of ``rules/<name>`` (the frame keeps blank-free lines only)."""
-    text = resources.files("nfqlb").joinpath(TEMPLATE_DIR, name).read_text(encoding="utf-8")
-    return tuple(line for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    return tuple(line for line in _template_text(name).splitlines()
+                 if line.strip() and not line.startswith("#"))
+
+
+@functools.cache
+def template_comments(name: str) -> tuple[str, ...]:
+    """The ``#`` comment lines of ``rules/<name>``, as written (``${...}`` are the template's
+    placeholders), under a line naming the file; printed once per rule set by ``--print``."""
+    lines = [line.rstrip() for line in _template_text(name).splitlines()
+             if line.startswith("#")]
+    return (f"# --- rules/{name} ---", *lines) if lines else ()
 
 
 def _fill(name: str, values: Mapping[str, object]) -> list[str]:
@@ -142,12 +156,33 @@ def _host(address: IPAddress, family: Family) -> str:
     return f"{address}/{family.host_prefix}"
 
 
-def _service_rules(svc: Service, family: Family, chains: Chains) -> list[str]:
+class _Notes:
+    """The templates' comments for a printout: each template's, once, before its first rules
+    (nothing at all unless ``wanted``)."""
+
+    def __init__(self, wanted: bool) -> None:
+        self.wanted = wanted
+        self.done: set[str] = set()
+
+    def __call__(self, name: str) -> list[str]:
+        if not self.wanted or name in self.done:
+            return []
+        self.done.add(name)
+        return list(template_comments(name))
+
+
+def _service_rules(svc: Service, family: Family, chains: Chains,
+                   notes: _Notes | None = None) -> list[str]:
+    notes = notes or _Notes(False)
     common = {**chains.names, "proto": svc.protocol.name.lower(), "frag": family.frag}
-    lines = _fill("forward.rules", {**common, "vip": _host(svc.vip, family), "port": svc.port})
+    lines = notes("forward.rules")
+    lines += _fill("forward.rules", {**common, "vip": _host(svc.vip, family), "port": svc.port})
+    reply = f"reply-{svc.mode.value}.rules"
+    lines += notes(reply)
     for b in svc.backends:
         values = {**common, **_backend_values(svc, b, family)}
-        lines += _fill(f"reply-{svc.mode.value}.rules", values)
+        lines += _fill(reply, values)
+    lines += notes("icmp-quote.rules")
     for quoted in _quoted_packets(svc):
         lines += _fill("icmp-quote.rules", {**common, "quote": quoted.u32(family)})
     return lines
@@ -273,11 +308,13 @@ def large_queue_for(config: Config, queue: int | None = None) -> int:
     return large
 
 
-def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
+def render(config: Config, queue: int | None = None, *,
+           comments: bool = False) -> tuple[RuleSet, ...]:
     """The rule sets for ``config`` on ``queue`` (default: daemon.queue), IPv4 first.
 
     A family appears only when some service's VIP is of it. A rule that two services share
-    (a backend behind two dnat services) is rendered once, where it first appears.
+    (a backend behind two dnat services) is rendered once, where it first appears. With
+    ``comments``, each template's comments come before its first rules (for printing).
     """
     q = config.daemon.queue if queue is None else queue
     large = large_queue_for(config, q)
@@ -288,20 +325,26 @@ def render(config: Config, queue: int | None = None) -> tuple[RuleSet, ...]:
         services = [s for s in config.services if s.vip.version == family.version]
         if not services:
             continue
-        body = _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
+        notes = _Notes(comments)
+        body = notes("queue.rules")
+        body += _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
                                      "large_queue": large,
                                      "large_from": BINDING_MAX_PACKET + 1})
         where = chains.names
+        body += notes("icmp.rules")
         body += dict.fromkeys(_fill("icmp.rules", {**where, **family.icmp}))
         if config.daemon.icmp_echo is IcmpEcho.DROP:
+            body += notes("echo-drop.rules")
             for vip in dict.fromkeys(s.vip for s in services):
                 body += _fill("echo-drop.rules",
                               {**where, **family.icmp, "vip": _host(vip, family)})
         seen = set(body)
         for svc in services:
             body.append(f"# {describe(svc)}")
-            for line in _service_rules(svc, family, chains):
-                if line not in seen:
+            for line in _service_rules(svc, family, chains, notes):
+                if line.startswith("#"):
+                    body.append(line)
+                elif line not in seen:
                     seen.add(line)
                     body.append(line)
         jumps = _fill("jumps.rules", {"pre": chains.pre, "out": chains.out})
@@ -384,6 +427,45 @@ def format_restore(ruleset: RuleSet, saved: SavedTable | None = None, *,
             lines.extend(jumps)
         else:
             lines.append(Template(line).substitute(chains))
+    return "\n".join(lines) + "\n"
+
+
+def format_print(ruleset: RuleSet, source: str) -> str:
+    """``nfqlb rules --print``: the rules with the templates' comments, as text that may be
+    given to ``iptables-restore --noflush`` any number of times with the same result.
+
+    Declaring a chain that exists flushes it, so the chains' contents are idempotent; an
+    ``-I`` into a built-in chain is not (every restore adds one more jump), and
+    iptables-restore has no "insert if absent". So the jumps come last as shell commands in
+    comments (``-C`` checks whether the jump is there before ``-I`` inserts it), and the hint
+    names ``nfqlb rules --apply``, which does all of it idempotently. ``ruleset`` comes from
+    ``render(..., comments=True)``.
+    """
+    fam, q = ruleset.family, ruleset.queue
+    tool = f"{fam.iptables} -w -t {TABLE}"
+    checks = []
+    for jump in ruleset.jumps:
+        rule = jump.split(None, 1)[1]  # "PREROUTING -j NFQLB-PRE-1"
+        chain, spec = rule.split(None, 1)
+        checks.append(f"#   {tool} -C {chain} {spec} 2>/dev/null || {tool} -I {chain} {spec}")
+    header = [
+        f"# nfqlb rules for queue {q}, IPv{fam.version}, from {source}",
+        f"# install with: nfqlb rules --apply --config {source} --queue {q}",
+        "#   (idempotent: what nfqlb run installs; nfqlb rules --delete removes it)",
+        f"# or by hand, also idempotent: {fam.restore} --noflush < this-file, then the two",
+        "#   commands at the end, which add the jumps from the built-in chains only if absent",
+        "#",
+        *(line for line in template_comments("table.rules")),
+    ]
+    lines = list(header)
+    for line in _template("table.rules"):
+        if line.strip() == "${body}":
+            lines.extend(ruleset.body)
+        else:
+            lines.append(Template(line).substitute(ruleset.chains.names))
+    lines += [*template_comments("jumps.rules"),
+              "# They are not restore lines here: each restore would add them once more. Run:",
+              *checks]
     return "\n".join(lines) + "\n"
 
 

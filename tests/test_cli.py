@@ -104,11 +104,19 @@ def test_rules_print_is_restore_syntax_with_the_chains(good: Path, capsys: Any) 
     assert cli.main(["rules", "--config", str(good), "--print"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f"# nfqlb rules for queue 4, IPv4, from {good}"
-    assert "*raw" in out and out[-1] == "COMMIT"
+    assert "*raw" in out and "COMMIT" in out
     assert ":NFQLB-PRE-4 - [0:0]" in out and ":NFQLB-OUT-4 - [0:0]" in out
     assert "-A NFQLB-PRE-4 -s 198.18.1.10/32 -p tcp --sport 8080 -g NFQLB-Q-4" in out
     assert "-A NFQLB-OUT-4 -p udp --sport 5353 -g NFQLB-Q-4" in out
-    assert out[-3:-1] == ["-I PREROUTING -j NFQLB-PRE-4", "-I OUTPUT -j NFQLB-OUT-4"]
+    # the jumps follow COMMIT as commands that add them only if absent (issue 9)
+    after = out[out.index("COMMIT") + 1:]
+    assert all(line.startswith("#") for line in after)
+    assert after[-2:] == [
+        "#   iptables -w -t raw -C PREROUTING -j NFQLB-PRE-4 2>/dev/null || "
+        "iptables -w -t raw -I PREROUTING -j NFQLB-PRE-4",
+        "#   iptables -w -t raw -C OUTPUT -j NFQLB-OUT-4 2>/dev/null || "
+        "iptables -w -t raw -I OUTPUT -j NFQLB-OUT-4"]
+    assert not any(line.startswith("-I ") for line in out)
     assert cli.main(["rules", "--config", str(good), "--queue", "9", "--print"]) == 0
     assert "-A NFQLB-Q-9 -j NFQUEUE --queue-num 9 --queue-bypass" in capsys.readouterr().out
 
@@ -140,7 +148,7 @@ def test_replay_hands_its_arguments_to_nfqlb_replay(good: Path, monkeypatch: Any
     seen: list[tuple[Any, ...]] = []
 
     def fake_compare(config: Any, capture: Path, policies: list[str],
-                     output: Path | None = None) -> list[Any]:
+                     output: Path | None = None, options: Any = None) -> list[Any]:
         seen.append((config.source, capture, policies, output))
         return []
 

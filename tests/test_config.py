@@ -186,7 +186,7 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("snat_ports in dnat", ((*S1, "snat_ports"), "1000-2000"), "service[1].snat_ports",
      "only applies in fullnat"),
     ("snat_ports reversed", ((*S0, "snat_ports"), "3000-2000"), "service[0].snat_ports",
-     "port range"),
+     "'3000-2000' is a reversed port range: write \"2000-3000\""),
     ("snat_ports not a range", ((*S0, "snat_ports"), "lots"), "service[0].snat_ports",
      "port range"),
     ("snat_ports a number", ((*S0, "snat_ports"), 20000), "service[0].snat_ports", "string"),
@@ -218,7 +218,15 @@ BAD: list[tuple[str, Any, str, str]] = [
     ("negative timeout", (("timeouts",), {"udp": -1}), "timeouts.udp", "positive"),
     ("zero timeout", (("timeouts",), {"tcp_close": 0}), "timeouts.tcp_close", "positive"),
     ("local backend loops to itself", lambda doc: doc["service"][1].update(
-        mode="local", backend=[{"port": 53}]), "service[1].backend", "loop"),
+        mode="local", backend=[{"port": 53}]), "service[1].backend[0]", "loop"),
+    # issue 9: what check can tell without the host
+    ("fullnat backend is the VIP and port", ((*S0, "backend", 1), {
+        "address": "198.18.100.1", "port": 80}), "service[0].backend[1]",
+     "a backend on the VIP's own address and port would loop"),
+    ("dnat backend is the VIP and port", ((*S1, "backend", 0), {
+        "address": "198.18.100.1", "port": 53}), "service[1].backend[0]", "would loop"),
+    ("snat_address is a backend", ((*S0, "snat_address"), "198.18.1.3"),
+     "service[0].snat_address", "198.18.1.3 is backend[1]'s address"),
 ]
 
 

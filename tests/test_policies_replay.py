@@ -154,5 +154,129 @@ def test_replay_without_policy_is_unchanged(tmp_path: Path) -> None:
     capture(tmp_path / "in.pcap")
     with (tmp_path / "in.pcap").open("rb") as src:
         result = replay(cfg, src, None)
-    assert result.whatif is None
     assert result.packets_in == result.packets_out == 8 * FLOWS
+
+
+# -- issue 9: plain replay and what-if count alike; --policy-option ------------------------
+
+
+def plain_rows(out: str) -> dict[str, list[int]]:
+    """backend -> [flows, packets, bytes] from the counters plain replay prints."""
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"\s+(\S+)\s+flows\s+(\d+)\s+active\s+\d+\s+packets\s+(\d+)"
+                     r"\s+bytes\s+(\d+)$", line)
+        if m:
+            rows[m[1]] = [int(m[2]), int(m[3]), int(m[4])]
+    return rows
+
+
+def whatif_rows(out: str) -> dict[str, list[int]]:
+    rows = {}
+    for line in out.splitlines():
+        m = re.match(r"(\S+:\d+|b\d)\s+(\d+)\s+(\d+)\s+(\d+)$", line)
+        if m:
+            rows[m[1]] = [int(m[2]), int(m[3]), int(m[4])]
+    return rows
+
+
+GOLDEN = REPO / "tests" / "golden"
+
+
+@pytest.mark.parametrize("case", ["dnat_tcp", "fullnat_tcp", "fullnat_udp_frag",
+                                  "dnat_udp6_frag", "fullnat_udp6_frag_ooo"])
+def test_plain_replay_and_what_if_of_the_same_policy_count_alike(case: str,
+                                                                  capsys: Any) -> None:
+    """Fullnat replies and later fragments are the flow's packets for both (what-if used to
+    leave them out and print them as packets of no flow)."""
+    cfg, capture_path = str(GOLDEN / f"{case}.toml"), str(GOLDEN / f"{case}.in.pcap")
+    policy = load_config(cfg).services[0].policy
+    assert cli.main(["replay", "--config", cfg, capture_path]) == 0
+    plain = plain_rows(capsys.readouterr().out)
+    assert cli.main(["replay", "--config", cfg, "--policy", policy, capture_path]) == 0
+    out = capsys.readouterr().out
+    assert "no flow" not in out
+    assert whatif_rows(out) == plain and plain
+
+
+def test_client_side_capture_counts_replies_in_plain_replay_too(tmp_path: Path,
+                                                                capsys: Any) -> None:
+    """Replies from the VIP (a capture on the client's side) are the flow's packets in both."""
+    cfg = config(tmp_path)
+    total = capture(tmp_path / "in.pcap")
+    assert cli.main(["replay", "--config", str(cfg), str(tmp_path / "in.pcap")]) == 0
+    plain = plain_rows(capsys.readouterr().out)
+    assert cli.main(["replay", "--config", str(cfg), "--policy", "round_robin",
+                     str(tmp_path / "in.pcap")]) == 0
+    assert whatif_rows(capsys.readouterr().out) == plain
+    assert sum(r[1] for r in plain.values()) == 8 * FLOWS
+    assert sum(r[2] for r in plain.values()) == total
+
+
+def test_policy_option_lets_a_plugin_that_needs_one_be_tried(tmp_path: Path, capsys: Any,
+                                                            monkeypatch: Any) -> None:
+    cfg = config(tmp_path)  # round_robin: pin.py's required "backend" is nowhere in it
+    capture(tmp_path / "in.pcap")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["replay", "--config", str(cfg), "--policy", "file:policies/pin.py",
+                     "--policy-option", "backend=b3", "in.pcap"]) == 0  # a bare string
+    rows = table(capsys.readouterr().out)
+    assert [rows[b][0] for b in BACKENDS] == [0, 0, FLOWS]
+    assert cli.main(["replay", "--config", str(cfg), "--policy", "file:policies/pin.py",
+                     "--policy-option", 'backend="b1"', "in.pcap"]) == 0  # a TOML string
+    rows = table(capsys.readouterr().out)
+    assert [rows[b][0] for b in BACKENDS] == [FLOWS, 0, 0]
+
+
+def test_policy_option_values_are_toml(tmp_path: Path, capsys: Any) -> None:
+    cfg = config(tmp_path)
+    capture(tmp_path / "in.pcap")
+    argv = ["replay", "--config", str(cfg), str(tmp_path / "in.pcap")]
+    assert cli.main([*argv, "--policy", "maglev", "--policy-option", "table_size=1009",
+                     "--policy-option", 'fields=["src"]']) == 0
+    rows = table(capsys.readouterr().out)
+    assert sorted(r[0] for r in rows.values()) == [0, 0, FLOWS]  # one client: one backend
+    assert cli.main([*argv, "--policy", "source_hash", "--policy-option",
+                     "src_prefix=24"]) == 0
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("options, message", [
+    (["table_size=1000"], "--policy-option table_size: 1000 is not a prime"),
+    (["table_size=abc"], "--policy-option table_size:"),
+    (["bogus=1"], "--policy-option bogus: unknown option"),
+    (["table_size=1009", "table_size=1013"], "--policy-option table_size is given twice"),
+    (["table_size"], "is not KEY=VALUE"),
+])
+def test_a_wrong_policy_option_is_one_line_exit_2(tmp_path: Path, capsys: Any,
+                                                  options: list[str], message: str) -> None:
+    cfg = config(tmp_path)
+    capture(tmp_path / "in.pcap")
+    argv = ["replay", "--config", str(cfg), "--policy", "maglev", str(tmp_path / "in.pcap")]
+    for o in options:
+        argv += ["--policy-option", o]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+
+
+def test_policy_option_without_policy_is_a_usage_error(tmp_path: Path, capsys: Any) -> None:
+    cfg = config(tmp_path)
+    capture(tmp_path / "in.pcap")
+    assert cli.main(["replay", "--config", str(cfg), "--policy-option", "table_size=1009",
+                     str(tmp_path / "in.pcap")]) == 2
+    assert "--policy-option needs --policy" in capsys.readouterr().err
+
+
+def test_output_into_a_missing_directory_names_the_output(tmp_path: Path,
+                                                          capsys: Any) -> None:
+    cfg = config(tmp_path)
+    capture(tmp_path / "in.pcap")
+    out = tmp_path / "missing" / "out.pcap"
+    assert cli.main(["replay", "--config", str(cfg), str(tmp_path / "in.pcap"),
+                     "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err == f"nfqlb: error: -o {out}: no such directory: {out.parent}\n"
+    assert cli.main(["replay", "--config", str(cfg), str(tmp_path / "nope.pcap"),
+                     "-o", str(tmp_path / "out.pcap")]) == 1
+    assert capsys.readouterr().err == f"nfqlb: error: {tmp_path / 'nope.pcap'}: no such file\n"

@@ -340,3 +340,32 @@ def _toml(config: Config) -> str:
             out.append("[[service.backend]]\n" + (f'address = "{b.address}"\n' if b.address else "")
                        + f"port = {b.port}\n")
     return "".join(out)
+
+
+@pytest.mark.root
+def test_following_the_print_hint_twice_installs_what_apply_does(netns: str,
+                                                                tmp_path: Path) -> None:
+    """issue 9: ``rules --print`` text restored twice with --noflush, and its jump commands
+    run twice, give each rule once: exactly what ``rules --apply`` installs."""
+    config_path = tmp_path / "all.toml"
+    config_path.write_text(_toml(make_config(FULLNAT, DNAT, LOCAL, icmp_echo="drop")))
+    nfqlb_rules = [sys.executable, "-m", "nfqlb", "rules", "--config", str(config_path)]
+    printed = _ns_run(netns, *nfqlb_rules, "--print")
+    assert "# --- rules/forward.rules ---" in printed  # the templates' comments are kept
+    commands = [line[4:] for line in printed.splitlines() if line.startswith("#   iptables ")]
+    assert len(commands) == 2
+    before = _save(netns)
+    for _ in range(2):
+        _ns_run(netns, "iptables-restore", "-w", "--noflush", stdin=printed)
+        for command in commands:
+            _ns_run(netns, "sh", "-c", command)
+    by_hand = _save(netns)
+    rules_lines = [line for line in by_hand.splitlines() if line.startswith("-A ")]
+    assert len(rules_lines) == len(set(rules_lines)), by_hand
+    assert by_hand.count("-A PREROUTING -j NFQLB-PRE-1") == 1
+    assert by_hand.count("-A OUTPUT -j NFQLB-OUT-1") == 1
+    _ns_run(netns, *nfqlb_rules, "--delete")
+    assert _save(netns) == before
+    _ns_run(netns, *nfqlb_rules, "--apply")
+    assert _save(netns) == by_hand
+    _ns_run(netns, *nfqlb_rules, "--delete")

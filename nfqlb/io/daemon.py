@@ -279,7 +279,11 @@ class Server:
         return f"{text}\n{tail}" if text else tail
 
     def print_stats(self) -> None:
-        print(self.format_stats(), flush=True)
+        """One block on stdout: a line with the time it was taken, the counters, a blank
+        line (``--stats-interval`` prints many; they must read apart)."""
+        from nfqlb.io.logs import block_header
+
+        print(f"{block_header('nfqlb counters')}\n{self.format_stats()}\n", flush=True)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
