@@ -83,7 +83,8 @@ class Traffic:
         self.engine = engine
         self.extra: dict[str, dict[str, list[int]]] = {}  # service -> backend -> [pk, bytes]
         self.no_flow: dict[str, int] = {}
-        self._totals = [t for svc in engine.services for t in svc.totals.values()]
+        self._totals = [d for svc in engine.services for rt in svc.backends.values()
+                        for d in (rt.inbound, rt.outbound)]
         self._vips: dict[tuple[int, bytes], Service] = {}
         self._sources: dict[tuple[int, bytes], list[Service]] = {}
         for s in engine.config.services:
