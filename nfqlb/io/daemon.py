@@ -36,6 +36,7 @@ from nfqlb.config import Config
 from nfqlb.engine import Engine
 from nfqlb.errors import SystemSetupError
 from nfqlb.io import iptables, sysctl
+from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
 from nfqlb.verdict import DROP, Final
@@ -102,6 +103,7 @@ class Server:
         self.timer_errors = 0
         self._timer: asyncio.TimerHandle | None = None
         self._timer_deadline = float("inf")  # engine clock (self.clock)
+        self.health: HealthChecker | None = None  # started and stopped with the loop
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -121,9 +123,13 @@ class Server:
         stats: asyncio.TimerHandle | None = None
         if self.stats_interval:
             stats = self.loop.call_later(self.stats_interval, self._periodic_stats)
+        if self.health is not None:
+            self.health.start()
         try:
             self.loop.run_forever()
         finally:
+            if self.health is not None:
+                self.health.stop()
             for fd in fds:
                 self.loop.remove_reader(fd)
             for handle in (self._timer, stats):
@@ -212,6 +218,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     ]
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
+    server.health = HealthChecker(config, engine, loop, log.getChild("health"), server.clock)
     clean = True
     bound: list[Adapter] = []
     try:
