@@ -4,7 +4,7 @@ One task per checked backend (:func:`nfqlb.health.targets`) runs forever: a prob
 counted by :class:`nfqlb.health.BackendHealth` (rise and fall), the result reported to the
 engine (``engine.set_health``), then a sleep until ``interval`` after the probe started. A
 probe never blocks the loop: sockets are non-blocking and awaited (``loop.sock_*``), HTTP is
-parsed by h11 (sans-IO, like the engine), a command is an asyncio subprocess. Every probe
+parsed by h11 (sans-IO, like the engine), a command is awaited through its pidfd. Every probe
 is bounded by ``timeout``, which is at most ``interval``, so a backend has at most one
 check in flight. Packets keep their turn between any two steps of a probe.
 
@@ -16,7 +16,9 @@ The probes (``[service.health] kind``):
   the response's status line and headers; up when the status is in ``expect``. Redirects are
   not followed: a 302 is a 302, up if ``expect`` says so;
 - ``command``: run the program with the backend's address and port added, in a session of
-  its own; exit 0 is up. One that overruns ``timeout`` is killed with its process group.
+  its own; exit 0 is up. One that overruns ``timeout`` is killed with its process group. It
+  is started with ``subprocess.Popen`` (vfork: as cheap for a daemon holding a million flows
+  as for an empty one) and awaited through its pidfd, which turns readable when it ends.
 
 Their own packets must not reach the queue: a reply from a backend's service port is what the
 reply rules queue. tcp and http connections therefore leave from a port of ``source_ports``
@@ -40,6 +42,7 @@ import os
 import signal
 import socket
 import struct
+import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,7 @@ __all__ = ["CheckResult", "HealthChecker", "HealthEngine", "SourcePorts"]
 
 USER_AGENT = "nfqlb-health-check"
 RECV_SIZE = 4096
+PROCESS_POLL_S = 0.05  # how often a command is polled where the kernel has no pidfds
 BIND_TRIES = 32  # source ports tried before a check fails with "no free source port"
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
@@ -142,7 +146,7 @@ class HealthChecker:
         self.states: dict[tuple[str, str], BackendHealth] = {}
         self.tasks: dict[tuple[str, str], asyncio.Task[None]] = {}
         self.ports = SourcePorts()
-        self._procs: set[asyncio.subprocess.Process] = set()
+        self._procs: set[subprocess.Popen[bytes]] = set()  # commands running
         self._errors = RateLimitedLog(log)
         self._started = False
 
@@ -193,6 +197,12 @@ class HealthChecker:
             _kill_group(proc)
         if tasks and not self.loop.is_running() and not self.loop.is_closed():
             self.loop.run_until_complete(asyncio.wait(tasks, timeout=2.0))
+        for proc in list(self._procs):  # killed: reap what is left
+            try:
+                proc.wait(timeout=1.0)
+                self._procs.discard(proc)
+            except subprocess.TimeoutExpired:
+                self.log.warning("health check command %d did not end after SIGKILL", proc.pid)
 
     def _spawn(self, key: tuple[str, str]) -> None:
         target = self.targets[key]
@@ -292,21 +302,25 @@ class HealthChecker:
             # an InformationalResponse (1xx): the final response follows
 
     async def _command(self, target: Target) -> str:
-        proc = await asyncio.create_subprocess_exec(
-            *target.argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL, start_new_session=True)
+        # subprocess.Popen, not the loop's subprocess_exec: Popen uses vfork, which costs the
+        # same for a daemon holding a million flows as for a small one; uvloop (libuv) forks,
+        # which copies the page tables and stalls the loop (0.7 s for a 2 GB process here)
+        proc = subprocess.Popen(target.argv, stdin=subprocess.DEVNULL,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
         self._procs.add(proc)
         try:
-            code = await proc.wait()
+            code = await self._exited(proc)
         except BaseException:  # timeout or stop: the program and its children go
             _kill_group(proc)
             try:
-                await asyncio.shield(asyncio.wait_for(proc.wait(), 1.0))
-            except BaseException:  # noqa: B036 - reaped later by the loop's child watcher
+                await asyncio.shield(asyncio.wait_for(self._exited(proc), 1.0))
+            except BaseException:  # noqa: B036 - stop() reaps what is left
                 pass
             raise
         finally:
-            self._procs.discard(proc)
+            if proc.returncode is not None:
+                self._procs.discard(proc)
         if code == 0:
             return "exit 0"
         if code < 0:
@@ -315,6 +329,34 @@ class HealthChecker:
             except ValueError:
                 raise CheckFailed(f"killed by signal {-code}") from None
         raise CheckFailed(f"exit {code}")
+
+    async def _exited(self, proc: subprocess.Popen[bytes]) -> int:
+        """Wait for ``proc`` to end without blocking the loop: its pidfd becomes readable
+        when it exits (Linux 5.3), then it is reaped at once; without pidfds, poll."""
+        if proc.poll() is not None:
+            return proc.returncode
+        try:
+            fd = os.pidfd_open(proc.pid)
+        except (AttributeError, OSError):  # no pidfd here: poll every PROCESS_POLL_S
+            while proc.poll() is None:
+                await asyncio.sleep(PROCESS_POLL_S)
+            return proc.returncode
+        try:
+            exited: asyncio.Future[None] = self.loop.create_future()
+
+            def on_exit() -> None:
+                if not exited.done():
+                    exited.set_result(None)
+
+            self.loop.add_reader(fd, on_exit)
+            try:
+                if proc.poll() is None:
+                    await exited
+            finally:
+                self.loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+        return proc.wait()  # it has ended: no wait
 
     # ------------------------------------------------------------ results
 
@@ -358,8 +400,8 @@ class HealthChecker:
                                  describe_failure(exc))
 
 
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is not None:
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
         return
     try:
         os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is the program's
