@@ -10,6 +10,9 @@ reported here under the key they concern. The value types the dataclasses hold (
 from __future__ import annotations
 
 import enum
+import os
+import shlex
+import shutil
 import tomllib
 import types
 from collections.abc import Mapping
@@ -23,8 +26,9 @@ from nfqlb.typed import TableReader
 from nfqlb.values import Backend, IPAddress, Mode, Protocol
 
 __all__ = [
-    "DEFAULT_PATHS", "Config", "DaemonConfig", "IcmpEcho", "OnBackendDown", "Service", "Timeouts",
-    "UnknownFlow", "find_config", "load_config", "parse_config",
+    "DEFAULT_PATHS", "Config", "DaemonConfig", "HealthCheck", "HealthKind", "IcmpEcho",
+    "OnBackendDown", "Service", "Timeouts", "UnknownFlow", "find_config", "load_config",
+    "parse_config",
 ]
 
 DEFAULT_PATHS = (Path("nfqlb.toml"), Path("/etc/nfqlb/nfqlb.toml"))
@@ -50,6 +54,37 @@ class IcmpEcho(enum.Enum):
     DROP = "drop"
 
 
+class HealthKind(enum.Enum):
+    TCP = "tcp"  # connect, then close (with a RST: no TIME_WAIT left on the balancer)
+    HTTP = "http"  # GET path; up when the status is in expect
+    COMMAND = "command"  # run a program with the backend's address and port; exit 0 is up
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    """``[service.health]``: how and how often each backend of the service is checked."""
+
+    kind: HealthKind = HealthKind.TCP
+    interval: float = 2.0  # seconds from the start of one check to the start of the next
+    timeout: float = 1.0  # a check that takes longer fails ("timeout"); at most interval
+    rise: int = 2  # consecutive successes that bring a down backend up
+    fall: int = 3  # consecutive failures that take an up backend down
+    port: int | None = None  # check this port on every backend instead of its own port
+    path: str = "/"  # http: the request target
+    host: str | None = None  # http: the Host header (default: the backend's address:port)
+    expect: tuple[tuple[int, int], ...] = ((200, 399),)  # http: statuses that mean up
+    command: tuple[str, ...] = ()  # command: the program (resolved) and its first arguments
+    source_ports: tuple[int, int] = (61000, 61999)  # tcp/http: the checks' own source ports
+    backend_ports: tuple[tuple[str, int], ...] = ()  # backend name -> its health_port
+
+    def port_for(self, backend: Backend) -> int:
+        """The port ``backend`` is checked on: its health_port, else port, else its own."""
+        for name, port in self.backend_ports:
+            if name == backend.name:
+                return port
+        return self.port if self.port is not None else backend.port
+
+
 @dataclass(frozen=True, slots=True)
 class Service:
     name: str
@@ -66,7 +101,8 @@ class Service:
     policy_options: Mapping[str, Any] = field(
         default_factory=lambda: types.MappingProxyType({}), hash=False)
     policy_fallback: str = "flow_hash"  # when the policy raises: a built-in policy, or "drop"
-    on_backend_down: OnBackendDown = OnBackendDown.KEEP
+    health: HealthCheck | None = None  # [service.health]; None: no checks, backends stay up
+    on_backend_down: OnBackendDown = OnBackendDown.KEEP  # its flows, once down or removed
     drain_timeout: float = 0.0  # a drained backend's flows are reset after this; 0: never
 
 
@@ -116,9 +152,14 @@ _DAEMON_KEYS = {
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
-    "unknown_flow", "policy_options", "policy_fallback", "on_backend_down", "drain_timeout",
+    "unknown_flow", "policy_options", "policy_fallback", "health", "on_backend_down",
+    "drain_timeout",
 }
-_BACKEND_KEYS = {"name", "address", "port", "weight"}
+_BACKEND_KEYS = {"name", "address", "port", "weight", "health_port"}
+_HEALTH_KEYS = {
+    "kind", "interval", "timeout", "rise", "fall", "port", "path", "host", "expect", "command",
+    "source_ports",
+}
 
 
 class _Checker(TableReader):
@@ -226,12 +267,13 @@ def _service(chk: _Checker) -> Service:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
                        "the backend knows the connection by is lost with the table")
     policy, options, fallback = _policy(chk, backends)
+    health = _health(chk, tables, backends, protocol, vip, port)
     on_backend_down = chk.choice("on_backend_down", OnBackendDown, "keep")
     drain_timeout = chk.number("drain_timeout", 0.0, 0.0, 1e7)
     return Service(name=name, vip=vip, port=port, protocol=protocol, mode=mode,
                    backends=backends, policy=policy, snat_address=snat_address,
                    snat_ports=snat_ports, unknown_flow=unknown_flow, policy_options=options,
-                   policy_fallback=fallback, on_backend_down=on_backend_down,
+                   policy_fallback=fallback, health=health, on_backend_down=on_backend_down,
                    drain_timeout=drain_timeout)
 
 
@@ -268,6 +310,155 @@ def _policy(chk: _Checker, backends: tuple[Backend, ...]
         raise chk.fail("policy_fallback", str(exc)) from None
     except PolicyError as exc:
         raise chk.fail("policy", str(exc)) from None
+
+
+# --- health checks: [service.health], [[service.backend]] health_port -----------------------
+
+HEALTH_MAX_INTERVAL_S = 3600.0
+HEALTH_MAX_COUNT = 100  # rise and fall
+_HEALTH = HealthCheck()  # the defaults (a slotted class holds descriptors, not values)
+
+
+def _health(chk: _Checker, tables: list[Any], backends: tuple[Backend, ...],
+            protocol: Protocol, vip: IPAddress, service_port: int) -> HealthCheck | None:
+    """``[service.health]`` and each backend's ``health_port``; None without the table."""
+    ports = tuple(
+        (b.name, _Checker(chk.source, f"{chk.prefix}.backend[{i}]", t, _BACKEND_KEYS)
+         .integer("health_port", None, 1, 65535))
+        for i, (t, b) in enumerate(zip(tables, backends, strict=True)) if "health_port" in t)
+    if not chk.has("health"):
+        if ports:
+            i = next(i for i, t in enumerate(tables) if "health_port" in t)
+            raise chk.fail(f"backend[{i}].health_port",
+                           "only applies with a [service.health] table")
+        return None
+    h = _Checker(chk.source, chk.key("health"), chk.table["health"], _HEALTH_KEYS)
+    kind = h.choice("kind", HealthKind, "tcp")
+    interval = h.seconds("interval", _HEALTH.interval)
+    if interval > HEALTH_MAX_INTERVAL_S:
+        raise h.fail("interval", f"{interval:g} is more than {HEALTH_MAX_INTERVAL_S:g} seconds")
+    timeout = h.seconds("timeout", min(_HEALTH.timeout, interval))
+    if timeout > interval:
+        raise h.fail("timeout", f"{timeout:g} is more than interval ({interval:g}): a check "
+                     "must end before the next one starts")
+    for name in ("path", "host", "expect"):
+        if h.has(name) and kind is not HealthKind.HTTP:
+            raise h.fail(name, f"only applies to kind = \"http\", this check is {kind.value}")
+    if h.has("command") and kind is not HealthKind.COMMAND:
+        raise h.fail("command", f"only applies to kind = \"command\", this check is "
+                     f"{kind.value}")
+    port = h.integer("port", None, 1, 65535) if h.has("port") else None
+    if protocol is Protocol.UDP and kind is not HealthKind.COMMAND and port is None \
+            and len(ports) < len(backends):
+        raise h.fail("port", f"the service is udp and a {kind.value} check connects over TCP: "
+                     "give the backends' TCP port to check (port, or each backend's "
+                     "health_port), or use kind = \"command\"")
+    source_ports = _port_range(h, "source_ports") or _HEALTH.source_ports
+    check = HealthCheck(
+        kind=kind, interval=interval, timeout=timeout,
+        rise=h.integer("rise", _HEALTH.rise, 1, HEALTH_MAX_COUNT),
+        fall=h.integer("fall", _HEALTH.fall, 1, HEALTH_MAX_COUNT),
+        port=port, path=_health_path(h), host=_health_host(h), expect=_health_expect(h),
+        command=_health_command(h) if kind is HealthKind.COMMAND else (),
+        source_ports=source_ports, backend_ports=ports)
+    if kind is not HealthKind.COMMAND:
+        for i, b in enumerate(backends):
+            if b.address in (None, vip) and check.port_for(b) == service_port:
+                key = f"backend[{i}].health_port" if b.name in dict(ports) else "port"
+                raise chk.fail(key if key != "port" else "health.port",
+                               f"would check {vip} port {service_port}, the service itself, "
+                               "through nfqlb: check the backend's own port")
+    return check
+
+
+def _is_visible_ascii(text: str) -> bool:
+    return all(0x21 <= ord(c) <= 0x7E for c in text)
+
+
+def _health_path(h: _Checker) -> str:
+    path = h.text("path", _HEALTH.path)
+    if not path.startswith("/") or not _is_visible_ascii(path):
+        raise h.fail("path", f"{path!r} is not a request path like \"/health\" (it starts "
+                     "with / and has no spaces or control characters)")
+    return path
+
+
+def _health_host(h: _Checker) -> str | None:
+    if not h.has("host"):
+        return None
+    host = h.text("host")
+    if not _is_visible_ascii(host):
+        raise h.fail("host", f"{host!r} is not a host name (no spaces or control characters)")
+    return host
+
+
+def _health_expect(h: _Checker) -> tuple[tuple[int, int], ...]:
+    """``expect``: statuses like "200-399", "200,204", "200-299,302", or one integer."""
+    value = h.get("expect", "200-399")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise h.fail("expect", f"must be a string like \"200-399\" or \"200,204\", "
+                     f"not {value!r}")
+    ranges = []
+    for part in value.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            first, last = int(lo), int(hi if sep else lo)
+        except ValueError:
+            raise h.fail("expect", f"{value!r} is not a list of statuses or ranges like "
+                         "\"200-399\" or \"200,204\"") from None
+        if not 100 <= first <= last <= 599:
+            raise h.fail("expect", f"{part.strip()!r} is not a status range within 100-599")
+        ranges.append((first, last))
+    return tuple(ranges)
+
+
+def _health_command(h: _Checker) -> tuple[str, ...]:
+    """``command``: a string (split like a shell, without one) or a list of strings; the
+    program is found now (relative to the configuration file's folder when it holds a /,
+    else on PATH) and must be executable. The backend's address and port are added last."""
+    value = h.get("command")
+    if value is None:
+        raise h.fail("command", "is required with kind = \"command\" (a program and its "
+                     "arguments; the backend's address and port are added)")
+    try:
+        argv = shlex.split(value) if isinstance(value, str) else value
+    except ValueError as exc:
+        raise h.fail("command", f"{value!r}: {exc}") from None
+    if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+        raise h.fail("command", f"must be a string or a non-empty list of strings, "
+                     f"not {value!r}")
+    program = argv[0]
+    if "/" in program:
+        path = Path(h.source).parent / program  # an absolute program stays as it is
+        if not path.is_file() or not os.access(path, os.X_OK):
+            raise h.fail("command", f"{path} is not an executable file")
+        found = str(path.absolute())
+    else:
+        which = shutil.which(program)
+        if which is None:
+            raise h.fail("command", f"no program {program!r} on PATH")
+        found = which
+    return (found, *argv[1:])
+
+
+def _check_health_ports(source: str, services: list[Service]) -> None:
+    """The checks' source ports must be nobody's pool port: a fullnat reply to such a port
+    would be taken for a check's and passed by the rules (rules/health.rules)."""
+    for i, svc in enumerate(services):
+        if svc.health is None or svc.health.kind is HealthKind.COMMAND:
+            continue
+        a, b = svc.health.source_ports
+        for j, other in enumerate(services):
+            if other.snat_ports is None:
+                continue
+            c, d = other.snat_ports
+            if a <= d and c <= b:
+                where = "its" if i == j else f"service[{j}]'s"
+                raise ConfigError(source, f"service[{i}].health.source_ports",
+                                  f"{a}-{b} overlaps {where} snat_ports {c}-{d}: the checks' "
+                                  "source ports must be disjoint from every port pool")
 
 
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
@@ -311,6 +502,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         services.append(svc)
     if not services:
         raise ConfigError(source, "service", "no services: add at least one [[service]]")
+    _check_health_ports(source, services)
     return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts)
 
 

@@ -10,6 +10,10 @@ packets longer than :data:`BINDING_MAX_PACKET` to the large-packet queue
 (:func:`large_queue_for`), the others to the queue itself. The large-packet rule lives in the
 queue's own chain, so it comes and goes with it.
 
+Only the answers to nfqlb's own health checks are let through before that (``RETURN``,
+``rules/health.rules``): they come from a backend's port like a flow's replies, but to a
+source port of the checks (``[service.health] source_ports``) of a local address.
+
 Services with an IPv4 VIP render into an ``iptables`` rule set, IPv6 VIPs into an
 ``ip6tables`` one (:data:`FAMILIES`). Applying and deleting is done by ``nfqlb.io.iptables``
 with ``iptables-restore --noflush``, from texts built here: :func:`format_restore` for apply
@@ -30,7 +34,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Config, IcmpEcho, Service
+from nfqlb.config import Config, HealthKind, IcmpEcho, Service
 from nfqlb.errors import ConfigError
 from nfqlb.values import Backend, IPAddress, Mode
 
@@ -273,6 +277,24 @@ def _quoted_packets(svc: Service) -> list[QuotedPacket]:
     return out
 
 
+def _health_rules(services: list[Service], family: Family, chains: Chains) -> list[str]:
+    """The answers to tcp and http health checks return before any rule queues them: they
+    come from a backend's checked port to a check's source port of a local address."""
+    lines = []
+    for svc in services:
+        check = svc.health
+        if check is None or check.kind is HealthKind.COMMAND:
+            continue
+        local = svc.mode is Mode.LOCAL
+        for b in svc.backends:
+            lines += _fill("health.rules", {
+                "chain": chains.out if local else chains.pre,
+                "source": f"-s {_host(b.address, family)}" if b.address is not None else "",
+                "check_port": check.port_for(b),
+                "source_ports": f"{check.source_ports[0]}:{check.source_ports[1]}"})
+    return lines
+
+
 def _backend_values(svc: Service, b: Backend, family: Family) -> dict[str, object]:
     values: dict[str, object] = {"backend_port": b.port}
     if svc.mode is Mode.LOCAL:
@@ -338,6 +360,10 @@ def render(config: Config, queue: int | None = None, *,
             for vip in dict.fromkeys(s.vip for s in services):
                 body += _fill("echo-drop.rules",
                               {**where, **family.icmp, "vip": _host(vip, family)})
+        checks = _health_rules(services, family, chains)
+        if checks:
+            body.append("# health checks' own packets (rules/health.rules)")
+            body += dict.fromkeys(checks)
         seen = set(body)
         for svc in services:
             body.append(f"# {describe(svc)}")
@@ -542,8 +568,8 @@ def parse_port_rule(rule: str) -> PortRule | None:
     if m is None:
         return None
     words = rule.split()
-    if "!" in words or "u32" in words:
-        return None
+    if "!" in words or "u32" in words or _rule_chain_and_target(rule)[1] == "RETURN":
+        return None  # a RETURN (health.rules) takes no packet from another instance
     opts: dict[str, str] = {}
     for flag, value in zip(words, words[1:], strict=False):
         if flag in ("-s", "-d", "-p", "--sport", "--dport"):

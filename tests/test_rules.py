@@ -250,7 +250,8 @@ def test_plan_delete_removes_jumps_into_the_queue_chains_and_the_chains_only() -
 
 def test_templates_are_installed_with_the_package_and_are_the_repository_files() -> None:
     names = sorted(p.name for p in (REPO / "rules").glob("*.rules"))
-    assert names == ["echo-drop.rules", "forward.rules", "icmp-quote.rules", "icmp.rules",
+    assert names == ["echo-drop.rules", "forward.rules", "health.rules", "icmp-quote.rules",
+                     "icmp.rules",
                      "jumps.rules",
                      "queue.rules", "reply-dnat.rules", "reply-fullnat.rules",
                      "reply-local.rules", "table.rules"]

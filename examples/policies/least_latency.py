@@ -7,9 +7,9 @@ Each backend's latency is an exponentially weighted moving average of the sample
 
 so a fast backend gets more flows until its load evens the score out.
 
-What feeds it, honestly: nfqlb has no health checker today, so nothing in nfqlb calls
-``observe``. Whoever runs the engine can: a health checker in the daemon's event loop (the
-same thread as ``Engine.handle``, so no locking) would, after each probe, call::
+What feeds it: nfqlb's health checker (``[service.health]``), which runs in the daemon's
+event loop (the same thread as ``Engine.handle``, so no locking) and after each passed check
+calls::
 
     engine.policy("web").observe("backend-1", elapsed_seconds, now)
 

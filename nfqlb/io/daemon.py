@@ -47,6 +47,7 @@ from nfqlb.config import Config, load_config
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import iptables, sysctl
+from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
 from nfqlb.io.rawsend import RawSender
@@ -121,6 +122,7 @@ class Server:
         self.config_path = ""
         self.reload_hooks: list[Callable[[Config], None]] = []  # told of a new configuration
         self._live: _Live | None = None  # what a reload changes (set by run())
+        self.health: HealthChecker | None = None  # started and stopped with the loop
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -187,9 +189,13 @@ class Server:
         stats: asyncio.TimerHandle | None = None
         if self.stats_interval:
             stats = self.loop.call_later(self.stats_interval, self._periodic_stats)
+        if self.health is not None:
+            self.health.start()
         try:
             self.loop.run_forever()
         finally:
+            if self.health is not None:
+                self.health.stop()
             for fd in fds:
                 self.loop.remove_reader(fd)
             for handle in (self._timer, stats):
@@ -331,6 +337,8 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
     server.config_path = config_path or config.source
+    server.health = HealthChecker(config, engine, loop, log.getChild("health"), server.clock)
+    server.reload_hooks.append(server.health.reconfigure)
     clean = True
     bound: list[Adapter] = []
     try:

@@ -38,7 +38,8 @@ Servers, each started as a process inside its namespace:
 - nginx on port 8080 (and [::]:8080) in every backend (and in lb with ``lb_servers``): ``/``
   answers with the
   host's label ("backend-1", ..., "lb-local") and ``/blob`` is BLOB_SIZE deterministic bytes;
-  the access log records the peer address and port the server saw.
+  the access log records the peer address and port the server saw. ``/health`` answers 200,
+  or 503 while ``Lab.set_unhealthy(host, True)`` holds (a health check's target).
 - a UDP server on port 5353 (IPv4 and IPv6 sockets) that answers each datagram with
   ``b"<label>:" + payload`` from the address it was sent to (IP_PKTINFO / IPV6_PKTINFO, as DNS
   servers do) and logs the peer it saw.

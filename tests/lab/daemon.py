@@ -36,15 +36,21 @@ def _toml_value(value: Any) -> str:
 
 
 def render_config(services: list[dict[str, Any]], daemon: dict[str, Any]) -> str:
-    """The nfqlb TOML for ``daemon`` keys and ``services`` (each with a "backend" list)."""
+    """The nfqlb TOML for ``daemon`` keys and ``services`` (each with a "backend" list, and
+    any sub-table such as "health" as a dict)."""
     lines = ["[daemon]"]
     lines += [f"{k} = {_toml_value(v)}" for k, v in daemon.items()]
     for svc in services:
         lines += ["", "[[service]]"]
-        lines += [f"{k} = {_toml_value(v)}" for k, v in svc.items() if k != "backend"]
+        lines += [f"{k} = {_toml_value(v)}" for k, v in svc.items()
+                  if k != "backend" and not isinstance(v, dict)]
         for b in svc.get("backend", []):
             lines += ["  [[service.backend]]"]
             lines += [f"  {k} = {_toml_value(v)}" for k, v in b.items()]
+        for name, table in svc.items():
+            if isinstance(table, dict):
+                lines += [f"  [service.{name}]"]
+                lines += [f"  {k} = {_toml_value(v)}" for k, v in table.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -111,6 +111,11 @@ http {{
         listen {port};{listen6}
         root {dir}/www;
         location = / {{ default_type text/plain; try_files /index.txt =404; }}
+        location = /health {{
+            default_type text/plain;
+            if (-f {dir}/www/unhealthy) {{ return 503 "unhealthy\n"; }}
+            return 200 "ok\n";
+        }}
     }}
 }}
 """

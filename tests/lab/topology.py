@@ -372,6 +372,24 @@ class Lab:
                 rows.append((addr, int(port)))
         return rows
 
+    def set_unhealthy(self, host: Host, unhealthy: bool) -> None:
+        """Make ``host``'s nginx answer ``/health`` with 503 (or 200 again); ``/`` is
+        unchanged."""
+        flag = host.dir / "www" / "unhealthy"
+        if unhealthy:
+            flag.write_text("")
+            flag.chmod(0o644)
+        else:
+            flag.unlink(missing_ok=True)
+
+    def refuse_http(self, host: Host, refuse: bool) -> None:
+        """Make ``host`` answer every TCP packet to the HTTP port with a RST, as a host whose
+        server stopped does (or stop doing so): a dead server, for health checks."""
+        op = "-I" if refuse else "-D"
+        for tool in ("iptables", "ip6tables") if self.ipv6 else ("iptables",):
+            self.exec(host, [tool, op, "INPUT", "-p", "tcp", "--dport", str(HTTP_PORT), "-j",
+                             "REJECT", "--reject-with", "tcp-reset"])
+
     def server_errors(self, host: Host) -> str:
         parts = []
         for name in ("nginx-error.log", "nginx.out", "udp.out"):
