@@ -1,4 +1,4 @@
-"""The ``nfqlb`` command: ``run``, ``rules``, ``check`` and ``replay``.
+"""The ``nfqlb`` command: ``run``, ``rules``, ``check``, ``replay``, ``status`` and ``ctl``.
 
 This is the one place where errors become exit codes, each printed as one line on stderr
 prefixed ``nfqlb: error:``:
@@ -14,6 +14,7 @@ so ``check`` and ``rules --print`` work on any machine.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -113,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an option for the --policy runs, as in [service.policy_options]; "
                    "VALUE is a TOML value (table_size=1009, 'fields=[\"src\"]'), or a string "
                    "when it is none (backend=b2); repeatable")
+
+    _add_control_commands(sub, common)
     return parser
 
 
@@ -129,6 +132,52 @@ def _policy_option(text: str) -> tuple[str, object]:
         return key, tomllib.loads(f"v = {value}")["v"]
     except tomllib.TOMLDecodeError:
         return key, value
+
+
+def _add_control_commands(sub: argparse._SubParsersAction[_Parser],
+                          common: _Parser) -> None:
+    """``status`` and ``ctl``: requests to a running worker over its control socket."""
+    where = _Parser(add_help=False)
+    group = where.add_mutually_exclusive_group()
+    group.add_argument("--queue", type=_queue_number, metavar="N",
+                       help="the worker of queue N (default: the only one running)")
+    group.add_argument("--socket", metavar="PATH", help="the control socket "
+                       "(default: /run/nfqlb/nfqlb-<queue>.sock, $NFQLB_RUN_DIR)")
+
+    p = sub.add_parser("status", parents=[common, where], help="a running worker's state",
+                       description="Per service, each backend's state, weight, active and "
+                       "inactive flows, new flows per second, packets and bytes in and out "
+                       "and last check; then drops, events, the queues' counters, uptime and "
+                       "the configuration. --flows lists the connection table instead.")
+    p.add_argument("--json", action="store_true", help="the same data as JSON, for scripts")
+    p.add_argument("--flows", action="store_true", help="list the flows (like ipvsadm -Lnc)")
+    p.add_argument("--service", metavar="S", help="with --flows: only this service's")
+    p.add_argument("--backend", metavar="B", help="with --flows: only this backend's")
+    p.add_argument("--limit", type=_flow_limit, metavar="N", default=1000,
+                   help="with --flows: at most N flows (default 1000)")
+
+    p = sub.add_parser("ctl", parents=[common], help="drain, enable, weight, reload",
+                       description="Change a running worker: drain or enable a backend, set "
+                       "its weight, reload the configuration file. One line of result.")
+    ctl = p.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    ctl.required = True
+    q = ctl.add_parser("drain", parents=[where], help="no new flows; established ones go on",
+                       description="The backend gets no new flows; its flows go on until they "
+                       "end, or until --timeout (default: the service's drain_timeout), then "
+                       "they are reset.")
+    q.add_argument("service")
+    q.add_argument("backend")
+    q.add_argument("--timeout", type=_drain_seconds, metavar="S",
+                   help="reset the remaining flows after S seconds (0: never)")
+    q = ctl.add_parser("enable", parents=[where], help="undo drain")
+    q.add_argument("service")
+    q.add_argument("backend")
+    q = ctl.add_parser("weight", parents=[where], help="set a backend's weight (0: no new flows)")
+    q.add_argument("service")
+    q.add_argument("backend")
+    q.add_argument("weight", type=_weight)
+    ctl.add_parser("reload", parents=[where], help="apply the configuration file again "
+                   "(as SIGHUP); the flow table is kept")
 
 
 def _queue_number(text: str) -> int:
@@ -148,6 +197,30 @@ def _positive_seconds(text: str) -> float:
         s = -1.0
     if not s > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return s
+
+
+def _flow_limit(text: str) -> int:
+    from nfqlb.io.control import MAX_FLOWS
+
+    if not text.isdigit() or not 1 <= int(text) <= MAX_FLOWS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a limit within 1-{MAX_FLOWS}")
+    return int(text)
+
+
+def _weight(text: str) -> int:
+    if not text.isdigit() or int(text) > 1_000_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a weight within 0-1000000")
+    return int(text)
+
+
+def _drain_seconds(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        s = -1.0
+    if not 0 <= s <= 1e7:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0: no limit)")
     return s
 
 
@@ -281,7 +354,50 @@ def cmd_replay(args: argparse.Namespace, log: logging.Logger) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "rules": cmd_rules, "check": cmd_check, "replay": cmd_replay}
+def cmd_status(args: argparse.Namespace, log: logging.Logger) -> int:
+    from nfqlb.io import control
+
+    if not args.flows and (args.service or args.backend):
+        raise UsageError("--service and --backend go with --flows")
+    path = control.find_socket(args.queue, args.socket)
+    if args.flows:
+        message = {"cmd": "flows", "service": args.service, "backend": args.backend,
+                   "limit": args.limit}
+    else:
+        message = {"cmd": "status"}
+    answer = control.request(path, message)
+    if not answer["ok"]:
+        raise control.ControlError(str(answer.get("error")))
+    if args.json:
+        body = {k: v for k, v in answer.items() if k != "ok"}
+        print(json.dumps(body if args.flows else body["status"], indent=2))
+    elif args.flows:
+        print(control.format_flows(answer["flows"], answer.get("truncated", False)))
+    else:
+        print(control.format_status(answer["status"]))
+    return 0
+
+
+def cmd_ctl(args: argparse.Namespace, log: logging.Logger) -> int:
+    from nfqlb.io import control
+
+    message: dict[str, object] = {"cmd": args.action}
+    if args.action != "reload":
+        message.update(service=args.service, backend=args.backend)
+    if args.action == "drain" and args.timeout is not None:
+        message["timeout"] = args.timeout
+    if args.action == "weight":
+        message["weight"] = args.weight
+    answer = control.request(control.find_socket(args.queue, args.socket), message,
+                             timeout=60.0 if args.action == "reload" else 10.0)
+    if not answer["ok"]:
+        raise control.ControlError(str(answer.get("error")))
+    print(answer.get("message", "ok"))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "rules": cmd_rules, "check": cmd_check, "replay": cmd_replay,
+            "status": cmd_status, "ctl": cmd_ctl}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

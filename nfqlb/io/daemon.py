@@ -46,7 +46,7 @@ from nfqlb import rules
 from nfqlb.config import Config, load_config
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
-from nfqlb.io import iptables, sysctl
+from nfqlb.io import control, iptables, sysctl
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
@@ -347,7 +347,8 @@ def run(config: Config, queue: int | None, log: logging.Logger,
             for adapter in adapters:  # either one failing: nothing else is touched
                 adapter.bind(max_len=config.daemon.queue_maxlen)
                 bound.append(adapter)
-            clean = _serve_bound(config, q, large, rulesets, tools, server, log)
+            with control.operator_endpoints(server, config, q, log):
+                clean = _serve_bound(config, q, large, rulesets, tools, server, log)
         finally:
             for adapter in reversed(bound):
                 adapter.unbind()

@@ -59,7 +59,9 @@ class Nfqlb:
 
     ``start()`` returns once nfqlb's chain shows in ``iptables -t raw -S`` (or raises with the
     daemon's output); ``stop()`` sends SIGTERM and waits, then SIGKILL. Output goes to files in
-    the lab directory; ``output`` holds it after the stop.
+    the lab directory; ``output`` holds it after the stop. The control socket is in the lab
+    directory too (``NFQLB_RUN_DIR``): ``cli("status", "--json")`` runs an nfqlb command
+    against it from the test's own namespace (a Unix socket is reached through the filesystem).
     """
 
     def __init__(self, lab: Lab, config_text: str, *, queue: int = 1,
@@ -85,6 +87,23 @@ class Nfqlb:
             sys.executable, "-m", "nfqlb"]
         return [*command, "run", "--config", str(self.config_path), *self.args]
 
+    @property
+    def env(self) -> dict[str, str]:
+        env = clean_env()
+        env.setdefault("NFQLB_RUN_DIR", str(self.lab.dir))
+        return env
+
+    @property
+    def control_socket(self) -> Path:
+        return Path(self.env["NFQLB_RUN_DIR"]) / f"nfqlb-{self.queue}.sock"
+
+    def cli(self, *args: str, timeout: float = 20.0) -> subprocess.CompletedProcess[str]:
+        """``nfqlb ARGS... --socket <this daemon's control socket>`` (status, ctl ...)."""
+        command = self.argv[:self.argv.index("run")]
+        return subprocess.run([*command, *args, "--socket", str(self.control_socket)],
+                              capture_output=True, text=True, timeout=timeout, env=self.env,
+                              cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+
     def chain_installed(self) -> bool:
         """nfqlb's chain is in the raw table of iptables or (IPv6-only configs) ip6tables."""
         chain = f"NFQLB-PRE-{self.queue}".encode()
@@ -101,7 +120,7 @@ class Nfqlb:
             # cwd = the repository, so `-m nfqlb` finds the package even when not installed
             self.proc = subprocess.Popen(
                 ["ip", "netns", "exec", self.lab.lb.ns, *self.argv], stdout=out, stderr=err,
-                stdin=subprocess.DEVNULL, env=clean_env(), cwd=REPO_ROOT)
+                stdin=subprocess.DEVNULL, env=self.env, cwd=REPO_ROOT)
         deadline = time.monotonic() + timeout
         while not self.chain_installed():
             if self.proc.poll() is not None:
