@@ -10,6 +10,7 @@ reported here under the key they concern. The value types the dataclasses hold (
 from __future__ import annotations
 
 import enum
+import ipaddress
 import os
 import shlex
 import shutil
@@ -138,14 +139,52 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: where the Prometheus endpoint listens (the table absent: no endpoint)."""
+
+    address: IPAddress = ipaddress.ip_address("127.0.0.1")
+    port: int = 9108
+
+    @property
+    def listen(self) -> str:
+        return f"[{self.address}]:{self.port}" if self.address.version == 6 else \
+            f"{self.address}:{self.port}"
+
+
+def _metrics(source: str, table: Any) -> MetricsConfig | None:
+    """``listen = "host:port"`` (IPv6 as ``[addr]:port``), an address literal, no name."""
+    if table is None:
+        return None
+    chk = _Checker(source, "metrics", table, {"listen"})
+    text = chk.text("listen", MetricsConfig().listen)
+    host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # an IPv6 address without brackets: the port cannot be told apart
+    try:
+        address = ipaddress.ip_address(host)
+        number = int(port) if sep and port.isdigit() else 0
+    except ValueError:
+        number = 0
+    if not 1 <= number <= 65535:
+        raise chk.fail("listen", f"{text!r} is not an address:port like \"127.0.0.1:9108\" "
+                       "(IPv6 as \"[::1]:9108\")")
+    if address.is_multicast:
+        raise chk.fail("listen", f"{address} is a multicast address")
+    return MetricsConfig(address, number)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     source: str
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     services: tuple[Service, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
+    metrics: MetricsConfig | None = None  # [metrics]: the Prometheus endpoint, off when absent
 
 
-_TOP_KEYS = {"daemon", "service", "timeouts"}
+_TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen",
@@ -503,7 +542,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not services:
         raise ConfigError(source, "service", "no services: add at least one [[service]]")
     _check_health_ports(source, services)
-    return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts)
+    return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts,
+                  metrics=_metrics(source, data.get("metrics")))
 
 
 QUEUE_ROOM = 4
