@@ -259,3 +259,24 @@ def test_handle_never_raises_on_a_broken_engine() -> None:
     srv.engine.status = broken  # type: ignore[method-assign]
     answer = control.handle(srv, {"cmd": "status"}, LOG)
     assert answer == {"ok": False, "error": "internal error: RuntimeError('boom')"}
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_endpoints_close_even_when_a_stop_is_still_queued(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop_kind: str) -> None:
+    """The daemon's crash path stops the loop twice (uvloop queues each stop): closing the
+    socket after it must still finish, and remove the socket file."""
+    import uvloop
+
+    monkeypatch.setenv(control.RUN_DIR_ENV, str(tmp_path))
+    loop = uvloop.new_event_loop() if loop_kind == "uvloop" else asyncio.new_event_loop()
+    srv = FakeServer()
+    srv.loop = loop  # type: ignore[attr-defined]
+    try:
+        with control.operator_endpoints(srv, srv.engine.config, 3, LOG):
+            assert (tmp_path / "nfqlb-3.sock").exists()
+            loop.call_soon(lambda: (loop.stop(), loop.call_soon(loop.stop)))
+            loop.run_forever()
+        assert not (tmp_path / "nfqlb-3.sock").exists()
+    finally:
+        loop.close()

@@ -41,7 +41,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -387,8 +387,23 @@ def operator_endpoints(server: Any, config: Any, queue: int,
         yield
     finally:
         if metrics_server is not None:
-            loop.run_until_complete(metrics_server.close())
-        loop.run_until_complete(control.close())
+            _finish(loop, metrics_server.close())
+        _finish(loop, control.close())
+
+
+def _finish(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> None:
+    """Run ``coro`` to its end on the stopped ``loop``. A stop still queued (a crash path can
+    call ``loop.stop()`` once more after the loop decided to stop) ends ``run_until_complete``
+    early: run it again, a bounded number of times."""
+    task = loop.create_task(coro)
+    for _ in range(5):
+        try:
+            loop.run_until_complete(task)
+            return
+        except RuntimeError:
+            if task.done():
+                raise
+    task.cancel()
 
 
 # ------------------------------------------------------------------ the client
