@@ -116,7 +116,7 @@ def test_ctl_refusals_exit_1(daemon: Any, capsys: pytest.CaptureFixture[str], ar
     (["ctl", "drain", "s"], "the following arguments are required: backend"),
     (["ctl", "drain", "s", "b", "--timeout", "-2"], "'-2' is not a number of seconds"),
     (["ctl", "fly"], "invalid choice: 'fly'"),
-    (["status", "--limit", "0"], "'0' is not a limit within 1-100000"),
+    (["status", "--limit", "0"], "'0' is not a limit within 1-10000"),
     (["status", "--service", "s"], "--service and --backend go with --flows"),
     (["status", "--queue", "1", "--socket", "/x"], "not allowed with argument"),
 ])

@@ -93,7 +93,7 @@ def test_drain_with_a_timeout_resets_the_flows_when_it_runs_out(tmp_path: Path) 
      "drain: 'backend' has the wrong type (list)"),
     ({"cmd": "drain", "service": "dnat-tcp", "backend": "b1", "timeout": -3},
      "drain: timeout must be 0-10000000 s, not -3"),
-    ({"cmd": "flows", "limit": 0}, "flows: limit must be 1-100000, not 0"),
+    ({"cmd": "flows", "limit": 0}, "flows: limit must be 1-10000, not 0"),
     ({"cmd": "flows", "service": "nope"}, "no service 'nope'"),
     ({"cmd": "flows", "backend": "b9"}, "no backend 'b9'"),
     ({"cmd": "shutdown"}, "unknown command 'shutdown' (known: status, flows, drain, enable, "
