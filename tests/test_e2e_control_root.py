@@ -109,6 +109,13 @@ def test_status_metrics_drain_and_garbage_on_a_real_daemon() -> None:
             assert d.cli("ctl", "enable", "web", "backend-1").returncode == 0
             assert sorted(set(labels(lab, 4))) == ["backend-1", "backend-2"]
             assert status(d)["flows_total"] == N + 10
+
+            loaded = status(d)["daemon"]["loaded_at"]
+            done = d.cli("ctl", "reload")
+            assert (done.returncode, done.stdout) == (0, f"reloaded {d.config_path}\n"), (
+                done.stderr)
+            s = status(d)
+            assert s["daemon"]["loaded_at"] > loaded and s["flows_total"] == N + 10
         assert d.returncode == 0, d.report()
         assert not d.control_socket.exists()
         assert "control socket" in d.stderr and "metrics on http://127.0.0.1:9108" in d.stderr

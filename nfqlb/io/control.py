@@ -382,6 +382,15 @@ def operator_endpoints(server: Any, config: Any, queue: int,
             metrics_server = metrics.MetricsServer(lambda: status(server), config.metrics,
                                                    log.getChild("metrics"))
             loop.run_until_complete(metrics_server.start())
+        running = getattr(config, "metrics", None)
+
+        def on_reload(new: Any) -> None:
+            if getattr(new, "metrics", None) != running:
+                log.warning("metrics.listen changed: it takes effect at the next start")
+
+        hooks = getattr(server, "reload_hooks", None)
+        if hooks is not None:
+            hooks.append(on_reload)
         log.info("control socket %s%s", control.path,
                  f", metrics on http://{metrics_server.where}/metrics" if metrics_server else "")
         yield
