@@ -78,3 +78,40 @@ def test_sighup_reload_keeps_a_download_and_moves_new_flows() -> None:
         finally:
             daemon.stop()
         assert daemon.returncode == 0, daemon.report()
+
+
+def test_a_drained_backend_keeps_its_download_and_gets_no_new_requests() -> None:
+    """``nfqlb ctl drain``: the long download from the drained backend completes byte-exact,
+    every new request goes to the other, and ``status`` shows it draining with one active
+    flow."""
+    import json
+
+    with Lab(2) as lab:
+        b1, b2 = lab.backends
+        svc = lab.service("dnat", backends=[b1, b2])
+        daemon = lab.nfqlb(svc).start()
+        try:
+            out = lab.dir / "download"
+            log = lab.dir / "curl.log"
+            curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "300k",
+                                          "--max-time", "20", "-o", str(out),
+                                          f"http://{VIP}/blob"], log=log)
+            assert _wait_for(lambda: out.exists() and out.stat().st_size > 50_000), \
+                log.read_text()
+            name = svc["name"]
+            b1_name = f"{b1.address}:8080"  # the lab's backends are named address:port
+            done = daemon.cli("ctl", "drain", str(name), b1_name)
+            assert done.returncode == 0, done.stderr
+            labels = [lab.curl(lab.client, f"http://{VIP}/").decode().strip()
+                      for _ in range(6)]
+            assert labels == [b2.label] * 6, labels
+            status = json.loads(daemon.cli("status", "--json").stdout)
+            fig = status["services"][name]["backends"][b1_name]
+            assert fig["state"] == "draining" and fig["active"] == 1, fig
+            assert curl.wait(25) == 0, log.read_text()
+            data = out.read_bytes()
+            assert len(data) == len(blob_bytes()) and sha256(data) == sha256(blob_bytes())
+            assert [p for _, p, path in lab.access_log(b1) if "blob" in path]
+        finally:
+            daemon.stop()
+        assert daemon.returncode == 0, daemon.report()
