@@ -95,6 +95,7 @@ class Engine:
         self._udp = self.table.by_proto[UDP]
         self._released: list[tuple[int, Final]] = []
         self._outbound: list[bytes] = []  # packets of nfqlb's own to send (see packets_to_send)
+        self._sampled = float("-inf")  # when the backends last noted their flows placed
 
     # ---------------------------------------------------------------- per packet
 
@@ -512,7 +513,7 @@ class Engine:
         self.counters.flows_total += 1
         ent = table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
                             port, now)
-        backend.started(ent.flow, now)
+        backend.started(ent.flow)
         if port and state in HALF_OPEN:
             flow = ent.flow
             assert svc.pool is not None
@@ -692,6 +693,9 @@ class Engine:
         ``released_verdicts()``)."""
         for flow in self.table.expire(now, EXPIRE_SLICE):
             self._retire(flow, now)
+        if not now - 1.0 < self._sampled <= now:  # about once a second (or a clock jump)
+            self._sampled = now
+            self.services.sample(now)
         for svc in self.services:
             for rt in svc.backends.values():
                 if rt.drain_deadline is not None and rt.drain_deadline <= now:

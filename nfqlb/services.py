@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from nfqlb.config import Config, Service, UnknownFlow
@@ -67,8 +68,7 @@ class BackendRuntime:
 
     __slots__ = ("backend", "name", "address", "port", "endpoint", "weight", "healthy",
                  "drained", "drain_deadline", "removed", "check", "latency", "inbound",
-                 "outbound", "flows_total", "established", "inactive", "flows", "_rate",
-                 "_rate_at")
+                 "outbound", "flows_total", "established", "inactive", "flows", "_samples")
 
     def __init__(self, backend: Backend, vip: Any, service_port: int) -> None:
         self.backend = backend  # the configured value (name, address, port, weight)
@@ -91,8 +91,9 @@ class BackendRuntime:
         self.established = 0  # TCP flows established now (ipvsadm ActiveConn)
         self.inactive = 0  # any other flow now: half-open, closing, UDP (InActConn)
         self.flows: dict[Flow, None] = {}  # its flows now
-        self._rate: list[int] = [0] * RATE_WINDOW_S  # new flows in each of the last seconds
-        self._rate_at = 0  # the second the last new flow came in
+        #: (time, flows_total) about once a second (``sample``), the last RATE_WINDOW_S s:
+        #: new flows per second come from these, at no cost per flow
+        self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_S + 1)
 
     @property
     def state(self) -> str:
@@ -109,28 +110,21 @@ class BackendRuntime:
         """May take new flows."""
         return self.healthy and not self.drained and not self.removed and self.weight > 0
 
-    def started(self, flow: Flow, now: float) -> None:
+    def started(self, flow: Flow) -> None:
         self.flows_total += 1
         self.inactive += 1  # a new flow is never established yet
         self.flows[flow] = None
-        second = int(now)
-        if second != self._rate_at:
-            gap = second - self._rate_at
-            if gap >= RATE_WINDOW_S or gap < 0:
-                self._rate = [0] * RATE_WINDOW_S
-            else:
-                for s in range(self._rate_at + 1, second + 1):
-                    self._rate[s % RATE_WINDOW_S] = 0
-            self._rate_at = second
-        self._rate[second % RATE_WINDOW_S] += 1
+
+    def sample(self, now: float) -> None:
+        """Note the flows placed so far (the engine's timer, about once a second)."""
+        self._samples.append((now, self.flows_total))
 
     def new_per_second(self, now: float) -> float:
-        second = int(now)
-        if second - self._rate_at >= RATE_WINDOW_S:
+        """New flows per second since the oldest sample (up to RATE_WINDOW_S s ago)."""
+        if not self._samples:
             return 0.0
-        # the seconds since the last new flow had none
-        old = {s % RATE_WINDOW_S for s in range(self._rate_at + 1, second + 1)}
-        return sum(n for i, n in enumerate(self._rate) if i not in old) / RATE_WINDOW_S
+        then, count = self._samples[0]
+        return (self.flows_total - count) / (now - then) if now > then else 0.0
 
     def figures(self, now: float) -> dict[str, Any]:
         return {
@@ -464,6 +458,12 @@ class Services:
             if runtime.name == name:
                 return runtime
         raise KeyError(name)
+
+    def sample(self, now: float) -> None:
+        """Every backend notes its flows placed so far (for new flows per second)."""
+        for rt in self._all:
+            for b in rt.backends.values():
+                b.sample(now)
 
     def stats(self, now: float = 0.0) -> dict[str, Any]:
         """Per service and backend: the figures kept as they change."""

@@ -205,3 +205,14 @@ def test_flow_list_is_the_connection_table() -> None:
     assert all(r["client"] == CLIENT for r in rows)
     assert [r["backend"] for r in eng.flow_list(2.0, service="dnat-tcp", backend="b1")] == ["b1"]
     assert eng.flow_list(2.0, service="dnat-tcp", backend="b2") == []
+
+
+def test_new_flows_per_second_come_from_the_timers_samples() -> None:
+    eng = engine(service("dnat"))
+    eng.handle_timer(10.0)  # the first sample: nothing placed yet
+    for p in range(20):
+        eng.handle(tcp(CLIENT, VIP, 45000 + p, 80, "S"), 10.5)
+    eng.handle_timer(12.0)
+    figs = eng.status(12.0)["services"]["dnat-tcp"]["backends"]
+    assert figs["b1"]["new_per_s"] == figs["b2"]["new_per_s"] == 5.0  # 10 each in 2 s
+    assert eng.status(30.0)["services"]["dnat-tcp"]["backends"]["b1"]["new_per_s"] < 5.0
