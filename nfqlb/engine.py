@@ -553,6 +553,7 @@ class Engine:
     def _reset_flows(self, rt: BackendRuntime, now: float, why: str) -> int:
         """End every flow of ``rt``: a RST to both ends of each TCP flow whose sequence numbers
         are known (``packets_to_send``), and the flow leaves the table."""
+        service = self.services.owner(rt).name  # (a removed backend leaves with its last flow)
         n = 0
         for flow in list(rt.flows):
             if flow.proto == TCP:
@@ -567,62 +568,39 @@ class Engine:
             n += 1
         if n:
             self.counters.event("flows_reset", n)
-            self.log.info("service %s: backend %s %s: %d flows reset", rt_service(self, rt),
-                          rt.name, why, n)
+            self.log.info("service %s: backend %s %s: %d flows reset", service, rt.name, why,
+                          n)
         return n
 
     # ---------------------------------------------------------------- operations
 
-    def backend(self, service: str, backend: str) -> tuple[ServiceRuntime, BackendRuntime]:
-        """The service and backend so named; KeyError (naming what is unknown) otherwise."""
-        try:
-            svc = self.services.named(service)
-        except KeyError:
-            raise KeyError(f"no service {service!r}") from None
-        rt = svc.backends.get(backend)
-        if rt is None or rt.removed:
-            raise KeyError(f"service {service!r} has no backend {backend!r}")
-        return svc, rt
-
     def set_health(self, service: str, backend: str, up: bool, now: float, reason: str = "",
                    latency: float | None = None) -> None:
         """A health check's result: up (takes new flows) or down (none; its flows follow the
-        service's ``on_backend_down``)."""
-        svc, rt = self.backend(service, backend)
-        rt.check = reason or ("ok" if up else "failed")
-        rt.latency = latency
-        if up is rt.healthy:
-            return
-        rt.healthy = up
-        svc.refresh(now)
-        if not up and svc.service.on_backend_down is OnBackendDown.RESET:
+        service's ``on_backend_down``). KeyError names an unknown service or backend."""
+        svc, rt = self.services.backend(service, backend)
+        if svc.set_health(rt, up, reason, latency, now) and \
+                svc.service.on_backend_down is OnBackendDown.RESET:
             self._reset_flows(rt, now, "down")
 
     def drain(self, service: str, backend: str, now: float,
               timeout: float | None = None) -> None:
         """No new flows to the backend; its flows carry on until they end, or until
-        ``timeout`` (default: the service's ``drain_timeout``; 0: no limit), then are reset."""
-        svc, rt = self.backend(service, backend)
-        limit = svc.service.drain_timeout if timeout is None else timeout
-        rt.drained = True
-        rt.drain_deadline = now + limit if limit > 0 else None
-        svc.refresh(now)
+        ``timeout`` (default: the service's ``drain_timeout``; 0: no limit), then are reset
+        (``handle_timer``)."""
+        svc, rt = self.services.backend(service, backend)
+        svc.drain(rt, now, timeout)
 
     def enable(self, service: str, backend: str, now: float) -> None:
         """Undo ``drain``."""
-        svc, rt = self.backend(service, backend)
-        rt.drained = False
-        rt.drain_deadline = None
-        svc.refresh(now)
+        svc, rt = self.services.backend(service, backend)
+        svc.enable(rt, now)
 
     def set_weight(self, service: str, backend: str, weight: int, now: float) -> None:
         """The backend's weight from now on (0: no new flows), until a reload with a changed
-        weight in the file."""
-        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
-            raise ValueError(f"weight must be an integer 0-1000000, not {weight!r}")
-        svc, rt = self.backend(service, backend)
-        rt.weight = weight
-        svc.refresh(now)
+        weight in the file. ValueError for a weight out of 0-1000000."""
+        svc, rt = self.services.backend(service, backend)
+        svc.set_weight(rt, weight, now)
 
     def reconfigure(self, config: Config, now: float) -> None:
         """Take a changed configuration while the flow table is kept: services and backends
@@ -638,8 +616,7 @@ class Engine:
         self.frags.max_per_source = config.daemon.max_fragments_per_source
         self.frags.timeout = config.timeouts.frag
         for rt in gone_backends:
-            svc = next(s for s in self.services if rt in s.backends.values())
-            if svc.service.on_backend_down is OnBackendDown.RESET:
+            if self.services.owner(rt).service.on_backend_down is OnBackendDown.RESET:
                 self._reset_flows(rt, now, "removed")
         for svc in gone_services:
             if svc.service.on_backend_down is OnBackendDown.RESET:
@@ -649,12 +626,7 @@ class Engine:
     def lingering(self) -> dict[str, tuple[Backend, ...]]:
         """Per service, the backends a reload removed that still have flows (their replies
         must still reach nfqlb: the daemon keeps their rules until these end)."""
-        out: dict[str, tuple[Backend, ...]] = {}
-        for svc in self.services:
-            gone = tuple(rt.backend for rt in svc.backends.values() if rt.removed and rt.flows)
-            if gone:
-                out[svc.name] = gone
-        return out
+        return self.services.lingering()
 
     def status(self, now: float) -> dict[str, Any]:
         """``stats()`` with every backend's state, weight, check and rates as of ``now``."""
@@ -662,19 +634,9 @@ class Engine:
 
     def flow_list(self, now: float, service: str | None = None, backend: str | None = None,
                   limit: int = 10_000) -> list[dict[str, Any]]:
-        """The connection table as ``ipvsadm -Lnc`` shows it, at most ``limit`` flows, of one
-        service and backend if named (a walk of those flows: for operators, not per packet)."""
-        out: list[dict[str, Any]] = []
-        services = [self.services.named(service)] if service is not None else list(self.services)
-        for svc in services:
-            for rt in svc.backends.values():
-                if backend is not None and rt.name != backend:
-                    continue
-                for flow in rt.flows:
-                    if len(out) >= limit:
-                        return out
-                    out.append(_describe(flow, svc, rt, self.table.deadline(flow) - now, now))
-        return out
+        """The connection table as ``ipvsadm -Lnc`` shows it (see ``Services.flow_list``)."""
+        return self.services.flow_list(now, self.table.deadline, service, backend, limit)
+
     # ---------------------------------------------------------------- timers
 
     def get_timer(self) -> float | None:
@@ -739,28 +701,6 @@ def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:
 
 def _be32(b: bytes) -> int:
     return b[0] << 24 | b[1] << 16 | b[2] << 8 | b[3]
-
-
-def rt_service(engine: Engine, rt: BackendRuntime) -> str:
-    """The name of the service ``rt`` belongs to (for log lines)."""
-    for svc in engine.services:
-        if rt in svc.backends.values():
-            return svc.name
-    return "?"
-
-
-def _describe(flow: Flow, svc: ServiceRuntime, rt: BackendRuntime, expires: float,
-              now: float) -> dict[str, Any]:
-    key = flow.fwd_key
-    alen = len(key) // 2 - 2
-    addr = svc.address_type
-    return {
-        "service": svc.name, "protocol": "tcp" if flow.proto == TCP else "udp",
-        "state": flow.state.name, "client": str(addr(key[:alen])),
-        "client_port": key[-4] << 8 | key[-3], "vip": str(svc.service.vip),
-        "port": svc.service.port, "backend": rt.name, "snat_port": flow.snat_port or None,
-        "idle_s": round(now - flow.last, 3), "expires_s": round(expires, 3),
-    }
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:

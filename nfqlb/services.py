@@ -240,6 +240,36 @@ class ServiceRuntime:
                                   "%s in set_backends()", self.name, self.service.policy,
                                   describe_failure(exc))
 
+    # ------------------------------------------------------------ operators and checks
+
+    def set_health(self, rt: BackendRuntime, up: bool, reason: str, latency: float | None,
+                   now: float) -> bool:
+        """Record a health check's result; True when the backend just went down."""
+        rt.check = reason or ("ok" if up else "failed")
+        rt.latency = latency
+        if up is rt.healthy:
+            return False
+        rt.healthy = up
+        self.refresh(now)
+        return not up
+
+    def drain(self, rt: BackendRuntime, now: float, timeout: float | None) -> None:
+        limit = self.service.drain_timeout if timeout is None else timeout
+        rt.drained = True
+        rt.drain_deadline = now + limit if limit > 0 else None
+        self.refresh(now)
+
+    def enable(self, rt: BackendRuntime, now: float) -> None:
+        rt.drained = False
+        rt.drain_deadline = None
+        self.refresh(now)
+
+    def set_weight(self, rt: BackendRuntime, weight: int, now: float) -> None:
+        if isinstance(weight, bool) or not isinstance(weight, int) or not 0 <= weight <= 1_000_000:
+            raise ValueError(f"weight must be an integer 0-1000000, not {weight!r}")
+        rt.weight = weight
+        self.refresh(now)
+
     # ------------------------------------------------------------ choosing
 
     def flow_key(self, key: bytes) -> FlowKey:
@@ -468,3 +498,54 @@ class Services:
     def stats(self, now: float = 0.0) -> dict[str, Any]:
         """Per service and backend: the figures kept as they change."""
         return {rt.name: rt.stats(now) for rt in self._all}
+
+    def backend(self, service: str, backend: str) -> tuple[ServiceRuntime, BackendRuntime]:
+        """The service and backend so named; KeyError (naming what is unknown) otherwise."""
+        try:
+            svc = self.named(service)
+        except KeyError:
+            raise KeyError(f"no service {service!r}") from None
+        rt = svc.backends.get(backend)
+        if rt is None or rt.removed:
+            raise KeyError(f"service {service!r} has no backend {backend!r}")
+        return svc, rt
+
+    def owner(self, rt: BackendRuntime) -> ServiceRuntime:
+        """The service ``rt`` belongs to (removed backends stay with theirs while they last)."""
+        return next(svc for svc in self._all if rt in svc.backends.values())
+
+    def lingering(self) -> dict[str, tuple[Backend, ...]]:
+        """Per service, the backends a reload removed that still have flows."""
+        out: dict[str, tuple[Backend, ...]] = {}
+        for svc in self._all:
+            gone = tuple(rt.backend for rt in svc.backends.values() if rt.removed and rt.flows)
+            if gone:
+                out[svc.name] = gone
+        return out
+
+    def flow_list(self, now: float, deadline: Callable[[Flow], float],
+                  service: str | None = None, backend: str | None = None,
+                  limit: int = 10_000) -> list[dict[str, Any]]:
+        """The flows of one service and backend if named, at most ``limit``, as ``ipvsadm
+        -Lnc`` shows them (a walk of those flows: for operators, not per packet)."""
+        out: list[dict[str, Any]] = []
+        services = [self.named(service)] if service is not None else self._all
+        for svc in services:
+            for rt in svc.backends.values():
+                if backend is not None and rt.name != backend:
+                    continue
+                for flow in rt.flows:
+                    if len(out) >= limit:
+                        return out
+                    key = flow.fwd_key
+                    alen = len(key) // 2 - 2
+                    out.append({
+                        "service": svc.name, "protocol": "tcp" if flow.proto == TCP else "udp",
+                        "state": flow.state.name, "client": str(svc.address_type(key[:alen])),
+                        "client_port": key[-4] << 8 | key[-3], "vip": str(svc.service.vip),
+                        "port": svc.service.port, "backend": rt.name,
+                        "snat_port": flow.snat_port or None,
+                        "idle_s": round(now - flow.last, 3),
+                        "expires_s": round(deadline(flow) - now, 3),
+                    })
+        return out
