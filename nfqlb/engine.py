@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nfqlb import icmp
 from nfqlb.config import Config, OnBackendDown, UnknownFlow
@@ -43,7 +43,7 @@ from nfqlb.flows import (
     HALF_OPEN,
     REUSABLE,
     TRANSITIONS,
-    Entry,
+    WSCALE_UNSEEN,
     Flow,
     FlowTable,
     TcpState,
@@ -56,11 +56,14 @@ from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
 from nfqlb.values import Backend
-from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
+from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
 from nfqlb.wire.tcp import build_rst, build_rst_to, tcp_wscale
+
+if TYPE_CHECKING:
+    from nfqlb.frags import Outcome
 
 __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
@@ -93,6 +96,8 @@ class Engine:
         self.mss_clamp = config.daemon.mss_clamp
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
+        self._established = self.table.rings[TcpState.ESTABLISHED]
+        self._udp_ring = self.table.rings[TcpState.UDP]
         self._released: list[tuple[int, Final]] = []
         self._outbound: list[bytes] = []  # packets of nfqlb's own to send (see packets_to_send)
         self._sampled = float("-inf")  # when the backends last noted their flows placed
@@ -107,28 +112,60 @@ class Engine:
             if b0 == 0x45 and (data[2] << 8 | data[3]) == n and not (data[6] & 0x3F or data[7]):
                 proto = data[9]
                 if proto == TCP:
-                    ent = self._tcp.get(data[12:24])
-                    if ent is not None and not data[33] & 0x07 \
-                            and 20 <= (data[32] >> 4) * 4 <= n - 20:
-                        flow, hdr, ipd, l4d, reply, t = ent
-                        if flow.state is _ESTABLISHED:
-                            flow.last = now
-                            flow.lru.move_to_end(flow)  # type: ignore[union-attr]
-                            flow.peer[reply] = data[28:36]
-                            t.packets += 1
-                            t.bytes += n
-                            self.counters.fast += 1
-                            return b"".join((
-                                data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                                data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
-                                data[38:],
-                            ))
-                elif proto == UDP:
-                    ent = self._udp.get(data[12:24])
-                    if ent is not None and (data[24] << 8 | data[25]) == n - 20:
-                        flow, hdr, ipd, l4d, reply, t = ent
+                    k = data[12:24]
+                    flow = self._tcp.get(k)
+                    if flow is not None and flow.state is _ESTABLISHED \
+                            and not data[33] & 0x07 and 20 <= (data[32] >> 4) * 4 <= n - 20:
                         flow.last = now
-                        flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                        head = self._established
+                        nxt = flow.next
+                        if nxt is not head:  # to the end of its least-recently-used list
+                            prev = flow.prev
+                            prev.next = nxt  # type: ignore[union-attr]
+                            nxt.prev = prev
+                            tail = head.prev
+                            tail.next = flow  # type: ignore[union-attr]
+                            flow.prev = tail
+                            flow.next = head
+                            head.prev = flow
+                        if k == flow.fwd_key:
+                            flow.peer_c = data[28:36]
+                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            t = flow.backend.inbound
+                        else:
+                            flow.peer_b = data[28:36]
+                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            t = flow.backend.outbound
+                        t.packets += 1
+                        t.bytes += n
+                        self.counters.fast += 1
+                        return b"".join((
+                            data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
+                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
+                            data[38:],
+                        ))
+                elif proto == UDP:
+                    k = data[12:24]
+                    flow = self._udp.get(k)
+                    if flow is not None and (data[24] << 8 | data[25]) == n - 20:
+                        flow.last = now
+                        head = self._udp_ring
+                        nxt = flow.next
+                        if nxt is not head:
+                            prev = flow.prev
+                            prev.next = nxt  # type: ignore[union-attr]
+                            nxt.prev = prev
+                            tail = head.prev
+                            tail.next = flow  # type: ignore[union-attr]
+                            flow.prev = tail
+                            flow.next = head
+                            head.prev = flow
+                        if k == flow.fwd_key:
+                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            t = flow.backend.inbound
+                        else:
+                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
@@ -142,28 +179,60 @@ class Engine:
             elif b0 & 0xF0 == 0x60 and (data[4] << 8 | data[5]) == n - 40:
                 proto = data[6]
                 if proto == TCP:
-                    ent = self._tcp.get(data[8:44])
-                    if ent is not None and n >= 60 and not data[53] & 0x07 \
-                            and 20 <= (data[52] >> 4) * 4 <= n - 40:
-                        flow, hdr, ipd, l4d, reply, t = ent
-                        if flow.state is _ESTABLISHED:
-                            flow.last = now
-                            flow.lru.move_to_end(flow)  # type: ignore[union-attr]
-                            flow.peer[reply] = data[48:56]
-                            t.packets += 1
-                            t.bytes += n
-                            self.counters.fast += 1
-                            return b"".join((
-                                data[:8], hdr, data[44:56],
-                                U16[apply(data[56] << 8 | data[57], l4d)], data[58:],
-                            ))
-                elif proto == UDP:
-                    ent = self._udp.get(data[8:44])
-                    c = data[46] << 8 | data[47]
-                    if ent is not None and c and (data[44] << 8 | data[45]) == n - 40:
-                        flow, hdr, ipd, l4d, reply, t = ent
+                    k = data[8:44]
+                    flow = self._tcp.get(k)
+                    if flow is not None and flow.state is _ESTABLISHED and n >= 60 \
+                            and not data[53] & 0x07 and 20 <= (data[52] >> 4) * 4 <= n - 40:
                         flow.last = now
-                        flow.lru.move_to_end(flow)  # type: ignore[union-attr]
+                        head = self._established
+                        nxt = flow.next
+                        if nxt is not head:
+                            prev = flow.prev
+                            prev.next = nxt  # type: ignore[union-attr]
+                            nxt.prev = prev
+                            tail = head.prev
+                            tail.next = flow  # type: ignore[union-attr]
+                            flow.prev = tail
+                            flow.next = head
+                            head.prev = flow
+                        if k == flow.fwd_key:
+                            flow.peer_c = data[48:56]
+                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            t = flow.backend.inbound
+                        else:
+                            flow.peer_b = data[48:56]
+                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            t = flow.backend.outbound
+                        t.packets += 1
+                        t.bytes += n
+                        self.counters.fast += 1
+                        return b"".join((
+                            data[:8], hdr, data[44:56],
+                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:],
+                        ))
+                elif proto == UDP:
+                    k = data[8:44]
+                    flow = self._udp.get(k)
+                    c = data[46] << 8 | data[47]
+                    if flow is not None and c and (data[44] << 8 | data[45]) == n - 40:
+                        flow.last = now
+                        head = self._udp_ring
+                        nxt = flow.next
+                        if nxt is not head:
+                            prev = flow.prev
+                            prev.next = nxt  # type: ignore[union-attr]
+                            nxt.prev = prev
+                            tail = head.prev
+                            tail.next = flow  # type: ignore[union-attr]
+                            flow.prev = tail
+                            flow.next = head
+                            head.prev = flow
+                        if k == flow.fwd_key:
+                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            t = flow.backend.inbound
+                        else:
+                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
@@ -204,37 +273,40 @@ class Engine:
             return self._icmp(data, p)
         if not p.first:
             return self._later_fragment(data, p, now)
-        verdict, ent = self._transport(data, p, now)
+        verdict, flow, reply = self._transport(data, p, now)
         if p.frag_key is not None:  # a first fragment: the later ones will follow it
-            self._remember_fragment(p.frag_key, p.v6, ent if ent is not None
+            self._remember_fragment(p.frag_key, p.v6, (flow, reply) if flow is not None
                                     and verdict.__class__ is bytes
                                     else ACCEPT if verdict is ACCEPT else DROP, now)
         return verdict
 
-    def _transport(self, data: bytes, p: Parsed, now: float) -> tuple[Verdict, Entry | None]:
-        """A TCP/UDP packet with its transport header: its verdict, and the flow entry that
-        rewrote it (fragments of the same datagram will need it)."""
+    def _transport(self, data: bytes, p: Parsed, now: float
+                   ) -> tuple[Verdict, Flow | None, bool]:
+        """A TCP/UDP packet with its transport header: its verdict, and the flow that
+        rewrote it and whether as a reply (fragments of the same datagram will need them)."""
         v6, off, proto = p.v6, p.off, p.proto
         a, alen = (8, 16) if v6 else (12, 4)
         key = data[a:a + 2 * alen] + data[off:off + 4]
-        ent = (self._tcp if proto == TCP else self._udp).get(key)
+        flow = (self._tcp if proto == TCP else self._udp).get(key)
         if proto != TCP:
-            if ent is None:
+            if flow is None:
                 svc = self.services.by_vip[UDP].get(data[a + alen:a + 2 * alen]
                                                      + data[off + 2:off + 4])
                 if svc is None:
                     return self._unknown_reply(data, p, key, now)
                 if not svc.any_live:
-                    return self._no_backend_up(svc, data, p), None
-                ent = self._open(svc, data, p, key, TcpState.UDP, now)
-                if ent is None:
-                    return DROP, None
-            return self._rewrite(data, p, ent, now), ent
+                    return self._no_backend_up(svc, data, p), None, False
+                flow = self._open(svc, data, p, key, TcpState.UDP, now)
+                if flow is None:
+                    return DROP, None, False
+                return self._rewrite(data, p, flow, False, now), flow, False
+            reply = key != flow.fwd_key
+            return self._rewrite(data, p, flow, reply, now), flow, reply
         flags = data[off + 13]
-        if ent is not None and flags & 0x12 == 0x02 and ent.flow.state in REUSABLE:
-            self._close(ent.flow, now)  # client port reused while closing: a new choice
-            ent = None
-        if ent is None:
+        if flow is not None and flags & 0x12 == 0x02 and flow.state in REUSABLE:
+            self._close(flow, now)  # client port reused while closing: a new choice
+            flow = None
+        if flow is None:
             svc = self.services.by_vip[TCP].get(data[a + alen:a + 2 * alen]
                                                  + data[off + 2:off + 4])
             if svc is None:
@@ -242,13 +314,14 @@ class Engine:
             if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
                 return self._unknown_flow(svc, data, p, key, now)
             if not svc.any_live:
-                return self._no_backend_up(svc, data, p), None
-            ent = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
-            if ent is None:
-                return DROP, None
-            ent.flow.ws[0] = tcp_wscale(data, off)
-            return clamp_mss(self._rewrite(data, p, ent, now), off, self.mss_clamp), ent
-        flow, reply = ent.flow, ent.is_reply
+                return self._no_backend_up(svc, data, p), None, False
+            flow = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
+            if flow is None:
+                return DROP, None, False
+            flow.ws = tcp_wscale(data, off) + 1  # the client's; the backend's is unseen
+            out = self._rewrite(data, p, flow, False, now)
+            return clamp_mss(out, off, self.mss_clamp), flow, False
+        reply = key != flow.fwd_key
         if flags & 0x04 and not rst_in_window(flow, data, off, reply):
             # endpoints ignore it (RFC 5961): so does the flow; the packet goes on, rewritten
             self.counters.event("rst_out_of_window")
@@ -256,27 +329,31 @@ class Engine:
             new = TRANSITIONS.get((flow.state, tcp_event(flags, reply)))
             if new is not None and new is not flow.state:
                 self._set_state(flow, new)
-        out = self._rewrite(data, p, ent, now)
+        out = self._rewrite(data, p, flow, reply, now)
         if flags & 0x02:
             if reply and flags & 0x10:
-                flow.ws[1] = tcp_wscale(data, off)
+                flow.set_wscale(True, tcp_wscale(data, off))
             out = clamp_mss(out, off, self.mss_clamp)
-        return out, ent
+        return out, flow, reply
 
-    def _rewrite(self, data: bytes, p: Parsed, ent: Entry, now: float) -> bytes:
-        """Rewrite a TCP/UDP packet (or first fragment) of ``ent``'s flow and account it."""
-        flow = ent.flow
+    def _rewrite(self, data: bytes, p: Parsed, flow: Flow, reply: bool, now: float) -> bytes:
+        """Rewrite a TCP/UDP packet (or first fragment) of ``flow`` and account it."""
         off = p.off
-        out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, ent.header,
-                      ent.ip_delta, ent.l4_delta)
-        flow.last = now
-        if flow.lru is not None:
-            flow.lru.move_to_end(flow)
+        if reply:
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.rev_hdr,
+                          flow.rev_ipd, flow.rev_l4d)
+            t = flow.backend.outbound
+            if p.proto == TCP:
+                flow.peer_b = data[off + 8:off + 16]
+        else:
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.fwd_hdr,
+                          flow.fwd_ipd, flow.fwd_l4d)
+            t = flow.backend.inbound
+            if p.proto == TCP:
+                flow.peer_c = data[off + 8:off + 16]
+        self.table.touch(flow, now)
         if flow.reclaim is not None:
             flow.reclaim.move_to_end(flow)
-        if p.proto == TCP:
-            flow.peer[ent.is_reply] = data[off + 8:off + 16]
-        t = ent.counts
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -284,26 +361,27 @@ class Engine:
 
     # ---------------------------------------------------------------- fragments, ICMP
 
-    def _remember_fragment(self, frag_key: bytes, v6: bool, what: Entry | Action,
-                           now: float) -> None:
-        """Record what became of a first fragment (the flow entry that rewrote it, or the
-        ACCEPT/DROP it got) and settle the fragments that were waiting for it."""
+    def _remember_fragment(self, frag_key: bytes, v6: bool, what: Outcome, now: float) -> None:
+        """Record what became of a first fragment (the flow and direction that rewrote it,
+        or the ACCEPT/DROP it got) and settle the fragments that were waiting for it."""
         for hold_id, data in self.frags.remember(frag_key, what, now):
             self._released.append((hold_id, self._follow(data, v6, what)))
 
-    def _follow(self, data: bytes, v6: bool, what: Entry | Action) -> Final:
+    def _follow(self, data: bytes, v6: bool, what: Outcome) -> Final:
         """A later fragment gets what its first fragment got."""
         if what is ACCEPT:
             self.counters.passed_unknown += 1
             return ACCEPT
         if what is DROP:
             return self.counters.drop("fragment_of_dropped")
-        assert isinstance(what, Entry)
-        t = what.counts
+        assert isinstance(what, tuple)
+        flow, reply = what
+        t = flow.backend.outbound if reply else flow.backend.inbound
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
-        return rewrite_addresses(data, v6, what.header, what.ip_delta)
+        header, ip_delta, _ = flow.side(reply)
+        return rewrite_addresses(data, v6, header, ip_delta)
 
     def _later_fragment(self, data: bytes, p: Parsed, now: float) -> Verdict:
         assert p.frag_key is not None
@@ -320,7 +398,7 @@ class Engine:
         if p.frag_key is not None:
             self.counters.passed_unknown += 1
             return ACCEPT
-        out = icmp.translate_error(data, p.off, self._lookup)
+        out = icmp.translate_error(data, p.off, self.table.header)
         if out is None:
             self.counters.passed_unknown += 1
             return ACCEPT
@@ -328,41 +406,37 @@ class Engine:
         self.counters.rewritten += 1
         return out
 
-    def _lookup(self, proto: int, key: bytes) -> Entry | None:
-        table = self.table.by_proto.get(proto)
-        return table.get(key) if table is not None else None
-
     # ---------------------------------------------------------------- packets without a flow
 
     def _unknown_flow(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes,
-                      now: float) -> tuple[Verdict, Entry | None]:
+                      now: float) -> tuple[Verdict, Flow | None, bool]:
         """A TCP packet to a VIP that is not a SYN and matches no flow (say, after a restart)."""
         how = svc.service.unknown_flow
         flags = data[p.off + 13]
         if how is UnknownFlow.RESET:
             if flags & 0x04:
-                return self.counters.drop("no_flow"), None  # never answer a RST with a RST
+                return self.counters.drop("no_flow"), None, False  # never a RST for a RST
             self.counters.event("reset_sent")
             if svc.local:
                 # The VIP is this host's own address: the host's stack answers a segment of no
                 # connection with a RST, as for any closed port. A RST forged here would have
                 # a local source and, for a remote client, need forwarding (off in local mode)
-                return ACCEPT, None
-            return build_rst(data, p.off, p.v6), None  # the packet turns into its own answer
+                return ACCEPT, None, False
+            return build_rst(data, p.off, p.v6), None, False  # the packet, turned around
         if how is UnknownFlow.HASH and p.frag_key is None:
             backend = svc.hash_choice(svc.flow_key(key))
             if backend is not None:
                 if flags & 0x05:  # FIN or RST: passed on by the hash, never a flow
-                    return self._pass_unadopted(svc, data, p, key, backend, False), None
-                ent = self._install(svc, key, p.proto, TcpState.ADOPTED, backend, now)
-                if ent is not None:
-                    ent.flow.ws = [14, 14]  # not seen: the widest window, to judge RSTs
+                    return self._pass_unadopted(svc, data, p, key, backend, False), None, False
+                flow = self._install(svc, key, p.proto, TcpState.ADOPTED, backend, now)
+                if flow is not None:
+                    flow.ws = WSCALE_UNSEEN  # not seen: the widest window, to judge RSTs
                     self.counters.event("flow_adopted")
-                    return self._rewrite(data, p, ent, now), ent
-        return self.counters.drop("no_flow"), None
+                    return self._rewrite(data, p, flow, False, now), flow, False
+        return self.counters.drop("no_flow"), None, False
 
     def _unknown_reply(self, data: bytes, p: Parsed, key: bytes,
-                       now: float) -> tuple[Verdict, Entry | None]:
+                       now: float) -> tuple[Verdict, Flow | None, bool]:
         """A packet that is not to a VIP and matches no flow: a backend's reply to a flow
         nfqlb lost (adopted by hash where configured), or simply not ours (accepted).
 
@@ -383,38 +457,39 @@ class Engine:
                 continue
             if p.proto == TCP:
                 if data[p.off + 13] & 0x05:  # FIN or RST: passed on by the hash, never a flow
-                    return self._pass_unadopted(svc, data, p, fwd_key, backend, True), None
+                    return self._pass_unadopted(svc, data, p, fwd_key, backend, True), None, \
+                        False
                 state = TcpState.ADOPTED_REPLY
             else:
                 state = TcpState.UDP
-            fwd = self._install(svc, fwd_key, p.proto, state, backend, now)
-            if fwd is None:
+            flow = self._install(svc, fwd_key, p.proto, state, backend, now)
+            if flow is None:
                 break
-            fwd.flow.ws = [14, 14]
+            flow.ws = WSCALE_UNSEEN
             self.counters.event("flow_adopted")
-            rev = table[key]
-            return self._rewrite(data, p, rev, now), rev
+            reply = key != flow.fwd_key
+            return self._rewrite(data, p, flow, reply, now), flow, reply
         self.counters.passed_unknown += 1
-        return ACCEPT, None
+        return ACCEPT, None, False
 
     def _pass_unadopted(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes,
                         backend: BackendRuntime, reply: bool) -> bytes:
         """Rewrite a packet of no flow as the flow ``key`` on ``backend`` would be, without
         installing it (a FIN or RST that ``unknown_flow = "hash"`` passes on)."""
         src, sport, dest, rev_key = self._addresses(svc, key, backend, 0)
-        _, fwd, rev = self.table.build(svc, backend, p.proto, TcpState.CLOSED, key, rev_key,
-                                       src, sport, dest[:-2], 0, 0.0)
-        ent = rev if reply else fwd
+        flow = self.table.build(svc, backend, p.proto, TcpState.CLOSED, key, rev_key, src,
+                                sport, dest[:-2], 0, 0.0)
         self.counters.event("hash_passed")
         self.counters.rewritten += 1
-        return rewrite(data, p.v6, p.off, p.proto, False, ent.header, ent.ip_delta,
-                       ent.l4_delta)
+        return rewrite(data, p.v6, p.off, p.proto, False, *flow.side(reply))
 
     # ---------------------------------------------------------------- the flow's life
 
     def _open(self, svc: ServiceRuntime, data: bytes, p: Parsed, key: bytes, state: TcpState,
-              now: float) -> Entry | None:
-        """Choose a backend for a new flow and install it; None if refused (counted)."""
+              now: float) -> Flow | None:
+        """Choose a backend for a new flow and install it; None if refused (counted). The
+        flow keeps what it must tell its policy when it ends only if the policy asks
+        (``on_flow_closed``)."""
         fkey = svc.flow_key(key)
         backend, placer, chosen, reason = svc.choose(fkey, now)
         if backend is None:
@@ -422,12 +497,12 @@ class Engine:
             self.counters.drop(reason)
             return None
         assert placer is not None and chosen is not None
-        ent = self._install(svc, key, p.proto, state, backend, now)
-        if ent is None:  # refused after all: the policy hears at once that it ended
+        flow = self._install(svc, key, p.proto, state, backend, now)
+        if flow is None:  # refused after all: the policy hears at once that it ended
             svc.tell_closed(placer, fkey, chosen, now)
-        else:
-            ent.flow.placed = (placer, fkey, chosen)
-        return ent
+        elif getattr(placer, "on_flow_closed", None) is not None:
+            flow.placed = (placer, fkey, chosen)
+        return flow
 
     def _no_backend_up(self, svc: ServiceRuntime, data: bytes, p: Parsed) -> Verdict:
         """A new flow to a service none of whose backends may take it (all down, drained or
@@ -486,7 +561,7 @@ class Engine:
         return port
 
     def _install(self, svc: ServiceRuntime, key: bytes, proto: int, state: TcpState,
-                 backend: BackendRuntime, now: float) -> Entry | None:
+                 backend: BackendRuntime, now: float) -> Flow | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
         no pool port, or the reply key belongs to another live flow."""
         port = 0 if svc.pool is None else self._take_port(svc, backend, now)
@@ -497,8 +572,8 @@ class Engine:
         table = self.table
         clash = table.by_proto[proto].get(rev_key)
         if clash is not None:
-            if clash.flow.state in REUSABLE:
-                self._close(clash.flow, now)
+            if clash.state in REUSABLE:
+                self._close(clash, now)
             else:
                 if svc.pool is not None:
                     svc.pool.give(port)
@@ -511,15 +586,14 @@ class Engine:
             self._ratelog.warning("evicted", now, "flow table full (max_flows %d): evicting "
                                   "the flows nearest their idle timeout", table.max_flows)
         self.counters.flows_total += 1
-        ent = table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
-                            port, now)
-        backend.started(ent.flow)
+        flow = table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
+                             port, now)
+        backend.started(flow)
         if port and state in HALF_OPEN:
-            flow = ent.flow
             assert svc.pool is not None
             flow.reclaim = svc.pool.half_open  # type: ignore[assignment]
             svc.pool.half_open[flow] = None
-        return ent
+        return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
         was = flow.state is _ESTABLISHED
@@ -558,12 +632,13 @@ class Engine:
         for flow in list(rt.flows):
             if flow.proto == TCP:
                 table = self.table.by_proto[TCP]
-                fwd, rev = table.get(flow.fwd_key), table.get(flow.rev_key)
-                client_ack, backend_ack = flow.peer  # what each side expects next
-                if rev is not None and len(client_ack) >= 4:  # to the client, as the VIP
-                    self._outbound.append(build_rst_to(rev.header, _be32(client_ack)))
-                if fwd is not None and len(backend_ack) >= 4:  # to the backend, as the client
-                    self._outbound.append(build_rst_to(fwd.header, _be32(backend_ack)))
+                client_ack, backend_ack = flow.peer_c, flow.peer_b  # what each expects next
+                if table.get(flow.rev_key) is flow and len(client_ack) >= 4:
+                    # to the client, as the VIP
+                    self._outbound.append(build_rst_to(flow.rev_hdr, _be32(client_ack)))
+                if table.get(flow.fwd_key) is flow and len(backend_ack) >= 4:
+                    # to the backend, as the client
+                    self._outbound.append(build_rst_to(flow.fwd_hdr, _be32(backend_ack)))
             self._close(flow, now)
             n += 1
         if n:
@@ -687,14 +762,15 @@ def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:
     as the receiver's last segment announced it: ``0 <= seq - ack <= window`` (mod 2**32),
     the window scaled when both SYNs carried a scale. With nothing seen from the receiver
     (or no ACK in it), the RST is taken as it is."""
-    seen = flow.peer[not reply]  # ack(4) offset/flags(2) window(2) of the receiver's segment
+    # ack(4) offset/flags(2) window(2) of the receiver's last segment
+    seen = flow.peer_c if reply else flow.peer_b
     if len(seen) < 8 or not seen[5] & 0x10:
         return True
     ack = seen[0] << 24 | seen[1] << 16 | seen[2] << 8 | seen[3]
     window = seen[6] << 8 | seen[7]
     ws = flow.ws
-    if ws[0] >= 0 and ws[1] >= 0 and not seen[5] & 0x02:  # a SYN's window is never scaled
-        window <<= ws[1 if not reply else 0]
+    if ws & 15 and ws >> 4 and not seen[5] & 0x02:  # a SYN's window is never scaled
+        window <<= flow.wscale(not reply)
     seq = data[off + 4] << 24 | data[off + 5] << 16 | data[off + 6] << 8 | data[off + 7]
     return (seq - ack) & 0xFFFFFFFF <= max(window, 1)
 
@@ -709,5 +785,5 @@ def backend_of(engine: Engine, data: bytes) -> Backend | None:
     if p is None or p.proto not in (TCP, UDP) or not p.first:
         return None
     a, alen = (8, 16) if p.v6 else (12, 4)
-    ent = engine.table.by_proto[p.proto].get(data[a:a + 2 * alen] + data[p.off:p.off + 4])
-    return ent.flow.backend.backend if ent else None
+    flow = engine.table.by_proto[p.proto].get(data[a:a + 2 * alen] + data[p.off:p.off + 4])
+    return flow.backend.backend if flow else None

@@ -2,13 +2,16 @@
 
 Keys are the raw 12 bytes ``src addr | dst addr | src port | dst port`` of an IPv4 packet as
 it arrives (36 bytes for IPv6), one dict per transport protocol. A flow is stored twice: under
-the key of the client's packets (``fwd``) and under the key of the replies as they reach us
-(``rev``). Each dict value is an :class:`Entry` ``(flow, header, ip_delta, l4_delta, is_reply)``:
-everything the per-packet path needs, precomputed when the flow is installed. ``header`` is
-the new ``src addr | dst addr`` (IPv4: 8 bytes; IPv6: 32) followed by the new
-``src port | dst port``; the deltas are RFC 1624 differences from the old key to ``header``
-for the IPv4 header checksum (0 for IPv6, which has none) and the TCP/UDP checksum (the
-pseudo-header's addresses and the ports).
+the key of the client's packets (``fwd_key``) and under the key of the replies as they reach
+us (``rev_key``); both entries' value is the :class:`Flow` itself, and a packet is a reply when
+its key is not ``fwd_key``. The flow holds, in its own slots, everything the per-packet path
+needs for each direction, precomputed when it is installed: the header (the new
+``src addr | dst addr`` (IPv4: 8 bytes; IPv6: 32) followed by the new ``src port | dst
+port``) and the RFC 1624 differences from the old key to that header for the IPv4 header
+checksum (0 for IPv6, which has none) and the TCP/UDP checksum (the pseudo-header's addresses
+and the ports). The deltas come from integer arithmetic (``_res``), not word sums, and are
+shared int objects; a flow costs its object, its two keys, its two headers, its last-use time
+and the last segment of each side (see bench/flow_memory_bench.py).
 
 TCP states follow the table below (h11 style: one table, documented here; an event is a
 packet's flags and direction, ``tcp_event``):
@@ -25,18 +28,20 @@ packet's flags and direction, ``tcp_event``):
 ADOPTED and ADOPTED_REPLY are flows taken up without a SYN (``unknown_flow = "hash"``), from a
 packet of the client or of the backend; they keep the short ``syn`` timeout until the other
 side answers, so spoofed packets cannot fill the table with long-lived flows. A RST moves a
-flow only if it is in the window (the engine checks, with ``Flow.peer``), as conntrack does.
+flow only if it is in the window (the engine checks, with ``Flow.peer_c``/``peer_b``), as
+conntrack does.
 
 A SYN from the client on a SYN_SENT/SYN_RECV flow is a retransmission (same backend); on a flow
 that is closing in any way (one FIN, both, RST) it is a reused client port and starts a new
 flow (a new choice), as in conntrack and IPVS.
 
 Expiry and eviction are exact: the flows of each state are kept in one least-recently-used
-list (an ``OrderedDict``; every packet moves its flow to the end, ``touch``), so within a state
-the first flow is the one with the earliest idle deadline (``last + timeout[state]``), and the
-earliest of the ten first flows is the earliest of the table. ``next_deadline`` and ``expire``
-(in bounded slices) are the engine's get_timer/handle_timer; ``evict_for_new`` makes room at
-``max_flows`` by removing exactly the flows nearest their deadline.
+list (a ring linked through the flows' own ``prev``/``next`` slots; every packet moves its
+flow to the end, ``touch``), so within a state the first flow is the one with the earliest
+idle deadline (``last + timeout[state]``), and the earliest of the ten first flows is the
+earliest of the table. ``next_deadline`` and ``expire`` (in bounded slices) are the engine's
+get_timer/handle_timer; ``evict_for_new`` makes room at ``max_flows`` by removing exactly the
+flows nearest their deadline.
 
 The table installs flows (``install``: keys and precomputed rewrites of both directions). What
 a flow held elsewhere (a pool port, a policy's count, its backend's totals) is given back by
@@ -46,16 +51,16 @@ whoever owns it: the table returns the flows it removed, and the engine retires 
 from __future__ import annotations
 
 import enum
-from collections import OrderedDict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING
 
 from nfqlb.config import Timeouts
-from nfqlb.wire.checksum import delta
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
+    from collections import OrderedDict
+
     from nfqlb.policies import FlowKey, Policy
-    from nfqlb.services import BackendRuntime, Direction, ServiceRuntime
+    from nfqlb.services import BackendRuntime, ServiceRuntime
     from nfqlb.values import Backend
 
 
@@ -130,55 +135,122 @@ def timeouts_by_state(t: Timeouts) -> tuple[float, ...]:
     return tuple(by[s] for s in TcpState)
 
 
+
 class Flow:
-    """One balanced connection. Per-flow, never per-packet."""
+    """One balanced connection, both directions in its own slots (per flow, never per
+    packet). It is the value of both of its keys in the table."""
 
     __slots__ = (
-        "service", "backend", "proto", "state", "last", "fwd_key", "rev_key",
-        "snat_port", "placed", "lru", "reclaim", "peer", "ws",
+        "service", "backend", "state", "last", "fwd_key", "rev_key", "fwd_hdr", "rev_hdr",
+        "fwd_ipd", "fwd_l4d", "rev_ipd", "rev_l4d", "snat_port", "peer_c", "peer_b", "ws",
+        "prev", "next", "placed", "reclaim",
     )
+
+    service: ServiceRuntime
+    backend: BackendRuntime  # its backend at run time (figures, state)
+    state: TcpState
+    last: float
+    fwd_key: bytes
+    rev_key: bytes
+    #: the new ``src addr | dst addr | src port | dst port`` of each direction's packets
+    fwd_hdr: bytes
+    rev_hdr: bytes
+    #: each direction's RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP checksum
+    fwd_ipd: int
+    fwd_l4d: int
+    rev_ipd: int
+    rev_l4d: int
+    #: fullnat: the pool port it holds (0: none)
+    snat_port: int
+    #: TCP: the bytes ack..window (8) of the last segment of the client (``peer_c``) and of
+    #: the backend (``peer_b``), empty until seen: what the RST window check needs
+    peer_c: bytes
+    peer_b: bytes
+    #: TCP: the window scale shifts both SYNs announced, ``(client + 1) | (backend + 1) << 4``
+    #: (0: neither announced one); see ``wscale``
+    ws: int
+    #: its neighbours in the least-recently-used list of its state; ``prev`` is None once it
+    #: has left the table
+    prev: Flow | None
+    next: Flow
+    #: (the policy that placed it, the flow key it was asked about, the backend value it
+    #: returned), to tell it when the flow ends; None when no policy placed it or the policy
+    #: does not ask (it has no ``on_flow_closed``)
+    placed: tuple[Policy, FlowKey, Backend] | None
+    #: the port pool's list of reclaimable half-open flows, while it is on it
+    reclaim: OrderedDict[Flow, None] | None
 
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                  state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
                  snat_port: int = 0) -> None:
+        """A flow with no rewrite yet (empty headers, zero deltas): ``FlowTable.build`` fills
+        them in. Its protocol is in its state (UDP flows are in state UDP)."""
+        assert (proto == UDP) is (state is TcpState.UDP), "a UDP flow is in state UDP"
         self.service = service
-        self.backend = backend  # its backend at run time (figures, state)
-        self.proto = proto
+        self.backend = backend
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
         self.rev_key = rev_key
-        self.snat_port = snat_port  # fullnat: the pool port it holds (0: none)
-        #: (the policy that placed it, the flow key it was asked about, the backend value it
-        #: returned), to tell it when the flow ends; None for flows no policy placed
-        self.placed: tuple[Policy, FlowKey, Backend] | None = None
-        #: the least-recently-used list of its state, while it is in the table
-        self.lru: OrderedDict[Flow, None] | None = None
-        #: the port pool's list of reclaimable half-open flows, while it is on it
-        self.reclaim: OrderedDict[Flow, None] | None = None
-        #: TCP: per direction (client 0, backend 1) the bytes ack..window (8) of its last
-        #: segment: what the RST window check needs
-        self.peer: list[bytes] = [b"", b""]
-        #: TCP: the window scale shift each side's SYN announced (client, backend), -1 for
-        #: none; scaling is in use when both did (RFC 7323 2.2)
-        self.ws: list[int] = [-1, -1]
+        self.fwd_hdr = self.rev_hdr = b""
+        self.fwd_ipd = self.fwd_l4d = self.rev_ipd = self.rev_l4d = 0
+        self.snat_port = snat_port
+        self.peer_c = self.peer_b = b""
+        self.ws = 0
+        self.prev = None
+        self.placed = None
+        self.reclaim = None
+
+    @property
+    def proto(self) -> int:
+        return UDP if self.state is TcpState.UDP else TCP
+
+    @property
+    def in_table(self) -> bool:
+        return self.prev is not None
+
+    def wscale(self, backend: bool) -> int:
+        """The window scale shift the backend's (else the client's) SYN announced, -1 for
+        none."""
+        return (self.ws >> 4 if backend else self.ws & 15) - 1
+
+    def set_wscale(self, backend: bool, shift: int) -> None:
+        if backend:
+            self.ws = (self.ws & 15) | (shift + 1) << 4
+        else:
+            self.ws = (self.ws & 0xF0) | (shift + 1)
+
+    def side(self, reply: bool) -> tuple[bytes, int, int]:
+        """(header, IPv4 header delta, TCP/UDP delta) of one direction (the general path's
+        and tools'; the fast path reads the slots)."""
+        if reply:
+            return self.rev_hdr, self.rev_ipd, self.rev_l4d
+        return self.fwd_hdr, self.fwd_ipd, self.fwd_l4d
 
 
-class Entry(NamedTuple):
-    """One direction of a flow, as the per-packet path needs it (see the module docstring);
-    ``counts`` is its backend's packets and bytes in this direction."""
-
-    flow: Flow
-    header: bytes
-    ip_delta: int
-    l4_delta: int
-    is_reply: bool
-    counts: Direction
+#: Both SYNs unseen, taken as the widest scale (14, RFC 7323): how adopted flows judge RSTs.
+WSCALE_UNSEEN = 15 | 15 << 4
 
 
-#: ``_entry(Entry, (...))`` builds an Entry without the Python-level ``__new__`` NamedTuple
-#: generates (two per new flow: it is 7 times the cost of a plain tuple).
-_entry = tuple.__new__
+def _ring() -> Flow:
+    """The sentinel of a least-recently-used list: an empty ring."""
+    head = Flow.__new__(Flow)
+    head.prev = head.next = head
+    return head
+
+
+#: Every 16-bit value as one shared int object: a flow's four deltas cost no memory of their
+#: own (an int above 256 is a 28-byte object in CPython).
+_INT: tuple[int, ...] = tuple(range(0x10000))
+
+
+def res_delta(diff: int) -> int:
+    """``checksum.delta(old, new)`` from ``diff = W(new) - W(old)``, ``W`` the bytes read as
+    one big-endian integer: 2**16 = 1 (mod 0xFFFF), so ``W`` is the sum of the 16-bit words
+    modulo 0xFFFF, and ``delta`` is the representative in 1..0xFFFF of the difference of the
+    sums whenever ``new`` is not all zeros (it never is here: it holds a backend's, a VIP's
+    or a client's address). tests/test_checksum.py checks the two agree."""
+    return _INT[diff % 0xFFFF or 0xFFFF]
 
 
 def reply_key(dest: bytes, src: bytes, sport: bytes) -> bytes:
@@ -191,75 +263,107 @@ class FlowTable:
     def __init__(self, timeouts: Timeouts, max_flows: int = 1 << 62) -> None:
         self.timeout = timeouts_by_state(timeouts)
         self.max_flows = max_flows
-        self.by_proto: dict[int, dict[bytes, Entry]] = {TCP: {}, UDP: {}}
-        #: per state, its flows, least recently used first
-        self._lru: tuple[OrderedDict[Flow, None], ...] = tuple(OrderedDict() for _ in TcpState)
+        self.by_proto: dict[int, dict[bytes, Flow]] = {TCP: {}, UDP: {}}
+        #: per state, the ring of its flows, least recently used first (``head.next``)
+        self.rings: tuple[Flow, ...] = tuple(_ring() for _ in TcpState)
         self.active = 0
 
     def __len__(self) -> int:
         return self.active
 
-    def build(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
-              state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,
-              baddr: bytes, snat_port: int, now: float) -> tuple[Flow, Entry, Entry]:
+    @staticmethod
+    def build(service: ServiceRuntime, backend: BackendRuntime, proto: int, state: TcpState,
+              key: bytes, rev_key: bytes, src: bytes, sport: bytes, baddr: bytes,
+              snat_port: int, now: float) -> Flow:
         """A flow ``key`` (as the client sends it) on ``backend`` (address ``baddr``), its
         packets leaving from ``src``:``sport``, its replies arriving as ``rev_key``
-        (``reply_key``), and its two entries; not in the table (see ``add``)."""
+        (``reply_key``), with both directions' rewrites; not in the table (see ``add``)."""
         alen = len(baddr)
-        client, vip = key[:alen], key[alen:2 * alen]
-        fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
-        rev_hdr = vip + client + key[-2:] + key[-4:-2]
         flow = Flow(service, backend, proto, state, now, key, rev_key, snat_port)
-        v4 = alen == 4
-        fwd = _entry(Entry, (flow, fwd_hdr, delta(client + vip, src + baddr) if v4 else 0,
-                             delta(key, fwd_hdr), False, backend.inbound))
-        rev = _entry(Entry, (flow, rev_hdr, delta(baddr + src, vip + client) if v4 else 0,
-                             delta(rev_key, rev_hdr), True, backend.outbound))
-        return flow, fwd, rev
+        vip = key[alen:2 * alen]
+        fwd_hdr = flow.fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
+        flow.rev_hdr = vip + key[:alen] + key[-2:] + key[-4:-2]
+        # the reverse rewrite undoes the forward one (its old and new words swapped), so its
+        # deltas are the forward ones negated
+        w = int.from_bytes
+        l4 = res_delta(w(fwd_hdr, "big") - w(key, "big"))
+        flow.fwd_l4d, flow.rev_l4d = l4, res_delta(-l4)
+        if alen == 4:
+            ip = res_delta(w(fwd_hdr[:8], "big") - w(key[:8], "big"))
+            flow.fwd_ipd, flow.rev_ipd = ip, res_delta(-ip)
+        return flow
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                 state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,
-                baddr: bytes, snat_port: int, now: float) -> Entry:
-        """``build`` the flow and ``add`` it; returns its forward entry. The caller has made
-        room (``evict_for_new``) and checked that ``rev_key`` is free."""
-        flow, fwd, rev = self.build(service, backend, proto, state, key, rev_key, src, sport,
-                                    baddr, snat_port, now)
-        self.add(flow, fwd, rev)
-        return fwd
+                baddr: bytes, snat_port: int, now: float) -> Flow:
+        """``build`` the flow and ``add`` it. The caller has made room (``evict_for_new``)
+        and checked that ``rev_key`` is free."""
+        flow = self.build(service, backend, proto, state, key, rev_key, src, sport, baddr,
+                          snat_port, now)
+        self.add(flow)
+        return flow
 
-    def add(self, flow: Flow, fwd: Entry, rev: Entry) -> None:
+    def add(self, flow: Flow) -> None:
         table = self.by_proto[flow.proto]
-        table[flow.fwd_key] = fwd
-        table[flow.rev_key] = rev
+        table[flow.fwd_key] = flow
+        table[flow.rev_key] = flow
         self.active += 1
-        lru = flow.lru = self._lru[flow.state]
-        lru[flow] = None
+        head = self.rings[flow.state]
+        tail = head.prev
+        assert tail is not None
+        tail.next = flow
+        flow.prev = tail
+        flow.next = head
+        head.prev = flow
 
     def remove(self, flow: Flow) -> None:
         table = self.by_proto[flow.proto]
-        if table.get(flow.fwd_key, (None,))[0] is flow:
+        if table.get(flow.fwd_key) is flow:
             del table[flow.fwd_key]
-        if table.get(flow.rev_key, (None,))[0] is flow:
+        if table.get(flow.rev_key) is flow:
             del table[flow.rev_key]
-        if flow.lru is not None:
-            del flow.lru[flow]
-            flow.lru = None  # marks it gone
+        prev = flow.prev
+        if prev is not None:
+            nxt = flow.next
+            prev.next = nxt
+            nxt.prev = prev
+            flow.prev = None  # marks it gone
             self.active -= 1
 
     def touch(self, flow: Flow, now: float) -> None:
-        """A packet of ``flow`` at ``now`` (the fast path does the same inline)."""
+        """A packet of ``flow`` at ``now`` (the fast path does the same inline): to the end
+        of its state's list."""
         flow.last = now
-        if flow.lru is not None:
-            flow.lru.move_to_end(flow)
+        prev = flow.prev
+        if prev is not None:
+            head = self.rings[flow.state]
+            nxt = flow.next
+            if nxt is not head:
+                prev.next = nxt
+                nxt.prev = prev
+                tail = head.prev
+                assert tail is not None
+                tail.next = flow
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
 
     def set_state(self, flow: Flow, state: TcpState) -> None:
         """Move ``flow`` to ``state`` (and to the end of that state's list: the caller
         touches it at the same ``now``)."""
+        prev = flow.prev
         flow.state = state
-        if flow.lru is not None:
-            del flow.lru[flow]
-            lru = flow.lru = self._lru[state]
-            lru[flow] = None
+        if prev is not None:
+            nxt = flow.next
+            prev.next = nxt
+            nxt.prev = prev
+            head = self.rings[state]
+            tail = head.prev
+            assert tail is not None
+            tail.next = flow
+            flow.prev = tail
+            flow.next = head
+            head.prev = flow
 
     def deadline(self, flow: Flow) -> float:
         return flow.last + self.timeout[flow.state]
@@ -268,9 +372,9 @@ class FlowTable:
         """The flow with the earliest deadline: the earliest of each state's first flow."""
         best: Flow | None = None
         due = 0.0
-        for lru, timeout in zip(self._lru, self.timeout, strict=True):
-            if lru:
-                flow = next(iter(lru))
+        for head, timeout in zip(self.rings, self.timeout, strict=True):
+            flow = head.next
+            if flow is not head:
                 d = flow.last + timeout
                 if best is None or d < due:
                     best, due = flow, d
@@ -284,10 +388,10 @@ class FlowTable:
         """Remove and return the flows whose idle timeout has passed at ``now``, at most
         ``limit`` of them (``next_deadline`` then says ``now`` or earlier: call again)."""
         gone: list[Flow] = []
-        for lru, timeout in zip(self._lru, self.timeout, strict=True):
-            while lru and len(gone) < limit:
-                flow = next(iter(lru))
-                if flow.last + timeout > now:
+        for head, timeout in zip(self.rings, self.timeout, strict=True):
+            while len(gone) < limit:
+                flow = head.next
+                if flow is head or flow.last + timeout > now:
                     break
                 self.remove(flow)
                 gone.append(flow)
@@ -315,4 +419,18 @@ class FlowTable:
 
     def flows(self) -> list[Flow]:
         """Every flow in the table (a walk: for tools and tests, not the packet path)."""
-        return [flow for lru in self._lru for flow in lru]
+        out = []
+        for head in self.rings:
+            flow = head.next
+            while flow is not head:
+                out.append(flow)
+                flow = flow.next
+        return out
+
+    def header(self, proto: int, key: bytes) -> bytes | None:
+        """The header the packets with ``key`` are rewritten with, None if no flow has it
+        (ICMP errors are translated with it)."""
+        flow = self.by_proto[proto].get(key) if proto in self.by_proto else None
+        if flow is None:
+            return None
+        return flow.fwd_hdr if key == flow.fwd_key else flow.rev_hdr

@@ -2,7 +2,7 @@
 
 When a first fragment (the one with the transport header) is rewritten, its fragment key
 (source, destination, protocol and identification: the same in every fragment of a datagram)
-is remembered with the flow entry it used. Later fragments are rewritten with that entry's
+is remembered with the flow (and direction) it used. Later fragments are rewritten with that flow's
 addresses. A later fragment that arrives before its first is held, in a buffer bounded in
 count (``max_held``, and ``max_per_source`` per source address) and time (``timeout``); it is
 released once the first fragment comes, or dropped when its time is up. Held packets are known
@@ -20,11 +20,12 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from nfqlb.flows import Entry
+    from nfqlb.flows import Flow
     from nfqlb.verdict import Action
 
-    #: What became of a first fragment: the flow entry that rewrote it, or ACCEPT / DROP.
-    Outcome = Entry | Action
+    #: What became of a first fragment: the flow that rewrote it and whether as a reply, or
+    #: ACCEPT / DROP.
+    Outcome = tuple[Flow, bool] | Action
 
 
 class FragmentTracker:

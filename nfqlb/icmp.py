@@ -8,8 +8,8 @@ if nfqlb were not there: it must quote the packet as that host sent it, and come
 
 Derivation, with Q the quoted packet and ``swap`` exchanging source and destination (addresses
 and ports): packets travelling opposite to Q arrive at nfqlb with the header swap(Q), so
-``lookup(proto, swap(Q))`` finds the flow's entry, and its ``new_header`` (what nfqlb makes of
-such a packet) is swap(Q0), Q0 being the packet before nfqlb rewrote it into Q. Then
+``lookup(proto, swap(Q))`` finds the header the flow rewrites such a packet with (what nfqlb
+makes of it), which is swap(Q0), Q0 being the packet before nfqlb rewrote it into Q. Then
 
 - the quote becomes Q0: quoted addresses and ports; the quoted IPv4 header checksum and the
   quoted TCP/UDP checksum (when the quote reaches it) are updated incrementally, since they
@@ -37,17 +37,14 @@ Nothing here imports the engine: it sees bytes, an ICMP offset and a lookup func
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from nfqlb.errors import PacketError
 from nfqlb.wire.checksum import U16, apply, delta, full, sum16
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, V6Reasons, walk_v6
 
-if TYPE_CHECKING:
-    from nfqlb.flows import Entry
-
-#: ``lookup(protocol, key) -> entry | None``, over the flow table's per-protocol dicts.
-Lookup = Callable[[int, bytes], "Entry | None"]
+#: ``lookup(protocol, key) -> header | None``: the header the flow table rewrites packets with
+#: that key with (``FlowTable.header``).
+Lookup = Callable[[int, bytes], "bytes | None"]
 
 #: Error types that quote the offending packet: RFC 792 / RFC 1812 and RFC 4443.
 ERRORS_V4 = frozenset({3, 11, 12})  # destination unreachable, time exceeded, parameter problem
@@ -109,14 +106,13 @@ def translate_error(data: bytes, off: int, lookup: Lookup) -> bytes | None:
     qsrc, qdst = data[qaddr:qaddr + alen], data[qaddr + alen:qaddr + 2 * alen]
     sport, dport = data[l4:l4 + 2], data[l4 + 2:l4 + 4]
 
-    entry = lookup(proto, qdst + qsrc + dport + sport)
-    if entry is None:
+    hdr = lookup(proto, qdst + qsrc + dport + sport)  # swap(Q0)
+    if hdr is None:
         return None
     osrc = data[aoff:aoff + alen]
     odst = data[aoff + alen:aoff + 2 * alen]
     if odst != qsrc:
         return None  # errors go to the source of the packet they quote: this one does not
-    hdr = entry[1]  # swap(Q0)
     new_qsrc, new_qdst = hdr[alen:2 * alen], hdr[:alen]
     new_sport, new_dport = hdr[2 * alen + 2:2 * alen + 4], hdr[2 * alen:2 * alen + 2]
     new_osrc = new_qdst if osrc == qdst else osrc

@@ -128,11 +128,11 @@ class Traffic:
         if len(vip) + 2 != len(client):
             return False
         key = client[:-2] + vip + client[-2:] + svc.port.to_bytes(2, "big")
-        ent = self.engine.table.by_proto[proto].get(key)
-        if ent is None:
+        flow = self.engine.table.by_proto[proto].get(key)
+        if flow is None:
             self.no_flow[svc.name] += 1
             return False
-        c = self.extra[svc.name].setdefault(ent.flow.backend.name, [0, 0])
+        c = self.extra[svc.name].setdefault(flow.backend.name, [0, 0])
         c[0] += 1
         c[1] += n
         return True

@@ -89,8 +89,7 @@ def test_timeouts_by_state() -> None:
 
 
 def _flow(eng, conv: Conversation):  # type: ignore[no-untyped-def]
-    ent = eng.table.by_proto[6].get(_key(*conv.fwd))
-    return ent[0] if ent else None
+    return eng.table.by_proto[6].get(_key(*conv.fwd))
 
 
 def _key(src: str, dst: str, sport: int, dport: int) -> bytes:
@@ -280,7 +279,7 @@ def test_expired_flow_leaves_both_keys() -> None:
     c.handshake(now=0.0)
     fwd_key, rev_key = _key(*c.fwd), _key(*c.back)  # type: ignore[misc]
     table = eng.table.by_proto[6]
-    assert table[fwd_key][0] is table[rev_key][0]
+    assert table[fwd_key] is table[rev_key]
     _advance(eng, 90.0)
     assert fwd_key not in table and rev_key not in table
     assert eng.table.flows() == [] and len(eng.table) == 0
@@ -301,7 +300,7 @@ def _table_with(n: int, timeouts: Timeouts):  # type: ignore[no-untyped-def]
         fwd, rev = b"f%011d" % i, b"r%011d" % i
         backend = BackendRuntime(svc.backends[0], svc.vip, svc.port)
         flow = Flow(svc, backend, 6, S.ESTABLISHED, float(i), fwd, rev)
-        table.add(flow, (flow, b"", 0, 0, False), (flow, b"", 0, 0, True))
+        table.add(flow)
         flows.append(flow)
     return table, flows
 
@@ -325,9 +324,9 @@ def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     svc = old.service
     new = Flow(svc, BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
                b"other-key-00", old.rev_key)
-    table.add(new, (new, b"", 0, 0, False), (new, b"", 0, 0, True))
+    table.add(new)
     table.remove(old)
-    assert table.by_proto[6][old.rev_key][0] is new
+    assert table.by_proto[6][old.rev_key] is new
     assert old.fwd_key not in table.by_proto[6]
 
 
@@ -341,7 +340,7 @@ def test_port_reuse_after_close_is_a_new_flow_in_the_table() -> None:
     c.client("S", now=0.5)
     second = _flow(eng, c)
     assert second is not first and second.state is S.SYN_SENT
-    assert eng.table.active == 1 and first.lru is None  # gone from the table
+    assert eng.table.active == 1 and not first.in_table  # gone from the table
     assert eng.stats()["flows_total"] == 2
 
 
@@ -417,4 +416,4 @@ def test_a_syn_on_a_closing_flow_starts_a_new_flow_and_choice(closing: str) -> N
     second = _flow(eng, c)
     assert second is not first and second.state is S.SYN_SENT
     assert second.backend is not first.backend
-    assert first.lru is None and eng.table.active == 1
+    assert not first.in_table and eng.table.active == 1

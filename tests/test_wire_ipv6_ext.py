@@ -77,10 +77,10 @@ def test_icmpv6_error_quoting_ah_is_translated(proto: str) -> None:
     asked: list[tuple[int, bytes]] = []
 
     def lookup(p: int, key: bytes) -> Any:
-        """The flow's reply entry: its header is swap(client's packet)."""
+        """The flow's reply header: swap(client's packet)."""
         asked.append((p, key))
         vip, client = original[24:40], original[8:24]
-        return (None, vip + client + struct.pack("!HH", 80, 40000), 0, 0, False)
+        return vip + client + struct.pack("!HH", 80, 40000)
 
     out = translate_error(error_in, 40, lookup)
     reply_key = quoted[24:40] + quoted[8:24] + struct.pack("!HH", 8080, 20000)
@@ -98,10 +98,9 @@ def test_icmpv6_error_quoting_ah_then_destination_options() -> None:
                      / Raw(l4))
     error_in = bytes(IPv6(src=BACKEND, dst=SNAT) / ICMPv6PacketTooBig(mtu=1280) / Raw(quoted))
     expected = bytes(IPv6(src=VIP, dst=CLIENT) / ICMPv6PacketTooBig(mtu=1280) / Raw(original))
-    entry = (None, original[24:40] + original[8:24] + struct.pack("!HH", 80, 40000), 0, 0,
-             False)
+    header = original[24:40] + original[8:24] + struct.pack("!HH", 80, 40000)
     # from the backend itself: the outer source becomes the VIP
-    assert translate_error(error_in, 40, lambda p, k: entry) == expected
+    assert translate_error(error_in, 40, lambda p, k: header) == expected
 
 
 # ------------------------------------------------------------------ the walk, header by header
