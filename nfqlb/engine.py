@@ -46,6 +46,7 @@ from nfqlb.flows import (
     WSCALE_UNSEEN,
     Flow,
     FlowTable,
+    TcpEvent,
     TcpState,
     reply_key,
     tcp_event,
@@ -68,6 +69,19 @@ if TYPE_CHECKING:
 __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
 _ESTABLISHED = TcpState.ESTABLISHED
+
+#: What ``parse_ip`` says of a TCP segment the fast path checked (IPv4 without options, IPv6
+#: without extension headers, not a fragment).
+_TCP4 = Parsed(False, 20, TCP, None, True)
+_TCP6 = Parsed(True, 40, TCP, None, True)
+
+#: ``TRANSITIONS`` as the packet path reads it: ``_NEXT[state][event]``, the new state (the
+#: same state where the table lists none).
+_NEXT: tuple[tuple[TcpState, ...], ...] = tuple(
+    tuple(TRANSITIONS.get((s, e), s) for e in TcpEvent) for s in TcpState)
+
+#: ``tcp_event`` as the packet path reads it: ``_EVENT[flags & 0x17 | is_reply << 5]``.
+_EVENT: tuple[TcpEvent, ...] = tuple(tcp_event(i & 0x17, bool(i >> 5)) for i in range(64))
 
 #: Flows expired per handle_timer call at most: a million flows coming due at once are
 #: expired a slice per event-loop turn, with the queue read in between (get_timer says when
@@ -108,14 +122,18 @@ class Engine:
         """Verdict for one IP packet. Never raises."""
         try:
             n = len(data)
-            b0 = data[0] if n >= 48 else 0
+            b0 = data[0] if n >= 40 else 0  # (a bare IPv4 TCP segment is 40 bytes)
             if b0 == 0x45 and (data[2] << 8 | data[3]) == n and not (data[6] & 0x3F or data[7]):
                 proto = data[9]
                 if proto == TCP:
                     k = data[12:24]
                     flow = self._tcp.get(k)
-                    if flow is not None and flow.state is _ESTABLISHED \
-                            and not data[33] & 0x07 and 20 <= (data[32] >> 4) * 4 <= n - 20:
+                    if 20 <= (data[32] >> 4) * 4 <= n - 20:
+                        if flow is None:  # a new flow, or not ours: no need to parse again
+                            self.counters.packets += 1
+                            return self._transport(data, _TCP4, now)[0]
+                        if flow.state is not _ESTABLISHED or data[33] & 0x07:
+                            return self._known_tcp(data, flow, k != flow.fwd_key, False, now)
                         flow.last = now
                         head = self._established
                         nxt = flow.next
@@ -181,8 +199,12 @@ class Engine:
                 if proto == TCP:
                     k = data[8:44]
                     flow = self._tcp.get(k)
-                    if flow is not None and flow.state is _ESTABLISHED and n >= 60 \
-                            and not data[53] & 0x07 and 20 <= (data[52] >> 4) * 4 <= n - 40:
+                    if n >= 60 and 20 <= (data[52] >> 4) * 4 <= n - 40:
+                        if flow is None:
+                            self.counters.packets += 1
+                            return self._transport(data, _TCP6, now)[0]
+                        if flow.state is not _ESTABLISHED or data[53] & 0x07:
+                            return self._known_tcp(data, flow, k != flow.fwd_key, True, now)
                         flow.last = now
                         head = self._established
                         nxt = flow.next
@@ -213,7 +235,7 @@ class Engine:
                 elif proto == UDP:
                     k = data[8:44]
                     flow = self._udp.get(k)
-                    c = data[46] << 8 | data[47]
+                    c = data[46] << 8 | data[47] if n >= 48 else 0
                     if flow is not None and c and (data[44] << 8 | data[45]) == n - 40:
                         flow.last = now
                         head = self._udp_ring
@@ -248,6 +270,55 @@ class Engine:
         except Exception:  # a bug must cost one packet, never the worker
             self.log.exception("internal error handling a packet; dropped")
             return self.counters.drop("internal_error")
+
+    def _known_tcp(self, data: bytes, flow: Flow, reply: bool, v6: bool,
+                   now: float) -> Verdict:
+        """A segment of a known TCP flow that is not the plain established case (the
+        handshake, FINs, RSTs, anything of a flow not established), its IP and TCP headers
+        checked as the fast path checks them (no IPv4 options, no IPv6 extension headers,
+        not a fragment): the state table and the rewrite, without parsing again. A client's
+        SYN (a retransmission, or a port reused while the flow closes) takes the general
+        path."""
+        off = 40 if v6 else 20
+        flags = data[off + 13]
+        if flags & 0x12 == 0x02:
+            self.counters.packets += 1
+            return self._transport(data, _TCP6 if v6 else _TCP4, now)[0]
+        if flags & 0x04 and not rst_in_window(flow, data, off, reply):
+            # endpoints ignore it (RFC 5961): so does the flow; the packet goes on, rewritten
+            self.counters.event("rst_out_of_window")
+        else:
+            state = flow.state
+            new = _NEXT[state][_EVENT[flags & 0x17 | reply << 5]]
+            if new is not state:
+                self._set_state(flow, new)
+        backend = flow.backend
+        if reply:
+            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+            flow.peer_b = data[off + 8:off + 16]
+            t = backend.outbound
+        else:
+            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+            flow.peer_c = data[off + 8:off + 16]
+            t = backend.inbound
+        self.table.touch(flow, now)
+        if flow.reclaim is not None:
+            flow.reclaim.move_to_end(flow)
+        t.packets += 1
+        t.bytes += len(data)
+        self.counters.fast += 1
+        if v6:
+            out = b"".join((data[:8], hdr, data[44:56],
+                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:]))
+        else:
+            out = b"".join((data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
+                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
+                            data[38:]))
+        if flags & 0x02:  # a SYN-ACK
+            if reply:
+                flow.set_wscale(True, tcp_wscale(data, off))
+            out = clamp_mss(out, off, self.mss_clamp)
+        return out
 
     def packets_to_send(self) -> list[bytes]:
         """IP packets nfqlb sends of its own accord since the last call: the RSTs that end

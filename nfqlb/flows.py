@@ -283,14 +283,17 @@ class FlowTable:
         vip = key[alen:2 * alen]
         fwd_hdr = flow.fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
         flow.rev_hdr = vip + key[:alen] + key[-2:] + key[-4:-2]
-        # the reverse rewrite undoes the forward one (its old and new words swapped), so its
-        # deltas are the forward ones negated
-        w = int.from_bytes
-        l4 = res_delta(w(fwd_hdr, "big") - w(key, "big"))
-        flow.fwd_l4d, flow.rev_l4d = l4, res_delta(-l4)
+        # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
+        # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
+        # new words swapped), so its deltas are the forward ones negated
+        new, old = int.from_bytes(fwd_hdr, "big"), int.from_bytes(key, "big")
+        diff = new - old
+        flow.fwd_l4d = _INT[diff % 0xFFFF or 0xFFFF]
+        flow.rev_l4d = _INT[-diff % 0xFFFF or 0xFFFF]
         if alen == 4:
-            ip = res_delta(w(fwd_hdr[:8], "big") - w(key[:8], "big"))
-            flow.fwd_ipd, flow.rev_ipd = ip, res_delta(-ip)
+            diff = (new >> 32) - (old >> 32)
+            flow.fwd_ipd = _INT[diff % 0xFFFF or 0xFFFF]
+            flow.rev_ipd = _INT[-diff % 0xFFFF or 0xFFFF]
         return flow
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
