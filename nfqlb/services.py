@@ -144,7 +144,8 @@ class ServiceRuntime:
     """One service while the engine runs: policy, fallback, pool, backends at run time."""
 
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
-                 "vip_endpoint", "backends", "offered", "backend_set", "any_live", "refused",
+                 "vip_endpoint", "backends", "offered", "backend_set", "offered_ids", "proto",
+                 "any_live", "refused",
                  "no_backend_up",
                  "policy_errors", "address_type", "_counters", "_log", "_clock", "policy_slow",
                  "slowest", "_rng")
@@ -164,6 +165,7 @@ class ServiceRuntime:
         self.backends: dict[str, BackendRuntime] = {}
         self.offered: tuple[Backend, ...] = ()
         self.backend_set: frozenset[Backend] = frozenset()
+        self.offered_ids: frozenset[int] = frozenset()  # (identity: the quick check)
         self.any_live = True  # some backend may take new flows
         self.policy: Policy
         self.fallback: Policy | None
@@ -178,6 +180,7 @@ class ServiceRuntime:
         self.service = service
         self.name = service.name
         self.local = service.mode is Mode.LOCAL
+        self.proto = service.protocol.value
         self.pool = pool
         self.snat_address = service.snat_address.packed if service.snat_address else b""
         self.vip_endpoint = endpoint(service.vip.packed, service.port)
@@ -228,6 +231,7 @@ class ServiceRuntime:
             return
         self.offered = offered
         self.backend_set = frozenset(offered)
+        self.offered_ids = frozenset(map(id, offered))
         for policy in (self.policy, self.fallback):
             if policy is None:
                 continue
@@ -277,7 +281,7 @@ class ServiceRuntime:
         the client sends it): the VIP's address object is the service's own, only the
         client's is built."""
         alen = len(key) // 2 - 2
-        return FlowKey(self.service.protocol.value, self.address_type(key[:alen]),
+        return FlowKey(self.proto, self.address_type(key[:alen]),
                        key[-4] << 8 | key[-3], self.service.vip, self.service.port)
 
     def choose(self, fkey: FlowKey, now: float
@@ -296,7 +300,8 @@ class ServiceRuntime:
             self.timed("choose", clock() - started, now)
         if failure is None:
             try:
-                valid = backend is None or backend in self.backend_set
+                valid = backend is None or id(backend) in self.offered_ids \
+                    or backend in self.backend_set
             except TypeError:  # unhashable
                 valid = False
             if valid:

@@ -417,3 +417,62 @@ def test_a_syn_on_a_closing_flow_starts_a_new_flow_and_choice(closing: str) -> N
     assert second is not first and second.state is S.SYN_SENT
     assert second.backend is not first.backend
     assert not first.in_table and eng.table.active == 1
+
+
+# ---------------------------------------------------------------- the compact flow
+
+
+@pytest.mark.parametrize("mode", ["local", "dnat", "fullnat"])
+def test_a_connections_life_is_not_parsed_after_its_syn(mode: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The handshake, the teardown and the data of a known flow are rewritten from the
+    offsets the fast path checks; nothing of a plain IPv4 connection goes through the full
+    parse (the first SYN neither), and the outcome is the state table's."""
+    import nfqlb.engine
+
+    parsed = []
+    real = nfqlb.engine.parse_ip
+    monkeypatch.setattr(nfqlb.engine, "parse_ip", lambda data: parsed.append(data) or real(data))
+    eng = engine(service(mode), **TIMEOUTS)
+    c = Conversation(eng)
+    for side, flags in (("client", "S"), ("server", "SA"), ("client", "A"),
+                        ("client", "PA"), ("server", "PA"), ("client", "FA"), ("server", "FA"),
+                        ("client", "A")):
+        assert isinstance(getattr(c, side)(flags, b"x" if flags == "PA" else b""), bytes)
+    assert _flow(eng, c).state is S.CLOSING
+    assert eng.stats()["rewritten"] == 8 and parsed == []
+
+
+def test_both_keys_hold_the_flow_itself() -> None:
+    eng = engine(service("fullnat"), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake()
+    table = eng.table.by_proto[6]
+    flow = table[_key(*c.fwd)]
+    assert type(flow) is Flow and table[_key(*c.back)] is flow  # type: ignore[misc]
+    assert flow.fwd_key == _key(*c.fwd) and flow.rev_key == _key(*c.back)  # type: ignore[misc]
+
+
+def test_deltas_are_shared_objects() -> None:
+    """Two flows through the same VIP to the same backend (dnat: the deltas depend on those
+    alone) hold the very same int objects: a flow's deltas cost it no memory."""
+    eng = engine(service("dnat", policy="source_hash"), **TIMEOUTS)
+    a, b = Conversation(eng, sport=1000), Conversation(eng, sport=2000)
+    a.client("S")
+    b.client("S")
+    fa, fb = _flow(eng, a), _flow(eng, b)
+    assert fa.backend is fb.backend and fa.fwd_ipd > 256
+    for name in ("fwd_ipd", "fwd_l4d", "rev_ipd", "rev_l4d"):
+        assert getattr(fa, name) is getattr(fb, name), name
+
+
+@pytest.mark.parametrize("policy, keeps", [("round_robin", False), ("least_conn", True)])
+def test_a_flow_keeps_its_placement_only_for_a_policy_that_asks(policy: str, keeps: bool) -> None:
+    """What ``on_flow_closed`` needs (the policy, the flow key, the backend value) is kept with
+    the flow only when the policy has that hook."""
+    eng = engine(service("dnat", policy=policy), **TIMEOUTS)
+    c = Conversation(eng)
+    c.client("S")
+    flow = _flow(eng, c)
+    assert (flow.placed is not None) is keeps
+    if keeps:
+        assert flow.placed[0] is eng.policy("dnat-tcp") and flow.placed[2] is flow.backend.backend
