@@ -5,9 +5,9 @@ counters use these names and no others (a test reads the code for names that are
 the README's counter list is generated from it (``python -m nfqlb.counters`` prints it), and
 the status and metrics output of the daemon are built on the same names.
 
-On the packet path counters are plain ints on :class:`Counters`. The fast path (an
-established flow's packet, rewritten at once) adds one to ``fast`` and nothing else: the
-reported ``packets`` and ``rewritten`` are the general path's own counts plus ``fast``.
+On the packet path counters are plain ints on :class:`Counters`. The fast path (a known
+flow's packet, rewritten from the offsets it checked) adds one to ``fast`` and nothing else:
+the reported ``packets`` and ``rewritten`` are the general path's own counts plus ``fast``.
 """
 
 from __future__ import annotations

@@ -18,14 +18,18 @@ Who does what around it:
 - :mod:`nfqlb.counters` counts, under the registry's names.
 
 The way of a packet: the fast path first, for an IPv4 packet without options or an IPv6
-packet without extension headers whose flow is known (and, for TCP, established): one dict
-lookup, incremental checksum updates with the flow's precomputed deltas, one ``bytes.join``.
-Anything else takes the general path: ``parse_ip``, then ICMP errors (translated by
-:mod:`nfqlb.icmp`), later fragments (they follow their first), or the transport: a known flow
-moves through the TCP state table and is rewritten; a SYN (or any UDP datagram) to a VIP
-opens a flow; any other packet to a VIP is an unknown flow (``unknown_flow``), and a packet
-neither to a VIP nor of a flow may be a backend's reply to a flow adopted by hash, else it is
-not ours and passes.
+packet without extension headers, not a fragment, whose flow is known: one dict lookup (the
+flow itself; its key says the direction), incremental checksum updates with the flow's
+precomputed deltas, one ``bytes.join``. An established TCP flow's segment without SYN, FIN or
+RST is rewritten at once; any other segment of a known flow (the handshake, the teardown)
+goes through the TCP state table first (``_known_tcp``), and a TCP segment of no flow goes
+straight to the transport step below, both with the offsets the fast path checked: such
+packets are never parsed twice. Anything else takes the general path: ``parse_ip``, then
+ICMP errors (translated by :mod:`nfqlb.icmp`), later fragments (they follow their first), or
+the transport: a known flow moves through the TCP state table and is rewritten; a SYN (or any
+UDP datagram) to a VIP opens a flow; any other packet to a VIP is an unknown flow
+(``unknown_flow``), and a packet neither to a VIP nor of a flow may be a backend's reply to a
+flow adopted by hash, else it is not ours and passes.
 """
 
 from __future__ import annotations
@@ -787,13 +791,17 @@ class Engine:
 
     def get_timer(self) -> float | None:
         """When ``handle_timer`` should next run (same clock as ``now``), or None."""
-        due = [t for t in (self.table.next_deadline(), self.frags.next_deadline(),
-                           *self._drain_deadlines()) if t is not None]
-        return min(due) if due else None
-
-    def _drain_deadlines(self) -> list[float]:
-        return [rt.drain_deadline for svc in self.services for rt in svc.backends.values()
-                if rt.drain_deadline is not None]
+        # (the daemon asks after every read from the queue: no lists built here)
+        due = self.table.next_deadline()
+        t = self.frags.next_deadline()
+        if t is not None and (due is None or t < due):
+            due = t
+        for svc in self.services:
+            for rt in svc.backends.values():
+                t = rt.drain_deadline
+                if t is not None and (due is None or t < due):
+                    due = t
+        return due
 
     def handle_timer(self, now: float) -> None:
         """Expire idle flows (at most EXPIRE_SLICE: ``get_timer`` then says ``now``), and

@@ -384,8 +384,14 @@ class FlowTable:
         return best
 
     def next_deadline(self) -> float | None:
-        flow = self._earliest()
-        return None if flow is None else self.deadline(flow)
+        due = None
+        for head, timeout in zip(self.rings, self.timeout, strict=True):
+            flow = head.next
+            if flow is not head:
+                d = flow.last + timeout
+                if due is None or d < due:
+                    due = d
+        return due
 
     def expire(self, now: float, limit: int = 1 << 62) -> list[Flow]:
         """Remove and return the flows whose idle timeout has passed at ``now``, at most
