@@ -22,8 +22,8 @@ packet without extension headers, not a fragment, whose flow is known: one dict 
 flow itself; its key says the direction), incremental checksum updates with the flow's
 precomputed deltas, one ``bytes.join``. An established TCP flow's segment without SYN, FIN or
 RST is rewritten at once; any other segment of a known flow (the handshake, the teardown)
-goes through the TCP state table first (``_known_tcp``), and a TCP segment of no flow goes
-straight to the transport step below, both with the offsets the fast path checked: such
+goes through the TCP state table first (``_known_tcp``), and a segment or datagram of no flow
+goes straight to the transport step below, both with the offsets the fast path checked: such
 packets are never parsed twice. Anything else takes the general path: ``parse_ip``, then
 ICMP errors (translated by :mod:`nfqlb.icmp`), later fragments (they follow their first), or
 the transport: a known flow moves through the TCP state table and is rewritten; a SYN (or any
@@ -74,10 +74,12 @@ __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
 _ESTABLISHED = TcpState.ESTABLISHED
 
-#: What ``parse_ip`` says of a TCP segment the fast path checked (IPv4 without options, IPv6
-#: without extension headers, not a fragment).
+#: What ``parse_ip`` says of a TCP segment or UDP datagram the fast path checked (IPv4
+#: without options, IPv6 without extension headers, not a fragment).
 _TCP4 = Parsed(False, 20, TCP, None, True)
 _TCP6 = Parsed(True, 40, TCP, None, True)
+_UDP4 = Parsed(False, 20, UDP, None, True)
+_UDP6 = Parsed(True, 40, UDP, None, True)
 
 #: ``TRANSITIONS`` as the packet path reads it: ``_NEXT[state][event]``, the new state (the
 #: same state where the table lists none).
@@ -126,13 +128,13 @@ class Engine:
         """Verdict for one IP packet. Never raises."""
         try:
             n = len(data)
-            b0 = data[0] if n >= 40 else 0  # (a bare IPv4 TCP segment is 40 bytes)
+            b0 = data[0] if n >= 28 else 0  # (IPv4 + UDP headers: 28 bytes; + TCP's: 40)
             if b0 == 0x45 and (data[2] << 8 | data[3]) == n and not (data[6] & 0x3F or data[7]):
                 proto = data[9]
                 if proto == TCP:
                     k = data[12:24]
                     flow = self._tcp.get(k)
-                    if 20 <= (data[32] >> 4) * 4 <= n - 20:
+                    if n >= 40 and 20 <= (data[32] >> 4) * 4 <= n - 20:
                         if flow is None:  # a new flow, or not ours: no need to parse again
                             self.counters.packets += 1
                             return self._transport(data, _TCP4, now)[0]
@@ -169,6 +171,9 @@ class Engine:
                 elif proto == UDP:
                     k = data[12:24]
                     flow = self._udp.get(k)
+                    if flow is None and (data[24] << 8 | data[25]) == n - 20:
+                        self.counters.packets += 1
+                        return self._transport(data, _UDP4, now)[0]
                     if flow is not None and (data[24] << 8 | data[25]) == n - 20:
                         flow.last = now
                         head = self._udp_ring
@@ -239,6 +244,9 @@ class Engine:
                 elif proto == UDP:
                     k = data[8:44]
                     flow = self._udp.get(k)
+                    if flow is None and n >= 48 and (data[44] << 8 | data[45]) == n - 40:
+                        self.counters.packets += 1
+                        return self._transport(data, _UDP6, now)[0]
                     c = data[46] << 8 | data[47] if n >= 48 else 0
                     if flow is not None and c and (data[44] << 8 | data[45]) == n - 40:
                         flow.last = now

@@ -442,6 +442,20 @@ def test_a_connections_life_is_not_parsed_after_its_syn(mode: str, monkeypatch) 
     assert eng.stats()["rewritten"] == 8 and parsed == []
 
 
+@pytest.mark.parametrize("mode", ["dnat", "fullnat"])
+def test_a_udp_flow_is_not_parsed(mode: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import nfqlb.engine
+
+    parsed = []
+    real = nfqlb.engine.parse_ip
+    monkeypatch.setattr(nfqlb.engine, "parse_ip", lambda data: parsed.append(data) or real(data))
+    eng = engine(service(mode, "udp"), **TIMEOUTS)
+    c = Conversation(eng, proto="udp")
+    for side in ("client", "server", "client"):
+        assert isinstance(getattr(c, side)(), bytes)
+    assert eng.stats()["rewritten"] == 3 and eng.table.active == 1 and parsed == []
+
+
 def test_both_keys_hold_the_flow_itself() -> None:
     eng = engine(service("fullnat"), **TIMEOUTS)
     c = Conversation(eng)
