@@ -2,11 +2,11 @@
 
 When a first fragment (the one with the transport header) is rewritten, its fragment key
 (source, destination, protocol and identification: the same in every fragment of a datagram)
-is remembered with the flow (and direction) it used. Later fragments are rewritten with that flow's
-addresses. A later fragment that arrives before its first is held, in a buffer bounded in
-count (``max_held``, and ``max_per_source`` per source address) and time (``timeout``); it is
-released once the first fragment comes, or dropped when its time is up. Held packets are known
-by an integer id the caller keeps.
+is remembered with the flow and direction it used. Later fragments are rewritten with that
+direction's addresses. A later fragment that arrives before its first is held, in a buffer
+bounded in count (``max_held``, and ``max_per_source`` per source address) and time
+(``timeout``); it is released once the first fragment comes, or dropped when its time is
+up. Held packets are known by an integer id the caller keeps.
 
 A held fragment has no verdict yet, so it occupies a slot of the kernel queue: the bounds keep
 a flood of spoofed later fragments from filling the queue (the per-source bound keeps one
