@@ -233,6 +233,9 @@ class Flow:
 WSCALE_UNSEEN = 15 | 15 << 4
 
 
+_new_flow = object.__new__
+
+
 def _ring() -> Flow:
     """The sentinel of a least-recently-used list: an empty ring."""
     head = Flow.__new__(Flow)
@@ -280,7 +283,17 @@ class FlowTable:
         packets leaving from ``src``:``sport``, its replies arriving as ``rev_key``
         (``reply_key``), with both directions' rewrites; not in the table (see ``add``)."""
         alen = len(baddr)
-        flow = Flow(service, backend, proto, state, now, key, rev_key, snat_port)
+        flow = _new_flow(Flow)  # every slot set once, here (Flow.__init__ sets them twice)
+        flow.service = service
+        flow.backend = backend
+        flow.state = state
+        flow.last = now
+        flow.fwd_key = key
+        flow.rev_key = rev_key
+        flow.snat_port = snat_port
+        flow.peer_c = flow.peer_b = b""
+        flow.ws = 0
+        flow.prev = flow.placed = flow.reclaim = None
         vip = key[alen:2 * alen]
         fwd_hdr = flow.fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
         flow.rev_hdr = vip + key[:alen] + key[-2:] + key[-4:-2]
@@ -295,6 +308,8 @@ class FlowTable:
             diff = (new >> 32) - (old >> 32)
             flow.fwd_ipd = _INT[diff % 0xFFFF or 0xFFFF]
             flow.rev_ipd = _INT[-diff % 0xFFFF or 0xFFFF]
+        else:
+            flow.fwd_ipd = flow.rev_ipd = 0
         return flow
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
