@@ -55,7 +55,7 @@ from nfqlb.frags import FragmentTracker
 from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
-from nfqlb.values import Backend
+from nfqlb.values import Backend, Mode
 from nfqlb.verdict import ACCEPT, DROP, Action, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
@@ -95,6 +95,8 @@ class Engine:
         self._udp = self.table.by_proto[UDP]
         self._released: list[tuple[int, Final]] = []
         self._outbound: list[bytes] = []  # packets of nfqlb's own to send (see packets_to_send)
+        #: offload backends whose flows are to end (see kernel_flows_to_reset)
+        self._kernel_resets: list[tuple[ServiceRuntime, BackendRuntime, str]] = []
         self._sampled = float("-inf")  # when the backends last noted their flows placed
 
     # ---------------------------------------------------------------- per packet
@@ -185,6 +187,12 @@ class Engine:
         both sides of flows it gives up (``on_backend_down = "reset"``, ``drain_timeout``).
         The daemon sends them on a raw socket."""
         out, self._outbound = self._outbound, []
+        return out
+
+    def kernel_flows_to_reset(self) -> list[tuple[ServiceRuntime, BackendRuntime, str]]:
+        """The offload backends whose flows are to end since the last call (service, backend,
+        why): the kernel holds those flows, so the daemon removes them from conntrack."""
+        out, self._kernel_resets = self._kernel_resets, []
         return out
 
     def released_verdicts(self) -> list[tuple[int, Final]]:
@@ -553,7 +561,11 @@ class Engine:
     def _reset_flows(self, rt: BackendRuntime, now: float, why: str) -> int:
         """End every flow of ``rt``: a RST to both ends of each TCP flow whose sequence numbers
         are known (``packets_to_send``), and the flow leaves the table."""
-        service = self.services.owner(rt).name  # (a removed backend leaves with its last flow)
+        owner = self.services.owner(rt)
+        if owner.service.mode is Mode.OFFLOAD:  # its flows are the kernel's, not in the table
+            self._kernel_resets.append((owner, rt, why))
+            return 0
+        service = owner.name  # (a removed backend leaves with its last flow)
         n = 0
         for flow in list(rt.flows):
             if flow.proto == TCP:
