@@ -124,6 +124,12 @@ OFFLOAD_MARK_MASK = 0x0FF00000
 backends in (255 of them), away from the bits kube-proxy (0x4000, 0x8000) and most hosts use."""
 
 
+OFFLOAD_BINDINGS = ("netlink", "netfilterqueue")
+"""How the offload queue is served: nfqlb's own netlink client (verdicts of a wakeup in one
+sendmsg; the default, a little less CPU per new flow in the lab) or the NetfilterQueue
+binding."""
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     queue: int = 1
@@ -139,6 +145,7 @@ class DaemonConfig:
     icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
     offload_queue: int | None = None  # queue of offload's new flows (default: queue + 20000)
     offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
+    offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
 
     @property
     def large_queue_number(self) -> int:
@@ -200,7 +207,7 @@ _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
-    "offload_mark_mask",
+    "offload_mark_mask", "offload_binding",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -558,7 +565,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         offload_queue=d.integer("offload_queue", None, 0, 65535) if d.has("offload_queue")
         else None,
         offload_mark_mask=d.integer("offload_mark_mask", OFFLOAD_MARK_MASK, 1, 0xFFFFFFFF),
+        offload_binding=d.text("offload_binding", "netlink"),
     )
+    if daemon.offload_binding not in OFFLOAD_BINDINGS:
+        raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "
+                     f"{', '.join(map(repr, OFFLOAD_BINDINGS))}")
     if daemon.large_queue_number == daemon.queue:
         raise d.fail("large_queue", f"must differ from queue ({daemon.queue})")
     if daemon.offload_queue_number in (daemon.queue, daemon.large_queue_number):

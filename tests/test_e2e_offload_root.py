@@ -23,8 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from lab import LB_BACKEND_ADDR, LB_BACKEND_ADDR6, UDP_PORT, VIP, VIP6, Lab, Nfqlb, \
-    render_config, url_host
+from lab import (
+    LB_BACKEND_ADDR,
+    LB_BACKEND_ADDR6,
+    UDP_PORT,
+    VIP,
+    VIP6,
+    Lab,
+    Nfqlb,
+    render_config,
+    url_host,
+)
 
 pytestmark = pytest.mark.root
 
@@ -137,12 +146,14 @@ def conntrack_entries(lab: Lab, vip: str, backend_addr: str) -> int:
 # ------------------------------------------------------------------ balancing
 
 
-@pytest.mark.parametrize("family", [4, 6])
+@pytest.mark.parametrize(("family", "binding"), [(4, "netlink"), (6, "netlink"),
+                                                 (4, "netfilterqueue"), (6, "netfilterqueue")])
 def test_tcp_flows_spread_over_both_backends_and_only_first_packets_reach_nfqlb(
-        family: int) -> None:
+        family: int, binding: str) -> None:
     with Lab(2, ipv6=family == 6) as lab:
         before = lab.iptables_save(lab.lb)
-        d = lab.nfqlb(named(lab, lab.service("offload", family=family)))
+        d = lab.nfqlb(named(lab, lab.service("offload", family=family)),
+                      daemon={"offload_binding": binding})
         with d:
             seen = labels(lab, family)
             queue = offload_queue(d)

@@ -51,7 +51,7 @@ from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
-from nfqlb.io.offload import OffloadQueueAdapter
+from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
 from nfqlb.offload import OffloadDecider
 from nfqlb.values import Backend, Mode
@@ -356,7 +356,9 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     decider = None
     if _has_offload(config):  # a third queue: conntrack NEW packets of offload services
         decider = OffloadDecider(config, engine.services, engine.counters)
-        adapters.append(OffloadQueueAdapter(decider, rules.offload_queue_for(config, q), log))
+        offload_adapter = (OffloadNetlinkAdapter if config.daemon.offload_binding == "netlink"
+                           else OffloadQueueAdapter)
+        adapters.append(offload_adapter(decider, rules.offload_queue_for(config, q), log))
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
     if decider is not None:

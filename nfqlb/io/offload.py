@@ -21,7 +21,17 @@ from typing import Any
 
 from nfqlb.errors import SystemSetupError
 from nfqlb.io.kstats import KernelQueueStats
+from nfqlb.io.netlink import (
+    BE32,
+    NF_ACCEPT,
+    NLATTR,
+    NLMSGHDR,
+    NetlinkQueueAdapter,
+    parse_packet,
+    verdict_prefix,
+)
 from nfqlb.io.nfqueue import BUDGET, _BudgetSocket
+from nfqlb.io.verdicts import give
 from nfqlb.offload import COPY_RANGE, OffloadDecider
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import ACCEPT
@@ -142,3 +152,44 @@ class OffloadQueueAdapter:
         if self.enobufs:
             text += f", {self.enobufs} receive overruns"
         return text + (f"\n  {self.kernel.describe()}" if self.kernel is not None else "")
+
+
+# --- the same queue on nfqlb's own netlink client, verdicts sent in batches --------------------
+
+NFQA_MARK = 3  # linux/netfilter/nfnetlink_queue.h: the packet mark, be32, in a verdict too
+
+
+class OffloadNetlinkAdapter(NetlinkQueueAdapter):
+    """The offload queue on :class:`nfqlb.io.netlink.NetlinkQueueAdapter`: every verdict of a
+    wakeup goes to the kernel in one ``sendmsg``; a mark is an ``NFQA_MARK`` attribute after
+    the verdict header."""
+
+    def __init__(self, decider: OffloadDecider, queue: int, log: logging.Logger,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(decider.handle, queue, log, clock, purpose="offload: new flows")
+        self.decider = decider
+        head = verdict_prefix(queue, NF_ACCEPT)
+        n = NLMSGHDR.unpack_from(head)[0] + NLATTR.size + BE32.size
+        self._mark_prefix = NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + \
+            head[NLMSGHDR.size:]
+        self._mark_attr = NLATTR.pack(NLATTR.size + BE32.size, NFQA_MARK)
+
+    def _on_packet(self, start: int, end: int) -> None:
+        packet_id, payload, _cap_len = parse_packet(self._buf, start, end)
+        if packet_id is None:
+            self.malformed += 1
+            return
+        self.packets += 1
+        if payload is None:
+            self.malformed += 1
+            self._give_drop(packet_id)
+            return
+        r = self._handle(payload, self.now)  # OffloadDecider.handle never raises
+        if r.__class__ is int:
+            self._queue(b"".join((self._mark_prefix, BE32.pack(packet_id), self._mark_attr,
+                                  BE32.pack(r))))
+        elif not give(r, packet_id, self._sink):
+            self._bad_verdict(r)
+
+    def format_stats(self) -> str:
+        return super().format_stats() + f"\n  {self.decider.passed} not offloaded"
