@@ -5,8 +5,10 @@ The lab of ``tests/lab`` (client, lb, two nginx backends). Each round runs, in t
 against http://198.18.100.1:80/ through
 
   kernel-dnat   nat PREROUTING DNAT, round robin with ``-m statistic --mode nth``;
-  offload       ``nfqlb run`` with a ``mode = "offload"`` service (round_robin, both
-                backends): conntrack NEW packets queued, DNAT by mark;
+  offload-B     ``nfqlb run`` with a ``mode = "offload"`` service (round_robin, both
+                backends): conntrack NEW packets queued, DNAT by mark, the queue served by
+                ``offload_binding = B`` (``--bindings netlink,netfilterqueue``: one stage
+                each);
 
 alternating the two (ABBA) so that drift hits both alike, each from an empty conntrack
 table. Prints each round's requests/s, the
@@ -14,6 +16,7 @@ medians, the ratios offload/kernel, and the worker's CPU per queued packet (utim
 its pid / packets of the offload queue).
 
     python bench/offload_bench.py [--seconds 3] [--rounds 5] [--connections 32]
+                                  [--bindings netlink,netfilterqueue]
 
 Needs root, iproute2, iptables, nginx and wrk. Traffic stays in the lab's namespaces. Run it
 under ``flock /tmp/nfqlb-bench.lock`` on a shared machine.
@@ -97,24 +100,29 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--connections", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--bindings", default="netlink",
+                    help="offload_binding values to measure, comma-separated (each a stage)")
     args = ap.parse_args()
+    bindings = args.bindings.split(",")
+    stages = ["kernel-dnat"] + [f"offload-{b}" for b in bindings]
     rates: dict[tuple[str, bool], list[float]] = {}
-    cpu: list[tuple[int, int]] = []  # (ticks, packets) of the offload worker per round
+    cpu: dict[str, list[tuple[int, int]]] = {}  # per stage: (ticks, packets) per round
     with Lab(2, ipv6=False) as lab:
         print(f"wrk -t{args.threads} -c{args.connections} -d{args.seconds:g}s {URL}, "
               f"{args.rounds} alternating rounds", flush=True)
         for r in range(args.rounds):
-            order = ("kernel-dnat", "offload") if r % 2 == 0 else ("offload", "kernel-dnat")
+            order = stages if r % 2 == 0 else stages[::-1]
             for name in order:
                 flush_conntrack(lab)  # each stage starts from an empty connection table
                 if name == "kernel-dnat":
                     stage: contextlib.AbstractContextManager[object] = kernel_dnat(lab)
                     pid, queue = None, None
                 else:
-                    d = lab.nfqlb(lab.service("offload"))
+                    d = lab.nfqlb(lab.service("offload"),
+                                  daemon={"offload_binding": name.removeprefix("offload-")})
                     stage = d
                 with stage:
-                    if name == "offload":
+                    if name != "kernel-dnat":
                         assert d.proc is not None
                         pid, queue = d.proc.pid, 20000 + d.queue
                     wrk(lab, 1, args.connections, args.threads, False)  # warm-up
@@ -124,20 +132,24 @@ def main() -> int:
                         rate = wrk(lab, args.seconds, args.connections, args.threads, close)
                         rates.setdefault((name, close), []).append(rate)
                     if pid and queue:
-                        cpu.append((ticks(pid) - t0, queued(lab, queue) - q0))
-                print(f"  round {r + 1} {name:<12} keep-alive "
+                        cpu.setdefault(name, []).append((ticks(pid) - t0,
+                                                         queued(lab, queue) - q0))
+                print(f"  round {r + 1} {name:<22} keep-alive "
                       f"{rates[(name, False)][-1]:8.0f} req/s  close "
                       f"{rates[(name, True)][-1]:7.0f} conn/s", flush=True)
     print("\nmedians (ratio to kernel-dnat):")
     for close, what in ((False, "keep-alive req/s"), (True, "new connections/s")):
         ref = statistics.median(rates[("kernel-dnat", close)])
-        off = statistics.median(rates[("offload", close)])
-        print(f"  {what:<18} kernel-dnat {ref:8.0f}  offload {off:8.0f}  "
-              f"ratio {off / ref:.3f}")
-    t, p = sum(c[0] for c in cpu), sum(c[1] for c in cpu)
-    if p:
-        print(f"  offload worker: {1e6 * t / CLK_TCK / p:.1f} us CPU per queued packet "
-              f"({p} packets queued over the measured runs)")
+        line = f"  {what:<18} kernel-dnat {ref:8.0f}"
+        for name in stages[1:]:
+            off = statistics.median(rates[(name, close)])
+            line += f"  {name} {off:8.0f} ({off / ref:.3f}x)"
+        print(line)
+    for name, rows in cpu.items():
+        t, p = sum(c[0] for c in rows), sum(c[1] for c in rows)
+        if p:
+            print(f"  {name} worker: {1e6 * t / CLK_TCK / p:.1f} us CPU per queued packet "
+                  f"({p} packets queued over the measured runs)")
     return 0
 
 

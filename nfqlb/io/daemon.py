@@ -199,7 +199,9 @@ class Server:
         """Run until a stop signal; re-raise what crashed the loop, if anything did."""
         fds = [a.fileno() for a in self.adapters]
         for fd, adapter in zip(fds, self.adapters, strict=True):
-            self.loop.add_reader(fd, self._on_readable, adapter)
+            lean = getattr(adapter, "lean", False)  # the offload queue: nothing held or sent
+            self.loop.add_reader(fd, self._on_readable_lean if lean else self._on_readable,
+                                 adapter)
         self._arm_timer()
         stats: asyncio.TimerHandle | None = None
         if self.stats_interval:
@@ -263,6 +265,15 @@ class Server:
         deadline = self.engine.get_timer()
         if deadline is not None and deadline < self._timer_deadline:
             self._arm_timer()
+
+    def _on_readable_lean(self, adapter: Adapter) -> None:
+        """A queue whose packets the engine never holds, answers nor times (the offload
+        queue): only the adapter's own work per wakeup."""
+        try:
+            adapter.on_readable()
+        except BaseException as exc:  # noqa: B036 - as _on_readable
+            self.crash = exc
+            self.loop.stop()
 
     def _arm_timer(self) -> None:
         if self._timer is not None:

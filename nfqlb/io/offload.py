@@ -41,6 +41,7 @@ class OffloadQueueAdapter:
     """The offload queue bound through NetfilterQueue, feeding an OffloadDecider."""
 
     purpose = "offload: new flows"
+    lean = True  # the daemon's reader calls on_readable and nothing else (see Server)
 
     def __init__(self, decider: OffloadDecider, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -168,6 +169,7 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
                  clock: Callable[[], float] = time.monotonic) -> None:
         super().__init__(decider.handle, queue, log, clock, purpose="offload: new flows")
         self.decider = decider
+        self.lean = True  # the daemon's reader calls on_readable and nothing else
         head = verdict_prefix(queue, NF_ACCEPT)
         n = NLMSGHDR.unpack_from(head)[0] + NLATTR.size + BE32.size
         self._mark_prefix = NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + \
