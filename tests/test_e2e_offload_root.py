@@ -292,6 +292,28 @@ def test_status_counts_open_flows_from_conntrack() -> None:
         assert "conntrack" in text, text
 
 
+def test_status_sums_the_open_flows_bytes_with_conntrack_accounting() -> None:
+    with Lab(2, ipv6=False) as lab:
+        lab.sysctl(lab.lb, "net.netfilter.nf_conntrack_acct", "1")
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web")))
+        with d:
+            holders = [Holder(lab, VIP) for _ in range(2)]
+            firsts = [h.first(d) for h in holders]
+            status(d)
+
+            def summed() -> bool:
+                note = status(d)["services"]["web"]["offload"]
+                return note.get("accounting") is True and all(
+                    note["open_flows"][f]["bytes"] > 0 for f in firsts)
+
+            wait_for(summed, 10, "conntrack's byte counts of the open connections", d)
+            note = status(d)["services"]["web"]["offload"]
+            for h in holders:
+                h.second(d)
+        assert "unseen" not in note
+        assert all(note["open_flows"][f]["packets"] >= 4 for f in firsts), note
+
+
 def test_check_refuses_least_conn_for_offload(tmp_path: Path) -> None:
     config = tmp_path / "nfqlb.toml"
     config.write_text(render_config([{

@@ -237,15 +237,13 @@ class KernelFlows:
                                       "conntrack count them")
             if self.failed:
                 note["error"] = self.failed
+            if last is not None and last.accounting:  # the open flows' sums, per backend
+                zero = BackendCount()
+                note["open_flows"] = {
+                    name: {"packets": last.backends.get(rt, zero).packets,
+                           "bytes": last.backends.get(rt, zero).bytes}
+                    for name, rt in svc.backends.items()}
             entry["offload"] = note
-            for name, rt in svc.backends.items():
-                fig = entry["backends"].get(name)
-                if fig is None:
-                    continue
-                c = last.backends.get(rt) if last is not None else None
-                if last is not None and last.accounting:
-                    fig["conntrack_packets"] = c.packets if c else 0
-                    fig["conntrack_bytes"] = c.bytes if c else 0
 
     # ---- resets
 

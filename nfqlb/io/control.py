@@ -468,7 +468,8 @@ def _offload_note(o: dict[str, Any]) -> str:
     else:
         text = (f"active/inact: from conntrack, counted {o['counted_s_ago']:g}s ago (took "
                 f"{o['count_took_s']:g}s); pkts/bytes: ")
-        text += ("conntrack's per backend in --json" if o.get("accounting") else
+        text += ("the open flows' sums per backend in --json (conntrack accounting)"
+                 if o.get("accounting") else
                  "not seen (the kernel carries the flows; net.netfilter.nf_conntrack_acct=1 "
                  "makes conntrack count them)")
     return text + (f"; {o['error']}" if o.get("error") else "")
