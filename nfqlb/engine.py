@@ -558,10 +558,12 @@ class Engine:
         ``observe``). Call it from the thread that calls ``handle``."""
         return self.services.named(service).policy
 
-    def _reset_flows(self, rt: BackendRuntime, now: float, why: str) -> int:
+    def _reset_flows(self, rt: BackendRuntime, now: float, why: str,
+                     owner: ServiceRuntime | None = None) -> int:
         """End every flow of ``rt``: a RST to both ends of each TCP flow whose sequence numbers
-        are known (``packets_to_send``), and the flow leaves the table."""
-        owner = self.services.owner(rt)
+        are known (``packets_to_send``), and the flow leaves the table. ``owner``: its
+        service, when a reload removed that service (it is no longer among the services)."""
+        owner = owner or self.services.owner(rt)
         if owner.service.mode is Mode.OFFLOAD:  # its flows are the kernel's, not in the table
             self._kernel_resets.append((owner, rt, why))
             return 0
@@ -633,7 +635,7 @@ class Engine:
         for svc in gone_services:
             if svc.service.on_backend_down is OnBackendDown.RESET:
                 for rt in list(svc.backends.values()):
-                    self._reset_flows(rt, now, "removed with its service")
+                    self._reset_flows(rt, now, "removed with its service", svc)
 
     def lingering(self) -> dict[str, tuple[Backend, ...]]:
         """Per service, the backends a reload removed that still have flows (their replies

@@ -64,8 +64,9 @@ class OffloadDecider:
     def reconfigure(self, config: Config) -> list[tuple[ServiceRuntime, BackendRuntime]]:
         """Take the engine's services again (after ``Engine.reconfigure``): the index and the
         marks, as the rules number them (:func:`nfqlb.config.offload_marks`). Returns the
-        backends gone from the configuration whose flows are to end (their service's
-        on_backend_down is "reset"): the kernel holds them, nothing in the engine does."""
+        backends a kept service lost whose flows are to end (its on_backend_down is
+        "reset"): the kernel holds them and the engine kept no runtime for them. A removed
+        service's backends come from ``Engine.reconfigure`` (``kernel_flows_to_reset``)."""
         old_owner = self._owner
         numbered = offload_marks(config.daemon, config.services)
         marks: dict[BackendRuntime, int] = {}
@@ -82,7 +83,8 @@ class OffloadDecider:
         self.by_vip = by_vip
         self._owner = {rt: svc for svc in self.offload_services() for rt in svc.backends.values()
                        if rt in marks}
-        return [(svc, rt) for rt, svc in old_owner.items() if rt not in marks
+        kept = set(self.offload_services())  # (a removed service's flows: Engine.reconfigure)
+        return [(svc, rt) for rt, svc in old_owner.items() if rt not in marks and svc in kept
                 and svc.service.on_backend_down is OnBackendDown.RESET]
 
     def offload_services(self) -> list[ServiceRuntime]:

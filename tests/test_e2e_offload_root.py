@@ -264,6 +264,14 @@ def test_reload_renumbering_marks_keeps_open_connections_on_their_backends() -> 
             assert done.returncode == 0, done.stdout + done.stderr
             afters = [h.second(d) for h in holders]
             seen = labels(lab)
+            # the offload queue is bound at start: a reload may not move it
+            d.config_path.write_text(render_config([other, svc], {
+                "queue": d.queue, "bypass": True, "offload_queue": 30001}))
+            refused = d.cli("ctl", "reload")
+            still = labels(lab, n=2)
+        assert refused.returncode != 0 and "daemon.offload_queue" in refused.stdout + \
+            refused.stderr, refused
+        assert len(still) == 2
         assert [a.get("second") for a in afters] == firsts, afters
         assert sorted(set(seen)) == ["backend-1", "backend-2"], seen
 

@@ -166,3 +166,26 @@ def test_reload_renumbers_the_marks_and_returns_removed_backends_to_reset() -> N
     assert eng.services.named("offload-tcp").backends["b2"] is first  # kept, figures too
     assert d.handle(syn(), 1.0) == 0x00300000  # b2's mark is now the third
     assert d.handle(syn(dport=81), 1.0) == M1  # other's b1
+
+
+def test_removing_a_service_with_reset_ends_its_flows_once() -> None:
+    """A reload that removes a whole service with on_backend_down = "reset": the engine hands
+    its backends over (it raised StopIteration looking for their owner before), and the
+    decider does not hand them over a second time."""
+    eng, d = decider(offload(on_backend_down="reset"), offload(name="x", port=81))
+    new = config(offload(name="x", port=81))
+    eng.reconfigure(new, 1.0)
+    assert d.reconfigure(new) == []
+    assert sorted((s.name, rt.name, why) for s, rt, why in eng.kernel_flows_to_reset()) == [
+        ("offload-tcp", "b1", "removed with its service"),
+        ("offload-tcp", "b2", "removed with its service")]
+
+
+def test_removing_a_dnat_service_with_reset_resets_its_flows() -> None:
+    dnat = service("dnat", on_backend_down="reset")
+    eng = Engine(config(dnat, service("dnat", name="x", port=81)))
+    eng.handle(syn(), 0.0)
+    assert eng.table.active == 1
+    eng.reconfigure(config(service("dnat", name="x", port=81)), 1.0)
+    assert eng.table.active == 0
+    assert eng.counters.events["flows_reset"] == 1

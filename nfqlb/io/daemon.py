@@ -159,6 +159,11 @@ class Server:
             if self.offload is None and _has_offload(config):
                 raise ConfigError(config.source, "service", "adds mode \"offload\" to a "
                                   "daemon started without it: restart to bind its queue")
+            served = [a.queue for a in self.adapters if getattr(a, "lean", False)]
+            offload_queue = rules.offload_queue_for(config, live.queue)
+            if served and served != [offload_queue]:
+                raise ConfigError(config.source, "daemon.offload_queue", f"is {offload_queue}, "
+                                  f"the running daemon serves {served[0]}: restart to change it")
             rulesets = rules.render(config, live.queue)
             for rs in rulesets:
                 if rs.family.version not in live.tools:
