@@ -119,6 +119,17 @@ class Timeouts:
     frag: float = 5.0  # how long an out-of-order fragment waits for its first fragment
 
 
+OFFLOAD_MARK_MASK = 0x0FF00000
+"""The default of daemon.offload_mark_mask: the packet mark bits mode "offload" numbers its
+backends in (255 of them), away from the bits kube-proxy (0x4000, 0x8000) and most hosts use."""
+
+
+OFFLOAD_BINDINGS = ("netlink", "netfilterqueue")
+"""How the offload queue is served: nfqlb's own netlink client (verdicts of a wakeup in one
+sendmsg; the default, a little less CPU per new flow in the lab) or the NetfilterQueue
+binding."""
+
+
 @dataclass(frozen=True, slots=True)
 class DaemonConfig:
     queue: int = 1
@@ -132,10 +143,18 @@ class DaemonConfig:
     # occupy slots of it
     large_queue: int | None = None  # queue for packets over 3960 B (default: queue + 10000)
     icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
+    offload_queue: int | None = None  # queue of offload's new flows (default: queue + 20000)
+    offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
+    offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
 
     @property
     def large_queue_number(self) -> int:
         return self.large_queue if self.large_queue is not None else (self.queue + 10000) % 65536
+
+    @property
+    def offload_queue_number(self) -> int:
+        return (self.offload_queue if self.offload_queue is not None
+                else (self.queue + 20000) % 65536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,7 +206,8 @@ class Config:
 _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
-    "icmp_echo", "max_fragments_per_source", "queue_maxlen",
+    "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
+    "offload_mark_mask", "offload_binding",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -278,9 +298,14 @@ def _service(chk: _Checker) -> Service:
                            "is required in fullnat mode (a range like \"20000-29999\")")
         if snat_address.version != vip.version:
             raise chk.fail("snat_address", f"{snat_address} is not of the VIP's family")
+    elif mode is Mode.OFFLOAD and snat_ports is None:
+        if snat_address is not None and snat_address.version != vip.version:
+            raise chk.fail("snat_address", f"{snat_address} is not of the VIP's family")
     elif snat_address is not None or snat_ports is not None:
         bad = "snat_address" if snat_address is not None else "snat_ports"
-        raise chk.fail(bad, f"only applies in fullnat mode, this service is {mode.value}")
+        where = "fullnat mode (offload takes snat_address only: the kernel picks ports)" \
+            if mode is Mode.OFFLOAD else "fullnat mode"
+        raise chk.fail(bad, f"only applies in {where}, this service is {mode.value}")
     tables = chk.tables("backend")
     if not tables:
         raise chk.fail("backend", "no backends: add at least one [[service.backend]]")
@@ -306,6 +331,8 @@ def _service(chk: _Checker) -> Service:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
                        "the backend knows the connection by is lost with the table")
     policy, options, fallback = _policy(chk, backends)
+    if mode is Mode.OFFLOAD:
+        _check_offload_policy(chk, policy, options, fallback, backends)
     health = _health(chk, tables, backends, protocol, vip, port)
     on_backend_down = chk.choice("on_backend_down", OnBackendDown, "keep")
     drain_timeout = chk.number("drain_timeout", 0.0, 0.0, 1e7)
@@ -349,6 +376,23 @@ def _policy(chk: _Checker, backends: tuple[Backend, ...]
         raise chk.fail("policy_fallback", str(exc)) from None
     except PolicyError as exc:
         raise chk.fail("policy", str(exc)) from None
+
+
+def _check_offload_policy(chk: _Checker, spec: str, options: Mapping[str, Any],
+                          fallback: str, backends: tuple[Backend, ...]) -> None:
+    """In offload mode the kernel ends flows and nfqlb never hears of it: a policy that counts
+    flows through ``on_flow_closed`` (least_conn, random's power of two choices, such plugins)
+    would count every flow open forever, so it is refused here rather than misbalance."""
+    for key, name, opts in (("policy", spec, options), ("policy_fallback", fallback, {})):
+        if name == policies.DROP:
+            continue
+        built = policies.make_policy(name, backends, opts)
+        if getattr(built, "on_flow_closed", None) is not None:
+            raise chk.fail(key, f"{name!r} counts open flows through on_flow_closed(), which "
+                           "mode \"offload\" cannot call (the kernel's conntrack ends its "
+                           "flows, nfqlb never sees them end): choose a policy without it "
+                           "(round_robin, weighted_round_robin, source_hash, maglev, "
+                           "flow_hash) or another mode")
 
 
 # --- health checks: [service.health], [[service.backend]] health_port -----------------------
@@ -518,9 +562,24 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
                                10_000_000),
         large_queue=d.integer("large_queue", None, 0, 65535) if d.has("large_queue") else None,
         icmp_echo=d.choice("icmp_echo", IcmpEcho, "accept"),
+        offload_queue=d.integer("offload_queue", None, 0, 65535) if d.has("offload_queue")
+        else None,
+        offload_mark_mask=d.integer("offload_mark_mask", OFFLOAD_MARK_MASK, 1, 0xFFFFFFFF),
+        offload_binding=d.text("offload_binding", "netlink"),
     )
+    if daemon.offload_binding not in OFFLOAD_BINDINGS:
+        raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "
+                     f"{', '.join(map(repr, OFFLOAD_BINDINGS))}")
     if daemon.large_queue_number == daemon.queue:
         raise d.fail("large_queue", f"must differ from queue ({daemon.queue})")
+    if daemon.offload_queue_number in (daemon.queue, daemon.large_queue_number):
+        raise d.fail("offload_queue", f"{daemon.offload_queue_number} must differ from queue "
+                     f"({daemon.queue}) and large_queue ({daemon.large_queue_number})")
+    mask = daemon.offload_mark_mask
+    low = mask & -mask
+    if (mask + low) & mask:
+        raise d.fail("offload_mark_mask", f"{mask:#x} is not one run of bits (like "
+                     f"{OFFLOAD_MARK_MASK:#010x}): offload numbers its backends within it")
     _check_queue_room(d, daemon)
     t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
     base = Timeouts()
@@ -542,8 +601,35 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not services:
         raise ConfigError(source, "service", "no services: add at least one [[service]]")
     _check_health_ports(source, services)
+    _check_offload_marks(source, daemon, services)
     return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts,
                   metrics=_metrics(source, data.get("metrics")))
+
+
+def offload_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]
+                  ) -> dict[tuple[str, str], int]:
+    """The packet mark of each offload backend, by (service name, backend name): 1, 2, 3...
+    shifted into daemon.offload_mark_mask, in configuration order. The rules DNAT by it and
+    the offload decider sets it; a reload may renumber, which touches no flow (conntrack
+    keeps each flow's NAT from its first packet)."""
+    mask = daemon.offload_mark_mask
+    shift = (mask & -mask).bit_length() - 1
+    marks: dict[tuple[str, str], int] = {}
+    for svc in services:
+        if svc.mode is Mode.OFFLOAD:
+            for b in svc.backends:
+                marks[(svc.name, b.name)] = (len(marks) + 1) << shift
+    return marks
+
+
+def _check_offload_marks(source: str, daemon: DaemonConfig, services: list[Service]) -> None:
+    mask = daemon.offload_mark_mask
+    room = mask >> ((mask & -mask).bit_length() - 1)
+    n = len(offload_marks(daemon, services))
+    if n > room:
+        raise ConfigError(source, "daemon.offload_mark_mask",
+                          f"{mask:#x} numbers at most {room} offload backends, the services "
+                          f"have {n}: use a wider mask")
 
 
 QUEUE_ROOM = 4

@@ -60,7 +60,7 @@ from nfqlb.frags import FragmentTracker
 from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
-from nfqlb.values import Backend
+from nfqlb.values import Backend, Mode
 from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
 from nfqlb.wire.checksum import U16, apply
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
@@ -120,6 +120,8 @@ class Engine:
         self._udp_ring = self.table.rings[TcpState.UDP]
         self._released: list[tuple[int, Final]] = []
         self._outbound: list[bytes] = []  # packets of nfqlb's own to send (see packets_to_send)
+        #: offload backends whose flows are to end (see kernel_flows_to_reset)
+        self._kernel_resets: list[tuple[ServiceRuntime, BackendRuntime, str]] = []
         self._sampled = float("-inf")  # when the backends last noted their flows placed
 
     # ---------------------------------------------------------------- per packet
@@ -337,6 +339,12 @@ class Engine:
         both sides of flows it gives up (``on_backend_down = "reset"``, ``drain_timeout``).
         The daemon sends them on a raw socket."""
         out, self._outbound = self._outbound, []
+        return out
+
+    def kernel_flows_to_reset(self) -> list[tuple[ServiceRuntime, BackendRuntime, str]]:
+        """The offload backends whose flows are to end since the last call (service, backend,
+        why): the kernel holds those flows, so the daemon removes them from conntrack."""
+        out, self._kernel_resets = self._kernel_resets, []
         return out
 
     def released_verdicts(self) -> list[tuple[int, Final]]:
@@ -707,10 +715,16 @@ class Engine:
         ``observe``). Call it from the thread that calls ``handle``."""
         return self.services.named(service).policy
 
-    def _reset_flows(self, rt: BackendRuntime, now: float, why: str) -> int:
+    def _reset_flows(self, rt: BackendRuntime, now: float, why: str,
+                     owner: ServiceRuntime | None = None) -> int:
         """End every flow of ``rt``: a RST to both ends of each TCP flow whose sequence numbers
-        are known (``packets_to_send``), and the flow leaves the table."""
-        service = self.services.owner(rt).name  # (a removed backend leaves with its last flow)
+        are known (``packets_to_send``), and the flow leaves the table. ``owner``: its
+        service, when a reload removed that service (it is no longer among the services)."""
+        owner = owner or self.services.owner(rt)
+        if owner.service.mode is Mode.OFFLOAD:  # its flows are the kernel's, not in the table
+            self._kernel_resets.append((owner, rt, why))
+            return 0
+        service = owner.name  # (a removed backend leaves with its last flow)
         n = 0
         for flow in list(rt.flows):
             if flow.proto == TCP:
@@ -779,7 +793,7 @@ class Engine:
         for svc in gone_services:
             if svc.service.on_backend_down is OnBackendDown.RESET:
                 for rt in list(svc.backends.values()):
-                    self._reset_flows(rt, now, "removed with its service")
+                    self._reset_flows(rt, now, "removed with its service", svc)
 
     def lingering(self) -> dict[str, tuple[Backend, ...]]:
         """Per service, the backends a reload removed that still have flows (their replies

@@ -34,13 +34,14 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Config, HealthKind, IcmpEcho, Service
+from nfqlb.config import Config, HealthKind, IcmpEcho, Service, offload_marks
 from nfqlb.errors import ConfigError
 from nfqlb.values import Backend, IPAddress, Mode
 
 TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
 TABLE = "raw"
 BUILTIN_CHAINS = ("PREROUTING", "OUTPUT")  # the raw table's built-in chains
+_ANY_BUILTIN = ("PREROUTING", "INPUT", "FORWARD", "OUTPUT", "POSTROUTING")  # of any table
 
 BINDING_MAX_PACKET = 3960
 """The longest IP packet the NetfilterQueue binding receives whole in every case; longer ones
@@ -122,6 +123,10 @@ class RuleSet:
     jumps: tuple[str, ...]
     services: int
     large_queue: int  # where packets over BINDING_MAX_PACKET bytes go
+    #: mode "offload" (see "offload" below): (table, lines) for mangle and nat, and the jumps
+    #: (table, "-I ..." line); empty without offload services of this family
+    offload: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    offload_jumps: tuple[tuple[str, str], ...] = ()
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -283,7 +288,7 @@ def _health_rules(services: list[Service], family: Family, chains: Chains) -> li
     lines = []
     for svc in services:
         check = svc.health
-        if check is None or check.kind is HealthKind.COMMAND:
+        if check is None or check.kind is HealthKind.COMMAND or svc.mode is Mode.OFFLOAD:
             continue
         local = svc.mode is Mode.LOCAL
         for b in svc.backends:
@@ -347,6 +352,8 @@ def render(config: Config, queue: int | None = None, *,
         services = [s for s in config.services if s.vip.version == family.version]
         if not services:
             continue
+        offloaded = [s for s in services if s.mode is Mode.OFFLOAD]
+        services = [s for s in services if s.mode is not Mode.OFFLOAD]
         notes = _Notes(comments)
         body = notes("queue.rules")
         body += _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
@@ -373,9 +380,13 @@ def render(config: Config, queue: int | None = None, *,
                 elif line not in seen:
                     seen.add(line)
                     body.append(line)
-        jumps = _fill("jumps.rules", {"pre": chains.pre, "out": chains.out})
+        jumps = _fill("jumps.rules", {"pre": chains.pre, "out": chains.out}) if services else []
+        if not services:  # offload only: the raw chains stay empty, with no jump into them
+            body = []
+        tables, offload_jumps = _offload_rules(config, offloaded, family, q, bypass, comments)
         sets.append(RuleSet(family=family, queue=q, chains=chains, body=tuple(body),
-                            jumps=tuple(jumps), services=len(services), large_queue=large))
+                            jumps=tuple(jumps), services=len(services) + len(offloaded),
+                            large_queue=large, offload=tables, offload_jumps=offload_jumps))
     return tuple(sets)
 
 
@@ -393,7 +404,7 @@ class SavedTable:
     def is_empty(self) -> bool:
         """Only built-in chains, all with policy ACCEPT, and no rules: as if it did not exist."""
         return not self.rules and all(
-            name in BUILTIN_CHAINS and policy == "ACCEPT" for name, policy in self.chains.items()
+            name in _ANY_BUILTIN and policy == "ACCEPT" for name, policy in self.chains.items()
         )
 
 
@@ -444,6 +455,8 @@ def format_restore(ruleset: RuleSet, saved: SavedTable | None = None, *,
     Jumps already in ``saved`` are left out, so applying twice gives the rules once;
     ``all_jumps`` puts all of them in (for printing).
     """
+    if not ruleset.body and not ruleset.jumps:  # offload only: no raw chains (any left go)
+        return plan_delete(ruleset.queue, saved) or ""
     jumps = ruleset.jumps if all_jumps else missing_jumps(ruleset, saved)
     chains = ruleset.chains.names
     lines = [f"# {h}" for h in header]
@@ -492,6 +505,14 @@ def format_print(ruleset: RuleSet, source: str) -> str:
     lines += [*template_comments("jumps.rules"),
               "# They are not restore lines here: each restore would add them once more. Run:",
               *checks]
+    if ruleset.offload:
+        lines += [*template_comments("offload-table.rules"),
+                  *format_offload(ruleset, None, jumps=False).splitlines(),
+                  *template_comments("offload-jumps.rules"), "# Run:"]
+        for table, jump in ruleset.offload_jumps:
+            chain, spec = jump.split(None, 2)[1:]
+            t = f"{fam.iptables} -w -t {table}"
+            lines.append(f"#   {t} -C {chain} {spec} 2>/dev/null || {t} -I {chain} {spec}")
     return "\n".join(lines) + "\n"
 
 
@@ -643,3 +664,122 @@ DROP_EMPTY_TABLE = f"*{TABLE}\nCOMMIT\n"
 """iptables-restore input (without --noflush) that empties the raw table; with iptables-nft
 it removes the table, so a table nfqlb's apply created does not outlive its delete."""
 
+
+
+# --- mode "offload": conntrack NEW packets queued, DNAT/SNAT by mark -------------------------
+
+OFFLOAD_TABLES = ("mangle", "nat")
+
+
+@dataclass(frozen=True, slots=True)
+class OffloadChains:
+    """nfqlb's offload chains for one queue: ``new`` in mangle, ``dnat`` and ``snat`` in nat."""
+
+    new: str
+    dnat: str
+    snat: str
+
+    def of(self, table: str) -> tuple[str, ...]:
+        return (self.new,) if table == "mangle" else (self.dnat, self.snat)
+
+
+def offload_queue_for(config: Config, queue: int | None = None) -> int:
+    """The offload queue that goes with ``queue`` (default: daemon.queue)."""
+    q = config.daemon.queue if queue is None else queue
+    return replace(config.daemon, queue=q).offload_queue_number
+
+
+def offload_chains_for(queue: int) -> OffloadChains:
+    return OffloadChains(new=f"NFQLB-NEW-{queue}", dnat=f"NFQLB-DNAT-{queue}",
+                         snat=f"NFQLB-SNAT-{queue}")
+
+
+def _offload_rules(config: Config, services: list[Service], family: Family, queue: int,
+                   bypass: str, comments: bool
+                   ) -> tuple[tuple[tuple[str, tuple[str, ...]], ...], tuple[tuple[str, str], ...]]:
+    """The mangle and nat lines of ``services`` (offload, of ``family``) and the jumps."""
+    if not services:
+        return (), ()
+    ch = offload_chains_for(queue)
+    marks = offload_marks(config.daemon, config.services)
+    mask = config.daemon.offload_mark_mask
+    notes = _Notes(comments)
+    mangle = notes("offload.rules")
+    nat = notes("offload-nat.rules")
+    snat = notes("offload-snat.rules") if any(s.snat_address for s in services) else []
+    for svc in services:
+        values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat,
+                  "proto": svc.protocol.name.lower(), "vip": _host(svc.vip, family),
+                  "port": svc.port, "offload_queue": offload_queue_for(config, queue),
+                  "bypass": bypass}
+        mangle += [f"# {describe(svc)}", *_fill("offload.rules", values)]
+        for b in svc.backends:
+            assert b.address is not None
+            mark = f"{marks[(svc.name, b.name)]:#x}/{mask:#x}"
+            to = f"[{b.address}]:{b.port}" if family.version == 6 else f"{b.address}:{b.port}"
+            nat += _fill("offload-nat.rules", {**values, "mark": mark, "backend": to})
+            if svc.snat_address is not None:
+                snat += _fill("offload-snat.rules", {
+                    **values, "mark": mark, "backend_address": _host(b.address, family),
+                    "backend_port": b.port, "snat_address": svc.snat_address})
+    jumps = tuple(("mangle" if ch.new in line else "nat", line)
+                  for line in _fill("offload-jumps.rules", {"new": ch.new, "dnat": ch.dnat,
+                                                            "snat": ch.snat}))
+    return (("mangle", tuple(mangle)), ("nat", tuple(nat + snat))), jumps
+
+
+def format_offload(ruleset: RuleSet, dump: str | None, *, jumps: bool = True) -> str:
+    """The mangle and nat part of the iptables-restore --noflush input for ``ruleset``, to
+    follow :func:`format_restore`'s (one restore, one transaction). ``dump`` is the whole
+    ``iptables-save`` output (None: no table yet); ``jumps=False`` leaves the jumps out (for
+    printing). Without offload services the
+    chains a previous configuration left are removed instead."""
+    if not ruleset.offload:
+        return plan_delete_offload(ruleset.queue, dump) or ""
+    ch = offload_chains_for(ruleset.queue)
+    values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat}
+    present = {t: set(saved.rules) if (saved := parse_save(dump, t)) is not None else set()
+               for t in OFFLOAD_TABLES} if dump else None
+    bodies = dict(ruleset.offload)
+    lines: list[str] = []
+    table = ""
+    for line in _template("offload-table.rules"):
+        if line.startswith("*"):
+            table = line[1:]
+        key = line.strip()[2:-1] if line.strip().startswith("${") else None
+        if key in bodies:
+            lines.extend(bodies[key])
+        elif line == "COMMIT":
+            lines.extend(j for t, j in ruleset.offload_jumps if jumps and t == table and (
+                present is None or "-A" + j[2:] not in present[t]))
+            lines.append(line)
+        else:
+            lines.append(Template(line).substitute(values))
+    return "\n".join(lines) + "\n"
+
+
+def plan_delete_offload(queue: int, dump: str | None) -> str | None:
+    """The iptables-restore --noflush input removing ``queue``'s offload chains (and the jumps
+    into them) from mangle and nat, or None when there are none."""
+    if not dump:
+        return None
+    ch = offload_chains_for(queue)
+    out = []
+    for table in OFFLOAD_TABLES:
+        saved = parse_save(dump, table)
+        if saved is None:
+            continue
+        ours = ch.of(table)
+        lines = ["-D" + rule[2:] for rule in saved.rules
+                 if (ct := _rule_chain_and_target(rule))[1] in ours and ct[0] not in ours]
+        present = [c for c in ours if c in saved.chains]
+        lines += [f"-F {c}" for c in present] + [f"-X {c}" for c in present]
+        if lines:
+            out += [f"*{table}", *lines, "COMMIT"]
+    return "\n".join(out) + "\n" if out else None
+
+
+def empty_tables(dump: str) -> list[str]:
+    """The tables of ``dump`` nfqlb may touch that are empty (to remove after a delete)."""
+    return [t for t in (TABLE, *OFFLOAD_TABLES)
+            if (saved := parse_save(dump, t)) is not None and saved.is_empty]

@@ -31,6 +31,7 @@ class Mode(enum.Enum):
     LOCAL = "local"
     DNAT = "dnat"
     FULLNAT = "fullnat"
+    OFFLOAD = "offload"  # Python decides the first packet, the kernel's conntrack NAT the rest
 
 
 @dataclass(frozen=True, slots=True)

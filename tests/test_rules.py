@@ -252,7 +252,8 @@ def test_templates_are_installed_with_the_package_and_are_the_repository_files()
     names = sorted(p.name for p in (REPO / "rules").glob("*.rules"))
     assert names == ["echo-drop.rules", "forward.rules", "health.rules", "icmp-quote.rules",
                      "icmp.rules",
-                     "jumps.rules",
+                     "jumps.rules", "offload-jumps.rules", "offload-nat.rules",
+                     "offload-snat.rules", "offload-table.rules", "offload.rules",
                      "queue.rules", "reply-dnat.rules", "reply-fullnat.rules",
                      "reply-local.rules", "table.rules"]
     from importlib import resources

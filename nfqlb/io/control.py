@@ -127,6 +127,9 @@ def status(server: Target) -> dict[str, Any]:
         "loaded_at": float(getattr(server, "loaded_at", None) or started),
     }
     out["queues"] = [_queue_status(a) for a in server.adapters]
+    kernel = getattr(server, "kernel_flows", None)
+    if kernel is not None:  # mode "offload": open flows are conntrack's (nfqlb.io.conntrack)
+        kernel.annotate(out)
     return out
 
 
@@ -439,6 +442,8 @@ def format_status(s: dict[str, Any]) -> str:
                   "errors"]
         rows = [_BACKEND_HEAD] + [_backend_row(b, f) for b, f in svc["backends"].items()]
         lines += ["  " + line for line in _table(rows)]
+        if "offload" in svc:
+            lines.append("  " + _offload_note(svc["offload"]))
     lines.append("")
     lines.append("drops: " + (", ".join(f"{k} {v}" for k, v in s["dropped"].items())
                               or "none"))
@@ -454,6 +459,20 @@ def format_status(s: dict[str, Any]) -> str:
                         if n in q and (q[n] or n in ("packets", "wakeups")))
         lines.append(f"queue {q['queue']}{purpose}: {kernel}; {own}")
     return "\n".join(lines)
+
+
+def _offload_note(o: dict[str, Any]) -> str:
+    """Mode "offload": where active/inact come from, and what nfqlb does not see."""
+    if "counted_s_ago" not in o:
+        text = "active/inact: from conntrack, not counted yet (asked now)"
+    else:
+        text = (f"active/inact: from conntrack, counted {o['counted_s_ago']:g}s ago (took "
+                f"{o['count_took_s']:g}s); pkts/bytes: ")
+        text += ("the open flows' sums per backend in --json (conntrack accounting)"
+                 if o.get("accounting") else
+                 "not seen (the kernel carries the flows; net.netfilter.nf_conntrack_acct=1 "
+                 "makes conntrack count them)")
+    return text + (f"; {o['error']}" if o.get("error") else "")
 
 
 _BACKEND_HEAD = ("backend", "address", "state", "weight", "active", "inact", "flows", "new/s",

@@ -47,11 +47,14 @@ from nfqlb.config import Config, load_config
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
+from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
+from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
-from nfqlb.values import Backend
+from nfqlb.offload import OffloadDecider
+from nfqlb.values import Backend, Mode
 from nfqlb.verdict import DROP, Final
 
 TIMER_MAX_S = 1.0  # handle_timer runs at least this often
@@ -61,6 +64,7 @@ class Adapter(Protocol):
     """What the server needs of a bound queue (QueueAdapter, NetlinkQueueAdapter)."""
 
     clock: Callable[[], float]
+    queue: int
 
     def bind(self, max_len: int = ...) -> None: ...
     def fileno(self) -> int: ...
@@ -123,6 +127,8 @@ class Server:
         self.reload_hooks: list[Callable[[Config], None]] = []  # told of a new configuration
         self._live: _Live | None = None  # what a reload changes (set by run())
         self.health: HealthChecker | None = None  # started and stopped with the loop
+        self.offload: OffloadDecider | None = None  # mode "offload": its queue's decider
+        self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
 
     def install_signal_handlers(self) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -134,6 +140,9 @@ class Server:
         """Send the packets the engine made of its own accord (RSTs of flows it ended)."""
         for packet in self.engine.packets_to_send():
             self.sender.send(packet)
+        for svc, rt, why in self.engine.kernel_flows_to_reset():
+            if self.kernel_flows is not None:
+                self.kernel_flows.reset(svc, rt, why)
 
     def reload(self) -> tuple[bool, str]:
         """Read the configuration file again and apply it while the flow table is kept
@@ -148,6 +157,14 @@ class Server:
             if large != live.large:
                 raise ConfigError(config.source, "daemon.large_queue", f"is {large}, the "
                                   f"running daemon serves {live.large}: restart to change it")
+            if self.offload is None and _has_offload(config):
+                raise ConfigError(config.source, "service", "adds mode \"offload\" to a "
+                                  "daemon started without it: restart to bind its queue")
+            served = [a.queue for a in self.adapters if getattr(a, "lean", False)]
+            offload_queue = rules.offload_queue_for(config, live.queue)
+            if served and served != [offload_queue]:
+                raise ConfigError(config.source, "daemon.offload_queue", f"is {offload_queue}, "
+                                  f"the running daemon serves {served[0]}: restart to change it")
             rulesets = rules.render(config, live.queue)
             for rs in rulesets:
                 if rs.family.version not in live.tools:
@@ -158,6 +175,10 @@ class Server:
             return False, str(exc)
         now = self.clock()
         self.engine.reconfigure(config, now)
+        if self.offload is not None:
+            for svc, rt in self.offload.reconfigure(config):
+                if self.kernel_flows is not None:
+                    self.kernel_flows.reset(svc, rt, "removed")
         live.config = config
         try:
             sysctl.setup(config, live.sysctls)
@@ -184,7 +205,9 @@ class Server:
         """Run until a stop signal; re-raise what crashed the loop, if anything did."""
         fds = [a.fileno() for a in self.adapters]
         for fd, adapter in zip(fds, self.adapters, strict=True):
-            self.loop.add_reader(fd, self._on_readable, adapter)
+            lean = getattr(adapter, "lean", False)  # the offload queue: nothing held or sent
+            self.loop.add_reader(fd, self._on_readable_lean if lean else self._on_readable,
+                                 adapter)
         self._arm_timer()
         stats: asyncio.TimerHandle | None = None
         if self.stats_interval:
@@ -249,6 +272,15 @@ class Server:
         if deadline is not None and deadline < self._timer_deadline:
             self._arm_timer()
 
+    def _on_readable_lean(self, adapter: Adapter) -> None:
+        """A queue whose packets the engine never holds, answers nor times (the offload
+        queue): only the adapter's own work per wakeup."""
+        try:
+            adapter.on_readable()
+        except BaseException as exc:  # noqa: B036 - as _on_readable
+            self.crash = exc
+            self.loop.stop()
+
     def _arm_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
@@ -290,6 +322,10 @@ class Server:
         from nfqlb.io.logs import block_header
 
         print(f"{block_header('nfqlb counters')}\n{self.format_stats()}\n", flush=True)
+
+
+def _has_offload(config: Config) -> bool:
+    return any(s.mode is Mode.OFFLOAD for s in config.services)
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -334,8 +370,17 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         NetlinkQueueAdapter(engine.handle, large, log, on_hold=held.on_hold,
                             purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
     ]
+    decider = None
+    if _has_offload(config):  # a third queue: conntrack NEW packets of offload services
+        decider = OffloadDecider(config, engine.services, engine.counters)
+        offload_adapter = (OffloadNetlinkAdapter if config.daemon.offload_binding == "netlink"
+                           else OffloadQueueAdapter)
+        adapters.append(offload_adapter(decider, rules.offload_queue_for(config, q), log))
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
+    if decider is not None:
+        server.offload = decider
+        server.kernel_flows = KernelFlows(loop, decider, log.getChild("conntrack"))
     server.config_path = config_path or config.source
     server.health = HealthChecker(config, engine, loop, log.getChild("health"), server.clock)
     server.reload_hooks.append(server.health.reconfigure)
@@ -355,6 +400,8 @@ def run(config: Config, queue: int | None, log: logging.Logger,
             if len(bound) == len(adapters):
                 server.print_stats()
     finally:
+        if server.kernel_flows is not None:
+            server.kernel_flows.close()
         loop.close()
     return 0 if clean else 1
 

@@ -39,8 +39,11 @@ class Iptables:
 
     def save(self) -> rules.SavedTable | None:
         """The raw table as it is now (None: the table does not exist)."""
-        out = self._run([self.save_path], None)
-        return rules.parse_save(out)
+        return rules.parse_save(self.save_text())
+
+    def save_text(self) -> str:
+        """Every table as it is now (``iptables-save``'s output)."""
+        return self._run([self.save_path], None)
 
     def restore(self, text: str, *, noflush: bool = True) -> None:
         args = [self.restore_path, "-w"] + (["--noflush"] if noflush else [])
@@ -76,11 +79,12 @@ def check_overlap(rulesets: Iterable[RuleSet], tools: dict[int, Iptables]) -> No
 def apply(ruleset: RuleSet, tools: Iptables) -> None:
     """Install ``ruleset``, replacing what nfqlb had on its queue; idempotent. Refused
     (SystemSetupError) when it overlaps another queue's rules."""
-    saved = tools.save()
+    dump = tools.save_text()
+    saved = rules.parse_save(dump)
     problem = rules.find_overlap(ruleset, saved)
     if problem is not None:
         raise SystemSetupError(problem)
-    text = rules.format_restore(ruleset, saved)
+    text = rules.format_restore(ruleset, saved) + rules.format_offload(ruleset, dump)
     log.debug("%s --noflush <<\n%s", tools.family.restore, text)
     tools.restore(text)
     log.debug("rules for queue %d installed with %s", ruleset.queue, tools.family.restore)
@@ -93,14 +97,18 @@ def delete(queue: int, tools: Iptables) -> bool:
     (with iptables-nft that is what a first rule created), so that iptables-save shows what
     it showed before apply.
     """
-    text = rules.plan_delete(queue, tools.save())
-    if text is None:
+    dump = tools.save_text()
+    parts = [rules.plan_delete(queue, rules.parse_save(dump)),
+             rules.plan_delete_offload(queue, dump)]
+    text = "".join(p for p in parts if p)
+    if not text:
         return False
     log.debug("%s --noflush <<\n%s", tools.family.restore, text)
     tools.restore(text)
-    after = tools.save()
-    if after is not None and after.is_empty:
-        tools.restore(rules.DROP_EMPTY_TABLE, noflush=False)
+    touched = {line[1:] for line in text.splitlines() if line.startswith("*")}
+    empty = [t for t in rules.empty_tables(tools.save_text()) if t in touched]
+    if empty:
+        tools.restore("".join(f"*{t}\nCOMMIT\n" for t in empty), noflush=False)
     return True
 
 

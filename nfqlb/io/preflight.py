@@ -36,7 +36,7 @@ PROC_SYS = Path("/proc/sys")
 def required_local(config: Config) -> Iterator[tuple[str, IPAddress, str]]:
     """(key, address, why) for each address ``config`` needs to be this host's own."""
     for i, s in enumerate(config.services):
-        if s.mode is Mode.FULLNAT and s.snat_address is not None:
+        if s.mode in (Mode.FULLNAT, Mode.OFFLOAD) and s.snat_address is not None:
             yield (f"service[{i}].snat_address", s.snat_address,
                    "the backends answer it, so it must be an address of this host that they "
                    "reach")

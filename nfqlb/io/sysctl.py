@@ -44,7 +44,8 @@ class Setting:
 def needed(config: Config) -> list[Setting]:
     """The settings ``config`` needs, in the order they are applied."""
     out: list[Setting] = []
-    remote = [s for s in config.services if s.mode in (Mode.DNAT, Mode.FULLNAT)]
+    remote = [s for s in config.services
+              if s.mode in (Mode.DNAT, Mode.FULLNAT, Mode.OFFLOAD)]
     if any(s.vip.version == 4 for s in remote):
         out.append(Setting("net.ipv4.ip_forward", "1", "dnat/fullnat forward to other hosts"))
         out.append(Setting("net.ipv4.conf.all.accept_local", "1",

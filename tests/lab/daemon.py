@@ -105,12 +105,14 @@ class Nfqlb:
                               cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
 
     def chain_installed(self) -> bool:
-        """nfqlb's chain is in the raw table of iptables or (IPv6-only configs) ip6tables."""
-        chain = f"NFQLB-PRE-{self.queue}".encode()
-        for tool in ("iptables", "ip6tables"):
-            out = self.lab.exec(self.lab.lb, [tool, "-t", "raw", "-S"], check=False).stdout
-            if chain in out:
-                return True
+        """nfqlb's jump is in the raw table of iptables or (IPv6-only configs) ip6tables, or, with
+        only offload services, in the mangle table."""
+        for table, chain in (("raw", f"NFQLB-PRE-{self.queue}"),
+                             ("mangle", f"NFQLB-NEW-{self.queue}")):  # mode "offload"
+            for tool in ("iptables", "ip6tables"):
+                out = self.lab.exec(self.lab.lb, [tool, "-t", table, "-S"], check=False).stdout
+                if f"-j {chain}".encode() in out:
+                    return True
         return False
 
     def start(self, timeout: float = 10.0) -> Nfqlb:
