@@ -147,7 +147,7 @@ class BenchPath:
 
     name: str
     title: str
-    setup: Callable[[Lab, BenchPath], contextlib.AbstractContextManager[Stage]]
+    setup: Callable[[Lab, BenchPath, int], contextlib.AbstractContextManager[Stage]]
     mode: str | None = None  # nfqlb's service mode
     workers: int = 1
     floor: str | None = None  # the accept-only path for the "x floor" ratio
@@ -377,12 +377,12 @@ def check_answers(lab: Lab, stage: Stage, tries: int = 4) -> None:
             time.sleep(0.1)
 
 
-def measure_round(lab: Lab, path: BenchPath, args: argparse.Namespace,
+def measure_round(lab: Lab, path: BenchPath, round_no: int, args: argparse.Namespace,
                   problems: list[str]) -> lr.Sample:
     """One round of one path: set up, check, measure, tear down. A measurement that fails is
     left out of the sample and described in ``problems``; a setup that fails raises."""
-    sample = lr.Sample()
-    with path.setup(lab, path) as stage:
+    sample, started = lr.Sample(), time.monotonic()
+    with path.setup(lab, path, round_no) as stage:
         check_answers(lab, stage)
         if args.warmup:
             wrk(lab, stage, args, args.warmup)
@@ -407,7 +407,8 @@ def measure_round(lab: Lab, path: BenchPath, args: argparse.Namespace,
         if drops:
             stage.notes.append("queue drops (queue_dropped, user_dropped): " + ", ".join(
                 f"queue {q}: {a}, {b}" for q, (a, b) in sorted(drops.items())))
-    print(f"  {path.name:<18} {describe(sample)}", flush=True)
+    print(f"  {path.name:<18} {describe(sample)}  ({time.monotonic() - started:.1f} s)",
+          flush=True)
     for line in problems + stage.notes + (stage.details if args.verbose else []):
         print("    " + line.replace("\n", "\n    "), flush=True)
     problems[:] = [first_line(p) for p in problems]
@@ -486,7 +487,7 @@ def backend_labels(lab: Lab) -> frozenset[str]:
 
 
 @contextlib.contextmanager
-def direct(lab: Lab, path: BenchPath) -> Iterator[Stage]:
+def direct(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     script = lab.dir / "direct.lua"
     hosts = ", ".join(f'"{b.address}"' for b in lab.backends)
     script.write_text(_DIRECT_WRK % (hosts, HTTP_PORT))
@@ -504,7 +505,7 @@ def direct(lab: Lab, path: BenchPath) -> Iterator[Stage]:
 
 
 @contextlib.contextmanager
-def kernel_dnat(lab: Lab, path: BenchPath) -> Iterator[Stage]:
+def kernel_dnat(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     b1, b2 = (f"{b.address}:{HTTP_PORT}" for b in lab.backends[:2])
     http = ["-d", VIP, "-p", "tcp", "--dport", "80"]
     specs = [[*http, "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0",
@@ -517,7 +518,7 @@ def kernel_dnat(lab: Lab, path: BenchPath) -> Iterator[Stage]:
 
 
 @contextlib.contextmanager
-def haproxy(lab: Lab, path: BenchPath) -> Iterator[Stage]:
+def haproxy(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     servers = "\n".join(f"    server {b.label} {b.address}:{HTTP_PORT}" for b in lab.backends)
     cfg = lab.dir / "haproxy.cfg"
     cfg.write_text(_HAPROXY_CFG.format(vip=VIP, http_servers=servers, iperf_port=IPERF_PORT,
@@ -538,12 +539,12 @@ def haproxy(lab: Lab, path: BenchPath) -> Iterator[Stage]:
 
 
 @contextlib.contextmanager
-def nfq_accept(lab: Lab, path: BenchPath) -> Iterator[Stage]:
+def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     script = lab.dir / "accept_worker.py"
     script.write_text(_ACCEPT_WORKER)
     queues = list(range(ACCEPT_QUEUE, ACCEPT_QUEUE + path.workers))
     procs = []
-    with kernel_dnat(lab, path) as stage:
+    with kernel_dnat(lab, path, round_no) as stage:
         try:
             for q in queues:
                 ready = lab.dir / f"accept-{q}.ready"
@@ -572,13 +573,28 @@ def nfq_accept(lab: Lab, path: BenchPath) -> Iterator[Stage]:
                 p.wait(5)
 
 
-def nfqlb_services(lab: Lab, mode: str) -> list[dict[str, object]]:
+def snat_ports(round_no: int) -> str:
+    """The fullnat pool of a round: 10,000 ports, another range each round (three in turn),
+    all below the ephemeral range (32768-60999) from which HAProxy connects from the same
+    address. The backends keep a connection's TIME_WAIT for 60 s, and this kernel draws the
+    client's TCP timestamp offset afresh for each connection: a SYN from a port the previous
+    run of nfqlb used fails PAWS at the backend about half the time (a RST and a 1 s
+    retransmission; a restarted nfqlb hands out its pool from the start, so nearly every new
+    connection of the next round would meet one). Measured in the lab: 5,100 connections/s,
+    then 82/s after a restart with the same pool (TcpExtPAWSTimewait on the backends)."""
+    low = 2000 + (round_no % 3) * 10000
+    return f"{low}-{low + 9999}"
+
+
+def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]]:
     """The HTTP service over both backends and the iperf3 service to one server."""
     http = lab.service(mode)
     iperf = lab.service(mode, name=f"iperf3-{mode}", port=IPERF_PORT,
                         backends=lab.backends[:1])
     iperf["backend"] = ([{"port": LOCAL_IPERF_PORT}] if mode == "local" else
                         [{"address": lab.backends[0].address, "port": IPERF_PORT}])
+    if mode == "fullnat":
+        http["snat_ports"] = iperf["snat_ports"] = snat_ports(round_no)
     return [http, iperf]
 
 
@@ -588,7 +604,7 @@ def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
 
 def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
     """``nfqlb check`` of the path's configuration: None, or the error it prints."""
-    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or ""), daemon=nfqlb_daemon_keys(path))
+    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0), daemon=nfqlb_daemon_keys(path))
     argv = daemon.argv
     command = argv[:argv.index("run")]
     proc = subprocess.run([*command, "check", "--config", str(daemon.config_path)],
@@ -600,7 +616,7 @@ def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
 
 
 @contextlib.contextmanager
-def nfqlb(lab: Lab, path: BenchPath) -> Iterator[Stage]:
+def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     mode = path.mode or ""
     with contextlib.ExitStack() as stack:
         labels = backend_labels(lab)
@@ -610,7 +626,8 @@ def nfqlb(lab: Lab, path: BenchPath) -> Iterator[Stage]:
         elif mode == "local":
             stack.enter_context(vip_on_lo(lab))
             stage = Stage(labels=frozenset({lab.lb.label}), iperf_server="lb")
-        daemon = lab.nfqlb(*nfqlb_services(lab, mode), daemon=nfqlb_daemon_keys(path)).start()
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, round_no),
+                           daemon=nfqlb_daemon_keys(path)).start()
         assert daemon.proc is not None
         stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid
         try:
@@ -667,9 +684,9 @@ def flush_conntrack(lab: Lab) -> None:
         lab.exec(lab.lb, ["conntrack", "-F"], check=False)
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+def first_line(what: BaseException | str) -> str:
+    text = str(what).strip()
+    return text.splitlines()[0] if text else type(what).__name__
 
 
 def run(args: argparse.Namespace, paths: list[BenchPath]) -> list[lr.PathResult]:
@@ -695,7 +712,7 @@ def run(args: argparse.Namespace, paths: list[BenchPath]) -> list[lr.PathResult]
                     flush_conntrack(lab)
                     problems: list[str] = []
                     try:
-                        result.samples.append(measure_round(lab, p, args, problems))
+                        result.samples.append(measure_round(lab, p, rnd, args, problems))
                     except (LabError, lr.ParseError, subprocess.SubprocessError) as exc:
                         problems = [f"failed: {first_line(exc)}"]
                         print(f"  {p.name:<18} failed:\n    "
