@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -216,3 +217,38 @@ def test_picking_paths_adds_the_reference_and_refuses_unknown_names() -> None:
     assert picked == ["direct", "kernel-dnat", "nfqlb-dnat"]
     with pytest.raises(SystemExit, match="unknown nfqlb-typo"):
         lab_bench.pick_paths("nfqlb-typo")
+
+
+def test_fullnat_pools_take_turns_below_the_ephemeral_range() -> None:
+    pools = [tuple(map(int, lab_bench.snat_ports(r).split("-"))) for r in range(4)]
+    assert pools[3] == pools[0]
+    for low, high in pools[:3]:
+        assert high - low + 1 == 10000 and 1024 <= low and high < 32768
+    assert len({p for low, high in pools[:3] for p in range(low, high + 1)}) == 30000
+
+
+@pytest.fixture
+def unbuilt_lab() -> Iterator[lab_bench.Lab]:
+    """A Lab object whose namespaces are never built: enough to render configurations."""
+    lab = lab_bench.Lab(2, ipv6=False)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.mark.parametrize("mode", ["dnat", "fullnat", "local"])
+def test_nfqlb_accepts_the_configurations_of_todays_modes(
+        unbuilt_lab: lab_bench.Lab, mode: str) -> None:
+    path = next(p for p in lab_bench.PATHS if p.mode == mode and p.workers == 1)
+    assert lab_bench.nfqlb_refusal(unbuilt_lab, path) is None
+    services = lab_bench.nfqlb_services(unbuilt_lab, mode, 1)
+    assert [s["port"] for s in services] == [80, lab_bench.IPERF_PORT]
+    if mode == "fullnat":
+        assert {s["snat_ports"] for s in services} == {lab_bench.snat_ports(1)}
+
+
+def test_a_refused_configuration_gives_nfqlbs_reason(unbuilt_lab: lab_bench.Lab) -> None:
+    path = lab_bench.BenchPath("nfqlb-bogus", "nfqlb bogus", lab_bench.nfqlb, mode="bogus")
+    error = lab_bench.nfqlb_refusal(unbuilt_lab, path)
+    assert error is not None and error.startswith("service[0].mode: 'bogus' is not one of")
