@@ -11,8 +11,10 @@ path, in the opposite order to the round before (drift and warm-up hit every pat
                  workers, or HAProxy), % of one core and per packet queued to them (the queue
                  counters of /proc/net/netfilter/nfnetlink_queue); per worker with several
 
-A path is set up for its round and torn down after it; the balancer's conntrack table is
-flushed between paths (``conntrack -F`` in lb), so no path inherits another's entries.
+A path is set up for its round and torn down after it; the conntrack tables of the client
+and the balancer are flushed between paths, so no path inherits another's entries. The
+client's connections leave from 16 addresses in turn (SNAT in its namespace, for every path),
+so that workers that own flows by the client's address each get a share.
 
 The paths (``--list``; pick with ``--paths a,b,...``):
 
@@ -70,6 +72,7 @@ from lab import (  # noqa: E402
     LB_CLIENT_ADDR,
     REPO_ROOT,
     VIP,
+    VIP_NET,
     Host,
     Lab,
     LabError,
@@ -77,11 +80,18 @@ from lab import (  # noqa: E402
 
 URL = f"http://{VIP}:80/"
 IPERF_PORT = 5201  # the service port, and backend-1's iperf3 server
-# The direct path's client address: the backends' TIME_WAIT sockets of its connections
-# (client address, port -> backend) would otherwise meet the next path's connections from the
-# same ports, whose TCP timestamps the client draws from another offset (one per address
-# pair: the VIP, not the backend), and the backends would refuse their SYNs as old duplicates.
-DIRECT_CLIENT_ADDR = "198.18.0.3"
+# The client's connections leave from several addresses (SNAT in the client's namespace, the
+# next address for each new connection, -m statistic nth): workers that own flows by the
+# client's address (nfqlb's workers: by its last byte, worker i takes i*256/N and up; the
+# accept-only floor's --queue-balance: a hash) then each get a share, as with many clients.
+# Last bytes 8, 24, ..., 248 give N = 2, 3, 4 workers shares within one address of equal.
+# The direct path has its own set: this kernel derives the client's TCP timestamp offset
+# from the connection's addresses and ports as the client sees them, so if a direct
+# connection (to a backend's address) and a balanced one (to the VIP) met at a backend as
+# the same four-tuple, the SYN of the later one would fail PAWS against the earlier one's
+# TIME_WAIT about half the time (a RST and a 1 s retransmission: seen in the lab).
+CLIENT_SOURCES = [f"198.18.0.{8 + 16 * i}" for i in range(16)]
+DIRECT_SOURCES = [f"198.18.0.{12 + 16 * i}" for i in range(16)]
 LOCAL_IPERF_PORT = 5202  # lb's own iperf3 server, the local mode's backend
 ACCEPT_QUEUE = 2  # the accept-only workers' first queue (nfqlb uses the lab default, 1)
 REFERENCE = "kernel-dnat"
@@ -491,9 +501,8 @@ def direct(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     script = lab.dir / "direct.lua"
     hosts = ", ".join(f'"{b.address}"' for b in lab.backends)
     script.write_text(_DIRECT_WRK % (hosts, HTTP_PORT))
-    route = [BACKEND_NET, "via", LB_CLIENT_ADDR, "src", DIRECT_CLIENT_ADDR]
+    route = [BACKEND_NET, "via", LB_CLIENT_ADDR]
     with sysctl(lab, "net.ipv4.ip_forward", "1"):
-        lab.ip(lab.client, "addr", "add", f"{DIRECT_CLIENT_ADDR}/24", "dev", "eth0")
         lab.ip(lab.client, "route", "add", *route)
         try:
             yield Stage(url=f"http://{lab.backends[0].address}:{HTTP_PORT}/",
@@ -501,7 +510,6 @@ def direct(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
                         iperf_target=lab.backends[0].address)
         finally:
             lab.ip(lab.client, "route", "del", *route)
-            lab.ip(lab.client, "addr", "del", f"{DIRECT_CLIENT_ADDR}/24", "dev", "eth0")
 
 
 @contextlib.contextmanager
@@ -576,11 +584,12 @@ def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
 def snat_ports(round_no: int) -> str:
     """The fullnat pool of a round: 10,000 ports, another range each round (three in turn),
     all below the ephemeral range (32768-60999) from which HAProxy connects from the same
-    address. The backends keep a connection's TIME_WAIT for 60 s, and this kernel draws the
-    client's TCP timestamp offset afresh for each connection: a SYN from a port the previous
-    run of nfqlb used fails PAWS at the backend about half the time (a RST and a 1 s
-    retransmission; a restarted nfqlb hands out its pool from the start, so nearly every new
-    connection of the next round would meet one). Measured in the lab: 5,100 connections/s,
+    address. The backends keep a connection's TIME_WAIT for 60 s, and this kernel derives the
+    client's TCP timestamp offset from the connection's addresses and ports as the client
+    sees them: a SYN from a pool port the previous run of nfqlb used, for another client
+    port, fails PAWS at the backend about half the time (a RST and a 1 s retransmission; a
+    restarted nfqlb hands out its pool from the start, so nearly every new connection of
+    the next round would meet one). Measured in the lab: 5,100 connections/s,
     then 82/s after a restart with the same pool (TcpExtPAWSTimewait on the backends)."""
     low = 2000 + (round_no % 3) * 10000
     return f"{low}-{low + 9999}"
@@ -681,7 +690,31 @@ def pick_paths(spec: str | None) -> list[BenchPath]:
 
 def flush_conntrack(lab: Lab) -> None:
     if shutil.which("conntrack"):
-        lab.exec(lab.lb, ["conntrack", "-F"], check=False)
+        for host in (lab.client, lab.lb):
+            lab.exec(host, ["conntrack", "-F"], check=False)
+
+
+def snat_rules(sources: Sequence[str]) -> list[list[str]]:
+    """Rules of a nat chain that give each new connection the next of ``sources``: rule i
+    takes one in N - i of the connections the rules before it left."""
+    n = len(sources)
+    return [[*(["-m", "statistic", "--mode", "nth", "--every", str(n - i), "--packet", "0"]
+               if i < n - 1 else []), "-j", "SNAT", "--to-source", address]
+            for i, address in enumerate(sources)]
+
+
+def spread_client(lab: Lab) -> None:
+    """The client's connections to the VIPs leave from CLIENT_SOURCES in turn, those to the
+    backends (the direct path) from DIRECT_SOURCES."""
+    for address in [*CLIENT_SOURCES, *DIRECT_SOURCES]:
+        lab.ip(lab.client, "addr", "add", f"{address}/24", "dev", "eth0")
+    for chain, dst, sources in (("SPREAD-VIP", VIP_NET, CLIENT_SOURCES),
+                                ("SPREAD-DIRECT", BACKEND_NET, DIRECT_SOURCES)):
+        lab.exec(lab.client, ["iptables", "-t", "nat", "-N", chain])
+        for rule in snat_rules(sources):
+            lab.exec(lab.client, ["iptables", "-t", "nat", "-A", chain, *rule])
+        lab.exec(lab.client, ["iptables", "-t", "nat", "-A", "POSTROUTING", "-d", dst,
+                              "-j", chain])
 
 
 def first_line(what: BaseException | str) -> str:
@@ -692,6 +725,7 @@ def first_line(what: BaseException | str) -> str:
 def run(args: argparse.Namespace, paths: list[BenchPath]) -> list[lr.PathResult]:
     results = {p.name: lr.PathResult(p.name, p.title, p.floor) for p in paths}
     with Lab(2, backend_default_route=True, lb_servers=True, ipv6=False) as lab:
+        spread_client(lab)
         for p in paths:
             if p.is_nfqlb and (error := nfqlb_refusal(lab, p)):
                 results[p.name].status = f"n/a: {error}"

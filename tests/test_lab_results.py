@@ -252,3 +252,25 @@ def test_a_refused_configuration_gives_nfqlbs_reason(unbuilt_lab: lab_bench.Lab)
     path = lab_bench.BenchPath("nfqlb-bogus", "nfqlb bogus", lab_bench.nfqlb, mode="bogus")
     error = lab_bench.nfqlb_refusal(unbuilt_lab, path)
     assert error is not None and error.startswith("service[0].mode: 'bogus' is not one of")
+
+
+def test_client_connections_take_the_sources_in_turn() -> None:
+    assert lab_bench.snat_rules(["a", "b", "c"]) == [
+        ["-m", "statistic", "--mode", "nth", "--every", "3", "--packet", "0",
+         "-j", "SNAT", "--to-source", "a"],
+        ["-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0",
+         "-j", "SNAT", "--to-source", "b"],
+        ["-j", "SNAT", "--to-source", "c"]]
+
+
+@pytest.mark.parametrize("workers", [2, 3, 4])
+def test_client_sources_give_every_worker_a_share(workers: int) -> None:
+    """nfqlb's workers own flows by the last byte of the client's address (worker i from
+    i*256/N on): each gets as many of the client's addresses as the others, within one."""
+    last = [int(a.rsplit(".", 1)[1]) for a in lab_bench.CLIENT_SOURCES]
+    shares = [sum(1 for b in last if i * 256 // workers <= b < (i + 1) * 256 // workers)
+              for i in range(workers)]
+    assert sum(shares) == len(last) and max(shares) - min(shares) <= 1
+    lab_addresses = {lab_bench.LB_CLIENT_ADDR, "198.18.0.2"}
+    assert not set(lab_bench.CLIENT_SOURCES) & set(lab_bench.DIRECT_SOURCES)
+    assert not (set(lab_bench.CLIENT_SOURCES) | set(lab_bench.DIRECT_SOURCES)) & lab_addresses
