@@ -96,6 +96,7 @@ LOCAL_IPERF_PORT = 5202  # lb's own iperf3 server, the local mode's backend
 ACCEPT_QUEUE = 2  # the accept-only workers' first queue (nfqlb uses the lab default, 1)
 REFERENCE = "kernel-dnat"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIN_TICKS = 10  # CPU time under which a per-packet figure is noise (0.1 s at 100 Hz)
 TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "iperf3": "iperf3", "conntrack": "conntrack"}
 
 _ACCEPT_WORKER = r'''
@@ -229,7 +230,8 @@ def cpu_use(before: Snapshot, after: Snapshot) -> lr.CpuUse:
 
     A queue belongs to the process whose pid is the queue's netlink port id (a process's
     first netlink socket gets its pid); packets of queues nobody owns that way still count
-    in the total."""
+    in the total. Under MIN_TICKS of CPU time there is no per-packet figure: the clock's
+    ticks are too coarse (offload's worker, which sees only new flows, under keep-alive)."""
     ticks = {pid: t - before.ticks.get(pid, 0) for pid, t in after.ticks.items()}
     packets = {q: row["id_sequence"] - before.queues.get(q, {}).get("id_sequence", 0)
                for q, row in after.queues.items()}
@@ -245,9 +247,11 @@ def cpu_use(before: Snapshot, after: Snapshot) -> lr.CpuUse:
     if len(owners) > 1:
         for pid, queues in owners.items():
             n = sum(packets[q] for q in queues)
-            per_worker[min(queues)] = 1e6 * ticks[pid] / CLK_TCK / n if n > 0 else None
-    return lr.CpuUse(100.0 * total_s / wall,
-                     1e6 * total_s / total_packets if total_packets > 0 else None, per_worker)
+            per_worker[min(queues)] = (1e6 * ticks[pid] / CLK_TCK / n
+                                       if n > 0 and ticks[pid] >= MIN_TICKS else None)
+    enough = total_packets > 0 and sum(ticks.values()) >= MIN_TICKS
+    return lr.CpuUse(100.0 * total_s / wall, 1e6 * total_s / total_packets if enough else None,
+                     per_worker)
 
 
 # -- tools ----------------------------------------------------------------------------------------

@@ -189,6 +189,14 @@ def test_cpu_per_queued_packet_per_worker_and_total() -> None:
     assert use.per_worker == {2: pytest.approx(1e6 / 100000), 3: pytest.approx(0.5e6 / 50000)}
 
 
+def test_too_little_cpu_time_gives_no_per_packet_figure() -> None:
+    """Offload's worker under keep-alive: a few new flows, a tick or two of CPU."""
+    before = _snapshot(0.0, {10: 0}, {1: (10, 0)})
+    after = _snapshot(2.0, {10: 2}, {1: (10, 32)})
+    use = lab_bench.cpu_use(before, after)
+    assert use.us_per_packet is None and use.percent == pytest.approx(100 / lab_bench.CLK_TCK)
+
+
 def test_one_worker_has_no_per_worker_figures() -> None:
     before = _snapshot(0.0, {10: 0}, {1: (10, 0)})
     after = _snapshot(1.0, {10: lab_bench.CLK_TCK}, {1: (10, 1000)})
