@@ -400,21 +400,23 @@ def measure_round(lab: Lab, path: BenchPath, round_no: int, args: argparse.Names
         check_answers(lab, stage)
         if args.warmup:
             wrk(lab, stage, args, args.warmup)
-        for attr, close in (("keepalive", False), ("close", True)):
+        # the short connections last: what they leave (TIME_WAIT, a fullnat pool in its
+        # close linger) must not weigh on the other measurements
+        steps = ["keepalive", *([] if args.skip_iperf else ["upload", "download"]), "close"]
+        for step in steps:
             try:
-                run, cpu = measured(lab, stage,
-                                    functools.partial(wrk, lab, stage, args, args.seconds, close))
+                if step in ("upload", "download"):
+                    setattr(sample, step,
+                            iperf3(lab, stage, args.iperf_seconds, step == "download"))
+                    continue
+                run, cpu = measured(lab, stage, functools.partial(
+                    wrk, lab, stage, args, args.seconds, step == "close"))
             except (LabError, lr.ParseError) as exc:
-                problems.append(f"wrk {attr}: {exc}")
+                problems.append(f"{'iperf3' if step in ('upload', 'download') else 'wrk'} "
+                                f"{step}: {exc}")
                 continue
-            setattr(sample, attr, run)
-            setattr(sample, f"cpu_{attr}", cpu)
-        if not args.skip_iperf:
-            for attr, reverse in (("upload", False), ("download", True)):
-                try:
-                    setattr(sample, attr, iperf3(lab, stage, args.iperf_seconds, reverse))
-                except (LabError, lr.ParseError) as exc:
-                    problems.append(f"iperf3 {attr}: {exc}")
+            setattr(sample, step, run)
+            setattr(sample, f"cpu_{step}", cpu)
         drops = {q: (row["queue_dropped"], row["user_dropped"])
                  for q, row in queue_rows(lab).items() if row["queue_dropped"]
                  or row["user_dropped"]}
