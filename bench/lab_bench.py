@@ -2,11 +2,13 @@
 
 Builds the namespace lab of ``tests/lab`` (client, lb, two nginx backends, nginx in lb too for
 local mode) and measures every path of PATHS the same way, in rounds; each round visits every
-path, in the opposite order to the round before (drift and warm-up hit every path alike):
+path, in the opposite order to the round before (drift and warm-up hit every path alike),
+and measures, after a 1 s wrk warm-up, in this order:
 
   keep-alive     wrk -t2 -c32 --latency against the service: requests/s, latency p50 / p99
-  new conn/s     the same with "Connection: close" (one TCP connection per request)
   iperf3         one TCP stream for a few seconds, client -> server and -R (server -> client)
+  new conn/s     wrk with "Connection: close" (one TCP connection per request), last: what
+                 it leaves behind (TIME_WAIT, a fullnat pool in its linger) weighs on nothing
   CPU            user + system time of the balancer's processes during each wrk run (the queue
                  workers, or HAProxy), % of one core and per packet queued to them (the queue
                  counters of /proc/net/netfilter/nfnetlink_queue); per worker with several
@@ -37,7 +39,11 @@ iperf3 server on 5202). Before the rounds, each nfqlb path's configuration goes 
 "n/a: <the error>" in its row. A path that breaks during the run prints "failed: ...".
 
     python bench/lab_bench.py [--paths kernel-dnat,nfqlb-dnat] [--rounds 3] [--seconds 3]
-                              [--iperf-seconds 2] [--skip-iperf] [--list]
+                              [--iperf-seconds 2] [--skip-iperf] [--warmup 1] [--list]
+                              [--verbose]
+
+A quick look (two paths, no iperf3) takes about a minute with ``--rounds 3 --skip-iperf``;
+all thirteen paths with the defaults about eight minutes (about 11.5 s per path and round).
 
 The report is a Markdown block (the machine, the date, two tables) to paste into the README;
 the arithmetic is in ``bench/lab_results.py``. Needs root, iproute2, iptables, nginx and the
