@@ -30,6 +30,8 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
                   route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
                   offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
+  nfqlb-dnat-netlink  dnat with ``[daemon] binding = "netlink"`` (nfqlb's own netlink client
+                  on the main queue in place of NetfilterQueue)
 
 HTTP goes to VIP:80 (the backends' nginx on 8080, both backends). iperf3 needs its control
 and data connections on the same server, so every path forwards VIP:5201 to backend-1's
@@ -43,7 +45,7 @@ iperf3 server on 5202). Before the rounds, each nfqlb path's configuration goes 
                               [--verbose]
 
 A quick look (two paths, no iperf3) takes about a minute with ``--rounds 3 --skip-iperf``;
-all thirteen paths with the defaults about eight minutes (about 11.5 s per path and round).
+all fourteen paths with the defaults about eight minutes (about 11.5 s per path and round).
 
 The report is a Markdown block (the machine, the date, two tables) to paste into the README;
 the arithmetic is in ``bench/lab_results.py``. Needs root, iproute2, iptables, nginx and the
@@ -168,6 +170,7 @@ class BenchPath:
     mode: str | None = None  # nfqlb's service mode
     workers: int = 1
     floor: str | None = None  # the accept-only path for the "x floor" ratio
+    binding: str | None = None  # nfqlb's [daemon] binding for the main queue, if not default
 
     @property
     def is_nfqlb(self) -> bool:
@@ -620,7 +623,12 @@ def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]
 
 
 def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
-    return {"workers": path.workers} if path.workers > 1 else {}
+    """The [daemon] keys a path sets beyond the lab's (none for the defaults, so that a tree
+    without these keys still runs the plain paths)."""
+    keys: dict[str, object] = {"workers": path.workers} if path.workers > 1 else {}
+    if path.binding is not None:
+        keys["binding"] = path.binding
+    return keys
 
 
 def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
@@ -669,6 +677,9 @@ def _nfqlb_paths() -> list[BenchPath]:
             paths.append(BenchPath(f"nfqlb-{mode}{suffix}", f"nfqlb {mode}{label}", nfqlb,
                                    mode=mode, workers=workers,
                                    floor=None if mode == "offload" else floor))
+    # nfqlb's own netlink client on the main queue, against the NetfilterQueue floor
+    paths.insert(1, BenchPath("nfqlb-dnat-netlink", "nfqlb dnat, own netlink binding", nfqlb,
+                              mode="dnat", floor="nfq-accept", binding="netlink"))
     return paths
 
 

@@ -208,16 +208,19 @@ def test_the_paths_table() -> None:
     assert len(names) == len(set(names))
     for needed in ("direct", "kernel-dnat", "haproxy", "nfq-accept"):
         assert needed in names
-    nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS if p.is_nfqlb}
+    nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS if p.is_nfqlb and not p.binding}
     assert nfqlb == {(m, w) for m in ("dnat", "fullnat", "local", "offload") for w in (1, 2)}
+    netlink = next(p for p in lab_bench.PATHS if p.binding == "netlink")
+    assert lab_bench.nfqlb_daemon_keys(netlink) == {"binding": "netlink"}
     for p in lab_bench.PATHS:
         if p.is_nfqlb:
             # each rewrite mode is compared with the floor of as many workers
             floor = next(f for f in lab_bench.PATHS if f.name == p.floor) if p.floor else None
             assert (floor is None) == (p.mode == "offload")
             assert floor is None or floor.workers == p.workers
-            assert lab_bench.nfqlb_daemon_keys(p) == ({} if p.workers == 1
-                                                      else {"workers": p.workers})
+            if not p.binding:
+                assert lab_bench.nfqlb_daemon_keys(p) == ({} if p.workers == 1
+                                                          else {"workers": p.workers})
 
 
 def test_picking_paths_adds_the_reference_and_refuses_unknown_names() -> None:
