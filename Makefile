@@ -2,7 +2,8 @@
 #
 #   make test    Debian packages (only the missing ones), .venv, then pytest
 #   make demo    the same setup, then demo/run.py (DEMO_ARGS="--mode dnat" for another mode)
-#   make bench   the same setup, then bench/lab_bench.py (installs wrk if missing; BENCH_ARGS)
+#   make bench   the same setup, then bench/lab_bench.py (installs wrk, haproxy, iperf3 and
+#                conntrack if missing; BENCH_ARGS="--paths kernel-dnat,nfqlb-dnat --rounds 1")
 #   make deps    only the Debian packages (scripts/install-deps.sh)
 #   make venv    only .venv with nfqlb installed editable, with its test extras
 #   make clean   remove .venv

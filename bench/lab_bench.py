@@ -1,53 +1,111 @@
-"""Lab benchmark: keep-alive HTTP requests/s through the balancer, as a ratio to kernel DNAT.
+"""Lab benchmark: nfqlb against the kernel, HAProxy and the binding's floor, in one run.
 
-Builds the namespace lab of ``tests/lab.py`` (client, lb, two nginx backends), runs ``wrk`` in
-the client namespace against http://198.18.100.1:80/ (a few bytes of body) and compares, in
-one run:
+Builds the namespace lab of ``tests/lab`` (client, lb, two nginx backends, nginx in lb too for
+local mode) and measures every path of PATHS the same way, in rounds; each round visits every
+path, in the opposite order to the round before (drift and warm-up hit every path alike),
+and measures, after a 1 s wrk warm-up, in this order:
 
-  kernel-dnat    iptables nat PREROUTING DNAT (round robin with -m statistic --mode nth) in the
-                 lb namespace, ip_forward=1, backends route via lb: the reference, 1.0x
-  nfq-accept     the same kernel DNAT, plus every packet of the traffic (both directions) queued
-                 from raw PREROUTING to a minimal Python NetfilterQueue worker that only accepts
-  nfqlb-dnat     ``nfqlb run`` with a dnat service (round_robin, both backends), no kernel NAT
-  nfqlb-fullnat  ``nfqlb run`` with a fullnat service (snat 198.18.1.1, ports 20000-29999); the
-                 backends lose their default route, so they cannot answer the client directly
-  kernel-dnat    again at the end, to show drift; the ratios are to the median of the
-                 rounds of both kernel-dnat runs
+  keep-alive     wrk -t2 -c32 --latency against the service: requests/s, latency p50 / p99
+  iperf3         one TCP stream for a few seconds, client -> server and -R (server -> client)
+  new conn/s     wrk with "Connection: close" (one TCP connection per request), last: what
+                 it leaves behind (TIME_WAIT, a fullnat pool in its linger) weighs on nothing
+  CPU            user + system time of the balancer's processes during each wrk run (the queue
+                 workers, or HAProxy), % of one core and per packet queued to them (the queue
+                 counters of /proc/net/netfilter/nfnetlink_queue); per worker with several
 
-Each: a 1 s warm-up, then ``--rounds`` runs of ``--seconds``; the median requests/s is shown,
-with the worker's CPU (utime+stime of its pid over the runs, % of one core), that CPU time
-per queued packet (id_sequence of /proc/net/netfilter/nfnetlink_queue) and the whole machine's
-busy CPU (from /proc/stat, % of all cores). A new-connection rate (wrk with
-"Connection: close") is measured for kernel-dnat and nfqlb-dnat.
+A path is set up for its round and torn down after it; the conntrack tables of the client
+and the balancer are flushed between paths, so no path inherits another's entries. The
+client's connections leave from 16 addresses in turn (SNAT in its namespace, for every path),
+so that workers that own flows by the client's address each get a share.
 
-    python bench/lab_bench.py [--seconds 5] [--connections 20] [--rounds 3]
+The paths (``--list``; pick with ``--paths a,b,...``):
 
-Needs root, iproute2, iptables, nginx, wrk (apt-get installed when missing) and the
-netfilterqueue binding in this interpreter. Traffic stays inside the lab's namespaces.
+  direct          the client talks to the backends' own addresses (wrk's two threads to one
+                  backend each, iperf3 to backend-1); lb only routes (ip_forward, no NAT)
+  kernel-dnat     iptables DNAT in lb (round robin with -m statistic --mode nth): the reference
+  haproxy         Debian's HAProxy in lb, tcp mode, listening on the VIP (added to lb's lo)
+  nfq-accept      kernel DNAT plus a minimal Python NetfilterQueue worker that accepts every
+                  packet of the traffic, both directions: the binding's floor
+  nfq-accept-w2   the same with two such workers (--queue-balance over two queues)
+  nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
+                  route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
+                  offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
+  nfqlb-dnat-netlink  dnat with ``[daemon] binding = "netlink"`` (nfqlb's own netlink client
+                  on the main queue in place of NetfilterQueue)
+
+HTTP goes to VIP:80 (the backends' nginx on 8080, both backends). iperf3 needs its control
+and data connections on the same server, so every path forwards VIP:5201 to backend-1's
+iperf3 server alone (a second service, DNAT rule or listener; in local mode to lb's own
+iperf3 server on 5202). Before the rounds, each nfqlb path's configuration goes through
+``nfqlb check``: one that nfqlb refuses (a mode or key this tree does not have yet) prints
+"n/a: <the error>" in its row. A path that breaks during the run prints "failed: ...".
+
+    python bench/lab_bench.py [--paths kernel-dnat,nfqlb-dnat] [--rounds 3] [--seconds 3]
+                              [--iperf-seconds 2] [--skip-iperf] [--warmup 1] [--list]
+                              [--verbose]
+
+A quick look (two paths, no iperf3) takes about a minute with ``--rounds 3 --skip-iperf``;
+all fourteen paths with the defaults about eight minutes (about 11.5 s per path and round).
+
+The report is a Markdown block (the machine, the date, two tables) to paste into the README;
+the arithmetic is in ``bench/lab_results.py``. Needs root, iproute2, iptables, nginx and the
+netfilterqueue binding in this interpreter; installs wrk, haproxy, iperf3 and conntrack with
+apt-get when missing. Traffic stays inside the lab's namespaces (198.18.0.0/15).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
+import functools
 import os
-import re
+import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lab import HTTP_PORT, LB_BACKEND_ADDR, VIP, Lab, LabError  # noqa: E402
+import lab_results as lr  # noqa: E402
+from lab import (  # noqa: E402
+    BACKEND_NET,
+    HTTP_PORT,
+    LB_BACKEND_ADDR,
+    LB_CLIENT_ADDR,
+    REPO_ROOT,
+    VIP,
+    VIP_NET,
+    Host,
+    Lab,
+    LabError,
+)
 
 URL = f"http://{VIP}:80/"
-ACCEPT_QUEUE = 2  # the minimal worker's queue (nfqlb uses the lab default, 1)
+IPERF_PORT = 5201  # the service port, and backend-1's iperf3 server
+# The client's connections leave from several addresses (SNAT in the client's namespace, the
+# next address for each new connection, -m statistic nth): workers that own flows by the
+# client's address (nfqlb's workers: by its last byte, worker i takes i*256/N and up; the
+# accept-only floor's --queue-balance: a hash) then each get a share, as with many clients.
+# Last bytes 8, 24, ..., 248 give N = 2, 3, 4 workers shares within one address of equal.
+# The direct path has its own set: this kernel derives the client's TCP timestamp offset
+# from the connection's addresses and ports as the client sees them, so if a direct
+# connection (to a backend's address) and a balanced one (to the VIP) met at a backend as
+# the same four-tuple, the SYN of the later one would fail PAWS against the earlier one's
+# TIME_WAIT about half the time (a RST and a 1 s retransmission: seen in the lab).
+CLIENT_SOURCES = [f"198.18.0.{8 + 16 * i}" for i in range(16)]
+DIRECT_SOURCES = [f"198.18.0.{12 + 16 * i}" for i in range(16)]
+LOCAL_IPERF_PORT = 5202  # lb's own iperf3 server, the local mode's backend
+ACCEPT_QUEUE = 2  # the accept-only workers' first queue (nfqlb uses the lab default, 1)
+REFERENCE = "kernel-dnat"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+MIN_TICKS = 10  # CPU time under which a per-packet figure is noise (0.1 s at 100 Hz)
+TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "iperf3": "iperf3", "conntrack": "conntrack"}
 
 _ACCEPT_WORKER = r'''
 import sys
@@ -58,192 +116,382 @@ open(sys.argv[2], "w").close()
 nfq.run()
 '''
 
+# wrk against the backends themselves: thread i connects to backend i (wrk.lookup resolves
+# the literal address), so the direct path loads both nginx servers as the balancers do.
+_DIRECT_WRK = '''
+local hosts = {%s}
+local n = 0
+function setup(thread)
+  n = n + 1
+  thread.addr = wrk.lookup(hosts[(n - 1) %% #hosts + 1], "%d")[1]
+end
+'''
+
+_HAPROXY_CFG = """\
+global
+    maxconn 4000
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    maxconn 4000
+listen http
+    bind {vip}:80
+    balance roundrobin
+{http_servers}
+listen iperf3
+    bind {vip}:{iperf_port}
+    server backend-1 {iperf_backend}:{iperf_port}
+"""
+
 
 @dataclass
 class Stage:
-    """What a configuration's setup hands to the measurement: the worker's pid, and notes
-    (queue counters, nfqlb's stats) gathered before and at teardown."""
+    """What a path's setup hands to the measurement."""
 
-    pid: int | None = None
-    queue: int | None = None  # the NFQUEUE the worker reads
-    notes: list[str] = field(default_factory=list)
+    pids: list[int] = field(default_factory=list)  # the balancer's processes (roots)
+    url: str = URL
+    wrk_script: Path | None = None
+    labels: frozenset[str] = frozenset()  # the backends that must answer URL
+    iperf_target: str = VIP  # the client connects to iperf_target:IPERF_PORT ...
+    iperf_server: str = "backend"  # ... served by backend-1 (or "lb": lb's own, on 5202)
+    notes: list[str] = field(default_factory=list)  # printed after the teardown
+    details: list[str] = field(default_factory=list)  # printed with --verbose
 
 
-@dataclass
-class Result:
+@dataclass(frozen=True)
+class BenchPath:
+    """A row of the tables: how to set it up, and what it is compared with."""
+
     name: str
-    rates: list[float]
-    errors: dict[str, int]
-    cpu: float | None  # worker CPU, % of one core
-    host_cpu: float  # all cores busy, %
-    us_per_packet: float | None  # worker CPU time per queued packet
+    title: str
+    setup: Callable[[Lab, BenchPath, int], contextlib.AbstractContextManager[Stage]]
+    mode: str | None = None  # nfqlb's service mode
+    workers: int = 1
+    floor: str | None = None  # the accept-only path for the "x floor" ratio
+    binding: str | None = None  # nfqlb's [daemon] binding for the main queue, if not default
 
     @property
-    def median(self) -> float:
-        return statistics.median(self.rates)
+    def is_nfqlb(self) -> bool:
+        return self.mode is not None
 
 
-# -- helpers ------------------------------------------------------------------------------------
+# -- processes, queues, CPU ---------------------------------------------------------------------
 
-def ensure_wrk() -> None:
-    if shutil.which("wrk"):
-        return
-    print("wrk is missing: apt-get install -y wrk")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    argv = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "wrk"]
-    if subprocess.run(argv, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
-        subprocess.run(argv, env=env, check=True, capture_output=True)
+def _proc_stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
-def proc_ticks(pid: int | None) -> int:
-    if pid is None:
-        return 0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+def process_tree(roots: Sequence[int]) -> list[int]:
+    """``roots`` and all their descendants that are alive."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and (stat := _proc_stat(int(entry))) is not None:
+            children.setdefault(int(stat[1]), []).append(int(entry))
+    found, todo = [], list(roots)
+    while todo:
+        pid = todo.pop()
+        if pid not in found and _proc_stat(pid) is not None:
+            found.append(pid)
+            todo.extend(children.get(pid, []))
+    return found
 
 
-def host_ticks() -> tuple[int, int]:
-    """(busy, total) jiffies over all CPUs."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]  # idle, iowait
-    return sum(values) - idle, sum(values)
-
-
-def wrk(lab: Lab, seconds: int, connections: int, threads: int,
-        close: bool = False) -> tuple[float, dict[str, int]]:
-    """One wrk run from the client namespace: requests/s and its error counters."""
-    argv = ["wrk", "-t", str(threads), "-c", str(connections), "-d", f"{seconds}s",
-            "--timeout", "2s"]
-    if close:
-        argv += ["-H", "Connection: close"]
-    out = lab.exec(lab.client, [*argv, URL], timeout=seconds + 15).stdout.decode()
-    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not m:
-        raise LabError(f"cannot parse wrk output:\n{out}")
-    errors = {"connect": 0, "read": 0, "write": 0, "timeout": 0, "non2xx": 0}
-    if s := re.search(r"connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
-        for key, value in zip(("connect", "read", "write", "timeout"), s.groups(), strict=True):
-            errors[key] = int(value)
-    if s := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
-        errors["non2xx"] = int(s.group(1))
-    return float(m.group(1)), errors
-
-
-def measure(lab: Lab, name: str, stage: Stage, args: argparse.Namespace,
-            close: bool = False) -> Result:
-    wrk(lab, 1, args.connections, args.threads, close)  # warm-up
-    rates, errors = [], dict.fromkeys(("connect", "read", "write", "timeout", "non2xx"), 0)
-    t0, p0, h0 = time.monotonic(), proc_ticks(stage.pid), host_ticks()
-    q0 = queue_counters(lab, stage.queue)
-    for _ in range(args.rounds):
-        rate, errs = wrk(lab, args.seconds, args.connections, args.threads, close)
-        rates.append(rate)
-        for key, value in errs.items():
-            errors[key] += value
-    wall, p1, h1 = time.monotonic() - t0, proc_ticks(stage.pid), host_ticks()
-    packets = queue_counters(lab, stage.queue).get("id_sequence", 0) - q0.get("id_sequence", 0)
-    cpu = 100.0 * (p1 - p0) / CLK_TCK / wall if stage.pid else None
-    us = 1e6 * (p1 - p0) / CLK_TCK / packets if packets > 0 else None
-    host_cpu = 100.0 * (h1[0] - h0[0]) / max(1, h1[1] - h0[1])
-    result = Result(name, rates, errors, cpu, host_cpu, us)
-    kind = "close" if close else "keep-alive"
-    summary = ", ".join(f"{k} {v}" for k, v in errors.items() if v) or "none"
-    print(f"  {name:<14} {kind:<10} req/s per round: "
-          f"{' '.join(f'{r:.0f}' for r in rates)}  errors: {summary}", flush=True)
-    return result
+def proc_ticks(pid: int) -> int:
+    stat = _proc_stat(pid)
+    return 0 if stat is None else int(stat[11]) + int(stat[12])  # utime, stime
 
 
 QUEUE_COLUMNS = ("queue_num", "peer_portid", "queue_total", "copy_mode", "copy_range",
                  "queue_dropped", "user_dropped", "id_sequence")
 
 
-def queue_counters(lab: Lab, queue: int | None) -> dict[str, int]:
-    """The queue's row of /proc/net/netfilter/nfnetlink_queue in lb ({} if not bound)."""
-    if queue is None:
-        return {}
+def queue_rows(lab: Lab) -> dict[int, dict[str, int]]:
+    """Queue number -> its row of /proc/net/netfilter/nfnetlink_queue in lb."""
     text = lab.exec(lab.lb, ["cat", "/proc/net/netfilter/nfnetlink_queue"],
                     check=False).stdout.decode()
+    rows = {}
     for line in text.splitlines():
         row = dict(zip(QUEUE_COLUMNS, map(int, line.split()), strict=False))
-        if row.get("queue_num") == queue:
-            return row
-    return {}
+        if "queue_num" in row:
+            rows[row["queue_num"]] = row
+    return rows
 
 
-def format_queue(queue: int, row: dict[str, int]) -> str:
-    if not row:
-        return f"queue {queue}: not bound"
-    return f"queue {queue}: " + " ".join(
-        f"{k} {row[k]}" for k in ("queue_total", "queue_dropped", "user_dropped", "id_sequence"))
+@dataclass
+class Snapshot:
+    when: float
+    ticks: dict[int, int]
+    queues: dict[int, dict[str, int]]
 
+
+def snapshot(lab: Lab, stage: Stage) -> Snapshot:
+    pids = process_tree(stage.pids)
+    return Snapshot(time.monotonic(), {pid: proc_ticks(pid) for pid in pids}, queue_rows(lab))
+
+
+def cpu_use(before: Snapshot, after: Snapshot) -> lr.CpuUse:
+    """CPU of the balancer's processes between two snapshots, per packet queued meanwhile.
+
+    A queue belongs to the process whose pid is the queue's netlink port id (a process's
+    first netlink socket gets its pid); packets of queues nobody owns that way still count
+    in the total. Under MIN_TICKS of CPU time there is no per-packet figure: the clock's
+    ticks are too coarse (offload's worker, which sees only new flows, under keep-alive)."""
+    ticks = {pid: t - before.ticks.get(pid, 0) for pid, t in after.ticks.items()}
+    packets = {q: row["id_sequence"] - before.queues.get(q, {}).get("id_sequence", 0)
+               for q, row in after.queues.items()}
+    packets = {q: (n if n >= 0 else after.queues[q]["id_sequence"]) for q, n in packets.items()}
+    total_s = sum(ticks.values()) / CLK_TCK
+    wall = max(after.when - before.when, 1e-9)
+    total_packets = sum(packets.values())
+    owners: dict[int, list[int]] = {}
+    for q, row in after.queues.items():
+        if row["peer_portid"] in ticks:
+            owners.setdefault(row["peer_portid"], []).append(q)
+    per_worker: dict[int, float | None] = {}
+    if len(owners) > 1:
+        for pid, queues in owners.items():
+            n = sum(packets[q] for q in queues)
+            per_worker[min(queues)] = (1e6 * ticks[pid] / CLK_TCK / n
+                                       if n > 0 and ticks[pid] >= MIN_TICKS else None)
+    enough = total_packets > 0 and sum(ticks.values()) >= MIN_TICKS
+    return lr.CpuUse(100.0 * total_s / wall, 1e6 * total_s / total_packets if enough else None,
+                     per_worker)
+
+
+# -- tools ----------------------------------------------------------------------------------------
+
+def ensure_tools(names: Sequence[str]) -> None:
+    """apt-get install the Debian packages of the missing commands (no service is started:
+    a temporary policy-rc.d, as scripts/install-deps.sh does)."""
+    missing = [TOOLS[n] for n in names
+               if not shutil.which(n, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    if not missing:
+        return
+    print(f"installing {' '.join(missing)} (apt-get)", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    policy = Path("/usr/sbin/policy-rc.d")
+    created = not policy.exists()
+    if created:
+        policy.write_text("#!/bin/sh\nexit 101\n")
+        policy.chmod(0o755)
+    try:
+        argv = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing]
+        if subprocess.run(argv, env=env, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+            subprocess.run(argv, env=env, check=True, capture_output=True)
+    finally:
+        if created:
+            policy.unlink(missing_ok=True)
+
+
+def tool_version(argv: Sequence[str]) -> str:
+    try:
+        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (proc.stdout or proc.stderr).strip()
+    return text.splitlines()[0] if text else "?"
+
+
+def machine_heading(args: argparse.Namespace) -> list[str]:
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    commit = subprocess.run(["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip() or "?"
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    versions = [tool_version(["haproxy", "-v"]), tool_version(["iperf3", "--version"]),
+                tool_version(["wrk", "-v"]), tool_version(["nginx", "-v"])]
+    iperf = ("" if args.skip_iperf else
+             f"; iperf3 one TCP stream, {args.iperf_seconds} s each way")
+    return [
+        f"Lab benchmark (`make bench`, bench/lab_bench.py), {now}, nfqlb {commit}.",
+        f"Machine: {model}, {os.cpu_count()} cores, kernel {platform.release()}, "
+        f"Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f} before the "
+        "run. Client, balancer and two nginx backends are network namespaces on these cores.",
+        f"Load: wrk -t{args.threads} -c{args.connections} -d{args.seconds}s --latency "
+        f"(new connections: \"Connection: close\"){iperf}; rounds: {args.rounds}, each path "
+        "once per round, in alternating order; medians.",
+        "Tools: " + "; ".join(v for v in versions if v != "?") + ".",
+    ]
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+def wrk(lab: Lab, stage: Stage, args: argparse.Namespace, seconds: int,
+        close: bool = False) -> lr.WrkRun:
+    argv = ["wrk", "-t", str(args.threads), "-c", str(args.connections), "-d", f"{seconds}s",
+            "--timeout", "2s", "--latency"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    if stage.wrk_script is not None:
+        argv += ["-s", str(stage.wrk_script)]
+    proc = lab.exec(lab.client, [*argv, stage.url], timeout=seconds + 20, check=False)
+    out = proc.stdout.decode(errors="replace")
+    if proc.returncode != 0:
+        raise LabError(f"wrk exit {proc.returncode}: {proc.stderr.decode(errors='replace')}"
+                       f"{out}")
+    return lr.parse_wrk(out)
+
+
+def iperf3(lab: Lab, stage: Stage, seconds: int, reverse: bool) -> float:
+    """One single-stream iperf3 run against a fresh one-off server; bits/s received."""
+    host = lab.backends[0] if stage.iperf_server == "backend" else lab.lb
+    port = IPERF_PORT if stage.iperf_server == "backend" else LOCAL_IPERF_PORT
+    proc = lab.spawn(host, ["iperf3", "-s", "-1", "-p", str(port)],
+                     log=lab.dir / "iperf3-server.out")
+    deadline = time.monotonic() + 5
+    while not listening(lab, host, port):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError("iperf3 server did not start:\n"
+                           + (lab.dir / "iperf3-server.out").read_text(errors="replace"))
+        time.sleep(0.02)
+    argv = ["iperf3", "-c", stage.iperf_target, "-p", str(IPERF_PORT), "-t", str(seconds),
+            "--json", "--connect-timeout", "3000", *(["-R"] if reverse else [])]
+    try:
+        out = lab.exec(lab.client, argv, timeout=seconds + 20, check=False).stdout.decode()
+        return lr.parse_iperf3(out)
+    finally:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(3)
+        if proc.poll() is None:
+            proc.terminate()
+
+
+def listening(lab: Lab, host: Host, port: int) -> bool:
+    out = lab.exec(host, ["ss", "-Hltn", f"sport = :{port}"], check=False).stdout
+    return bool(out.strip())
+
+
+def measured(lab: Lab, stage: Stage, run: Callable[[], lr.WrkRun]
+             ) -> tuple[lr.WrkRun, lr.CpuUse | None]:
+    before = snapshot(lab, stage)
+    result = run()
+    after = snapshot(lab, stage)
+    return result, cpu_use(before, after) if stage.pids else None
+
+
+def check_answers(lab: Lab, stage: Stage, tries: int = 4) -> None:
+    """The service answers, from the expected backends (retried for up to 5 s: a proxy may
+    still be starting)."""
+    deadline = time.monotonic() + 5
+    while True:
+        try:
+            if stage.wrk_script is not None:  # direct: each backend at its own address
+                labels = {lab.curl(lab.client, f"http://{b.address}:{HTTP_PORT}/",
+                                   max_time=2).decode().strip() for b in lab.backends}
+            else:
+                labels = {lab.curl(lab.client, stage.url, max_time=2).decode().strip()
+                          for _ in range(tries)}
+            if labels == stage.labels:
+                return
+            raise LabError(f"answers came from {sorted(labels)}, not {sorted(stage.labels)}")
+        except LabError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def measure_round(lab: Lab, path: BenchPath, round_no: int, args: argparse.Namespace,
+                  problems: list[str]) -> lr.Sample:
+    """One round of one path: set up, check, measure, tear down. A measurement that fails is
+    left out of the sample and described in ``problems``; a setup that fails raises."""
+    sample, started = lr.Sample(), time.monotonic()
+    with path.setup(lab, path, round_no) as stage:
+        check_answers(lab, stage)
+        if args.warmup:
+            wrk(lab, stage, args, args.warmup)
+        # the short connections last: what they leave (TIME_WAIT, a fullnat pool in its
+        # close linger) must not weigh on the other measurements
+        steps = ["keepalive", *([] if args.skip_iperf else ["upload", "download"]), "close"]
+        for step in steps:
+            try:
+                if step in ("upload", "download"):
+                    setattr(sample, step,
+                            iperf3(lab, stage, args.iperf_seconds, step == "download"))
+                    continue
+                run, cpu = measured(lab, stage, functools.partial(
+                    wrk, lab, stage, args, args.seconds, step == "close"))
+            except (LabError, lr.ParseError) as exc:
+                problems.append(f"{'iperf3' if step in ('upload', 'download') else 'wrk'} "
+                                f"{step}: {exc}")
+                continue
+            setattr(sample, step, run)
+            setattr(sample, f"cpu_{step}", cpu)
+        drops = {q: (row["queue_dropped"], row["user_dropped"])
+                 for q, row in queue_rows(lab).items() if row["queue_dropped"]
+                 or row["user_dropped"]}
+        if drops:
+            stage.notes.append("queue drops (queue_dropped, user_dropped): " + ", ".join(
+                f"queue {q}: {a}, {b}" for q, (a, b) in sorted(drops.items())))
+    print(f"  {path.name:<18} {describe(sample)}  ({time.monotonic() - started:.1f} s)",
+          flush=True)
+    for line in problems + stage.notes + (stage.details if args.verbose else []):
+        print("    " + line.replace("\n", "\n    "), flush=True)
+    problems[:] = [first_line(p) for p in problems]
+    return sample
+
+
+def describe(s: lr.Sample) -> str:
+    def rate(run: lr.WrkRun | None) -> str:
+        if run is None:
+            return "-"
+        errors = sum(run.errors.values())
+        return f"{run.rate:.0f}" + (f" ({errors} errors)" if errors else "")
+
+    def us(cpu: lr.CpuUse | None) -> str:
+        return "" if cpu is None else (
+            f" [cpu {cpu.percent:.0f}%, {lr.fmt_us(cpu.us_per_packet)} us/pkt]")
+
+    return (f"keep-alive {rate(s.keepalive)}{us(s.cpu_keepalive)}  close {rate(s.close)}"
+            f"{us(s.cpu_close)}  iperf3 {lr.fmt_gbits(s.upload)} / "
+            f"{lr.fmt_gbits(s.download)} Gb/s")
+
+
+# -- the paths ------------------------------------------------------------------------------------
 
 def iptables(lab: Lab, *args: str) -> None:
     lab.exec(lab.lb, ["iptables", *args])
 
 
-# -- configurations: each a context manager yielding a Stage ------------------------------------
-
 @contextlib.contextmanager
-def kernel_dnat(lab: Lab) -> Iterator[Stage]:
-    lab.exec(lab.lb, ["sysctl", "-qw", "net.ipv4.ip_forward=1"])
-    b1, b2 = (f"{b.address}:{HTTP_PORT}" for b in lab.backends)
-    match = ["-d", VIP, "-p", "tcp", "--dport", "80"]
-    rules = [[*match, "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0",
-              "-j", "DNAT", "--to-destination", b1],
-             [*match, "-j", "DNAT", "--to-destination", b2]]
-    for rule in rules:
-        iptables(lab, "-t", "nat", "-A", "PREROUTING", *rule)
+def sysctl(lab: Lab, name: str, value: str) -> Iterator[None]:
+    old = lab.read_sysctl(lab.lb, name)
+    lab.sysctl(lab.lb, name, value)
     try:
-        yield Stage()
+        yield
     finally:
-        for rule in rules:
-            iptables(lab, "-t", "nat", "-D", "PREROUTING", *rule)
+        lab.sysctl(lab.lb, name, old)
 
 
 @contextlib.contextmanager
-def nfq_accept(lab: Lab) -> Iterator[Stage]:
-    ready = lab.dir / "accept.ready"
-    script = lab.dir / "accept_worker.py"
-    script.write_text(_ACCEPT_WORKER)
-    with kernel_dnat(lab) as stage:
-        proc = lab.spawn(lab.lb, [sys.executable, str(script), str(ACCEPT_QUEUE), str(ready)],
-                         log=lab.dir / "accept.out")
-        deadline = time.monotonic() + 10
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise LabError("accept worker did not start:\n"
-                               + (lab.dir / "accept.out").read_text())
-            time.sleep(0.02)
-        queue = ["-j", "NFQUEUE", "--queue-num", str(ACCEPT_QUEUE), "--queue-bypass"]
-        rules = [["-d", VIP, "-p", "tcp", "--dport", "80", *queue]]
-        rules += [["-s", b.address, "-p", "tcp", "--sport", str(HTTP_PORT), *queue]
-                  for b in lab.backends]
-        for rule in rules:
-            iptables(lab, "-t", "raw", "-A", "PREROUTING", *rule)
-        stage.pid, stage.queue = proc.pid, ACCEPT_QUEUE
-        try:
-            yield stage
-        finally:
-            for rule in rules:
-                iptables(lab, "-t", "raw", "-D", "PREROUTING", *rule)
-            proc.terminate()
-            proc.wait(5)
-
-
-@contextlib.contextmanager
-def nfqlb(lab: Lab, mode: str) -> Iterator[Stage]:
-    daemon = lab.nfqlb(lab.service(mode)).start()
-    assert daemon.proc is not None
-    stage = Stage(pid=daemon.proc.pid, queue=daemon.queue)  # `ip netns exec` execs: same pid
+def rules(lab: Lab, table: str, chain: str, specs: Sequence[Sequence[str]]) -> Iterator[None]:
+    done: list[Sequence[str]] = []
     try:
-        yield stage
+        for spec in specs:
+            iptables(lab, "-t", table, "-A", chain, *spec)
+            done.append(spec)
+        yield
     finally:
-        rc = daemon.stop()
-        stage.notes.append(f"nfqlb exit {rc}; its stats at stop:\n"
-                           + "\n".join("    " + line for line in daemon.stdout.splitlines()))
-        if rc != 0 or "Traceback" in daemon.stderr:
-            stage.notes.append("nfqlb stderr:\n" + daemon.stderr)
+        for spec in reversed(done):
+            iptables(lab, "-t", table, "-D", chain, *spec)
+
+
+@contextlib.contextmanager
+def vip_on_lo(lab: Lab) -> Iterator[None]:
+    lab.ip(lab.lb, "addr", "add", f"{VIP}/32", "dev", "lo")
+    try:
+        yield
+    finally:
+        lab.ip(lab.lb, "addr", "del", f"{VIP}/32", "dev", "lo")
 
 
 @contextlib.contextmanager
@@ -251,78 +499,321 @@ def backends_without_route(lab: Lab) -> Iterator[None]:
     for b in lab.backends:
         lab.ip(b, "route", "del", "default")
     try:
+        if any(lab.can_route(b, lab.client.address) for b in lab.backends):
+            raise LabError("a backend can still route to the client")
         yield
     finally:
         for b in lab.backends:
             lab.ip(b, "route", "add", "default", "via", LB_BACKEND_ADDR)
 
 
-# -- main ---------------------------------------------------------------------------------------
-
-def check_answers(lab: Lab, name: str) -> None:
-    """Four requests, all answered, by the two backends between them."""
-    labels = {lab.curl(lab.client, URL).decode().strip() for _ in range(4)}
-    if labels != {b.label for b in lab.backends}:
-        raise LabError(f"{name}: answers came from {sorted(labels)}")
+def backend_labels(lab: Lab) -> frozenset[str]:
+    return frozenset(b.label for b in lab.backends)
 
 
-def run_config(lab: Lab, name: str, setup: contextlib.AbstractContextManager[Stage],
-               args: argparse.Namespace, close: list[Result]) -> Result:
-    with setup as stage:
-        check_answers(lab, name)
-        result = measure(lab, name, stage, args)
-        if name in ("kernel-dnat", "nfqlb-dnat") and not any(r.name == name for r in close):
-            close.append(measure(lab, name, stage, args, close=True))
-        if stage.queue is not None:
-            stage.notes.insert(0, format_queue(stage.queue, queue_counters(lab, stage.queue)))
-    for note in stage.notes:
-        print("    " + note.replace("\n", "\n    "))
-    return result
+@contextlib.contextmanager
+def direct(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    script = lab.dir / "direct.lua"
+    hosts = ", ".join(f'"{b.address}"' for b in lab.backends)
+    script.write_text(_DIRECT_WRK % (hosts, HTTP_PORT))
+    route = [BACKEND_NET, "via", LB_CLIENT_ADDR]
+    with sysctl(lab, "net.ipv4.ip_forward", "1"):
+        lab.ip(lab.client, "route", "add", *route)
+        try:
+            yield Stage(url=f"http://{lab.backends[0].address}:{HTTP_PORT}/",
+                        wrk_script=script, labels=backend_labels(lab),
+                        iperf_target=lab.backends[0].address)
+        finally:
+            lab.ip(lab.client, "route", "del", *route)
 
 
-def main() -> int:
+@contextlib.contextmanager
+def kernel_dnat(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    b1, b2 = (f"{b.address}:{HTTP_PORT}" for b in lab.backends[:2])
+    http = ["-d", VIP, "-p", "tcp", "--dport", "80"]
+    specs = [[*http, "-m", "statistic", "--mode", "nth", "--every", "2", "--packet", "0",
+              "-j", "DNAT", "--to-destination", b1],
+             [*http, "-j", "DNAT", "--to-destination", b2],
+             ["-d", VIP, "-p", "tcp", "--dport", str(IPERF_PORT), "-j", "DNAT",
+              "--to-destination", f"{lab.backends[0].address}:{IPERF_PORT}"]]
+    with sysctl(lab, "net.ipv4.ip_forward", "1"), rules(lab, "nat", "PREROUTING", specs):
+        yield Stage(labels=backend_labels(lab))
+
+
+@contextlib.contextmanager
+def haproxy(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    servers = "\n".join(f"    server {b.label} {b.address}:{HTTP_PORT}" for b in lab.backends)
+    cfg = lab.dir / "haproxy.cfg"
+    cfg.write_text(_HAPROXY_CFG.format(vip=VIP, http_servers=servers, iperf_port=IPERF_PORT,
+                                       iperf_backend=lab.backends[0].address))
+    log = lab.dir / "haproxy.out"
+    with vip_on_lo(lab):
+        proc = lab.spawn(lab.lb, ["haproxy", "-db", "-f", str(cfg)], log=log)
+        try:
+            stage = Stage(pids=[proc.pid], labels=backend_labels(lab))
+            try:
+                check_answers(lab, stage)
+            except LabError as exc:
+                raise LabError(f"{exc}\nhaproxy: {log.read_text(errors='replace')}") from exc
+            yield stage
+        finally:
+            proc.terminate()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    script = lab.dir / "accept_worker.py"
+    script.write_text(_ACCEPT_WORKER)
+    queues = list(range(ACCEPT_QUEUE, ACCEPT_QUEUE + path.workers))
+    procs = []
+    with kernel_dnat(lab, path, round_no) as stage:
+        try:
+            for q in queues:
+                ready = lab.dir / f"accept-{q}.ready"
+                ready.unlink(missing_ok=True)
+                log = lab.dir / f"accept-{q}.out"
+                procs.append(lab.spawn(lab.lb, [sys.executable, str(script), str(q),
+                                                str(ready)], log=log))
+                deadline = time.monotonic() + 10
+                while not ready.exists():
+                    if procs[-1].poll() is not None or time.monotonic() > deadline:
+                        raise LabError(f"accept worker did not start:\n{log.read_text()}")
+                    time.sleep(0.02)
+            target = (["--queue-num", str(queues[0])] if len(queues) == 1 else
+                      ["--queue-balance", f"{queues[0]}:{queues[-1]}"])
+            queue = ["-j", "NFQUEUE", *target, "--queue-bypass"]
+            specs = [["-d", VIP, "-p", "tcp", "-m", "multiport", "--dports",
+                      f"80,{IPERF_PORT}", *queue]]
+            specs += [["-s", b.address, "-p", "tcp", "-m", "multiport", "--sports",
+                       f"{HTTP_PORT},{IPERF_PORT}", *queue] for b in lab.backends]
+            with rules(lab, "raw", "PREROUTING", specs):
+                stage.pids = [p.pid for p in procs]
+                yield stage
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(5)
+
+
+def snat_ports(round_no: int) -> str:
+    """The fullnat pool of a round: 10,000 ports, another range each round (three in turn),
+    all below the ephemeral range (32768-60999) from which HAProxy connects from the same
+    address. The backends keep a connection's TIME_WAIT for 60 s, and this kernel derives the
+    client's TCP timestamp offset from the connection's addresses and ports as the client
+    sees them: a SYN from a pool port the previous run of nfqlb used, for another client
+    port, fails PAWS at the backend about half the time (a RST and a 1 s retransmission; a
+    restarted nfqlb hands out its pool from the start, so nearly every new connection of
+    the next round would meet one). Measured in the lab: 5,100 connections/s,
+    then 82/s after a restart with the same pool (TcpExtPAWSTimewait on the backends)."""
+    low = 2000 + (round_no % 3) * 10000
+    return f"{low}-{low + 9999}"
+
+
+def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]]:
+    """The HTTP service over both backends and the iperf3 service to one server."""
+    http = lab.service(mode)
+    iperf = lab.service(mode, name=f"iperf3-{mode}", port=IPERF_PORT,
+                        backends=lab.backends[:1])
+    iperf["backend"] = ([{"port": LOCAL_IPERF_PORT}] if mode == "local" else
+                        [{"address": lab.backends[0].address, "port": IPERF_PORT}])
+    if mode == "fullnat":
+        http["snat_ports"] = iperf["snat_ports"] = snat_ports(round_no)
+    return [http, iperf]
+
+
+def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
+    """The [daemon] keys a path sets beyond the lab's (none for the defaults, so that a tree
+    without these keys still runs the plain paths)."""
+    keys: dict[str, object] = {"workers": path.workers} if path.workers > 1 else {}
+    if path.binding is not None:
+        keys["binding"] = path.binding
+    return keys
+
+
+def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
+    """``nfqlb check`` of the path's configuration: None, or the error it prints."""
+    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0), daemon=nfqlb_daemon_keys(path))
+    argv = daemon.argv
+    command = argv[:argv.index("run")]
+    proc = subprocess.run([*command, "check", "--config", str(daemon.config_path)],
+                          capture_output=True, text=True, timeout=30, env=daemon.env,
+                          cwd=REPO_ROOT, stdin=subprocess.DEVNULL)
+    if proc.returncode == 0:
+        return None
+    return lr.nfqlb_error(proc.stderr or proc.stdout, str(daemon.config_path))
+
+
+@contextlib.contextmanager
+def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    mode = path.mode or ""
+    with contextlib.ExitStack() as stack:
+        labels = backend_labels(lab)
+        stage = Stage(labels=labels)
+        if mode == "fullnat":
+            stack.enter_context(backends_without_route(lab))
+        elif mode == "local":
+            stack.enter_context(vip_on_lo(lab))
+            stage = Stage(labels=frozenset({lab.lb.label}), iperf_server="lb")
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, round_no),
+                           daemon=nfqlb_daemon_keys(path)).start()
+        assert daemon.proc is not None
+        stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid
+        try:
+            yield stage
+        finally:
+            rc = daemon.stop()
+            if rc != 0 or "Traceback" in daemon.stderr:
+                stage.notes.append(f"nfqlb exit {rc}\n{daemon.report()}")
+            else:
+                stage.details.append("nfqlb's counters at stop:\n" + daemon.stdout)
+
+
+def _nfqlb_paths() -> list[BenchPath]:
+    paths = []
+    for workers, suffix, floor in ((1, "", "nfq-accept"), (2, "-w2", "nfq-accept-w2")):
+        label = "" if workers == 1 else f", {workers} workers"
+        for mode in ("dnat", "fullnat", "local", "offload"):
+            paths.append(BenchPath(f"nfqlb-{mode}{suffix}", f"nfqlb {mode}{label}", nfqlb,
+                                   mode=mode, workers=workers,
+                                   floor=None if mode == "offload" else floor))
+    # nfqlb's own netlink client on the main queue, against the NetfilterQueue floor
+    paths.insert(1, BenchPath("nfqlb-dnat-netlink", "nfqlb dnat, own netlink binding", nfqlb,
+                              mode="dnat", floor="nfq-accept", binding="netlink"))
+    return paths
+
+
+PATHS: list[BenchPath] = [
+    BenchPath("direct", "direct to the backends (routed, no balancer)", direct),
+    BenchPath(REFERENCE, "kernel iptables DNAT", kernel_dnat),
+    BenchPath("haproxy", "HAProxy (tcp mode)", haproxy),
+    BenchPath("nfq-accept", "accept-only Python worker (floor)", nfq_accept),
+    BenchPath("nfq-accept-w2", "accept-only Python workers, 2 (floor)", nfq_accept,
+              workers=2),
+    *_nfqlb_paths(),
+]
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+def pick_paths(spec: str | None) -> list[BenchPath]:
+    """The paths named in ``spec`` (comma-separated; all when None), in PATHS' order, with the
+    reference added when missing."""
+    if not spec:
+        return list(PATHS)
+    names = {n.strip() for n in spec.split(",") if n.strip()}
+    known = {p.name for p in PATHS}
+    if unknown := sorted(names - known):
+        raise SystemExit(f"--paths: unknown {', '.join(unknown)} (known: {', '.join(known)})")
+    if REFERENCE not in names:
+        print(f"--paths: adding {REFERENCE}, the reference of every ratio")
+        names.add(REFERENCE)
+    return [p for p in PATHS if p.name in names]
+
+
+def flush_conntrack(lab: Lab) -> None:
+    if shutil.which("conntrack"):
+        for host in (lab.client, lab.lb):
+            lab.exec(host, ["conntrack", "-F"], check=False)
+
+
+def snat_rules(sources: Sequence[str]) -> list[list[str]]:
+    """Rules of a nat chain that give each new connection the next of ``sources``: rule i
+    takes one in N - i of the connections the rules before it left."""
+    n = len(sources)
+    return [[*(["-m", "statistic", "--mode", "nth", "--every", str(n - i), "--packet", "0"]
+               if i < n - 1 else []), "-j", "SNAT", "--to-source", address]
+            for i, address in enumerate(sources)]
+
+
+def spread_client(lab: Lab) -> None:
+    """The client's connections to the VIPs leave from CLIENT_SOURCES in turn, those to the
+    backends (the direct path) from DIRECT_SOURCES."""
+    for address in [*CLIENT_SOURCES, *DIRECT_SOURCES]:
+        lab.ip(lab.client, "addr", "add", f"{address}/24", "dev", "eth0")
+    for chain, dst, sources in (("SPREAD-VIP", VIP_NET, CLIENT_SOURCES),
+                                ("SPREAD-DIRECT", BACKEND_NET, DIRECT_SOURCES)):
+        lab.exec(lab.client, ["iptables", "-t", "nat", "-N", chain])
+        for rule in snat_rules(sources):
+            lab.exec(lab.client, ["iptables", "-t", "nat", "-A", chain, *rule])
+        lab.exec(lab.client, ["iptables", "-t", "nat", "-A", "POSTROUTING", "-d", dst,
+                              "-j", chain])
+
+
+def first_line(what: BaseException | str) -> str:
+    text = str(what).strip()
+    return text.splitlines()[0] if text else type(what).__name__
+
+
+def run(args: argparse.Namespace, paths: list[BenchPath]) -> list[lr.PathResult]:
+    results = {p.name: lr.PathResult(p.name, p.title, p.floor) for p in paths}
+    with Lab(2, backend_default_route=True, lb_servers=True, ipv6=False) as lab:
+        spread_client(lab)
+        for p in paths:
+            if p.is_nfqlb and (error := nfqlb_refusal(lab, p)):
+                results[p.name].status = f"n/a: {error}"
+                print(f"{p.name}: n/a: {error}")
+        active = [p for p in paths if results[p.name].status is None]
+        # measured per path and round: about 1 s besides the runs (nfqlb's start, checks)
+        estimate = len(active) * args.rounds * (
+            args.warmup + 2 * args.seconds + 1.5 + (0 if args.skip_iperf
+                                                    else 2 * (args.iperf_seconds + 0.3)))
+        print(f"{len(active)} paths x {args.rounds} rounds, about {estimate / 60:.1f} min",
+              flush=True)
+        try:
+            for rnd in range(args.rounds):
+                order = active if rnd % 2 == 0 else active[::-1]
+                print(f"round {rnd + 1} of {args.rounds}", flush=True)
+                for p in order:
+                    result = results[p.name]
+                    flush_conntrack(lab)
+                    problems: list[str] = []
+                    try:
+                        result.samples.append(measure_round(lab, p, rnd, args, problems))
+                    except (LabError, lr.ParseError, subprocess.SubprocessError) as exc:
+                        problems = [f"failed: {first_line(exc)}"]
+                        print(f"  {p.name:<18} failed:\n    "
+                              + str(exc).replace("\n", "\n    "), flush=True)
+                    result.problems += [f"round {rnd + 1}: {x}" for x in problems]
+        except KeyboardInterrupt:
+            print("interrupted: the tables show the rounds done so far")
+    for result in results.values():
+        if result.status is None and not result.samples and result.problems:
+            # it never ran: its first failure stands in for its figures
+            result.status = result.problems[0].split(": ", 1)[1]
+    return [results[p.name] for p in paths]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--seconds", type=int, default=5, help="length of each wrk run")
-    ap.add_argument("--connections", type=int, default=20, help="wrk -c")
+    ap.add_argument("--paths", help="comma-separated path names (default: all; see --list)")
+    ap.add_argument("--list", action="store_true", help="list the paths and exit")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds (each path once per round)")
+    ap.add_argument("--seconds", type=int, default=3, help="length of each wrk run")
+    ap.add_argument("--warmup", type=int, default=1, help="unmeasured wrk run before, s")
+    ap.add_argument("--iperf-seconds", type=int, default=2, help="each iperf3 run")
+    ap.add_argument("--skip-iperf", action="store_true", help="no iperf3 runs")
+    ap.add_argument("--connections", type=int, default=32, help="wrk -c")
     ap.add_argument("--threads", type=int, default=2, help="wrk -t")
-    ap.add_argument("--rounds", type=int, default=3, help="measured runs per configuration")
-    args = ap.parse_args()
-    ensure_wrk()
-
-    results: list[Result] = []
-    close: list[Result] = []
-    print(f"wrk -t{args.threads} -c{args.connections} -d{args.seconds:g}s {URL}, "
-          f"{args.rounds} rounds after a 1 s warm-up; {os.cpu_count()} CPUs, load average "
-          f"{os.getloadavg()[0]:.1f} before the lab (other work skews the numbers)")
-    with Lab(2, backend_default_route=True) as lab:
-        results.append(run_config(lab, "kernel-dnat", kernel_dnat(lab), args, close))
-        results.append(run_config(lab, "nfq-accept", nfq_accept(lab), args, close))
-        results.append(run_config(lab, "nfqlb-dnat", nfqlb(lab, "dnat"), args, close))
-        with backends_without_route(lab):
-            if any(lab.can_route(b, lab.client.address) for b in lab.backends):
-                raise LabError("a backend can still route to the client")
-            results.append(run_config(lab, "nfqlb-fullnat", nfqlb(lab, "fullnat"), args, close))
-        results.append(run_config(lab, "kernel-dnat", kernel_dnat(lab), args, close))
-
-    # the reference: the median of every kernel-dnat round, first and last (drift and noise)
-    ref = statistics.median(x for r in results if r.name == "kernel-dnat" for x in r.rates)
+    ap.add_argument("--verbose", action="store_true",
+                    help="print nfqlb's counters after each of its rounds")
+    args = ap.parse_args(argv)
+    if args.list:
+        for p in PATHS:
+            print(f"{p.name:<20} {p.title}")
+        return 0
+    if min(args.rounds, args.seconds, args.iperf_seconds, args.threads) < 1 or args.warmup < 0:
+        raise SystemExit("--rounds, --seconds, --iperf-seconds and --threads must be >= 1")
+    paths = pick_paths(args.paths)
+    needed = ["wrk", "conntrack"]
+    needed += ["haproxy"] if any(p.name == "haproxy" for p in paths) else []
+    needed += [] if args.skip_iperf else ["iperf3"]
+    ensure_tools(needed)
+    heading = machine_heading(args)
+    print("\n".join(heading), flush=True)
+    results = run(args, paths)
     print()
-    print(f"reference: median of all kernel-dnat rounds = {ref:.0f} req/s")
-    print(f"{'config':<15} {'median req/s':>12} {'vs kernel':>9} {'worker CPU':>10} "
-          f"{'us/packet':>9} {'host CPU':>8}  errors")
-    for r in results:
-        cpu = f"{r.cpu:.0f}%" if r.cpu is not None else "-"
-        us = f"{r.us_per_packet:.1f}" if r.us_per_packet is not None else "-"
-        errs = sum(r.errors.values())
-        print(f"{r.name:<15} {r.median:>12.0f} {r.median / ref:>8.2f}x {cpu:>10} {us:>9} "
-              f"{r.host_cpu:>7.0f}%  {errs}")
-    print("(worker CPU: utime+stime, % of one core; us/packet: that CPU time per queued packet;"
-          "\n host CPU: busy % of all cores, wrk, nginx and softirq included)")
-    if len(close) == 2:
-        k, n = close
-        print(f"new connections (Connection: close): kernel-dnat {k.median:.0f} req/s, "
-              f"nfqlb-dnat {n.median:.0f} req/s = {n.median / k.median:.2f}x"
-              f" (nfqlb CPU {n.cpu:.0f}%, {n.us_per_packet or 0:.1f} us/packet)")
+    print(lr.report(results, REFERENCE, heading))
     return 0
 
 
