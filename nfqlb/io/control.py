@@ -85,6 +85,12 @@ def socket_path(queue: int, directory: Path | None = None) -> Path:
     return (directory or run_dir()) / f"nfqlb-{queue}.sock"
 
 
+def worker_socket_path(queue: int, worker: int, directory: Path | None = None) -> Path:
+    """The control socket of worker ``worker`` of the daemon serving from ``queue``
+    (``workers > 1``: the supervisor, on ``socket_path(queue)``, talks to its workers here)."""
+    return (directory or run_dir()) / f"nfqlb-{queue}.workers" / f"{worker}.sock"
+
+
 def find_socket(queue: int | None = None, explicit: str | None = None) -> Path:
     """The socket the CLI talks to: ``--socket``, else ``--queue``'s, else the only one there
     is (several: the operator must pick one)."""
@@ -253,10 +259,14 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
 class ControlServer:
     """The Unix socket of one worker, served on ``loop`` (the daemon's)."""
 
-    def __init__(self, target: Target, path: Path, log: logging.Logger) -> None:
+    def __init__(self, target: Target, path: Path, log: logging.Logger,
+                 handler: Callable[[Any], dict[str, Any]] | None = None) -> None:
         self.target = target
         self.path = path
         self.log = log
+        #: request -> answer (default: ``handle`` on ``target``; the supervisor of several
+        #: workers answers for all of them)
+        self.handler = handler or (lambda req: handle(self.target, req, self.log))
         self.clients = 0
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
@@ -330,7 +340,7 @@ class ControlServer:
             except (ValueError, UnicodeDecodeError):
                 answer = {"ok": False, "error": "not a JSON request (one JSON object a line)"}
             else:
-                answer = handle(self.target, req, self.log)
+                answer = self.handler(req)
             await self._answer(writer, answer)
 
     @staticmethod
@@ -367,16 +377,19 @@ def _is_live(path: Path) -> bool:
 
 @contextlib.contextmanager
 def operator_endpoints(server: Any, config: Any, queue: int,
-                       log: logging.Logger) -> Iterator[None]:
+                       log: logging.Logger, role: Any = None) -> Iterator[None]:
     """The daemon's control socket, and its metrics endpoint when ``[metrics]`` is set, open
     on ``server.loop`` (not yet running) for the ``with`` block, closed after it (the loop
-    stopped; it is run again briefly to close them)."""
+    stopped; it is run again briefly to close them). A supervisor's worker (``role``) has its
+    socket in the supervisor's directory and no metrics endpoint (the supervisor's has it)."""
     loop: asyncio.AbstractEventLoop = server.loop
-    control = ControlServer(server, socket_path(queue), log.getChild("control"))
+    path = (socket_path(queue) if role is None
+            else worker_socket_path(role.base_queue, role.index))
+    control = ControlServer(server, path, log.getChild("control"))
     loop.run_until_complete(control.start())
     metrics_server = None
     try:
-        if getattr(config, "metrics", None) is not None:
+        if getattr(config, "metrics", None) is not None and role is None:
             from nfqlb.io import metrics
 
             metrics_server = metrics.MetricsServer(lambda: status(server), config.metrics,
