@@ -161,6 +161,7 @@ class Supervisor:
         from nfqlb.io import daemon
 
         read_end, write_end = os.pipe()
+        parent = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
@@ -170,6 +171,7 @@ class Supervisor:
                     os.close(w.channel)
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                _die_with_parent(parent)
                 role = daemon.WorkerRole(index, self.n, self.queue, self.queue + index,
                                          self.large + index, write_end)
                 wlog = self.log.getChild(f"worker{index}")
@@ -552,6 +554,18 @@ class Supervisor:
                          f"{w.final['final']['flows_total']} flows")
             lines.append(str(w.final["queues"]))
         print(f"{block_header('nfqlb counters')}\n" + "\n".join(lines) + "\n", flush=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """A worker gets SIGTERM when the supervisor dies, even by SIGKILL (prctl
+    PR_SET_PDEATHSIG), so no orphan keeps a queue of a daemon that is gone."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    if os.getppid() != parent:  # it died before the prctl
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 LINGER_CHECK_S = 5.0  # how often the supervisor looks whether removed backends' flows ended
