@@ -7,6 +7,7 @@ NFQLB_LAB_WORKERS=2)."""
 from __future__ import annotations
 
 import ipaddress
+import os
 from typing import Any
 
 import pytest
@@ -179,3 +180,52 @@ def test_merge_sums_counters_and_keeps_what_every_worker_shares() -> None:
                                      "address": "198.18.1.2", "flows": 5, "packets": 49}
     assert [q["queue"] for q in m["queues"]] == [1, 2]
     assert ipaddress.ip_address(web["backends"]["b1"]["address"])
+
+
+def _supervisor_over(*servers: Any) -> Any:
+    """A Supervisor whose workers are FakeServers answering in-process."""
+    import logging
+
+    from nfqlb.io import control
+    from nfqlb.io.workers import Supervisor, Worker
+
+    dnat = {**FULLNAT, "mode": "dnat"}
+    del dnat["snat_address"], dnat["snat_ports"]
+    sup = Supervisor(config(dnat, workers=len(servers)), logging.getLogger("t"), (), {}, None,
+                     "/etc/nfqlb/nfqlb.toml")
+    sup.workers = [Worker(i, 1000 + i, -1) for i in range(len(servers))]
+    sup.ask = lambda req: [control.handle(srv, req, logging.getLogger("t"))  # type: ignore
+                           for srv in servers]
+    return sup
+
+
+def test_status_ctl_and_metrics_of_several_workers() -> None:
+    from control_fakes import FakeServer, open_flows
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nfqlb.io import metrics
+
+    a, b = FakeServer(), FakeServer()
+    open_flows(a, 4)
+    open_flows(b, 2, port0=41000)
+    sup = _supervisor_over(a, b)
+    s = sup.status()
+    assert s["flows_total"] == 6 and s["packets"] == 6
+    backends = s["services"]["dnat-tcp"]["backends"]
+    assert {n: f["flows"] for n, f in backends.items()} == {"b1": 3, "b2": 3}
+    assert [(w["worker"], w["flows_total"]) for w in s["workers"]] == [(0, 4), (1, 2)]
+    assert s["daemon"]["workers"] == 2 and s["daemon"]["pid"] == os.getpid()
+    fams = {f.name: f for f in text_string_to_metric_families(
+        metrics.exposition(sup.status).decode())}
+    assert {smp.labels["worker"]: smp.value for smp in fams["nfqlb_worker_flows"].samples
+            if smp.name.endswith("_total")} == {"0": 4.0, "1": 2.0}
+    assert [smp.value for smp in fams["nfqlb_flows"].samples
+            if smp.name.endswith("_total")] == [6.0]
+    # ctl reaches every worker; flows are listed from all of them
+    done = sup.handle({"cmd": "drain", "service": "dnat-tcp", "backend": "b1"})
+    assert done["ok"], done
+    assert all(srv.engine.status(srv.now)["services"]["dnat-tcp"]["backends"]["b1"]["state"]
+               == "draining" for srv in (a, b))
+    listed = sup.handle({"cmd": "flows", "limit": 5})
+    assert listed["ok"] and len(listed["flows"]) == 5 and listed["truncated"]
+    assert sup.handle({"cmd": "nope"})["ok"] is False

@@ -337,6 +337,9 @@ class Supervisor:
                 metrics_server = metrics.MetricsServer(self.status, self.config.metrics,
                                                        self.log.getChild("metrics"))
                 loop.run_until_complete(metrics_server.start())
+            self.log.info("control socket %s%s", server.path,
+                          f", metrics on http://{metrics_server.where}/metrics"
+                          if metrics_server else "")
             yield
         finally:
             if metrics_server is not None:
