@@ -152,7 +152,8 @@ class Server:
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.role is None else (signal.SIGTERM,):
             self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
         self.loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)

@@ -139,6 +139,7 @@ class Supervisor:
         self.loaded_at = self.started_at
         self.lingering: dict[str, tuple[Backend, ...]] = {}
         self.loop: Any = None
+        self.sysctls: sysctl.Sysctls | None = None  # set while serving (restored at the end)
 
     # ------------------------------------------------------------ start and stop
 
@@ -169,8 +170,10 @@ class Supervisor:
                 os.close(read_end)
                 for w in self.workers:
                     os.close(w.channel)
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    signal.signal(sig, signal.SIG_DFL)
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                # Ctrl-C in a terminal reaches the whole process group: the supervisor stops
+                # the workers itself (a worker that stopped on its own would look dead)
+                signal.signal(signal.SIGINT, signal.SIG_IGN)
                 _die_with_parent(parent)
                 role = daemon.WorkerRole(index, self.n, self.queue, self.queue + index,
                                          self.large + index, write_end)
@@ -263,7 +266,7 @@ class Supervisor:
         from nfqlb.io import daemon
 
         self.loop = loop = daemon._new_loop()
-        sysctls = sysctl.Sysctls(self.log)
+        self.sysctls = sysctls = sysctl.Sysctls(self.log)
         clean = True
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -455,8 +458,8 @@ class Supervisor:
         bad = [a for a in self.ask({"cmd": "reload"}) if not a.get("ok")]
         self.config = config
         try:
-            sysctl_state = sysctl.Sysctls(self.log)
-            sysctl.setup(config, sysctl_state)
+            assert self.sysctls is not None
+            sysctl.setup(config, self.sysctls)
             self._apply_rules()
         except NfqlbError as exc:
             self.log.error("reload: the rules could not be changed: %s", exc)
