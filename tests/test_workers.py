@@ -229,3 +229,17 @@ def test_status_ctl_and_metrics_of_several_workers() -> None:
     listed = sup.handle({"cmd": "flows", "limit": 5})
     assert listed["ok"] and len(listed["flows"]) == 5 and listed["truncated"]
     assert sup.handle({"cmd": "nope"})["ok"] is False
+
+
+def test_status_text_has_a_line_per_worker() -> None:
+    from control_fakes import FakeServer, open_flows
+
+    from nfqlb.io import control
+
+    a, b = FakeServer(), FakeServer()
+    open_flows(a, 3)
+    text = control.format_status(_supervisor_over(a, b).status())
+    assert "flows 3 total" in text
+    assert text.splitlines()[-2:] == [
+        "worker 0 (pid 1000, queue 1): packets 3, flows 3 total, 3 in the table",
+        "worker 1 (pid 1001, queue 2): packets 0, flows 0 total, 0 in the table"]

@@ -466,6 +466,11 @@ def format_status(s: dict[str, Any]) -> str:
         own = ", ".join(f"{n} {q[n]}" for n in _ADAPTER_COUNTERS
                         if n in q and (q[n] or n in ("packets", "wakeups")))
         lines.append(f"queue {q['queue']}{purpose}: {kernel}; {own}")
+    for w in s.get("workers", []):  # several workers: the figures above are their sums
+        own = ("no answer: " + str(w["error"]) if "error" in w else
+               f"packets {w['packets']}, flows {w['flows_total']} total, "
+               f"{w['flows_active']} in the table")
+        lines.append(f"worker {w['worker']} (pid {w['pid']}, queue {w['queue']}): {own}")
     return "\n".join(lines)
 
 
