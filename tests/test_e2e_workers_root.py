@@ -78,11 +78,15 @@ def test_flows_spread_over_both_workers_and_replies_reach_their_owner(mode: str,
 
 
 def test_a_dead_worker_stops_the_daemon_and_its_rules_go() -> None:
+    """Started with ``--queue 1-2`` (two workers, the file says one)."""
     with Lab(2, ipv6=False) as lab:
         before = lab.iptables_save(lab.lb)
-        d = lab.nfqlb(lab.service("dnat"), daemon={"workers": 2}).start()
+        d = lab.nfqlb(lab.service("dnat"), daemon={"workers": 1}, args=["--queue", "1-2"])
+        d.start()
         assert lab.curl(lab.client, f"http://{VIP}/")
-        victim = status(d)["workers"][1]["pid"]
+        workers = status(d)["workers"]
+        assert [w["queue"] for w in workers] == [1, 2]
+        victim = workers[1]["pid"]
         os.kill(victim, signal.SIGKILL)
         assert d.proc is not None
         d.proc.wait(15)

@@ -441,8 +441,11 @@ class Supervisor:
         """Check the file as a single daemon does; then every worker takes it, and the rules
         change (one iptables-restore per family)."""
         try:
-            config = with_workers(load_config(self.config_path), self.queue, self.n,
-                                  "daemon.workers")
+            loaded = load_config(self.config_path)
+            if loaded.daemon.workers not in (1, self.n):  # (1: the default, or --queue M-N)
+                self.log.warning("daemon.workers is %d, %d run: the number of workers "
+                                 "changes at the next start", loaded.daemon.workers, self.n)
+            config = with_workers(loaded, self.queue, self.n, "daemon.workers")
             large = rules.large_queue_for(config, self.queue)
             if large != self.large:
                 raise SystemSetupError(f"daemon.large_queue is {large}, the running daemon "
