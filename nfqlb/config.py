@@ -576,11 +576,6 @@ def check_workers(config: Config, key: str) -> None:
             raise ConfigError(config.source, f"service[{i}].snat_ports",
                               f"{svc.snat_ports[0]}-{svc.snat_ports[1]} has fewer ports than "
                               f"the {n} workers it is shared by ({key})")
-        ports = svc.health.source_ports if svc.health is not None else None
-        if ports is not None and ports[1] - ports[0] + 1 < n:
-            raise ConfigError(config.source, f"service[{i}].health.source_ports",
-                              f"{ports[0]}-{ports[1]} has fewer ports than the {n} workers "
-                              f"it is shared by ({key})")
 
 
 def worker_ports(ports: tuple[int, int], worker: int, workers: int) -> tuple[int, int]:
@@ -607,21 +602,13 @@ def with_workers(config: Config, queue: int, workers: int, key: str = "--queue")
 
 def for_worker(config: Config, worker: int) -> Config:
     """What worker ``worker`` of ``config.daemon.workers`` serves: its own share of every
-    fullnat pool (a flow's port tells its worker) and of the health checks' source ports
-    (every worker checks for its own engine: two checks from one port to one backend at once
-    would collide), the rest as configured."""
+    fullnat pool (a flow's port tells its worker), the rest as configured."""
     n = config.daemon.workers
     if n == 1:
         return config
-    services = []
-    for s in config.services:
-        if s.snat_ports is not None:
-            s = replace(s, snat_ports=worker_ports(s.snat_ports, worker, n))
-        if s.health is not None:
-            s = replace(s, health=replace(s.health, source_ports=worker_ports(
-                s.health.source_ports, worker, n)))
-        services.append(s)
-    return replace(config, services=tuple(services))
+    services = tuple(replace(s, snat_ports=worker_ports(s.snat_ports, worker, n))
+                     if s.snat_ports is not None else s for s in config.services)
+    return replace(config, services=services)
 
 
 QUEUE_ROOM = 4

@@ -243,3 +243,21 @@ def test_status_text_has_a_line_per_worker() -> None:
     assert text.splitlines()[-2:] == [
         "worker 0 (pid 1000, queue 1): packets 3, flows 3 total, 3 in the table",
         "worker 1 (pid 1001, queue 2): packets 0, flows 0 total, 0 in the table"]
+
+
+def test_one_health_checker_reports_to_every_worker() -> None:
+    from control_fakes import FakeServer
+
+    from nfqlb.io.workers import _ForwardHealth
+
+    a, b = FakeServer(), FakeServer()
+    forward = _ForwardHealth(_supervisor_over(a, b))
+    forward.set_health("dnat-tcp", "b1", False, 100.0, "timeout")
+    for srv in (a, b):
+        fig = srv.engine.status(srv.now)["services"]["dnat-tcp"]["backends"]["b1"]
+        assert (fig["state"], fig["check"]) == ("down", "timeout")
+    forward.set_health("dnat-tcp", "b1", True, 101.0, "status 200", 0.002)
+    assert all(srv.engine.status(srv.now)["services"]["dnat-tcp"]["backends"]["b1"]["state"]
+               == "up" for srv in (a, b))
+    with pytest.raises(KeyError, match="no backend"):
+        forward.set_health("dnat-tcp", "b9", True, 102.0)

@@ -15,6 +15,8 @@ The protocol is one JSON object per line each way::
     -> {"cmd": "enable", "service": "web", "backend": "b1"}
     -> {"cmd": "weight", "service": "web", "backend": "b1", "weight": 0}
     -> {"cmd": "reload"}
+    -> {"cmd": "health_result", "service": "web", "backend": "b1", "up": false,
+        "reason": "timeout", "latency": null}   (from the supervisor of several workers)
     <- {"ok": true, "message": "one line"}  or  {"ok": false, "error": "one line"}
 
 The server runs on the daemon's own event loop (``asyncio.start_unix_server``), so a request
@@ -57,7 +59,7 @@ WRITE_TIMEOUT = 10.0  # s an answer may take to be read by the client
 MAX_CLIENTS = 16  # connections served at once; more are answered with an error and closed
 MAX_FLOWS = 10_000  # the largest ``limit`` of a flows request (about 55 ms of the loop)
 DEFAULT_FLOWS = 1000
-COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload")
+COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload", "health_result")
 
 
 class ControlError(NfqlbError):
@@ -234,6 +236,8 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     service = _field(req, "service", str)
     backend = _field(req, "backend", str)
     now = server.clock()
+    if cmd == "health_result":  # a supervisor's health check, for its workers' engines
+        return _health_result(engine, req, service, backend, now)
     if cmd == "drain":
         timeout = _field(req, "timeout", (int, float), required=False)
         if timeout is not None and not 0 <= timeout <= 1e7:
@@ -251,6 +255,24 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     state = engine.status(now)["services"][service]["backends"][backend]["state"]
     log.info("control: %s (now %s)", message, state)
     return {"ok": True, "message": f"{message} (now {state})"}
+
+
+def _health_result(engine: Any, req: dict[str, Any], service: str, backend: str,
+                   now: float) -> dict[str, Any]:
+    """``{"cmd": "health_result", "service", "backend", "up", "reason", "latency"}``: what the
+    supervisor of several workers (``nfqlb.io.workers``) found checking a backend, as the
+    daemon's own checker reports it: to the engine, and the latency of a success to the
+    policy's ``observe`` (contained: a failing one is logged by the checker's rules)."""
+    up = _field(req, "up", bool)
+    reason = _field(req, "reason", str, required=False) or ""
+    latency = _field(req, "latency", (int, float), required=False)
+    engine.set_health(service, backend, up, now, reason, latency)
+    if up and latency is not None:
+        with contextlib.suppress(Exception):
+            observe = getattr(engine.policy(service), "observe", None)
+            if observe is not None:
+                observe(backend, float(latency), now)
+    return {"ok": True}
 
 
 # ------------------------------------------------------------------ the server

@@ -406,8 +406,10 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     server = Server(loop, engine, adapters, held, log, stats_interval)
     server.role = role
     server.config_path = config_path or config.source
-    server.health = HealthChecker(config, engine, loop, log.getChild("health"), server.clock)
-    server.reload_hooks.append(server.health.reconfigure)
+    if role is None:  # (a supervisor checks for all its workers)
+        server.health = HealthChecker(config, engine, loop, log.getChild("health"),
+                                      server.clock)
+        server.reload_hooks.append(server.health.reconfigure)
     clean = True
     bound: list[Adapter] = []
     try:

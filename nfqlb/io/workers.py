@@ -27,8 +27,9 @@ What the operator sees is one daemon: this supervisor process, which
   would break anyway; a restart of the whole is what keepalived and HAProxy users expect from
   their supervisor.
 
-Health checks run in every worker (N times the probes; each worker needs the results for its
-own engine): with checks every 2 s and 2 workers, a backend sees one probe a second.
+Health checks run once, in the supervisor (:class:`~nfqlb.io.health.HealthChecker` on its
+loop, as in a single daemon): every result goes to every worker's engine (the control
+command ``health_result``), the latency of a success to its policy's ``observe``.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from nfqlb.config import Config, load_config, with_workers
 from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
+from nfqlb.io.health import HealthChecker
 from nfqlb.values import Backend
 
 STOP_TIMEOUT = 10.0  # s the workers have to stop after SIGTERM before SIGKILL
@@ -140,6 +142,7 @@ class Supervisor:
         self.lingering: dict[str, tuple[Backend, ...]] = {}
         self.loop: Any = None
         self.sysctls: sysctl.Sysctls | None = None  # set while serving (restored at the end)
+        self.health: HealthChecker | None = None  # the one checker, while serving
 
     # ------------------------------------------------------------ start and stop
 
@@ -292,6 +295,9 @@ class Supervisor:
                         self.queue + self.n - 1, self.n, rules.BINDING_MAX_PACKET, self.large,
                         self.large + self.n - 1, n, "" if n == 1 else "s", rules.TABLE,
                         self.rulesets[0].chains.pre, self.rulesets[0].chains.out)
+                    self.health = HealthChecker(self.config, _ForwardHealth(self), loop,
+                                                self.log.getChild("health"), time.perf_counter)
+                    self.health.start()
                     if self.stats_interval:
                         loop.call_later(self.stats_interval, self._periodic_stats)
                     loop.call_later(LINGER_CHECK_S, self._check_lingering)
@@ -299,6 +305,8 @@ class Supervisor:
                     if not self.stopping:
                         loop.run_forever()
                 finally:
+                    if self.health is not None:
+                        self.health.stop()
                     clean = self._remove_rules() and clean
                     for w in self.workers:
                         loop.remove_reader(w.channel)
@@ -460,6 +468,8 @@ class Supervisor:
             return False, str(exc)
         bad = [a for a in self.ask({"cmd": "reload"}) if not a.get("ok")]
         self.config = config
+        if self.health is not None:
+            self.health.reconfigure(config)
         try:
             assert self.sysctls is not None
             sysctl.setup(config, self.sysctls)
@@ -563,6 +573,26 @@ class Supervisor:
                          f"{w.final['final']['flows_total']} flows")
             lines.append(str(w.final["queues"]))
         print(f"{block_header('nfqlb counters')}\n" + "\n".join(lines) + "\n", flush=True)
+
+
+class _ForwardHealth:
+    """The engine the supervisor's health checker reports to: every worker's, through its
+    control socket. A result a worker refuses (a backend it does not know) raises, which the
+    checker logs at a rate limit."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self.supervisor = supervisor
+
+    def set_health(self, service: str, backend: str, up: bool, now: float, reason: str = "",
+                   latency: float | None = None) -> None:
+        request = {"cmd": "health_result", "service": service, "backend": backend, "up": up,
+                   "reason": reason, "latency": latency}
+        bad = [a for a in self.supervisor.ask(request) if not a.get("ok")]
+        if bad:
+            raise KeyError(bad[0].get("error"))
+
+    def policy(self, service: str) -> None:
+        return None  # the workers give the latency to their policies (health_result)
 
 
 def _die_with_parent(parent: int) -> None:
