@@ -147,19 +147,26 @@ class Supervisor:
     # ------------------------------------------------------------ start and stop
 
     def run(self) -> int:
+        # a stop signal before the loop's handlers are there is noted, not lost: kept until
+        # _serve replaces these handlers, and looked at once it has
         stop_early: list[int] = []
         previous = {sig: signal.signal(sig, lambda s, _f: stop_early.append(s))
                     for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             for i in range(self.n):
                 self._fork(i)
-            if not self._wait_ready(stop_early):
-                self._stop_workers()
-                return 1
+            ready = self._wait_ready(stop_early)
+        except BaseException:
+            ready = False
+            raise
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        return self._serve()
+            if not ready:
+                self._stop_workers()
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+        if not ready:
+            return 0 if stop_early else 1  # a stop signal while starting is a clean stop
+        return self._serve(stop_early)
 
     def _fork(self, index: int) -> None:
         from nfqlb.io import daemon
@@ -265,7 +272,7 @@ class Supervisor:
                     gone.append(w)
         return gone
 
-    def _serve(self) -> int:
+    def _serve(self, stop_early: list[int]) -> int:
         from nfqlb.io import daemon
 
         self.loop = loop = daemon._new_loop()
@@ -283,6 +290,10 @@ class Supervisor:
                     pidfds.append(os.pidfd_open(w.pid))  # readable when the worker ends
                     loop.add_reader(pidfds[-1], self._on_child)
             self._on_child()  # one may have died before the handler was there
+            if stop_early:  # a stop signal came while the workers were starting
+                self.log.info("%s while starting: removing rules and stopping %d workers",
+                              signal.Signals(stop_early[0]).name, self.n)
+                self.stopping = True
             with self._endpoints():
                 try:
                     sysctl.setup(self.config, sysctls)
