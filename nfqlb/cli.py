@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from nfqlb import __version__
-from nfqlb.config import Config, find_config, load_config
+from nfqlb.config import Config, find_config, load_config, with_workers
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
 from nfqlb.io import logs
 
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the rules and serve until SIGINT/SIGTERM, then undo all of it and "
                        "print the counters. SIGUSR1 prints the counters.")
     p.add_argument("--config", metavar="FILE", help="default ./nfqlb.toml, /etc/nfqlb/nfqlb.toml")
-    p.add_argument("--queue", type=_queue_number, metavar="N", help="default: daemon.queue")
+    p.add_argument("--queue", type=_queue_spec, metavar="N",
+                   help="default: daemon.queue; a range M-N runs one worker per queue "
+                   "(as daemon.workers)")
     p.add_argument("--stats-interval", type=_positive_seconds, metavar="S",
                    help="print the counters every S seconds")
 
@@ -188,6 +190,18 @@ def _queue_number(text: str) -> int:
     if not 0 <= n <= 65535:
         raise argparse.ArgumentTypeError(f"queue {n} is out of range 0-65535")
     return n
+
+
+def _queue_spec(text: str) -> tuple[int, int]:
+    """``--queue N`` or ``--queue M-N`` (workers on queues M to N): (first queue, workers)."""
+    first, dash, last = text.partition("-")
+    lo = _queue_number(first)
+    if not dash:
+        return lo, 0  # the number of workers from the file
+    hi = _queue_number(last)
+    if hi < lo:
+        raise argparse.ArgumentTypeError(f"queue range {text!r} is reversed")
+    return lo, hi - lo + 1
 
 
 def _positive_seconds(text: str) -> float:
@@ -304,7 +318,10 @@ def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
 
     preflight.check_addresses(config)  # before anything on the host is touched
 
-    return daemon.run(config, args.queue, log, stats_interval=args.stats_interval,
+    if args.queue is not None:
+        first, workers = args.queue
+        config = with_workers(config, first, workers or config.daemon.workers)
+    return daemon.run(config, None, log, stats_interval=args.stats_interval,
                       config_path=str(path))
 
 

@@ -17,7 +17,7 @@ import shutil
 import tomllib
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,7 @@ class DaemonConfig:
     offload_queue: int | None = None  # queue of offload's new flows (default: queue + 20000)
     offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
     offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
+    workers: int = 1  # worker processes; worker i serves queue + i and large_queue + i
 
     @property
     def large_queue_number(self) -> int:
@@ -207,7 +208,7 @@ _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
-    "offload_mark_mask", "offload_binding",
+    "offload_mark_mask", "offload_binding", "workers",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -566,6 +567,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         else None,
         offload_mark_mask=d.integer("offload_mark_mask", OFFLOAD_MARK_MASK, 1, 0xFFFFFFFF),
         offload_binding=d.text("offload_binding", "netlink"),
+        workers=d.integer("workers", 1, 1, MAX_WORKERS),
     )
     if daemon.offload_binding not in OFFLOAD_BINDINGS:
         raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "
@@ -601,9 +603,79 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if not services:
         raise ConfigError(source, "service", "no services: add at least one [[service]]")
     _check_health_ports(source, services)
+    config = Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts,
+                    metrics=_metrics(source, data.get("metrics")))
+    check_workers(config, "daemon.workers")
     _check_offload_marks(source, daemon, services)
-    return Config(source=source, daemon=daemon, services=tuple(services), timeouts=timeouts,
-                  metrics=_metrics(source, data.get("metrics")))
+    return config
+
+
+# --- several workers ------------------------------------------------------------------------
+
+MAX_WORKERS = 64
+
+
+def check_workers(config: Config, key: str) -> None:
+    """The queues of ``config.daemon.workers`` workers fit (``queue`` .. ``queue + workers -
+    1`` and the same number of large-packet queues, disjoint), and every fullnat pool has a
+    port for each worker. ``key`` names what set the number (``daemon.workers``, ``--queue``)."""
+    d = config.daemon
+    n = d.workers
+    if n == 1:
+        return
+    q, large = d.queue, d.large_queue_number
+    if q + n - 1 > 65535 or large + n - 1 > 65535:
+        raise ConfigError(config.source, key, f"{n} workers need queues {q}-{q + n - 1} and "
+                          f"large-packet queues {large}-{large + n - 1}: beyond 65535")
+    if q <= large + n - 1 and large <= q + n - 1:
+        raise ConfigError(config.source, "daemon.large_queue",
+                          f"the large-packet queues {large}-{large + n - 1} overlap the "
+                          f"queues {q}-{q + n - 1} of {n} workers")
+    if any(s.mode is Mode.OFFLOAD for s in config.services):
+        o = d.offload_queue_number
+        if o + n - 1 > 65535 or any(o <= x + n - 1 and x <= o + n - 1 for x in (q, large)):
+            raise ConfigError(config.source, "daemon.offload_queue",
+                              f"the offload queues {o}-{o + n - 1} of {n} workers overlap the "
+                              f"queues {q}-{q + n - 1} or {large}-{large + n - 1}, or pass "
+                              f"65535")
+    for i, svc in enumerate(config.services):
+        if svc.snat_ports is not None and svc.snat_ports[1] - svc.snat_ports[0] + 1 < n:
+            raise ConfigError(config.source, f"service[{i}].snat_ports",
+                              f"{svc.snat_ports[0]}-{svc.snat_ports[1]} has fewer ports than "
+                              f"the {n} workers it is shared by ({key})")
+
+
+def worker_ports(ports: tuple[int, int], worker: int, workers: int) -> tuple[int, int]:
+    """Worker ``worker``'s share of a fullnat pool: ``workers`` contiguous ranges, the last
+    one taking the remainder. Replies come back to a port of the pool, so the port range
+    tells which worker owns a reply (rules.py steers by it)."""
+    lo, hi = ports
+    size = (hi - lo + 1) // workers
+    first = lo + worker * size
+    return first, (hi if worker == workers - 1 else first + size - 1)
+
+
+def with_workers(config: Config, queue: int, workers: int, key: str = "--queue") -> Config:
+    """``config`` served on queues ``queue`` .. ``queue + workers - 1`` (``--queue 1-4``);
+    checked as the file's own setting is."""
+    daemon = replace(config.daemon, queue=queue, workers=workers)
+    if daemon.large_queue_number == queue:
+        raise ConfigError(config.source, "daemon.large_queue", f"must differ from the queue "
+                          f"served ({queue})")
+    out = replace(config, daemon=daemon)
+    check_workers(out, key)
+    return out
+
+
+def for_worker(config: Config, worker: int) -> Config:
+    """What worker ``worker`` of ``config.daemon.workers`` serves: its own share of every
+    fullnat pool (a flow's port tells its worker), the rest as configured."""
+    n = config.daemon.workers
+    if n == 1:
+        return config
+    services = tuple(replace(s, snat_ports=worker_ports(s.snat_ports, worker, n))
+                     if s.snat_ports is not None else s for s in config.services)
+    return replace(config, services=services)
 
 
 def offload_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]

@@ -75,7 +75,8 @@ EVENTS: dict[str, str] = {
     "no_backend_up": "new flows refused because no backend of the service could take them",
     "flows_reset": "flows ended by nfqlb with a RST to both ends (on_backend_down \"reset\", "
                    "drain_timeout)",
-    "reclaimed": "half-open fullnat flows closed to give their port to a new flow (pool empty)",
+    "reclaimed": "fullnat flows ended early to give their port to a new flow to the same "
+                 "backend (its ports all taken): closed ones lingering first, then half-open",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
     "policy_slow": "policy calls (choose, on_flow_closed) that took 1 ms or more (the daemon "

@@ -94,9 +94,9 @@ _EVENT: tuple[TcpEvent, ...] = tuple(tcp_event(i & 0x17, bool(i >> 5)) for i in 
 #: more are due: at once).
 EXPIRE_SLICE = 1000
 
-#: Half-open flows looked at, from the least recently used, for one of another backend when a
-#: dry fullnat pool must take a port back (see Engine._take_port).
-RECLAIM_SCAN = 16
+#: States whose flows give their fullnat port first when their backend's ports run out: the
+#: connection is over, the flow only lingers for retransmissions (see nfqlb.snat).
+CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 
 
 class Engine:
@@ -621,32 +621,19 @@ class Engine:
 
     def _take_port(self, svc: ServiceRuntime, backend: BackendRuntime,
                    now: float) -> int | None:
-        """A pool port for a new fullnat flow to ``backend``; when none is free, a half-open
-        flow holding one gives it back (a SYN flood cannot lock clients out): the least
-        recently used one of another backend, among the first RECLAIM_SCAN, else the least
-        recently used. Its backend may still hold the half-open connection for a while: the
-        same address and port toward it again would be taken for that connection (its SYN
-        seen as a retransmission, answered with the old SYN-ACK), so another backend's port
-        is preferred."""
-        port = svc.take_port()
+        """A pool port for a new fullnat flow to ``backend`` (unique per backend); when none
+        is free, a flow of that backend holding one gives it back: the least recently used
+        closed one, else the least recently used half-open one (nfqlb.snat)."""
+        port = svc.take_port(backend)
         if port is None:
             pool = svc.pool
             assert pool is not None
-            if pool.half_open:
-                victim = None
-                for i, flow in enumerate(pool.half_open):
-                    if i == RECLAIM_SCAN:
-                        break
-                    if victim is None:
-                        victim = flow  # the least recently used, whatever its backend
-                    assert isinstance(flow, Flow)
-                    if flow.backend is not backend:
-                        victim = flow
-                        break
+            victim = pool.victim(backend.endpoint)
+            if victim is not None:
                 assert isinstance(victim, Flow)
                 self._close(victim, now)
                 self.counters.event("reclaimed")
-                port = pool.take()
+                port = pool.take(backend.endpoint)
             if port is None:
                 svc.refuse_no_port(now)
         return port
@@ -667,7 +654,7 @@ class Engine:
                 self._close(clash, now)
             else:
                 if svc.pool is not None:
-                    svc.pool.give(port)
+                    svc.pool.give(port, backend.endpoint)
                 self.counters.drop("reply_collision")
                 return None
         if table.active >= table.max_flows:
@@ -680,10 +667,8 @@ class Engine:
         flow = table.install(svc, backend, proto, state, key, rev_key, src, sport, dest[:-2],
                              port, now)
         backend.started(flow)
-        if port and state in HALF_OPEN:
-            assert svc.pool is not None
-            flow.reclaim = svc.pool.half_open  # type: ignore[assignment]
-            svc.pool.half_open[flow] = None
+        if port:
+            _track_port(flow, state)
         return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
@@ -694,9 +679,8 @@ class Engine:
             rt.established += d
             rt.inactive -= d
         self.table.set_state(flow, state)
-        if flow.reclaim is not None and state not in HALF_OPEN:
-            del flow.reclaim[flow]
-            flow.reclaim = None
+        if flow.snat_port:
+            _track_port(flow, state)
 
     def _close(self, flow: Flow, now: float) -> None:
         self.table.remove(flow)
@@ -856,6 +840,21 @@ class Engine:
 
     def format_stats(self) -> str:
         return format_stats(self.stats())
+
+
+def _track_port(flow: Flow, state: TcpState) -> None:
+    """Keep a flow that holds a fullnat port on its backend's reclaim list for ``state``
+    (closed, half-open; none for any other state)."""
+    pool = flow.service.pool
+    closed = state in CLOSED_STATES
+    want = (pool.reclaim_list(flow.backend.endpoint, closed)
+            if pool is not None and (closed or state in HALF_OPEN) else None)
+    if want is not flow.reclaim:
+        if flow.reclaim is not None:
+            del flow.reclaim[flow]
+        flow.reclaim = want  # type: ignore[assignment]
+        if want is not None:
+            want[flow] = None
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

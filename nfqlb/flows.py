@@ -178,7 +178,7 @@ class Flow:
     #: returned), to tell it when the flow ends; None when no policy placed it or the policy
     #: does not ask (it has no ``on_flow_closed``)
     placed: tuple[Policy, FlowKey, Backend] | None
-    #: the port pool's list of reclaimable half-open flows, while it is on it
+    #: its backend's list of port-holding flows that may give their port (closed, half-open)
     reclaim: OrderedDict[Flow, None] | None
 
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,

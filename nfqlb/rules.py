@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Config, HealthKind, IcmpEcho, Service, offload_marks
+from nfqlb.config import Config, HealthKind, IcmpEcho, Service, offload_marks, worker_ports
 from nfqlb.errors import ConfigError
 from nfqlb.values import Backend, IPAddress, Mode
 
@@ -107,6 +107,54 @@ def chains_for(queue: int) -> Chains:
                   errors=f"NFQLB-ERR-{queue}", target=f"NFQLB-Q-{queue}")
 
 
+# --- several workers (daemon.workers > 1): see rules/workers.rules ------------------------
+
+#: Offset of the u32 word whose last byte is the last byte of the source and of the
+#: destination address, per IP version.
+_ADDRESS_WORD = {4: (12, 16), 6: (20, 36)}
+
+
+def worker_chain(chains: Chains, worker: int) -> str:
+    """The chain that queues packets to ``worker`` (several workers only)."""
+    return f"{chains.target}-{worker}"
+
+
+def reply_chain(chains: Chains) -> str:
+    """The chain that steers replies by their destination, the client (several workers)."""
+    return chains.target.replace("NFQLB-Q-", "NFQLB-R-", 1)
+
+
+def is_worker_chain(queue: int, chain: str) -> bool:
+    """One of the chains several workers add to ``queue``'s (for removal without config)."""
+    return chain == f"NFQLB-R-{queue}" or chain.startswith(f"NFQLB-Q-{queue}-")
+
+
+def client_bytes(worker: int, workers: int) -> tuple[int, int]:
+    """The range of the client address's last byte that ``worker`` owns."""
+    return worker * 256 // workers, (worker + 1) * 256 // workers - 1
+
+
+def _worker_rules(chains: Chains, family: Family, queue: int, large: int, workers: int,
+                  bypass: str, notes: _Notes) -> list[str]:
+    """The steering chains (requests by source, replies by destination) and one queueing
+    chain per worker."""
+    lines = notes("workers.rules")
+    src, dst = _ADDRESS_WORD[family.version]
+    for i in range(workers):
+        lo, hi = client_bytes(i, workers)
+        last = i == workers - 1
+        for steer, word in ((chains.target, src), (reply_chain(chains), dst)):
+            match = "" if last else f'-m u32 --u32 "{word}&0xFF={lo}:{hi}"'
+            lines += _fill("workers.rules", {"steer": steer, "match": match,
+                                             "worker": worker_chain(chains, i)})
+    lines += notes("queue.rules")
+    for i in range(workers):
+        lines += _fill("queue.rules", {"target": worker_chain(chains, i), "queue": queue + i,
+                                       "bypass": bypass, "large_queue": large + i,
+                                       "large_from": BINDING_MAX_PACKET + 1})
+    return lines
+
+
 @dataclass(frozen=True, slots=True)
 class RuleSet:
     """The rules of one queue for one address family.
@@ -127,6 +175,7 @@ class RuleSet:
     #: (table, "-I ..." line); empty without offload services of this family
     offload: tuple[tuple[str, tuple[str, ...]], ...] = ()
     offload_jumps: tuple[tuple[str, str], ...] = ()
+    extra_chains: tuple[str, ...] = ()  # several workers: steering and per-worker chains
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -181,7 +230,7 @@ class _Notes:
 
 
 def _service_rules(svc: Service, family: Family, chains: Chains,
-                   notes: _Notes | None = None) -> list[str]:
+                   notes: _Notes | None = None, workers: int = 1) -> list[str]:
     notes = notes or _Notes(False)
     common = {**chains.names, "proto": svc.protocol.name.lower(), "frag": family.frag}
     lines = notes("forward.rules")
@@ -190,10 +239,22 @@ def _service_rules(svc: Service, family: Family, chains: Chains,
     lines += notes(reply)
     for b in svc.backends:
         values = {**common, **_backend_values(svc, b, family)}
-        lines += _fill(reply, values)
+        if workers == 1:
+            lines += _fill(reply, values)
+        elif svc.mode is Mode.FULLNAT:  # the pool's port range tells the worker
+            assert svc.snat_ports is not None
+            for i in range(workers):
+                lo, hi = worker_ports(svc.snat_ports, i, workers)
+                mine = _fill(reply, {**values, "snat_ports": f"{lo}:{hi}",
+                                     "target": worker_chain(chains, i)})
+                # a later fragment carries no port: worker 0's (see rules/workers.rules)
+                lines += mine if i == 0 else [line for line in mine if "--dport" in line]
+        else:  # the client is the destination of a reply
+            lines += _fill(reply, {**values, "target": reply_chain(chains)})
     lines += notes("icmp-quote.rules")
-    for quoted in _quoted_packets(svc):
-        lines += _fill("icmp-quote.rules", {**common, "quote": quoted.u32(family)})
+    for quoted, target in _quoted_targets(svc, chains, workers):
+        lines += _fill("icmp-quote.rules", {**common, "quote": quoted.u32(family),
+                                            "target": target})
     return lines
 
 
@@ -211,6 +272,8 @@ class QuotedPacket:
     sport: tuple[int, int] | None = None
     dst: IPAddress | None = None
     dport: int | None = None
+    #: several workers: ("src" | "dst", lo, hi), the quoted client address's last byte range
+    client: tuple[str, int, int] | None = None
 
     def u32(self, family: Family) -> str:
         """``-m u32 --u32 "..."`` matches (several when one would exceed u32's ten tests)."""
@@ -245,6 +308,9 @@ def _quote_tests_v4(q: QuotedPacket) -> list[str]:
         tests.append(f"{_V4_PORTS}>>16={_ports(q.sport)}")
     if q.dport is not None:
         tests.append(f"{_V4_PORTS}&0xFFFF={_ports(q.dport)}")
+    if q.client is not None:
+        where, lo, hi = q.client
+        tests.append(f"{_V4_QUOTE}{20 if where == 'src' else 24}&0xFF={lo}:{hi}")
     return tests
 
 
@@ -264,6 +330,9 @@ def _quote_tests_v6(q: QuotedPacket) -> list[str]:
         tests.append(f"88>>16={_ports(q.sport)}")
     if q.dport is not None:
         tests.append(f"88&0xFFFF={_ports(q.dport)}")
+    if q.client is not None:
+        where, lo, hi = q.client
+        tests.append(f"{68 if where == 'src' else 84}&0xFF={lo}:{hi}")
     return tests
 
 
@@ -279,6 +348,27 @@ def _quoted_packets(svc: Service) -> list[QuotedPacket]:
         else:
             out.append(QuotedPacket(proto, src=svc.snat_address, sport=svc.snat_ports,
                                     dst=b.address, dport=b.port))
+    return out
+
+
+def _quoted_targets(svc: Service, chains: Chains,
+                    workers: int) -> list[tuple[QuotedPacket, str]]:
+    """The quoted packets of ``svc`` and the chain an error quoting each goes to: with several
+    workers, the owner's, told by the quoted client address (or fullnat pool port)."""
+    out = []
+    for quoted in _quoted_packets(svc):
+        if workers == 1:
+            out.append((quoted, chains.target))
+            continue
+        for i in range(workers):
+            if quoted.src == svc.snat_address and quoted.sport is not None \
+                    and svc.mode is Mode.FULLNAT and svc.snat_ports is not None:
+                mine = replace(quoted, sport=worker_ports(svc.snat_ports, i, workers))
+            else:  # a reply quotes the client as destination, a request as source
+                lo, hi = client_bytes(i, workers)
+                mine = replace(quoted, client=("dst" if quoted.src == svc.vip else "src",
+                                               lo, hi))
+            out.append((mine, worker_chain(chains, i)))
     return out
 
 
@@ -355,10 +445,16 @@ def render(config: Config, queue: int | None = None, *,
         offloaded = [s for s in services if s.mode is Mode.OFFLOAD]
         services = [s for s in services if s.mode is not Mode.OFFLOAD]
         notes = _Notes(comments)
-        body = notes("queue.rules")
-        body += _fill("queue.rules", {"target": chains.target, "queue": q, "bypass": bypass,
-                                     "large_queue": large,
-                                     "large_from": BINDING_MAX_PACKET + 1})
+        workers = config.daemon.workers
+        extra: tuple[str, ...] = ()
+        if workers == 1:
+            body = notes("queue.rules")
+            body += _fill("queue.rules", {"target": chains.target, "queue": q,
+                                         "bypass": bypass, "large_queue": large,
+                                         "large_from": BINDING_MAX_PACKET + 1})
+        else:
+            body = _worker_rules(chains, family, q, large, workers, bypass, notes)
+            extra = (reply_chain(chains), *(worker_chain(chains, i) for i in range(workers)))
         where = chains.names
         body += notes("icmp.rules")
         body += dict.fromkeys(_fill("icmp.rules", {**where, **family.icmp}))
@@ -374,7 +470,7 @@ def render(config: Config, queue: int | None = None, *,
         seen = set(body)
         for svc in services:
             body.append(f"# {describe(svc)}")
-            for line in _service_rules(svc, family, chains, notes):
+            for line in _service_rules(svc, family, chains, notes, workers):
                 if line.startswith("#"):
                     body.append(line)
                 elif line not in seen:
@@ -386,7 +482,8 @@ def render(config: Config, queue: int | None = None, *,
         tables, offload_jumps = _offload_rules(config, offloaded, family, q, bypass, comments)
         sets.append(RuleSet(family=family, queue=q, chains=chains, body=tuple(body),
                             jumps=tuple(jumps), services=len(services) + len(offloaded),
-                            large_queue=large, offload=tables, offload_jumps=offload_jumps))
+                            large_queue=large, offload=tables, offload_jumps=offload_jumps,
+                            extra_chains=extra))
     return tuple(sets)
 
 
@@ -462,6 +559,7 @@ def format_restore(ruleset: RuleSet, saved: SavedTable | None = None, *,
     lines = [f"# {h}" for h in header]
     for line in _template("table.rules"):
         if line.strip() == "${body}":
+            lines.extend(f":{c} - [0:0]" for c in ruleset.extra_chains)
             lines.extend(ruleset.body)
             lines.extend(jumps)
         else:
@@ -499,6 +597,7 @@ def format_print(ruleset: RuleSet, source: str) -> str:
     lines = list(header)
     for line in _template("table.rules"):
         if line.strip() == "${body}":
+            lines.extend(f":{c} - [0:0]" for c in ruleset.extra_chains)
             lines.extend(ruleset.body)
         else:
             lines.append(Template(line).substitute(ruleset.chains.names))
@@ -524,7 +623,8 @@ def plan_delete(queue: int, saved: SavedTable | None) -> str | None:
     """
     if saved is None:
         return None
-    ours = chains_for(queue).all
+    ours = (*chains_for(queue).all,
+            *(c for c in saved.chains if is_worker_chain(queue, c)))
     lines = []
     for rule in saved.rules:
         chain, target = _rule_chain_and_target(rule)
@@ -707,10 +807,12 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     mangle = notes("offload.rules")
     nat = notes("offload-nat.rules")
     snat = notes("offload-snat.rules") if any(s.snat_address for s in services) else []
+    first, n = offload_queue_for(config, queue), config.daemon.workers
+    target = f"--queue-num {first}" if n == 1 else f"--queue-balance {first}:{first + n - 1}"
     for svc in services:
         values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat,
                   "proto": svc.protocol.name.lower(), "vip": _host(svc.vip, family),
-                  "port": svc.port, "offload_queue": offload_queue_for(config, queue),
+                  "port": svc.port, "offload_target": target,
                   "bypass": bypass}
         mangle += [f"# {describe(svc)}", *_fill("offload.rules", values)]
         for b in svc.backends:

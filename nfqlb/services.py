@@ -349,18 +349,18 @@ class ServiceRuntime:
         new flows."""
         return self._runtime(hash_choice(fkey, self.offered))
 
-    def take_port(self) -> int | None:
-        """A source port for a new fullnat flow (0 when the service does not rewrite the
-        source); None when the pool is empty."""
-        return 0 if self.pool is None else self.pool.take()
+    def take_port(self, backend: BackendRuntime) -> int | None:
+        """A source port for a new fullnat flow to ``backend`` (0 when the service does not
+        rewrite the source); None when no port is free for that backend."""
+        return 0 if self.pool is None else self.pool.take(backend.endpoint)
 
     def refuse_no_port(self, now: float) -> None:
         """Count and log (at a rate limit) a flow refused for an empty port pool."""
         assert self.pool is not None
         self.refused += 1
         self._log.warning("snat_exhausted", now, "service %s: snat port pool %d-%d exhausted "
-                          "(no half-open flow to take a port from)", self.name, self.pool.lo,
-                          self.pool.hi)
+                          "for a backend (no closed or half-open flow to take a port from)",
+                          self.name, self.pool.lo, self.pool.hi)
 
     # ------------------------------------------------------------ flows that end
 
@@ -368,7 +368,7 @@ class ServiceRuntime:
         """A flow left the table: give back its pool port, count it off its backend, tell
         its policy."""
         if flow.snat_port and self.pool is not None:
-            self.pool.give(flow.snat_port)
+            self.pool.give(flow.snat_port, flow.backend.endpoint)
         rt = flow.backend
         rt.flows.pop(flow, None)
         if established:
@@ -475,14 +475,17 @@ class Services:
                         self.by_backend[svc.protocol].setdefault(b.endpoint, []).append(rt)
         return list(old.values()), gone_backends
 
-    def _ports_in_use(self, svc: Service) -> set[int]:
-        """Ports of ``svc``'s snat address held by live flows of any pool (a new pool on the
-        same address must not hand them out again)."""
-        used: set[int] = set()
+    def _ports_in_use(self, svc: Service) -> dict[bytes, set[int]]:
+        """Per backend endpoint, ports of ``svc``'s snat address and protocol held by live
+        flows of any pool (a new pool on the same address must not hand them out again)."""
+        used: dict[bytes, set[int]] = {}
         for rt in self._all:
-            if rt.service.snat_address == svc.snat_address and rt.pool is not None:
+            if (rt.service.snat_address == svc.snat_address and rt.pool is not None
+                    and rt.service.protocol == svc.protocol):
                 for b in rt.backends.values():
-                    used.update(f.snat_port for f in b.flows if f.snat_port)
+                    ports = {f.snat_port for f in b.flows if f.snat_port}
+                    if ports:
+                        used.setdefault(b.endpoint, set()).update(ports)
         return used
 
     def __iter__(self) -> Iterator[ServiceRuntime]:

@@ -1,11 +1,13 @@
 """Engine: its state is bounded: the flow table's cap and the fullnat source-port pool.
 
 ``daemon.max_flows`` evicts exactly the flows nearest their idle deadline (half-open ones
-before established ones under a SYN flood). A fullnat pool that runs dry takes the port of its
-least recently used half-open flow (a SYN flood cannot lock clients out); with none, it refuses
+before established ones under a SYN flood). A fullnat backend whose pool ports all run out
+takes the port of its least recently used closed, else half-open flow (a SYN flood cannot lock
+clients out); with none, it refuses
 new flows (``snat_exhausted``) while the flows that hold its ports carry on both ways. Ports
-come back when flows expire, are never shared by two live flows, and one pool may serve
-several services.
+come back when flows expire, are never shared by two live flows to one backend (they are per
+backend, as in IPVS FNAT), a dry backend takes the port of a closed flow before a half-open
+one's, and one pool may serve several services.
 
 Expected packets are built by scapy; nothing expected comes from nfqlb.
 """
@@ -59,8 +61,10 @@ def test_max_flows_evicts_half_open_before_established() -> None:
 
 # ---------------------------------------------------------------- the fullnat port pool
 
-def _fullnat(ports: str = "20000-20002", **kw: Any):  # type: ignore[no-untyped-def]
-    return engine(service("fullnat", snat_ports=ports), **kw)
+def _fullnat(ports: str = "20000-20002", backends: int = 1, **kw: Any):  # type: ignore[no-untyped-def]
+    svc = service("fullnat", snat_ports=ports)
+    svc["backend"] = svc["backend"][:backends]
+    return engine(svc, **kw)
 
 
 def test_pool_exhaustion_and_reuse_after_expiry() -> None:
@@ -74,7 +78,7 @@ def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     assert ports == [20000, 20001, 20002]
     convs[1].server("SA", now=3.0)
     convs[1].client("A", now=3.0)  # established: 50 s
-    # the pool is dry: the least recently used half-open flow (0) gives its port
+    # the backend has no port left: the least recently used half-open flow (0) gives its own
     out = convs[3].client("S", now=4.0)
     assert isinstance(out, bytes) and IP(out)[TCP].sport == 20000
     assert eng.counters.events["reclaimed"] == 1 and eng.counters.drops == {}
@@ -93,8 +97,8 @@ def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     # existing flows still rewritten, both ways
     run_fixtures(eng, [
         ("flow 1 still rewritten", tcp(CLIENT, VIP, 40001, 80, "PA", b"x"),
-         {"src": SNAT, "sport": 20001, "dst": B2, "dport": 8080}),
-        ("flow 1 reply still rewritten", tcp(B2, SNAT, 8080, 20001, "PA", b"x"),
+         {"src": SNAT, "sport": 20001, "dst": B1, "dport": 8080}),
+        ("flow 1 reply still rewritten", tcp(B1, SNAT, 8080, 20001, "PA", b"x"),
          {"src": VIP, "sport": 80, "dst": CLIENT, "dport": 40001}),
     ], now=4.2)
     eng.handle_timer(53.0)
@@ -106,102 +110,201 @@ def test_pool_exhaustion_and_reuse_after_expiry() -> None:
     assert IP(out)[TCP].sport in (20000, 20001, 20002)
 
 
+def test_ports_are_unique_per_backend_not_per_snat_address() -> None:
+    """The reply key is (backend, snat address, backend port, snat port), as in IPVS FNAT: a
+    pool of 3 ports serves 3 live flows to each backend, the same ports to both, and each
+    backend's replies reach their own client."""
+    eng = _fullnat(backends=2, timeouts={"tcp": 50.0})
+    seen: dict[tuple[str, int], int] = {}  # (backend, snat port) -> client port
+    for i in range(6):
+        c = Conversation(eng, sport=41000 + i)
+        out = c.client("S", now=0.0)
+        assert isinstance(out, bytes)
+        key = (IP(out).dst, IP(out)[TCP].sport)
+        assert key not in seen
+        seen[key] = 41000 + i
+        c.server("SA", now=0.0)
+        c.client("A", now=0.0)
+    assert sorted(seen) == [(b, p) for b in (B1, B2) for p in (20000, 20001, 20002)]
+    assert "reclaimed" not in eng.counters.events and eng.counters.drops == {}
+    for (b, port), client_port in seen.items():  # each reply to its own client
+        out = eng.handle(tcp(b, SNAT, 8080, port, "PA", b"x"), 1.0)
+        assert isinstance(out, bytes) and IP(out)[TCP].dport == client_port
+    assert Conversation(eng, sport=41100).client("S", now=1.0) == DROP  # 3 per backend
+    assert eng.counters.drops == {"snat_exhausted": 1}
+
+
+def test_a_dry_backend_takes_a_closed_flows_port_before_a_half_open_one() -> None:
+    """Flows that closed linger tcp_close seconds for retransmissions only: their ports go
+    first (least recently used closed flow), before any half-open flow's."""
+    eng = _fullnat()
+    half_open, closed, established = (Conversation(eng, sport=42000 + i) for i in range(3))
+    half_open.client("S", now=0.0)  # the least recently used of all
+    closed.handshake(now=1.0)
+    closed.client("FA", now=1.0)
+    closed.server("FA", now=1.1)  # both FINs: CLOSING
+    established.handshake(now=2.0)
+    ports = {f.state: f.snat_port for f in eng.table.flows()}
+    assert ports.keys() == {TcpState.SYN_SENT, TcpState.CLOSING, TcpState.ESTABLISHED}
+    out = Conversation(eng, sport=42100).client("S", now=3.0)
+    assert isinstance(out, bytes) and IP(out)[TCP].sport == ports[TcpState.CLOSING]
+    states = sorted(f.state for f in eng.table.flows())
+    assert states == [TcpState.SYN_SENT, TcpState.SYN_SENT, TcpState.ESTABLISHED]
+    # then the half-open one, the oldest left; the established flow keeps its port
+    out = Conversation(eng, sport=42101).client("S", now=3.1)
+    assert isinstance(out, bytes) and IP(out)[TCP].sport == ports[TcpState.SYN_SENT]
+    assert eng.counters.events["reclaimed"] == 2
+    assert isinstance(established.client("PA", b"x", now=3.2), bytes)
+
+
+def test_reclaim_never_takes_another_backends_flow() -> None:
+    """A port is unique per backend: a backend with none free takes one back from its own
+    flows, never from another backend's (which may hold the same port)."""
+    eng = _fullnat("20000-20000", backends=2)  # round robin: b1, b2, b1
+    a = eng.handle(tcp(CLIENT, VIP, 43000, 80, "S"), 0.0)
+    b = eng.handle(tcp(CLIENT, VIP, 43001, 80, "S"), 0.1)
+    assert (IP(a).dst, IP(b).dst) == (B1, B2)  # type: ignore[arg-type]
+    assert IP(a)[TCP].sport == IP(b)[TCP].sport == 20000  # type: ignore[arg-type]
+    c = eng.handle(tcp(CLIENT, VIP, 43002, 80, "S"), 0.2)
+    assert IP(c).dst == B1 and IP(c)[TCP].sport == 20000  # type: ignore[arg-type]
+    assert eng.counters.events["reclaimed"] == 1
+    assert eng.handle(tcp(CLIENT, VIP, 43000, 80, "A"), 0.3) == DROP  # a gave its port
+    assert eng.handle(tcp(CLIENT, VIP, 43001, 80, "A"), 0.3) != DROP  # b (on b2) did not
+
+
+def _close_heavy(eng, rate: float, seconds: float) -> int:  # type: ignore[no-untyped-def]
+    """Short connections (handshake, request, both FINs, last ACK) at ``rate`` per second
+    from many clients, with the timer run as the daemon runs it; the number opened."""
+    n = int(rate * seconds)
+    for i in range(n):
+        now = i / rate
+        if i % 100 == 0:
+            eng.handle_timer(now)
+        src, sport = f"198.19.{i // 250 % 250}.{i % 250 + 1}", 1024 + i % 60000
+        out = eng.handle(_raw_tcp(src, sport, VIP, 80, 0x02), now)
+        assert isinstance(out, bytes), f"connection {i} refused"
+        port = out[20] << 8 | out[21]
+        eng.handle(_raw_tcp(B1, 8080, SNAT, port, 0x12), now)
+        eng.handle(_raw_tcp(src, sport, VIP, 80, 0x10), now)
+        eng.handle(_raw_tcp(B1, 8080, SNAT, port, 0x11), now)  # the server closes first
+        eng.handle(_raw_tcp(src, sport, VIP, 80, 0x11), now)
+        eng.handle(_raw_tcp(B1, 8080, SNAT, port, 0x10), now)
+    return n
+
+
+def test_close_heavy_load_does_not_exhaust_the_pool() -> None:
+    """2,000 short connections a second to one backend for 12 s with the 10 s close linger:
+    about 20,000 closed flows hold ports at once, twice a 10,000-port pool. Closed flows give
+    their ports to new ones, so no connection is refused (the old pool refused from the
+    sixth second on)."""
+    eng = _fullnat("20000-29999")
+    n = _close_heavy(eng, 2000.0, 12.0)
+    assert eng.counters.drops.get("snat_exhausted", 0) == 0
+    # every port was taken once, then each new connection took a closed flow's (none had
+    # expired yet: the oldest closed flow is 5 s old when it gives its port)
+    assert eng.counters.events["reclaimed"] == n - 10_000
+    assert eng.table.active == 10_000
+
+
 def test_syn_flood_does_not_lock_fullnat_out() -> None:
     """About 167 spoofed SYNs a second used to keep a 10,000-port pool empty for a minute
     after the flood; now each new client takes the port of the oldest half-open flow."""
-    eng = _fullnat("20000-29999")
+    eng = _fullnat("20000-29999", backends=2)
     now = 0.0
-    for i in range(12_000):  # a minute and more of spoofed SYNs that never complete
-        now = i / 167
+    for i in range(24_000):  # a minute and more of spoofed SYNs that never complete
+        now = i / 334
         src = f"198.19.{i // 250 % 250}.{i % 250 + 1}"
         eng.handle(_raw_tcp(src, 1024 + i % 60000, VIP, 80, 0x02), now)
-    assert eng.table.active == 10_000
+    assert eng.table.active == 20_000  # 10,000 ports for each backend
     for k in range(20):  # legitimate clients right after: every one gets a port
         c = Conversation(eng, sport=50000 + k)
         c.handshake(now=now + k / 100)
         assert isinstance(c.client("PA", b"GET /", now=now + 1), bytes)
     assert eng.counters.drops.get("snat_exhausted", 0) == 0
-    assert eng.counters.events["reclaimed"] >= 2_000 + 20
+    assert eng.counters.events["reclaimed"] >= 4_000 + 20
 
 
-def test_pool_ports_unique_among_live_flows() -> None:
+def test_pool_ports_unique_per_backend_among_live_flows() -> None:
     rng = random.Random(7)
-    eng = _fullnat("20000-20004", timeouts={"syn": 3.0, "tcp_close": 1.0})
-    owner: dict[int, int] = {}  # snat port -> client port holding it
+    eng = _fullnat("20000-20004", backends=2, timeouts={"syn": 3.0, "tcp_close": 1.0})
     convs: dict[int, Conversation] = {}  # client port -> its conversation
     now, next_sport, exhausted, reclaimed = 0.0, 30000, 0, 0
-    for _ in range(300):
+    for _ in range(400):
         now += rng.choice([0.0, 0.1, 0.5, 2.0])
         eng.handle_timer(now)
-        live = {f.snat_port: f for f in eng.table.flows()}
-        assert len(live) == eng.table.active  # unique among live flows
-        for port in list(owner):
-            if port not in live:
-                del owner[port]
+        flows = list(eng.table.flows())
+        live = {(str(f.backend.address), f.snat_port): f for f in flows}
+        assert len(live) == eng.table.active  # unique per backend among live flows
         roll = rng.random()
-        if roll < 0.1 and live:
-            port = rng.choice(sorted(live))
-            eng.handle(tcp(B1 if live[port].backend.name == "b1" else B2, SNAT, 8080, port, "R"),
-                       now)
+        if roll < 0.15 and live:  # the backend resets, or both sides close
+            (b, port), flow = rng.choice(sorted(live.items(), key=lambda kv: kv[0]))
+            if flow.state in HALF_OPEN or rng.random() < 0.5:
+                eng.handle(tcp(b, SNAT, 8080, port, "R"), now)
+            else:
+                c = convs[_client_port(flow)]
+                c.server("FA", now=now)
+                c.client("FA", now=now)
             continue
-        half_open = [f for f in live.values() if f.state in HALF_OPEN]
+        half_open = [f for f in flows if f.state in HALF_OPEN]
         if roll < 0.6 and half_open:  # complete a half-open flow's handshake
-            c = convs[owner[rng.choice(half_open).snat_port]]
+            c = convs[_client_port(rng.choice(half_open))]
             c.server("SA", now=now)
             c.client("A", now=now)
             continue
         c = convs[next_sport] = Conversation(eng, sport=next_sport)
-        out = c.client("S", now=now)
-        if len(live) == 5 and not half_open:
-            assert out == DROP
-            exhausted += 1
-        else:
-            assert isinstance(out, bytes)
-            port = IP(out)[TCP].sport
-            assert 20000 <= port <= 20004
-            if len(live) == 5:  # taken from a half-open flow, of another backend if any
-                victim = live[port]
-                assert victim in half_open
-                to = IP(out).dst
-                if any(str(f.backend.address) != to for f in half_open):
-                    assert str(victim.backend.address) != to
-                else:
-                    assert victim.last == min(f.last for f in half_open)
-                reclaimed += 1
-            else:
-                assert port not in live and port not in owner
-            owner[port] = next_sport
         next_sport += 1
+        out = c.client("S", now=now)
+        if out == DROP:
+            exhausted += 1
+            continue
+        assert isinstance(out, bytes)
+        to, port = IP(out).dst, IP(out)[TCP].sport
+        assert 20000 <= port <= 20004
+        mine = [f for f in flows if str(f.backend.address) == to]
+        if (to, port) in live:  # taken back: the backend had none free
+            assert len(mine) == 5
+            victim = live[(to, port)]
+            closed = [f for f in mine if f.state in (TcpState.CLOSING, TcpState.CLOSED)]
+            pool = closed or [f for f in mine if f.state in HALF_OPEN]
+            assert victim in pool and victim.last == min(f.last for f in pool)
+            reclaimed += 1
     assert exhausted and eng.counters.drops["snat_exhausted"] == exhausted
     assert reclaimed and eng.counters.events["reclaimed"] == reclaimed
 
 
+def _client_port(flow: Any) -> int:
+    """The client's source port of a flow (the forward key's source port)."""
+    key = flow.fwd_key
+    return int(key[-4] << 8 | key[-3])
+
+
 def test_shared_pool_between_services() -> None:
-    eng = engine(service("fullnat", snat_ports="20000-20001"),
-                 service("fullnat", name="other", port=81, snat_ports="20000-20001"))
-    a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)
-    b = eng.handle(tcp(CLIENT, VIP, 40000, 81, "S"), 0.0)
-    assert {IP(a)[TCP].sport, IP(b)[TCP].sport} == {20000, 20001}  # type: ignore[arg-type]
-    # a third SYN, to either service, takes the port of the oldest half-open flow of the
-    # shared pool (service 80's): one pool, one list
-    c = eng.handle(tcp(CLIENT, VIP, 40001, 81, "S"), 0.1)
-    assert IP(c)[TCP].sport == IP(a)[TCP].sport  # type: ignore[arg-type]
+    """Two services on one snat address and range share one pool: a backend behind both has
+    one set of ports between them."""
+    eng = engine(service("fullnat", snat_ports="20000-20000"),
+                 service("fullnat", name="other", port=81, snat_ports="20000-20000"))
+    a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)  # b1
+    b = eng.handle(tcp(CLIENT, VIP, 40000, 81, "S"), 0.1)  # b1 too: takes a's port back
+    assert IP(a).dst == IP(b).dst == B1  # type: ignore[arg-type]
+    assert IP(a)[TCP].sport == IP(b)[TCP].sport == 20000  # type: ignore[arg-type]
     assert eng.counters.events["reclaimed"] == 1
     assert eng.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.2) == DROP  # flow a is gone (no_flow)
 
 
 def test_pool_exhaustion_refuses_new_flows_and_keeps_old_ones() -> None:
-    eng = engine_for("fullnat", proto="udp")  # pool of 100 ports
-    for port in range(100):
+    eng = engine_for("fullnat", proto="udp")  # pool of 100 ports, two backends
+    for port in range(200):  # 100 ports for each backend
         assert isinstance(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + port,
                                                                      dport=80)), 0), bytes)
     assert eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=5000, dport=80)), 0) == DROP
     assert eng.counters.drops["snat_exhausted"] == 1
     out = eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000, dport=80) / Raw(b"x")), 1)
     assert isinstance(out, bytes)
-    ports = {IP(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + p, dport=80)), 1))
-             [UDP].sport for p in range(100)}
-    assert len(ports) == 100  # no port shared by two live flows
+    seen = set()
+    for p in range(200):
+        out = IP(eng.handle(bytes(IP(src=C4, dst=VIP4) / UDP(sport=1000 + p, dport=80)), 1))
+        seen.add((out.dst, out[UDP].sport))
+    assert len(seen) == 200  # no port shared by two live flows to one backend
 
 
 # ---------------------------------------------------------------- exact eviction, bounded work
@@ -260,17 +363,3 @@ def test_stats_never_walk_the_table(monkeypatch: Any) -> None:
     backends = stats["services"]["dnat-tcp"]["backends"]
     assert sum(b["active"] for b in backends.values()) == 50 == stats["flows_active"]
     assert sum(b["packets"] for b in backends.values()) == 150
-
-
-def test_a_reclaimed_port_is_taken_from_another_backends_flow() -> None:
-    """The backend of a reclaimed half-open flow may still hold that connection: the same
-    source address and port toward it again would look like the old SYN retransmitted. So the
-    port comes from a flow on another backend when one is half-open too."""
-    eng = _fullnat("20000-20001")  # round robin over b1, b2
-    a = eng.handle(tcp(CLIENT, VIP, 40000, 80, "S"), 0.0)  # b1, the least recently used
-    b = eng.handle(tcp(CLIENT, VIP, 40001, 80, "S"), 0.1)  # b2
-    assert (IP(a).dst, IP(b).dst) == (B1, B2)  # type: ignore[arg-type]
-    c = eng.handle(tcp(CLIENT, VIP, 40002, 80, "S"), 0.2)  # b1 again: takes b2's flow's port
-    assert IP(c).dst == B1 and IP(c)[TCP].sport == IP(b)[TCP].sport  # type: ignore[arg-type]
-    assert eng.counters.events["reclaimed"] == 1
-    assert eng.handle(tcp(CLIENT, VIP, 40000, 80, "A"), 0.3) != DROP  # a's flow still there

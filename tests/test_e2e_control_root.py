@@ -65,7 +65,9 @@ def test_status_metrics_drain_and_garbage_on_a_real_daemon() -> None:
                 "backend-1": N // 2, "backend-2": N // 2}
             assert all(b["packets_in"] > 0 and b["packets_out"] > 0 for b in backends.values())
             assert s["daemon"]["config"] == str(d.config_path)
-            assert [q["queue"] for q in s["queues"]] == [1, 10001]
+            workers = s["daemon"].get("workers", 1)  # (NFQLB_LAB_WORKERS: the queues of each)
+            assert [q["queue"] for q in s["queues"]] == [
+                q for i in range(workers) for q in (1 + i, 10001 + i)]
             assert s["queues"][0]["kernel"] is not None, s["queues"]
 
             fams = scrape(lab)

@@ -40,6 +40,10 @@ from lab import (
 
 pytestmark = pytest.mark.root
 
+#: The second instance's queue: 3, so that the first one's may have two workers (queues 1 and
+#: 2, with NFQLB_LAB_WORKERS=2) beside it.
+QUEUE2 = 3
+
 VIP2 = "198.18.100.2"
 SMALL_MTU = 1280
 BLOB_SHA256 = sha256(blob_bytes())
@@ -184,7 +188,7 @@ def test_two_instances_on_two_queues_each_translate_their_own_errors() -> None:
         lab.ip(lab.lb, "addr", "add", f"{VIP2}/32", "dev", "lo")
         lab.ip(lab.lb, "link", "set", "eth0", "mtu", str(SMALL_MTU))
         one = lab.nfqlb(lab.service("dnat", backends=[b1]), queue=1).start()
-        two = lab.nfqlb(lab.service("dnat", backends=[b2], vip=VIP2), queue=2).start()
+        two = lab.nfqlb(lab.service("dnat", backends=[b2], vip=VIP2), queue=QUEUE2).start()
         download(lab, f"http://{VIP}/blob", "one")
         download(lab, f"http://{VIP2}/blob", "two")
         counts = [stopped_cleanly(d).get("icmp_error_translated", 0) for d in (two, one)]
@@ -199,7 +203,7 @@ def test_two_fullnat_instances_share_a_backend_with_disjoint_pools() -> None:
         b = lab.backends[0]
         one = lab.nfqlb(lab.service("fullnat", snat_ports="20000-24999"), queue=1).start()
         two = lab.nfqlb(lab.service("fullnat", vip=VIP2, snat_ports="25000-29999"),
-                        queue=2).start()
+                        queue=QUEUE2).start()
         for i in range(6):
             for vip in (VIP, VIP2):
                 body = lab.curl(lab.client, f"http://{vip}/", max_time=3)
@@ -238,7 +242,7 @@ def test_sysctls_stay_while_needed_and_come_back_after_a_sigkill(private_state: 
         svc1 = lab.service("dnat", backends=[b1])
         svc2 = lab.service("dnat", backends=[b2], vip=VIP2)
         one = lab.nfqlb(svc1, queue=1).start()
-        two = lab.nfqlb(svc2, queue=2).start()
+        two = lab.nfqlb(svc2, queue=QUEUE2).start()
         assert sysctls(lab) == {name: "1" for name in SYSCTLS}
         stopped_cleanly(one)
         # the other instance still forwards
@@ -249,7 +253,7 @@ def test_sysctls_stay_while_needed_and_come_back_after_a_sigkill(private_state: 
         two.proc.send_signal(signal.SIGKILL)
         two.stop()
         assert sysctls(lab)["net.ipv4.ip_forward"] == "1"
-        again = serving(lab.nfqlb(svc2, queue=2).start())  # its chains are there already
+        again = serving(lab.nfqlb(svc2, queue=QUEUE2).start())  # its chains are there already
         assert lab.curl(lab.client, f"http://{VIP2}/", max_time=3).strip() == b"backend-2"
         stopped_cleanly(again)
         assert sysctls(lab) == original, again.report()

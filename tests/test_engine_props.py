@@ -275,7 +275,8 @@ def test_many_flows_each_reply_maps_back(flows: list[tuple[str, int]], mode: str
         p = IP(out)
         backs.append((p.dst, p.src, p[TCP].dport, p[TCP].sport))
     if mode == "fullnat":
-        assert len({b[3] for b in backs}) == len(flows)  # one snat port per flow
+        # one snat port per flow and backend (ports are unique per backend, as in IPVS FNAT)
+        assert len({(b[0], b[3]) for b in backs}) == len(flows)
     for (client, sport), (bsrc, bdst, bsp, bdp) in zip(flows, backs, strict=True):
         reply = tcp(bsrc, bdst, bsp, bdp, "SA", options=[("MSS", 1400)])
         got = eng.handle(reply, 0.0)

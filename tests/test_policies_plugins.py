@@ -344,9 +344,11 @@ def test_on_flow_closed_raising_is_contained(tmp_path: Path) -> None:
 
 
 def test_on_flow_closed_once_per_placed_flow_also_when_refused_after_choose() -> None:
-    """A fullnat pool of one port: the second flow is chosen, then refused (snat_exhausted);
-    the policy hears of it at once, so its open-flow count stays exact."""
-    eng = engine(service("fullnat", "udp", policy="least_conn", snat_ports="20000-20000"))
+    """A fullnat pool of one port and one backend: the second flow is chosen, then refused
+    (snat_exhausted); the policy hears of it at once, so its open-flow count stays exact."""
+    svc = service("fullnat", "udp", policy="least_conn", snat_ports="20000-20000")
+    svc["backend"] = svc["backend"][:1]
+    eng = engine(svc)
     assert eng.handle(udp(CLIENT, VIP, 1000, 53), 0.0) != DROP
     assert eng.handle(udp(CLIENT, VIP, 1001, 53), 0.0) == DROP
     assert eng.counters.drops == {"snat_exhausted": 1}

@@ -255,7 +255,7 @@ def test_templates_are_installed_with_the_package_and_are_the_repository_files()
                      "jumps.rules", "offload-jumps.rules", "offload-nat.rules",
                      "offload-snat.rules", "offload-table.rules", "offload.rules",
                      "queue.rules", "reply-dnat.rules", "reply-fullnat.rules",
-                     "reply-local.rules", "table.rules"]
+                     "reply-local.rules", "table.rules", "workers.rules"]
     from importlib import resources
     pkg = resources.files("nfqlb").joinpath(rules.TEMPLATE_DIR)
     for name in names:

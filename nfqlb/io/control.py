@@ -15,6 +15,8 @@ The protocol is one JSON object per line each way::
     -> {"cmd": "enable", "service": "web", "backend": "b1"}
     -> {"cmd": "weight", "service": "web", "backend": "b1", "weight": 0}
     -> {"cmd": "reload"}
+    -> {"cmd": "health_result", "service": "web", "backend": "b1", "up": false,
+        "reason": "timeout", "latency": null}   (from the supervisor of several workers)
     <- {"ok": true, "message": "one line"}  or  {"ok": false, "error": "one line"}
 
 The server runs on the daemon's own event loop (``asyncio.start_unix_server``), so a request
@@ -57,7 +59,7 @@ WRITE_TIMEOUT = 10.0  # s an answer may take to be read by the client
 MAX_CLIENTS = 16  # connections served at once; more are answered with an error and closed
 MAX_FLOWS = 10_000  # the largest ``limit`` of a flows request (about 55 ms of the loop)
 DEFAULT_FLOWS = 1000
-COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload")
+COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload", "health_result")
 
 
 class ControlError(NfqlbError):
@@ -83,6 +85,12 @@ def run_dir() -> Path:
 
 def socket_path(queue: int, directory: Path | None = None) -> Path:
     return (directory or run_dir()) / f"nfqlb-{queue}.sock"
+
+
+def worker_socket_path(queue: int, worker: int, directory: Path | None = None) -> Path:
+    """The control socket of worker ``worker`` of the daemon serving from ``queue``
+    (``workers > 1``: the supervisor, on ``socket_path(queue)``, talks to its workers here)."""
+    return (directory or run_dir()) / f"nfqlb-{queue}.workers" / f"{worker}.sock"
 
 
 def find_socket(queue: int | None = None, explicit: str | None = None) -> Path:
@@ -231,6 +239,8 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     service = _field(req, "service", str)
     backend = _field(req, "backend", str)
     now = server.clock()
+    if cmd == "health_result":  # a supervisor's health check, for its workers' engines
+        return _health_result(engine, req, service, backend, now)
     if cmd == "drain":
         timeout = _field(req, "timeout", (int, float), required=False)
         if timeout is not None and not 0 <= timeout <= 1e7:
@@ -250,16 +260,38 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     return {"ok": True, "message": f"{message} (now {state})"}
 
 
+def _health_result(engine: Any, req: dict[str, Any], service: str, backend: str,
+                   now: float) -> dict[str, Any]:
+    """``{"cmd": "health_result", "service", "backend", "up", "reason", "latency"}``: what the
+    supervisor of several workers (``nfqlb.io.workers``) found checking a backend, as the
+    daemon's own checker reports it: to the engine, and the latency of a success to the
+    policy's ``observe`` (contained: a failing one is logged by the checker's rules)."""
+    up = _field(req, "up", bool)
+    reason = _field(req, "reason", str, required=False) or ""
+    latency = _field(req, "latency", (int, float), required=False)
+    engine.set_health(service, backend, up, now, reason, latency)
+    if up and latency is not None:
+        with contextlib.suppress(Exception):
+            observe = getattr(engine.policy(service), "observe", None)
+            if observe is not None:
+                observe(backend, float(latency), now)
+    return {"ok": True}
+
+
 # ------------------------------------------------------------------ the server
 
 
 class ControlServer:
     """The Unix socket of one worker, served on ``loop`` (the daemon's)."""
 
-    def __init__(self, target: Target, path: Path, log: logging.Logger) -> None:
+    def __init__(self, target: Target, path: Path, log: logging.Logger,
+                 handler: Callable[[Any], dict[str, Any]] | None = None) -> None:
         self.target = target
         self.path = path
         self.log = log
+        #: request -> answer (default: ``handle`` on ``target``; the supervisor of several
+        #: workers answers for all of them)
+        self.handler = handler or (lambda req: handle(self.target, req, self.log))
         self.clients = 0
         self._server: asyncio.AbstractServer | None = None
         self._inode: int | None = None
@@ -333,7 +365,7 @@ class ControlServer:
             except (ValueError, UnicodeDecodeError):
                 answer = {"ok": False, "error": "not a JSON request (one JSON object a line)"}
             else:
-                answer = handle(self.target, req, self.log)
+                answer = self.handler(req)
             await self._answer(writer, answer)
 
     @staticmethod
@@ -370,16 +402,19 @@ def _is_live(path: Path) -> bool:
 
 @contextlib.contextmanager
 def operator_endpoints(server: Any, config: Any, queue: int,
-                       log: logging.Logger) -> Iterator[None]:
+                       log: logging.Logger, role: Any = None) -> Iterator[None]:
     """The daemon's control socket, and its metrics endpoint when ``[metrics]`` is set, open
     on ``server.loop`` (not yet running) for the ``with`` block, closed after it (the loop
-    stopped; it is run again briefly to close them)."""
+    stopped; it is run again briefly to close them). A supervisor's worker (``role``) has its
+    socket in the supervisor's directory and no metrics endpoint (the supervisor's has it)."""
     loop: asyncio.AbstractEventLoop = server.loop
-    control = ControlServer(server, socket_path(queue), log.getChild("control"))
+    path = (socket_path(queue) if role is None
+            else worker_socket_path(role.base_queue, role.index))
+    control = ControlServer(server, path, log.getChild("control"))
     loop.run_until_complete(control.start())
     metrics_server = None
     try:
-        if getattr(config, "metrics", None) is not None:
+        if getattr(config, "metrics", None) is not None and role is None:
             from nfqlb.io import metrics
 
             metrics_server = metrics.MetricsServer(lambda: status(server), config.metrics,
@@ -458,6 +493,11 @@ def format_status(s: dict[str, Any]) -> str:
         own = ", ".join(f"{n} {q[n]}" for n in _ADAPTER_COUNTERS
                         if n in q and (q[n] or n in ("packets", "wakeups")))
         lines.append(f"queue {q['queue']}{purpose}: {kernel}; {own}")
+    for w in s.get("workers", []):  # several workers: the figures above are their sums
+        own = ("no answer: " + str(w["error"]) if "error" in w else
+               f"packets {w['packets']}, flows {w['flows_total']} total, "
+               f"{w['flows_active']} in the table")
+        lines.append(f"worker {w['worker']} (pid {w['pid']}, queue {w['queue']}): {own}")
     return "\n".join(lines)
 
 

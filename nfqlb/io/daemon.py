@@ -35,7 +35,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nfqlb import rules
-from nfqlb.config import Config, load_config
+from nfqlb.config import Config, for_worker, load_config, with_workers
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
@@ -72,6 +74,30 @@ class Adapter(Protocol):
     def drain(self) -> None: ...
     def unbind(self) -> None: ...
     def format_stats(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process is worker ``index`` of ``workers`` under a supervisor
+    (:mod:`nfqlb.io.workers`): it serves its own queues with its own engine and its share of
+    the fullnat pools; the supervisor owns the rules, the sysctls and the metrics endpoint."""
+
+    index: int
+    workers: int
+    base_queue: int  # the supervisor's queue (daemon.queue, or --queue's first)
+    queue: int
+    large: int
+    channel: int  # write end of a pipe to the supervisor: one JSON object a line
+
+    def tell(self, message: dict[str, object]) -> None:
+        data = (json.dumps(message, separators=(",", ":")) + "\n").encode()
+        while data:
+            data = data[os.write(self.channel, data):]
+
+    def config(self, config: Config) -> Config:
+        """What this worker serves of ``config`` (a reloaded file too)."""
+        return for_worker(with_workers(config, self.base_queue, self.workers,
+                                       "daemon.workers"), self.index)
 
 
 class HeldPackets:
@@ -129,9 +155,11 @@ class Server:
         self.health: HealthChecker | None = None  # started and stopped with the loop
         self.offload: OffloadDecider | None = None  # mode "offload": its queue's decider
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
+        self.role: WorkerRole | None = None  # set when a supervisor runs this worker
 
     def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
+        for sig in (signal.SIGINT, signal.SIGTERM) if self.role is None else (signal.SIGTERM,):
             self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
         self.loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -151,6 +179,8 @@ class Server:
         live = self._live
         if live is None:
             return False, "not serving yet"
+        if self.role is not None:
+            return self._reload_worker(live)
         try:
             config = load_config(self.config_path)
             large = rules.large_queue_for(config, live.queue)
@@ -195,6 +225,30 @@ class Server:
         self.flush_outbound()
         n = len(config.services)
         self.log.info("reloaded %s: %d service%s", self.config_path, n, "" if n == 1 else "s")
+        return True, f"reloaded {self.config_path}"
+
+    def _reload_worker(self, live: _Live) -> tuple[bool, str]:
+        """A worker's reload: the engine and health checks only (the supervisor checked the
+        file and changes the rules and sysctls)."""
+        assert self.role is not None
+        try:
+            config = self.role.config(load_config(self.config_path))
+        except NfqlbError as exc:
+            self.log.error("reload refused, the running configuration keeps serving: %s", exc)
+            return False, str(exc)
+        self.engine.reconfigure(config, self.clock())
+        if self.offload is not None:
+            for svc, rt in self.offload.reconfigure(config):
+                if self.kernel_flows is not None:
+                    self.kernel_flows.reset(svc, rt, "removed")
+        live.config = config
+        for hook in self.reload_hooks:
+            try:
+                hook(config)
+            except Exception as exc:
+                self.log.error("reload: %r", exc)
+        self.loaded_at = time.time()
+        self.flush_outbound()
         return True, f"reloaded {self.config_path}"
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
@@ -253,6 +307,8 @@ class Server:
     def _check_lingering(self) -> None:
         """Once the flows of removed backends are gone, so go their rules."""
         live = self._live
+        if self.role is not None:
+            return  # the supervisor keeps the rules
         if live is not None and live.lingering and self.engine.lingering() != live.lingering:
             try:
                 self._apply_rules()
@@ -352,17 +408,33 @@ class _Live:
 
 
 def run(config: Config, queue: int | None, log: logging.Logger,
-        stats_interval: float | None = None, config_path: str = "") -> int:
-    """Serve ``config`` on ``queue`` (default daemon.queue) until SIGINT/SIGTERM.
+        stats_interval: float | None = None, config_path: str = "",
+        role: WorkerRole | None = None) -> int:
+    """Serve ``config`` on ``queue`` (default daemon.queue) until SIGINT/SIGTERM; with
+    ``daemon.workers > 1``, start that many workers under a supervisor
+    (:func:`nfqlb.io.workers.supervise`); as one of them (``role``), serve its queues only.
 
     Returns 0 after a clean stop, 1 when the clean-up itself failed; raises NfqlbError (or
     what crashed the loop) after cleaning up.
     """
-    q = config.daemon.queue if queue is None else queue
-    large = rules.large_queue_for(config, q)
-    rulesets = rules.render(config, q)
-    tools = iptables.tools_for(rs.family.version for rs in rulesets)
-    iptables.check_overlap(rulesets, tools)  # another instance's packets: refuse, touch nothing
+    if role is None and config.daemon.workers > 1:
+        from nfqlb.io import workers
+
+        if queue is not None:
+            config = with_workers(config, queue, config.daemon.workers)
+        return workers.supervise(config, log, stats_interval=stats_interval,
+                                 config_path=config_path)
+    rulesets: tuple[rules.RuleSet, ...] = ()
+    tools: dict[int, iptables.Iptables] = {}
+    if role is not None:
+        q, large = role.queue, role.large
+        config = role.config(config)
+    else:
+        q = config.daemon.queue if queue is None else queue
+        large = rules.large_queue_for(config, q)
+        rulesets = rules.render(config, q)
+        tools = iptables.tools_for(rs.family.version for rs in rulesets)
+        iptables.check_overlap(rulesets, tools)  # another instance's: refuse, touch nothing
     engine = Engine(config, log=log.getChild("engine"), clock=time.perf_counter)
     held = HeldPackets(engine)
     adapters: list[Adapter] = [
@@ -375,15 +447,21 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         decider = OffloadDecider(config, engine.services, engine.counters)
         offload_adapter = (OffloadNetlinkAdapter if config.daemon.offload_binding == "netlink"
                            else OffloadQueueAdapter)
-        adapters.append(offload_adapter(decider, rules.offload_queue_for(config, q), log))
+        # worker i of several serves the i-th of the offload queues (rules: --queue-balance)
+        oq = (rules.offload_queue_for(config, role.base_queue) + role.index if role is not None
+              else rules.offload_queue_for(config, q))
+        adapters.append(offload_adapter(decider, oq, log))
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
     if decider is not None:
         server.offload = decider
         server.kernel_flows = KernelFlows(loop, decider, log.getChild("conntrack"))
+    server.role = role
     server.config_path = config_path or config.source
-    server.health = HealthChecker(config, engine, loop, log.getChild("health"), server.clock)
-    server.reload_hooks.append(server.health.reconfigure)
+    if role is None:  # (a supervisor checks for all its workers)
+        server.health = HealthChecker(config, engine, loop, log.getChild("health"),
+                                      server.clock)
+        server.reload_hooks.append(server.health.reconfigure)
     clean = True
     bound: list[Adapter] = []
     try:
@@ -392,13 +470,18 @@ def run(config: Config, queue: int | None, log: logging.Logger,
             for adapter in adapters:  # either one failing: nothing else is touched
                 adapter.bind(max_len=config.daemon.queue_maxlen)
                 bound.append(adapter)
-            with control.operator_endpoints(server, config, q, log):
+            with control.operator_endpoints(server, config, q, log, role):
                 clean = _serve_bound(config, q, large, rulesets, tools, server, log)
         finally:
             for adapter in reversed(bound):
                 adapter.unbind()
             if len(bound) == len(adapters):
-                server.print_stats()
+                if role is None:
+                    server.print_stats()
+                else:  # the supervisor prints every worker's counters as one block
+                    role.tell({"final": server.engine.stats(), "queues": "\n".join(
+                        a.format_stats() for a in server.adapters),
+                        "timer_errors": server.timer_errors})
     finally:
         if server.kernel_flows is not None:
             server.kernel_flows.close()
@@ -413,6 +496,21 @@ def _serve_bound(config: Config, queue: int, large: int,
     sysctls = sysctl.Sysctls(log)
     clean = True
     server._live = _Live(config, queue, large, rulesets, tools, sysctls)
+    if server.role is not None:  # a supervisor's worker: the supervisor does the rest
+        server.role.tell({"ready": queue})
+        log.info("worker %d serving queue %d and queue %d for packets over %d bytes",
+                 server.role.index, queue, large, rules.BINDING_MAX_PACKET)
+        try:
+            server.serve()
+        finally:
+            for adapter in server.adapters:
+                try:
+                    adapter.drain()
+                except Exception as exc:
+                    log.debug("draining the queue failed: %r", exc)
+            server.held.drop_all(log)
+            server.sender.close()
+        return True
     try:
         sysctl.setup(config, sysctls)
         try:

@@ -18,6 +18,7 @@ the engine keeps per reason, event, service, backend or queue is a label::
     nfqlb_backend_flows_total{service,backend}  nfqlb_backend_active_flows{...}
     nfqlb_backend_packets_total{service,backend,direction="in|out"}  nfqlb_backend_up{...}
     nfqlb_queue_dropped_total{queue}  nfqlb_queue_user_dropped_total{queue}  ...
+    nfqlb_worker_packets_total{worker}  (several workers: each one's; the others are sums)
 
 Every registered drop reason and event is exported from the start (at 0), so ``rate()`` and
 alerts see a reason's first packet.
@@ -68,6 +69,7 @@ class NfqlbCollector:
         yield from _services(s["services"])
         yield from _queues(s.get("queues", []))
         yield from _daemon(s.get("daemon"))
+        yield from _workers(s.get("workers"))
 
 
 def _totals(s: dict[str, Any]) -> Iterator[Metric]:
@@ -197,6 +199,27 @@ def _daemon(d: dict[str, Any] | None) -> Iterator[Metric]:
     build = InfoMetricFamily("nfqlb_build", "nfqlb's version")
     build.add_metric([], {"version": str(d["version"])})
     yield build
+
+
+def _workers(workers: list[dict[str, Any]] | None) -> Iterator[Metric]:
+    """Per worker, when a supervisor runs several (``daemon.workers``): the totals above are
+    their sums."""
+    if not workers:
+        return
+    t = counters.TOTALS
+    families = (
+        (CounterMetricFamily("nfqlb_worker_packets", f"{t['packets']}, per worker",
+                             labels=["worker"]), "packets"),
+        (CounterMetricFamily("nfqlb_worker_flows", f"{t['flows_total']}, per worker",
+                             labels=["worker"]), "flows_total"),
+        (GaugeMetricFamily("nfqlb_worker_active_flows", f"{t['flows_active']}, per worker",
+                           labels=["worker"]), "flows_active"),
+    )
+    for family, key in families:
+        for w in workers:
+            if isinstance(w.get(key), int):
+                family.add_metric([str(w["worker"])], w[key])
+        yield family
 
 
 def registry(status: Status) -> CollectorRegistry:

@@ -100,8 +100,8 @@ CASES = [
            policy="flow_hash" if how == "hash" else None,
            backend_names=("b1", "b2") if how == "hash" else ())
       for how in ("reset", "drop", "hash") for fam in (4, 6)],
-    # bounded state: a fullnat pool of two ports; a table of two flows
-    Case("fullnat_udp_pool_exhausted", "fullnat", "udp", "raw", kind="bounded", pool=2),
+    # bounded state: a fullnat pool of one port (one flow per backend); a table of two flows
+    Case("fullnat_udp_pool_exhausted", "fullnat", "udp", "raw", kind="bounded", pool=1),
     Case("dnat_tcp_max_flows", "dnat", "tcp", "ether", kind="bounded",
          daemon="max_flows = 2"),
 ]
@@ -199,7 +199,9 @@ def _ends(case: Case, flow: int, backend: int | None = None) -> tuple[
         back = (vip, 8080 + b)
     else:
         back = (backends[b], case.backend_port)
-    src = (snat, POOL_LO + flow) if case.mode == "fullnat" else (client, cport)
+    # fullnat ports are unique per backend (as in IPVS FNAT): round robin alternates the two
+    # backends, so client flow k is the (k // 2)-th flow of its backend
+    src = (snat, POOL_LO + flow // 2) if case.mode == "fullnat" else (client, cport)
     return (client, cport), (vip, 80), src, back
 
 
@@ -371,7 +373,7 @@ def unknown(case: Case, script: Script) -> None:
 def bounded(case: Case, script: Script) -> None:
     """At the limit: new flows refused (pool) or the oldest flow evicted (table); the flows
     that stay are rewritten as before."""
-    if case.mode == "fullnat":  # two pool ports, three clients
+    if case.mode == "fullnat":  # one pool port for each of two backends, three clients
         for flow in range(2):
             c, v, s, b = _ends(case, flow)
             script.step(_ip(case, c[0], v[0], 1) / _l4(case, c[1], v[1], "", b"q"),

@@ -55,6 +55,7 @@ from .servers import (
 )
 
 SNAT_PORTS = "20000-29999"
+WORKERS_ENV = "NFQLB_LAB_WORKERS"
 
 _counter = itertools.count(1)
 
@@ -445,8 +446,14 @@ class Lab:
         """An nfqlb daemon for the lb namespace (not started: use ``with`` or ``start()``).
 
         ``args`` are added to ``nfqlb run`` (for example ``["--stats-interval", "0.5"]``).
+        ``$NFQLB_LAB_WORKERS`` (e.g. 2) sets ``workers`` where the test does not: the whole
+        suite then runs with several workers (CI does this for a representative set).
         """
-        text = render_config(list(services), {"queue": queue, "bypass": True, **(daemon or {})})
+        settings = {"queue": queue, "bypass": True, **(daemon or {})}
+        workers = os.environ.get(WORKERS_ENV)
+        if workers and "workers" not in settings:
+            settings["workers"] = int(workers)
+        text = render_config(list(services), settings)
         d = Nfqlb(self, text, queue=queue, args=args)
         self._daemons.append(d)
         return d
