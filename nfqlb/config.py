@@ -55,6 +55,13 @@ class IcmpEcho(enum.Enum):
     DROP = "drop"
 
 
+class Binding(enum.Enum):
+    """What serves the main queue (the large-packet queue is always nfqlb's netlink client)."""
+
+    NETFILTERQUEUE = "netfilterqueue"  # the NetfilterQueue binding (libnetfilter_queue)
+    NETLINK = "netlink"  # nfqlb's own client (nfqlb.io.netlink): verdicts batched per wakeup
+
+
 class HealthKind(enum.Enum):
     TCP = "tcp"  # connect, then close (with a RST: no TIME_WAIT left on the balancer)
     HTTP = "http"  # GET path; up when the status is in expect
@@ -132,6 +139,7 @@ class DaemonConfig:
     # occupy slots of it
     large_queue: int | None = None  # queue for packets over 3960 B (default: queue + 10000)
     icmp_echo: IcmpEcho = IcmpEcho.ACCEPT
+    binding: Binding = Binding.NETFILTERQUEUE  # what serves the main queue
 
     @property
     def large_queue_number(self) -> int:
@@ -187,7 +195,7 @@ class Config:
 _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
-    "icmp_echo", "max_fragments_per_source", "queue_maxlen",
+    "icmp_echo", "max_fragments_per_source", "queue_maxlen", "binding",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -518,6 +526,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
                                10_000_000),
         large_queue=d.integer("large_queue", None, 0, 65535) if d.has("large_queue") else None,
         icmp_echo=d.choice("icmp_echo", IcmpEcho, "accept"),
+        binding=d.choice("binding", Binding, "netfilterqueue"),
     )
     if daemon.large_queue_number == daemon.queue:
         raise d.fail("large_queue", f"must differ from queue ({daemon.queue})")

@@ -21,13 +21,34 @@ in network order::
     config  -> NFQA_CFG_CMD      {command u8 (BIND/UNBIND), pad u8, pf be16}
                NFQA_CFG_PARAMS   {copy_range be32, copy_mode u8 = COPY_PACKET}   (packed: 5 B)
                NFQA_CFG_QUEUE_MAXLEN be32
-               NFQA_CFG_MASK be32, NFQA_CFG_FLAGS be32  (FAIL_OPEN, only with fail_open=True)
+               NFQA_CFG_MASK be32, NFQA_CFG_FLAGS be32  (FAIL_OPEN and GSO, each as asked)
                sent with NLM_F_REQUEST | NLM_F_ACK; the kernel answers NLMSG_ERROR(errno, 0=ok)
     packet  <- NFQA_PACKET_HDR   {packet_id be32, hw_protocol be16, hook u8}
                NFQA_PAYLOAD      the IP packet, NFQA_CAP_LEN be32 when it was cut short;
+               NFQA_SKB_INFO be32 (CSUMNOTREADY, GSO, CSUM_NOTVERIFIED) when any is set;
                other attributes (interfaces, mark, timestamp, ...) are skipped
     verdict -> NFQA_VERDICT_HDR  {verdict be32 (NF_DROP=0, NF_ACCEPT=1), packet_id be32}
                NFQA_PAYLOAD      only when the packet was rewritten
+
+GSO (NFQA_CFG_F_GSO, asked for with ``gso=True``). Without the flag the kernel segments every
+GSO packet (a TCP sender's 64 KiB burst, a GRO-merged train) before queueing it, and each
+~1500-byte segment makes its own trip through Python; with it the packet comes whole, once,
+and the verdict applies to all of it. Such a packet, and any packet the local stack or a veth
+peer sent with checksum offload, is ``CHECKSUM_PARTIAL`` (NFQA_SKB_CSUMNOTREADY): its TCP/UDP
+checksum field holds only the pseudo-header sum, for the NIC or the segmentation to complete.
+Accepted unchanged it stays so. Given back rewritten, the kernel marks it ``CHECKSUM_NONE``
+(``nfqnl_mangle`` does so for every payload verdict) and completes nothing: where the packet is
+delivered locally whole, or is not GSO, the field is then checked as a full checksum. (A GSO
+packet that is forwarded is segmented on the way out, and the segmentation rebuilds the
+pseudo-header sum itself, since the packet is no longer ``CHECKSUM_PARTIAL``.) So the adapter
+computes the checksum of a rewritten CSUMNOTREADY packet in full
+(:func:`nfqlb.wire.rewrite.complete_checksum`), which is right on every path. The GSO flag is
+set on the large-packet queue: a GSO packet is long, so the length rule sends it there. On the
+main queue (``[daemon] binding = "netlink"``) it stays off: there every packet from a veth
+peer or the local stack would arrive partial, and the kernel completes checksums in C before
+queueing for less than Python pays. NFQA_SKB_CSUM_NOTVERIFIED (the kernel has not checked the
+checksum of a received packet) needs nothing: the rewrite updates the checksum incrementally
+(RFC 1624), so a wrong one stays wrong and the receiver drops the packet as it would have.
 
 The copy range is clamped by the kernel to 65531 (0xffff minus an attribute header), so an IP
 packet of 65532-65535 bytes arrives cut short (NFQA_CAP_LEN): it can be neither judged nor
@@ -64,6 +85,8 @@ from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import Final, Held, Verdict
+from nfqlb.wire.ip import TCP
+from nfqlb.wire.rewrite import complete_checksum, partial_checksum
 
 Handle = Callable[[bytes, float], Verdict]
 
@@ -85,10 +108,13 @@ NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14
+NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO, NFQA_SKB_CSUM_NOTVERIFIED = 1 << 0, 1 << 1, 1 << 2
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_CFG_CMD_PF_BIND = 1, 2, 3
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1 << 0
+NFQA_CFG_F_GSO = 1 << 2
 
 NF_DROP, NF_ACCEPT = 0, 1  # linux/netfilter.h (the engine's ACCEPT/DROP are 0/1 the other way)
 
@@ -108,6 +134,8 @@ SNDBUF = 1 << 20
 FLUSH_BYTES = 1 << 17  # send the pending verdicts once they hold this much
 FLUSH_PARTS = 900  # ... or this many buffers (sendmsg takes at most 1024)
 ACK_TIMEOUT_S = 5.0
+LOCAL_CACHE_S = 10.0  # how long an answer of is_local_address is used
+LOCAL_CACHE_MAX = 65536  # destinations remembered at most (then the cache starts again)
 LOG_EVERY_S = 10.0
 
 # --- precompiled layouts -----------------------------------------------------------------------
@@ -140,13 +168,15 @@ def build_message(mtype: int, flags: int, seq: int, queue: int, attrs: bytes) ->
                                                                   NFNETLINK_V0, queue) + attrs
 
 
-def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False) -> bytes:
-    """BIND, copy mode PACKET with the full range, queue length and the fail-open flag."""
+def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False,
+               gso: bool = False) -> bytes:
+    """BIND, copy mode PACKET with the full range, queue length, the fail-open and GSO flags."""
+    flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
     attrs = (build_attr(NFQA_CFG_CMD, CFG_CMD.pack(NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
              + build_attr(NFQA_CFG_PARAMS, CFG_PARAMS.pack(COPY_RANGE, NFQNL_COPY_PACKET))
              + build_attr(NFQA_CFG_QUEUE_MAXLEN, BE32.pack(max_len))
-             + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN))
-             + build_attr(NFQA_CFG_FLAGS, BE32.pack(NFQA_CFG_F_FAIL_OPEN if fail_open else 0)))
+             + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO))
+             + build_attr(NFQA_CFG_FLAGS, BE32.pack(flags)))
     return build_message(CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, queue, attrs)
 
 
@@ -186,13 +216,15 @@ def _build_payload_verdict(queue: int, packet_id: int, verdict: int,
 
 
 def parse_packet(buf: bytes | bytearray | memoryview, start: int,
-                 end: int) -> tuple[int | None, bytes | None, int | None]:
-    """(packet id, payload, cap_len) of the packet message occupying ``buf[start:end]``.
+                 end: int) -> tuple[int | None, bytes | None, int | None, int]:
+    """(packet id, payload, cap_len, skb info) of the packet message in ``buf[start:end]``.
 
     A field is None when its attribute is missing; ``cap_len`` is set only when the kernel
-    cut the payload short. A malformed attribute ends the walk.
+    cut the payload short; skb info is 0 when absent (NFQA_SKB_* flags). A malformed attribute
+    ends the walk.
     """
     packet_id = payload = cap_len = None
+    info = 0
     a = start + _HDR_LEN
     unpack_attr = NLATTR.unpack_from
     while a + 4 <= end:
@@ -204,10 +236,12 @@ def parse_packet(buf: bytes | bytearray | memoryview, start: int,
             packet_id = BE32.unpack_from(buf, a + 4)[0]
         elif atype == NFQA_PAYLOAD:
             payload = bytes(buf[a + 4:a + alen])
+        elif atype == NFQA_SKB_INFO and alen >= 8:
+            info = BE32.unpack_from(buf, a + 4)[0]
         elif atype == NFQA_CAP_LEN and alen >= 8:
             cap_len = BE32.unpack_from(buf, a + 4)[0]
         a += (alen + 3) & ~3
-    return packet_id, payload, cap_len
+    return packet_id, payload, cap_len, info
 
 
 class NetlinkQueueAdapter:
@@ -215,7 +249,8 @@ class NetlinkQueueAdapter:
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
-                 fail_open: bool = False, on_hold: OnHold | None = None) -> None:
+                 fail_open: bool = False, gso: bool = False,
+                 on_hold: OnHold | None = None) -> None:
         self.queue = queue
         self.on_hold = on_hold  # told how to give a held packet its verdict later
         self.log = log
@@ -223,12 +258,16 @@ class NetlinkQueueAdapter:
         self.now = clock()
         self.purpose = purpose  # "for packets over N bytes": said in errors and stats
         self.fail_open = fail_open
+        self.gso = gso  # ask for GSO packets whole (NFQA_CFG_F_GSO)
         # counters
         self.packets = 0
         self.wakeups = 0
         self.errors = 0  # handle() raised (the packet was dropped)
         self.bad_verdicts = 0  # handle() returned something that is no verdict (dropped)
         self.truncated = 0  # cut short by the kernel's copy range (dropped)
+        self.gso_packets = 0  # GSO packets received whole (NFQA_SKB_GSO)
+        self.csum_completed = 0  # rewritten partial-checksum packets whose checksum we computed
+        self.csum_partial = 0  # ... left partial (TCP GSO, forwarded: segmentation completes)
         self.malformed = 0  # packet messages without id or payload
         self.enobufs = 0  # receive buffer overruns: the kernel dropped packets for us
         self.verdict_errors = 0  # the kernel refused a verdict (NLMSG_ERROR)
@@ -244,6 +283,8 @@ class NetlinkQueueAdapter:
         self._ack_seq = -1  # the seq of the config request waiting for its answer
         self._ack: int | None = None  # its answer: 0 or a negative errno
         self._ratelog = RateLimitedLog(log, LOG_EVERY_S)
+        self._local: dict[bytes, bool] = {}  # destination -> is an address of this host
+        self._local_until = 0.0
         self._accept = verdict_prefix(queue, NF_ACCEPT)
         self._drop = verdict_prefix(queue, NF_DROP)
         self._sink = Sink(self._give_rewritten, self._give_accept, self._give_drop, self._hold)
@@ -275,7 +316,7 @@ class NetlinkQueueAdapter:
         self._sock = sock
         try:
             err = self._request(build_bind(self.queue, self._next_seq(), max_len=max_len,
-                                           fail_open=self.fail_open))
+                                           fail_open=self.fail_open, gso=self.gso))
             if err == -errno.EPERM:
                 # Either the queue belongs to another socket or we lack CAP_NET_ADMIN. The
                 # obsolete PF_BIND command needs the capability and nothing else: it tells.
@@ -390,7 +431,7 @@ class NetlinkQueueAdapter:
             self._flush()
 
     def _on_packet(self, start: int, end: int) -> None:
-        packet_id, payload, cap_len = parse_packet(self._buf, start, end)
+        packet_id, payload, cap_len, info = parse_packet(self._buf, start, end)
         if packet_id is None:
             self.malformed += 1  # nothing we could give a verdict to
             return
@@ -407,6 +448,11 @@ class NetlinkQueueAdapter:
             return
         try:
             r = self._handle(payload, self.now)
+            if info:
+                if info & NFQA_SKB_GSO:
+                    self.gso_packets += 1
+                if info & NFQA_SKB_CSUMNOTREADY and r.__class__ is bytes:
+                    r = self._fix_partial(r, info)
         except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
             self.errors += 1
             self._give_drop(packet_id)
@@ -415,6 +461,34 @@ class NetlinkQueueAdapter:
             return
         if not give(r, packet_id, self._sink):
             self._bad_verdict(r)
+
+    def _fix_partial(self, data: bytes, info: int) -> bytes:
+        """The checksum of a rewritten packet the kernel queued with it partial: left partial
+        (the pseudo-header sum) for a TCP GSO packet to an address that is not this host's,
+        which the kernel segments on the way out, computing each segment's checksum; computed
+        in full for the rest, which nothing completes once the packet was rewritten."""
+        if info & NFQA_SKB_GSO and len(data) > 40:
+            v6 = data[0] >> 4 == 6
+            if data[6 if v6 else 9] == TCP:
+                dst = data[24:40] if v6 else data[16:20]
+                local = self._local.get(dst)
+                if local is None:
+                    local = self._learn_local(dst)
+                if not local:
+                    self.csum_partial += 1
+                    return partial_checksum(data)
+        self.csum_completed += 1
+        return complete_checksum(data)
+
+    def _learn_local(self, dst: bytes) -> bool:
+        """Whether ``dst`` is an address of this host (a packet to it is delivered whole, not
+        segmented), as binding a socket to it tells; remembered for LOCAL_CACHE_S."""
+        if self.now >= self._local_until or len(self._local) >= LOCAL_CACHE_MAX:
+            self._local.clear()  # addresses come and go: ask again now and then
+            self._local_until = self.now + LOCAL_CACHE_S
+        local = is_local_address(dst)
+        self._local[dst] = local
+        return local
 
     def _bad_verdict(self, r: object) -> None:
         self.bad_verdicts += 1
@@ -500,11 +574,28 @@ class NetlinkQueueAdapter:
     def format_stats(self) -> str:
         text = (f"{self.name}: {self.packets} packets, {self.wakeups} wakeups, "
                 f"{self.errors} callback errors")
-        extra = [(self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
+        extra = [(self.gso_packets, "gso packets"), (self.csum_completed, "checksums completed"),
+                 (self.csum_partial, "checksums left partial"),
+                 (self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
                  (self.malformed, "malformed"), (self.enobufs, "receive overruns"),
                  (self.verdict_errors, "verdict errors"), (self.send_errors, "send errors")]
         text += "".join(f", {n} {what}" for n, what in extra if n)
         return text + (f"\n  {self.kernel.describe()}" if self.kernel is not None else "")
+
+
+def is_local_address(packed: bytes) -> bool:
+    """Whether the IPv4 (4 bytes) or IPv6 (16 bytes) address is one of this host's: binding
+    a socket to it succeeds (an address of an interface, or covered by a ``local`` route).
+    Only EADDRNOTAVAIL says no; anything else, and any address under ``ip_nonlocal_bind``
+    (where every bind succeeds), counts as local, the answer that costs time, not
+    correctness."""
+    family = socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((socket.inet_ntop(family, packed), 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 def _split_messages(parts: list[bytes]) -> list[list[bytes]]:

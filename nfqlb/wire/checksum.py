@@ -30,6 +30,21 @@ def sum16(data: bytes | bytearray | memoryview) -> int:
     return fold(sum(struct.unpack(f"!{len(data) // 2}H", data)))
 
 
+def sum_words(data: bytes | bytearray | memoryview) -> int:
+    """What :func:`sum16` gives, computed in C-speed steps for long buffers (a 64 KiB GSO
+    packet): the bytes read as one big-endian number are congruent to the sum of their 16-bit
+    words modulo 0xFFFF (2**16 = 1 mod 0xFFFF), so halving the number (high half + low half,
+    split at a multiple of 16 bits) keeps the sum, and a last ``% 0xFFFF`` folds it. A sum
+    that is a non-zero multiple of 0xFFFF is 0xFFFF, as end-around carry leaves it."""
+    x = int.from_bytes(data, "big")
+    if len(data) & 1:
+        x <<= 8  # the odd byte is the high half of a last word
+    while x >> 64:
+        h = (x.bit_length() >> 5) << 4  # about half, a multiple of 16 bits
+        x = (x >> h) + (x & ((1 << h) - 1))
+    return x % 0xFFFF or (0xFFFF if x else 0)
+
+
 def full(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
     """The checksum field value for ``data`` (with its checksum field zeroed), plus ``initial``."""
     return ~fold(sum16(data) + initial) & 0xFFFF
