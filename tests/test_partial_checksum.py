@@ -285,7 +285,7 @@ def test_a_full_checksum_packet_is_rewritten_incrementally_as_before() -> None:
 
 def test_the_skb_info_attribute_is_parsed() -> None:
     msg = packet_message(5, b"\x45" + bytes(19), PARTIAL | GSO)
-    assert netlink.parse_packet(msg, 0, len(msg)) == (5, b"\x45" + bytes(19), None, 3)
+    assert netlink.parse_packet(msg, 0, len(msg)) == (b"\0\0\0\5", b"\x45" + bytes(19), None, 3)
 
 
 def test_bind_asks_for_gso_only_when_told() -> None:

@@ -84,7 +84,7 @@ from nfqlb.errors import SystemSetupError
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
-from nfqlb.verdict import Final, Held, Verdict
+from nfqlb.verdict import ACCEPT, Final, Held, Verdict
 from nfqlb.wire.ip import TCP
 from nfqlb.wire.rewrite import complete_checksum, partial_checksum
 
@@ -149,6 +149,12 @@ VERDICT_HDR = struct.Struct("!II")  # verdict, packet id
 CFG_CMD = struct.Struct("!BxH")  # command, pad, pf
 CFG_PARAMS = struct.Struct("!IB")  # copy_range, copy_mode (packed: 5 bytes)
 _HDR_LEN = NLMSGHDR.size + NFGENMSG.size  # 20: where the attributes start
+#: A payload verdict up to its payload: nlmsghdr (host order), nfgenmsg + verdict header
+#: attribute + verdict (12 bytes, fixed per queue), packet id (4 bytes, network order),
+#: payload attribute header (host order).
+REWRITE_HEAD = struct.Struct("=IHHII12s4sHH")
+_REWRITE_LEN = REWRITE_HEAD.size  # 36
+_PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 def _align(n: int) -> int:
@@ -216,12 +222,14 @@ def _build_payload_verdict(queue: int, packet_id: int, verdict: int,
 
 
 def parse_packet(buf: bytes | bytearray | memoryview, start: int,
-                 end: int) -> tuple[int | None, bytes | None, int | None, int]:
+                 end: int) -> tuple[bytes | None, bytes | None, int | None, int]:
     """(packet id, payload, cap_len, skb info) of the packet message in ``buf[start:end]``.
 
-    A field is None when its attribute is missing; ``cap_len`` is set only when the kernel
-    cut the payload short; skb info is 0 when absent (NFQA_SKB_* flags). A malformed attribute
-    ends the walk.
+    The packet id is kept as its 4 bytes in network order, as a verdict carries it back. A
+    field is None when its attribute is missing; ``cap_len`` is set only when the kernel cut
+    the payload short; skb info is 0 when absent (NFQA_SKB_* flags). A malformed attribute
+    ends the walk. Given a memoryview, the payload is copied once (a bytearray slice would
+    copy twice: 64 KiB each for a GSO packet).
     """
     packet_id = payload = cap_len = None
     info = 0
@@ -232,12 +240,14 @@ def parse_packet(buf: bytes | bytearray | memoryview, start: int,
         if alen < 4 or a + alen > end:
             break
         atype &= NLA_TYPE_MASK
-        if atype == NFQA_PACKET_HDR and alen >= 8:
-            packet_id = BE32.unpack_from(buf, a + 4)[0]
-        elif atype == NFQA_PAYLOAD:
+        if atype == NFQA_PAYLOAD:
             payload = bytes(buf[a + 4:a + alen])
-        elif atype == NFQA_SKB_INFO and alen >= 8:
-            info = BE32.unpack_from(buf, a + 4)[0]
+        elif atype == NFQA_PACKET_HDR:
+            if alen >= 8:
+                packet_id = bytes(buf[a + 4:a + 8])
+        elif atype == NFQA_SKB_INFO:
+            if alen >= 8:
+                info = BE32.unpack_from(buf, a + 4)[0]
         elif atype == NFQA_CAP_LEN and alen >= 8:
             cap_len = BE32.unpack_from(buf, a + 4)[0]
         a += (alen + 3) & ~3
@@ -286,6 +296,8 @@ class NetlinkQueueAdapter:
         self._local: dict[bytes, bool] = {}  # destination -> is an address of this host
         self._local_until = 0.0
         self._accept = verdict_prefix(queue, NF_ACCEPT)
+        # a payload verdict's fixed middle: nfgenmsg, verdict header attribute, NF_ACCEPT
+        self._rewrite_mid = self._accept[16:28]
         self._drop = verdict_prefix(queue, NF_DROP)
         self._sink = Sink(self._give_rewritten, self._give_accept, self._give_drop, self._hold)
         self._late_sink = Sink(self._give_rewritten, self._give_accept, self._give_drop)
@@ -431,7 +443,7 @@ class NetlinkQueueAdapter:
             self._flush()
 
     def _on_packet(self, start: int, end: int) -> None:
-        packet_id, payload, cap_len, info = parse_packet(self._buf, start, end)
+        packet_id, payload, cap_len, info = parse_packet(self._view, start, end)
         if packet_id is None:
             self.malformed += 1  # nothing we could give a verdict to
             return
@@ -459,7 +471,12 @@ class NetlinkQueueAdapter:
             self._ratelog.error("errors", self.now, "%s: packet handler failed (%d so far, "
                                 "packet dropped): %r", self.name, self.errors, exc)
             return
-        if not give(r, packet_id, self._sink):
+        # the three common verdicts here, the rest (held, no verdict) through give()
+        if r.__class__ is bytes:
+            self._give_rewritten(packet_id, r)
+        elif r is ACCEPT:
+            self._give_accept(packet_id)
+        elif not give(r, packet_id, self._sink):
             self._bad_verdict(r)
 
     def _fix_partial(self, data: bytes, info: int) -> bytes:
@@ -497,27 +514,46 @@ class NetlinkQueueAdapter:
 
     # the Sink: how verdicts are carried out here (queued, sent at the end of the wakeup)
 
-    def _give_rewritten(self, packet_id: int, data: bytes) -> None:
-        if len(data) > MAX_PAYLOAD:  # cannot be carried back: no verdict
+    def _give_rewritten(self, packet_id: bytes, data: bytes) -> None:
+        plen = len(data)
+        if plen > MAX_PAYLOAD:  # cannot be carried back: no verdict
             self._give_drop(packet_id)
             self._bad_verdict(data)
             return
-        self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, data))
+        pad = -plen & 3
+        pending = self._pending
+        pending.append(REWRITE_HEAD.pack(_REWRITE_LEN + plen + pad, VERDICT_TYPE, NLM_F_REQUEST,
+                                         0, 0, self._rewrite_mid, packet_id, 4 + plen,
+                                         NFQA_PAYLOAD))
+        pending.append(data)
+        if pad:
+            pending.append(_PADS[pad])
+        self._pending_bytes += _REWRITE_LEN + plen
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _give_accept(self, packet_id: int) -> None:
-        self._queue(self._accept + BE32.pack(packet_id))
+    def _give_accept(self, packet_id: bytes) -> None:
+        pending = self._pending
+        pending.append(self._accept + packet_id)
+        self._pending_bytes += 32
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _give_drop(self, packet_id: int) -> None:
-        self._queue(self._drop + BE32.pack(packet_id))
+    def _give_drop(self, packet_id: bytes) -> None:
+        pending = self._pending
+        pending.append(self._drop + packet_id)
+        self._pending_bytes += 32
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _hold(self, packet_id: int, held: Held) -> None:
+    def _hold(self, packet_id: bytes, held: Held) -> None:
         if self.on_hold is None:  # nobody to give the verdict later: drop now
             self._give_drop(packet_id)
             self._bad_verdict(held)
             return
         self.on_hold(held.hold_id, functools.partial(self._late_verdict, packet_id))
 
-    def _late_verdict(self, packet_id: int, r: Final) -> None:
+    def _late_verdict(self, packet_id: bytes, r: Final) -> None:
         """The verdict for a packet held past its wakeup (a fragment before its first)."""
         if not give(r, packet_id, self._late_sink):
             self._bad_verdict(r)
@@ -531,13 +567,6 @@ class NetlinkQueueAdapter:
             self._ratelog.warning("verdict_errors", self.now, "%s: the kernel refused a "
                            "verdict: %s (%d so far)", self.name, os.strerror(-err),
                            self.verdict_errors)
-
-    def _queue(self, *message: bytes) -> None:
-        """Add one whole verdict message (its buffers) to those sent at the next flush."""
-        self._pending.extend(message)
-        self._pending_bytes += sum(map(len, message)) if len(message) > 1 else len(message[0])
-        if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= FLUSH_PARTS:
-            self._flush()
 
     def _flush(self) -> None:
         """Send the pending verdicts in one sendmsg (one by one if that fails)."""
