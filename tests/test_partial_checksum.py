@@ -302,3 +302,15 @@ def test_scapy_agrees_with_the_definitions_used_here() -> None:
     assert scapy_checksum(struct.pack("!4s4sBBH", data[12:16], data[16:20], 0, 6,
                                       len(data) - off) + zeroed[off:]) == field(data)
     assert kernel_completes(partial_field(data)) == field(data)
+
+
+def test_a_forwarded_udp_gso_packet_keeps_a_partial_checksum() -> None:
+    """UDP segmentation derives each datagram's checksum from the field as a pseudo-header
+    sum: it must stay one, for the new addresses (a full checksum there corrupts them all)."""
+    adapter, _ = adapter_for(service("dnat", proto="udp"))
+    data = partial_field(bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=40000, dport=53)
+                               / payload(24_000)))
+    out = verdict_payload(adapter, data, PARTIAL | GSO)
+    assert out is not None and IP(out).dst in (B1, B2)
+    assert out == partial_field(out) and kernel_completes(out) == scapy_l4_checksum(out)
+    assert (adapter.gso_packets, adapter.csum_partial, adapter.csum_completed) == (1, 1, 0)

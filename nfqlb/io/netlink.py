@@ -38,11 +38,19 @@ peer sent with checksum offload, is ``CHECKSUM_PARTIAL`` (NFQA_SKB_CSUMNOTREADY)
 checksum field holds only the pseudo-header sum, for the NIC or the segmentation to complete.
 Accepted unchanged it stays so. Given back rewritten, the kernel marks it ``CHECKSUM_NONE``
 (``nfqnl_mangle`` does so for every payload verdict) and completes nothing: where the packet is
-delivered locally whole, or is not GSO, the field is then checked as a full checksum. (A GSO
-packet that is forwarded is segmented on the way out, and the segmentation rebuilds the
-pseudo-header sum itself, since the packet is no longer ``CHECKSUM_PARTIAL``.) So the adapter
-computes the checksum of a rewritten CSUMNOTREADY packet in full
-(:func:`nfqlb.wire.rewrite.complete_checksum`), which is right on every path. The GSO flag is
+delivered locally whole, or is not GSO, the field is then checked as a full checksum. A GSO
+packet to another host is segmented on its way out: TCP segmentation then rebuilds the
+pseudo-header sum itself, UDP segmentation derives each datagram's checksum from the field as
+a pseudo-header sum. So the adapter (:meth:`NetlinkQueueAdapter._fix_partial`) leaves the
+field partial, the pseudo-header sum of the new addresses
+(:func:`nfqlb.wire.rewrite.partial_checksum`), for a TCP or UDP GSO packet to an address that
+is not this host's, and computes it in full (:func:`nfqlb.wire.rewrite.complete_checksum`) for
+the rest. Checked on this kernel (6.18): left partial, local-mode TCP uploads stall (the local
+socket counts InCsumErrors); computed in full, a forwarded UDP GSO packet's datagrams arrive
+with bad checksums. One case no checksum mends: a rewritten UDP GSO packet delivered here to a
+socket without UDP_GRO is dropped by the kernel (its receive path cannot segment it once the
+checksum state is gone: the socket's InErrors count it); to a socket with UDP_GRO it arrives
+whole, with the full checksum it needs. The GSO flag is
 set on the large-packet queue: a GSO packet is long, so the length rule sends it there. On the
 main queue (``[daemon] binding = "netlink"``) it stays off: there every packet from a veth
 peer or the local stack would arrive partial, and the kernel completes checksums in C before
@@ -85,7 +93,7 @@ from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import ACCEPT, Final, Held, Verdict
-from nfqlb.wire.ip import TCP
+from nfqlb.wire.ip import TCP, UDP
 from nfqlb.wire.rewrite import complete_checksum, partial_checksum
 
 Handle = Callable[[bytes, float], Verdict]
@@ -480,13 +488,15 @@ class NetlinkQueueAdapter:
             self._bad_verdict(r)
 
     def _fix_partial(self, data: bytes, info: int) -> bytes:
-        """The checksum of a rewritten packet the kernel queued with it partial: left partial
-        (the pseudo-header sum) for a TCP GSO packet to an address that is not this host's,
-        which the kernel segments on the way out, computing each segment's checksum; computed
-        in full for the rest, which nothing completes once the packet was rewritten."""
+        """The checksum of a rewritten packet the kernel queued with it partial. Left partial
+        (the pseudo-header sum of its new addresses) for a TCP or UDP GSO packet on its way to
+        another host: the kernel segments it on the way out, TCP segmentation rebuilding the
+        sum itself, UDP segmentation deriving each datagram's checksum from it. Computed in
+        full for the rest (a GSO packet delivered here whole, a packet that is not GSO),
+        which nothing completes once the packet was rewritten."""
         if info & NFQA_SKB_GSO and len(data) > 40:
             v6 = data[0] >> 4 == 6
-            if data[6 if v6 else 9] == TCP:
+            if data[6 if v6 else 9] in (TCP, UDP):
                 dst = data[24:40] if v6 else data[16:20]
                 local = self._local.get(dst)
                 if local is None:
