@@ -1,15 +1,17 @@
 """Bulk throughput: one TCP stream (iperf3) through nfqlb in each rewrite mode vs kernel DNAT.
 
-One lab (``tests/lab``: client, balancer, one backend) and one nfqlb serving, side by side,
-a dnat, a fullnat and a local service for the IPv4 VIP and the IPv6 one; a kernel DNAT rule
-(nat table, conntrack) for another port of the same VIP is the reference. In each round every
-path runs once in each direction (``-R``: the backend sends), interleaved, so that load from
-elsewhere hits all alike; the table shows medians in Gb/s, the ratio to kernel DNAT in the
-same direction, iperf3's retransmitted segments (median) and the balancer worker's CPU (user
-and system, % of one core, median) during the nfqlb runs. At the end, nfqlb's counters of the
-large-packet queue: GSO packets seen whole, checksums left partial or computed in full.
+One lab (``tests/lab``: client, balancer, one backend) and nfqlb serving, side by side, a
+dnat, a fullnat and a local service for the IPv4 VIP and the IPv6 one; a kernel DNAT rule
+(nat table, conntrack) for another port of the same VIP is the reference. In each round, for
+each main-queue binding in turn (an nfqlb started for it), every path runs once in each
+direction (``-R``: the backend sends), interleaved, so that load from elsewhere hits all
+alike; the table shows medians in Gb/s, the ratio to kernel DNAT in the same direction,
+iperf3's retransmitted segments (median) and the balancer worker's CPU (user and system, % of
+one core, median) during the nfqlb runs. At the end, each nfqlb's counters of its queues
+(the large-packet queue's: GSO packets seen whole, checksums left partial or computed in
+full).
 
-    python bench/bulk_bench.py [--seconds 3] [--rounds 3] [--binding netfilterqueue]
+    python bench/bulk_bench.py [--seconds 3] [--rounds 3] [--bindings netfilterqueue,netlink]
 
 Needs root, iproute2, iptables, nginx (the lab's servers) and iperf3 (apt-get install
 iperf3). Traffic stays in the lab's namespaces (198.18.0.0/15, 2001:db8::/32).
@@ -78,13 +80,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per iperf3 run")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--binding", default="netfilterqueue",
-                        help="[daemon] binding of the main queue")
+    parser.add_argument("--bindings", default="netfilterqueue,netlink",
+                        help="[daemon] binding of the main queue: each in turn")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespaces, iptables, NFQUEUE)")
     tick = os.sysconf("SC_CLK_TCK")
-    results: dict[tuple[str, int, bool], list[tuple[float, int, float, float]]] = {}
+    bindings = args.bindings.split(",")
+    results: dict[tuple[str, str, int, bool], list[tuple[float, int, float, float]]] = {}
+    stats: dict[str, list[str]] = {}
     with Lab(1, vip_on_lo=True, lb_servers=True, ipv6=True) as lab:
         lab.spawn(lab.backends[0], ["iperf3", "-s", "-p", str(SERVER_PORT)],
                   log=lab.dir / "iperf-backend.log")
@@ -95,43 +99,53 @@ def main() -> int:
         for family in (4, 6):
             kernel_dnat(lab, family)
         all_services = services(lab, 4) + services(lab, 6)
-        daemon = lab.nfqlb(*all_services, daemon={"binding": args.binding})
-        with daemon:
-            time.sleep(0.5)
-            assert daemon.proc is not None
-            pid = daemon.proc.pid
-            for _ in range(args.rounds):
-                for family in (4, 6):
-                    vip = VIP if family == 4 else VIP6
-                    for path in ("kernel", "dnat", "fullnat", "local"):
-                        for reverse in (False, True):
-                            u0, s0 = cpu_ticks(pid)
-                            t0 = time.monotonic()
-                            gbps, retr = iperf(lab, vip, PORTS[path], args.seconds, reverse)
-                            u1, s1 = cpu_ticks(pid)
-                            wall = time.monotonic() - t0
-                            results.setdefault((path, family, reverse), []).append(
-                                (gbps, retr, (u1 - u0) / tick / wall, (s1 - s0) / tick / wall))
-        stats = [line for line in daemon.stdout.splitlines() if line.startswith("queue ")]
+        for _ in range(args.rounds):
+            for binding in bindings:
+                daemon = lab.nfqlb(*all_services, daemon={"binding": binding})
+                with daemon:
+                    time.sleep(0.5)
+                    assert daemon.proc is not None
+                    pid = daemon.proc.pid
+                    for family in (4, 6):
+                        vip = VIP if family == 4 else VIP6
+                        for path in ("kernel", "dnat", "fullnat", "local"):
+                            if path == "kernel" and binding != bindings[0]:
+                                continue  # once a round is enough
+                            for reverse in (False, True):
+                                u0, s0 = cpu_ticks(pid)
+                                t0 = time.monotonic()
+                                gbps, retr = iperf(lab, vip, PORTS[path], args.seconds, reverse)
+                                u1, s1 = cpu_ticks(pid)
+                                wall = time.monotonic() - t0
+                                key = (path, "" if path == "kernel" else binding, family,
+                                       reverse)
+                                results.setdefault(key, []).append(
+                                    (gbps, retr, (u1 - u0) / tick / wall,
+                                     (s1 - s0) / tick / wall))
+                daemon.stop()
+                stats[binding] = [line for line in daemon.stdout.splitlines()
+                                  if line.startswith("queue ")]
     print(f"one TCP stream, iperf3 -t {args.seconds:g}, median of {args.rounds} rounds, "
-          f"binding {args.binding}, {os.cpu_count()} CPUs\n")
-    print(f"{'path':<8} {'IP':<3} {'direction':<16} {'Gb/s':>6} {'x kernel':>8} "
-          f"{'retr':>6} {'worker usr':>10} {'sys':>5}")
+          f"{os.cpu_count()} CPUs\n")
+    print(f"{'path':<8} {'binding':<15} {'IP':<3} {'direction':<16} {'Gb/s':>6} "
+          f"{'x kernel':>8} {'retr':>6} {'worker usr':>10} {'sys':>5}")
     for family in (4, 6):
         for reverse in (False, True):
-            base = statistics.median(r[0] for r in results[("kernel", family, reverse)])
-            for path in ("kernel", "dnat", "fullnat", "local"):
-                rows = results[(path, family, reverse)]
+            base = statistics.median(r[0] for r in results[("kernel", "", family, reverse)])
+            for path, binding in [("kernel", "")] + [(p, b) for p in ("dnat", "fullnat", "local")
+                                                      for b in bindings]:
+                rows = results[(path, binding, family, reverse)]
                 gbps = statistics.median(r[0] for r in rows)
                 retr = statistics.median(r[1] for r in rows)
                 usr = statistics.median(r[2] for r in rows)
                 sys_ = statistics.median(r[3] for r in rows)
                 cpu = "" if path == "kernel" else f"{usr:>10.0%} {sys_:>5.0%}"
                 way = "backend->client" if reverse else "client->backend"
-                print(f"{path:<8} v{family:<2} {way:<16} {gbps:>6.2f} "
+                print(f"{path:<8} {binding:<15} v{family:<2} {way:<16} {gbps:>6.2f} "
                       f"{gbps / base if base else 0:>8.2f} {retr:>6.0f} {cpu}")
         print()
-    print("\n".join(stats))
+    for binding, lines in stats.items():
+        print(f"binding {binding}, last round:\n  " + "\n  ".join(lines))
     return 0
 
 
