@@ -22,9 +22,12 @@ The worker's CPU time per packet is shown too, with how busy the worker was: bel
 sender (whose system calls also do the kernel's queueing work) set the pace, and "1 core
 pkt/s" (1 / CPU time per packet) is the better measure of what the worker could carry. Sizes:
 datagram payloads (the IP packet is 28 bytes more); 8000 bytes only through netlink (the
-binding never gets it whole).
+binding never gets it whole). ``--senders N`` runs N senders at once (each its own socket):
+with one, a packet is rarely queued behind another and each wakeup handles about one; with
+several, packets wait in the queue and the netlink client's batching (all verdicts of a
+wakeup in one sendmsg) comes into play.
 
-    python bench/queue_bench.py [--packets 100000] [--seconds 10] [--rounds 3]
+    python bench/queue_bench.py [--packets 100000] [--seconds 10] [--rounds 3] [--senders 1]
 
 Needs root, iproute2, iptables and the netfilterqueue binding. Traffic stays in a namespace of
 its own, on 198.18.0.1.
@@ -147,7 +150,8 @@ def sh(ns: str, *argv: str) -> str:
     return proc.stdout
 
 
-def run_once(ns: str, kind: str, size: int, packets: int, seconds: float) -> dict[str, float]:
+def run_once(ns: str, kind: str, size: int, packets: int, seconds: float,
+             senders: int = 1) -> dict[str, float]:
     cpus = sorted(os.sched_getaffinity(0))
     worker_cpu, sender_cpu = (cpus[0], cpus[1]) if len(cpus) >= 2 else (-1, -1)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -160,10 +164,14 @@ def run_once(ns: str, kind: str, size: int, packets: int, seconds: float) -> dic
         line = worker.stdout.readline()
         if line != "ready\n":
             raise SystemExit(f"{kind} worker did not start: {line}{worker.stderr.read()}")
-        sender = subprocess.run(
-            ["ip", "netns", "exec", ns, sys.executable, "-c", _SENDER, str(size), str(packets),
-             str(seconds), str(sender_cpu), ADDR, str(PORT)],
-            capture_output=True, text=True, timeout=seconds + 30)
+        procs = [subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", _SENDER, str(size),
+             str(-(-packets // senders)), str(seconds), str(sender_cpu), ADDR, str(PORT + i)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(senders)]
+        sent = 0
+        for proc in procs:
+            sout, _ = proc.communicate(timeout=seconds + 30)
+            sent += int(sout.strip() or 0)
         out, err = worker.communicate(timeout=seconds + 30)
     finally:
         if worker.poll() is None:
@@ -172,7 +180,7 @@ def run_once(ns: str, kind: str, size: int, packets: int, seconds: float) -> dic
     if worker.returncode != 0 or not out.strip():
         raise SystemExit(f"{kind} worker failed ({worker.returncode}): {err}")
     result = json.loads(out.strip().splitlines()[-1])
-    result["sent"] = int(sender.stdout.strip() or 0)
+    result["sent"] = sent
     return result
 
 
@@ -182,6 +190,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="time limit per run")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sizes", default="64,1400,8000", help="UDP payload sizes")
+    parser.add_argument("--senders", type=int, default=1, help="sender processes at once")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("needs root (network namespace, iptables, NFQUEUE)")
@@ -190,10 +199,11 @@ def main() -> int:
     try:
         sh(ns, "ip", "link", "set", "lo", "up")
         sh(ns, "ip", "addr", "add", f"{ADDR}/32", "dev", "lo")
-        sh(ns, "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", "--dport", str(PORT),
-           "-j", "NFQUEUE", "--queue-num", str(QUEUE))
+        sh(ns, "iptables", "-t", "raw", "-A", "OUTPUT", "-p", "udp", "--dport",
+           f"{PORT}:{PORT + args.senders - 1}", "-j", "NFQUEUE", "--queue-num", str(QUEUE))
         print(f"{len(os.sched_getaffinity(0))} CPUs; {args.packets} packets or "
-              f"{args.seconds:g} s per run, median of {args.rounds} rounds\n")
+              f"{args.seconds:g} s per run, {args.senders} sender(s), median of {args.rounds} "
+              "rounds\n")
         print(f"{'size':>6}  {'worker':<16} {'packets/s':>10}  {'us/packet':>9}  "
               f"{'cpu us/pkt':>10}  {'busy':>5}  {'1 core pkt/s':>12}  {'handled':>8}")
         summary = []
@@ -203,11 +213,13 @@ def main() -> int:
                 kinds = ["netlink-accept", "netlink-rewrite"]
             rates: dict[str, float] = {}
             capacity: dict[str, float] = {}
-            run_once(ns, kinds[-1], size, args.packets // 10, args.seconds)  # warm-up
+            run_once(ns, kinds[-1], size, args.packets // 10, args.seconds,
+                     args.senders)  # warm-up
             results: dict[str, list[dict[str, float]]] = {k: [] for k in kinds}
             for _ in range(args.rounds):  # interleaved: load from elsewhere hits all alike
                 for kind in kinds:
-                    results[kind].append(run_once(ns, kind, size, args.packets, args.seconds))
+                    results[kind].append(run_once(ns, kind, size, args.packets, args.seconds,
+                                                  args.senders))
             for kind in kinds:
                 rounds = results[kind]
                 per = [r["packets"] / r["elapsed"] for r in rounds if r["elapsed"] > 0]

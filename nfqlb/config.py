@@ -55,6 +55,13 @@ class IcmpEcho(enum.Enum):
     DROP = "drop"
 
 
+class Binding(enum.Enum):
+    """What serves the main queue (the large-packet queue is always nfqlb's netlink client)."""
+
+    NETFILTERQUEUE = "netfilterqueue"  # the NetfilterQueue binding (libnetfilter_queue)
+    NETLINK = "netlink"  # nfqlb's own client (nfqlb.io.netlink): verdicts batched per wakeup
+
+
 class HealthKind(enum.Enum):
     TCP = "tcp"  # connect, then close (with a RST: no TIME_WAIT left on the balancer)
     HTTP = "http"  # GET path; up when the status is in expect
@@ -147,6 +154,7 @@ class DaemonConfig:
     offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
     offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
     workers: int = 1  # worker processes; worker i serves queue + i and large_queue + i
+    binding: Binding = Binding.NETFILTERQUEUE  # what serves the main queue
 
     @property
     def large_queue_number(self) -> int:
@@ -208,7 +216,7 @@ _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
-    "offload_mark_mask", "offload_binding", "workers",
+    "offload_mark_mask", "offload_binding", "workers", "binding",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -568,6 +576,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         offload_mark_mask=d.integer("offload_mark_mask", OFFLOAD_MARK_MASK, 1, 0xFFFFFFFF),
         offload_binding=d.text("offload_binding", "netlink"),
         workers=d.integer("workers", 1, 1, MAX_WORKERS),
+        binding=d.choice("binding", Binding, "netfilterqueue"),
     )
     if daemon.offload_binding not in OFFLOAD_BINDINGS:
         raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "

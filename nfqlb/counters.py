@@ -122,6 +122,12 @@ QUEUE: dict[str, str] = {
     "errors": "packets whose handling raised in the adapter (each dropped)",
     "bad_verdicts": "handler results that were no verdict (each dropped)",
     "truncated": "packets longer than the kernel copies (dropped; large-packet queue)",
+    "gso_packets": "GSO packets received whole, each standing for several segments (netlink "
+                   "client; the large-packet queue asks for them)",
+    "csum_completed": "rewritten packets whose TCP/UDP checksum the kernel had left partial, "
+                      "computed in full by nfqlb (netlink client)",
+    "csum_partial": "rewritten TCP GSO packets to another host whose checksum stays partial "
+                    "(the pseudo-header sum; the kernel's segmentation completes it)",
     "malformed": "netlink messages that could not be read",
     "enobufs": "receive buffer overruns: the kernel dropped packets for a full buffer",
     "verdict_errors": "verdicts the kernel refused (a packet id it no longer knew)",

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from nfqlb.config import Config, parse_config
+from nfqlb.config import Binding, Config, parse_config
 from nfqlb.errors import ConfigError
 
 SERVICE = {"name": "web", "vip": "198.18.100.1", "port": 80, "mode": "dnat",
@@ -46,3 +46,16 @@ def test_a_queue_without_room_above_the_held_fragments_is_refused_naming_the_key
 def test_settings_within_bounds_are_kept() -> None:
     d = config(queue_maxlen=5000, max_fragments=1000, max_fragments_per_source=1000).daemon
     assert (d.queue_maxlen, d.max_fragments, d.max_fragments_per_source) == (5000, 1000, 1000)
+
+
+def test_binding_chooses_what_serves_the_main_queue() -> None:
+    assert config().daemon.binding is Binding.NETFILTERQUEUE
+    assert config(binding="netlink").daemon.binding is Binding.NETLINK
+    assert config(binding="NetfilterQueue").daemon.binding is Binding.NETFILTERQUEUE
+
+
+@pytest.mark.parametrize("value", ["nfq", "", 1, True])
+def test_a_bad_binding_is_refused_naming_the_key(value: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        config(binding=value)
+    assert info.value.key == "daemon.binding" and "\n" not in str(info.value)

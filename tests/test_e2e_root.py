@@ -10,6 +10,7 @@ about nfqlb, not about the lab.
 from __future__ import annotations
 
 import collections
+import re
 from collections.abc import Sequence
 
 import pytest
@@ -30,6 +31,8 @@ from lab import (
 pytestmark = pytest.mark.root
 
 BLOB_SHA256 = sha256(blob_bytes())
+#: What serves the main queue ([daemon] binding): both are tested end to end here.
+BINDINGS = ["netfilterqueue", "netlink"]
 SNAT_LO, SNAT_HI = 20000, 29999
 
 
@@ -89,21 +92,30 @@ def test_lab_carries_kernel_nat(mode: str) -> None:
 
 # -- nfqlb ------------------------------------------------------------------------------------
 
-def test_dnat_http_round_robin_keeps_client_address() -> None:
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_dnat_http_round_robin_keeps_client_address(binding: str) -> None:
     with Lab(2) as lab:
-        with lab.nfqlb(lab.service("dnat")) as daemon:
+        with lab.nfqlb(lab.service("dnat"), daemon={"binding": binding}) as daemon:
             labels = get_labels(lab, lab.client, 6)
             assert_round_robin(labels, lab.backends)
         assert_clean_exit(daemon, lab.backends)
         for b in lab.backends:
             assert {peer for peer, _, _ in lab.access_log(b)} == {CLIENT_ADDR}
+        # the main queue's stats line says who served it: nfqlb's netlink client counts
+        # packets, the NetfilterQueue adapter (whose binding counts none) starts with wakeups
+        served = re.search(r"^queue 1: (\d+) packets, \d+ wakeups", daemon.stdout, re.M)
+        if binding == "netlink":
+            assert served and int(served.group(1)) > 0, daemon.report()
+        else:
+            assert not served and re.search(r"^queue 1: \d+ wakeups", daemon.stdout, re.M)
 
 
-def test_fullnat_http_round_robin_to_backends_without_route_to_client() -> None:
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_fullnat_http_round_robin_to_backends_without_route_to_client(binding: str) -> None:
     with Lab(3, backend_default_route=False) as lab:
         for b in lab.backends:
             assert not lab.can_route(b, CLIENT_ADDR), lab.routes(b)
-        with lab.nfqlb(lab.service("fullnat")) as daemon:
+        with lab.nfqlb(lab.service("fullnat"), daemon={"binding": binding}) as daemon:
             labels = get_labels(lab, lab.client, 6)
             assert_round_robin(labels, lab.backends)
         assert_clean_exit(daemon, lab.backends)
@@ -112,10 +124,11 @@ def test_fullnat_http_round_robin_to_backends_without_route_to_client() -> None:
                 assert peer == LB_BACKEND_ADDR and SNAT_LO <= port <= SNAT_HI, (peer, port)
 
 
+@pytest.mark.parametrize("binding", BINDINGS)
 @pytest.mark.parametrize("mode", ["dnat", "fullnat"])
-def test_udp_round_robin_per_flow_and_sticky_within_a_flow(mode: str) -> None:
+def test_udp_round_robin_per_flow_and_sticky_within_a_flow(mode: str, binding: str) -> None:
     with Lab(3, backend_default_route=(mode == "dnat")) as lab:
-        with lab.nfqlb(lab.service(mode, protocol="udp")) as daemon:
+        with lab.nfqlb(lab.service(mode, protocol="udp"), daemon={"binding": binding}) as daemon:
             payloads = [f"query-{i}".encode() for i in range(6)]
             replies = lab.udp_exchange(lab.client, VIP, UDP_PORT, payloads, new_socket_each=True)
             for payload, reply in zip(payloads, replies, strict=True):
@@ -136,14 +149,15 @@ def test_udp_round_robin_per_flow_and_sticky_within_a_flow(mode: str) -> None:
                     assert SNAT_LO <= port <= SNAT_HI, (b.label, peer, port)
 
 
-def test_local_mode_from_remote_client_and_from_balancer_host() -> None:
+@pytest.mark.parametrize("binding", BINDINGS)
+def test_local_mode_from_remote_client_and_from_balancer_host(binding: str) -> None:
     with Lab(1, vip_on_lo=True, lb_servers=True) as lab:
         # nothing listens on VIP:80 itself: only the rewrite to :8080 can answer
         with pytest.raises(LabError, match="curl"):
             lab.curl(lab.client, f"http://{VIP}/", max_time=2)
         tcp = lab.service("local")
         udp = lab.service("local", protocol="udp", port=53)
-        with lab.nfqlb(tcp, udp) as daemon:
+        with lab.nfqlb(tcp, udp, daemon={"binding": binding}) as daemon:
             assert get_labels(lab, lab.client, 2) == ["lb-local"] * 2
             assert get_labels(lab, lab.lb, 2) == ["lb-local"] * 2
             [reply] = lab.udp_exchange(lab.client, VIP, 53, [b"local-udp"])

@@ -36,6 +36,7 @@ BLOB_SHA256 = sha256(blob_bytes())
 SNAT_LO, SNAT_HI = 20000, 29999
 URL = f"http://{url_host(VIP6)}/"
 FORWARDING = "net.ipv6.conf.all.forwarding"
+BINDINGS = ["netfilterqueue", "netlink"]  # what serves the main queue: both tested
 
 
 def assert_round_robin(labels: Sequence[str], backends: Sequence[Host]) -> None:
@@ -53,8 +54,9 @@ def expected_peer(mode: str) -> str:
     return CLIENT_ADDR6 if mode == "dnat" else LB_BACKEND_ADDR6
 
 
+@pytest.mark.parametrize("binding", BINDINGS)
 @pytest.mark.parametrize("mode", ["dnat", "fullnat"])
-def test_http_round_robin_over_ipv6(mode: str) -> None:
+def test_http_round_robin_over_ipv6(mode: str, binding: str) -> None:
     """curl -6 through the IPv6 VIP reaches every backend in turn; in fullnat the backends
     have no route to the client at all."""
     with Lab(2, backend_default_route=(mode == "dnat"), ipv6=True) as lab:
@@ -62,7 +64,7 @@ def test_http_round_robin_over_ipv6(mode: str) -> None:
             for b in lab.backends:
                 assert not lab.can_route(b, CLIENT_ADDR6), lab.routes(b, 6)
         assert lab.read_sysctl(lab.lb, FORWARDING) == "0"
-        with lab.nfqlb(lab.service(mode, family=6)) as daemon:
+        with lab.nfqlb(lab.service(mode, family=6), daemon={"binding": binding}) as daemon:
             assert lab.read_sysctl(lab.lb, FORWARDING) == "1"
             labels = [lab.curl(lab.client, URL, args=["-6"]).decode().strip()
                       for _ in range(4)]
@@ -78,11 +80,13 @@ def test_http_round_robin_over_ipv6(mode: str) -> None:
                     assert SNAT_LO <= port <= SNAT_HI, (b.label, peer, port)
 
 
+@pytest.mark.parametrize("binding", BINDINGS)
 @pytest.mark.parametrize("mode", ["dnat", "fullnat"])
-def test_udp_exchange_over_ipv6(mode: str) -> None:
+def test_udp_exchange_over_ipv6(mode: str, binding: str) -> None:
     """Datagrams through the IPv6 VIP are answered, from the VIP, by a backend."""
     with Lab(2, backend_default_route=(mode == "dnat"), ipv6=True) as lab:
-        with lab.nfqlb(lab.service(mode, protocol="udp", family=6)) as daemon:
+        with lab.nfqlb(lab.service(mode, protocol="udp", family=6),
+                       daemon={"binding": binding}) as daemon:
             payloads = [f"query6-{i}".encode() for i in range(4)]
             replies = lab.udp_exchange(lab.client, VIP6, UDP_PORT, payloads,
                                        new_socket_each=True)

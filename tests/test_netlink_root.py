@@ -47,7 +47,7 @@ def test_bind_message_layout() -> None:
     attrs = (b"\x08\x00\x01\x00" b"\x01\x00\x00\x00"  # CFG_CMD: BIND, pad, pf 0
              b"\x09\x00\x02\x00" b"\x00\x00\xff\xff\x02" b"\x00\x00\x00"  # PARAMS 65535, PACKET
              b"\x08\x00\x03\x00" b"\x00\x00\x04\x00"  # QUEUE_MAXLEN 1024 (network order)
-             b"\x08\x00\x04\x00" b"\x00\x00\x00\x01"  # MASK: FAIL_OPEN
+             b"\x08\x00\x04\x00" b"\x00\x00\x00\x05"  # MASK: FAIL_OPEN, GSO
              b"\x08\x00\x05\x00" b"\x00\x00\x00\x00")  # FLAGS: fail-open off
     header = struct.pack("=IHHII", 20 + len(attrs), 0x0302, 0x05, 7, 0)  # CONFIG, REQUEST|ACK
     assert msg == header + b"\x00\x00\x12\x34" + attrs  # nfgenmsg: AF_UNSPEC, v0, res_id
@@ -83,19 +83,19 @@ def test_parse_packet_reads_id_payload_and_cap_len_and_skips_the_rest() -> None:
     extra = (netlink.build_attr(5, b"\0\0\0\2")  # IFINDEX_INDEV
              + netlink.build_attr(9, bytes(12)))  # HWADDR
     msg = packet_message(77, b"\x45" + bytes(22), extra=extra)  # odd length: padded
-    assert netlink.parse_packet(msg, 0, len(msg)) == (77, b"\x45" + bytes(22), None)
+    assert netlink.parse_packet(msg, 0, len(msg)) == (b"\0\0\0\x4d", b"\x45" + bytes(22), None, 0)
     cut = packet_message(78, b"xyz", cap_len=70000)
-    assert netlink.parse_packet(bytearray(cut), 0, len(cut)) == (78, b"xyz", 70000)
+    assert netlink.parse_packet(bytearray(cut), 0, len(cut)) == (b"\0\0\0\x4e", b"xyz", 70000, 0)
     # at an offset inside a larger buffer, as several messages in one datagram
     both = msg + cut
-    assert netlink.parse_packet(memoryview(both), len(msg), len(both))[0] == 78
+    assert netlink.parse_packet(memoryview(both), len(msg), len(both))[0] == b"\0\0\0\x4e"
 
 
 def test_parse_packet_never_raises_on_a_cut_message() -> None:
     msg = packet_message(1, bytes(40), cap_len=41)
     for end in range(len(msg) + 1):
-        packet_id, payload, _ = netlink.parse_packet(msg, 0, end)
-        assert packet_id in (None, 1) and (payload is None or payload == bytes(40))
+        packet_id, payload, _, _ = netlink.parse_packet(msg, 0, end)
+        assert packet_id in (None, b"\0\0\0\1") and (payload is None or payload == bytes(40))
 
 
 # -- the kernel ---------------------------------------------------------------------------------
@@ -370,7 +370,7 @@ def test_a_burst_larger_than_the_budget_passes_whole(ns: str) -> None:
 @pytest.mark.root
 def test_a_verdict_for_an_unknown_packet_is_counted_not_fatal(ns: str) -> None:
     with bound(ns, lambda packet, now: ACCEPT) as adapter:
-        adapter._queue(adapter._accept + netlink.BE32.pack(123456))
+        adapter._give_accept(netlink.BE32.pack(123456))
         adapter._flush()
         pump(adapter, lambda: adapter.verdict_errors > 0, timeout=2.0)
         assert adapter.verdict_errors == 1

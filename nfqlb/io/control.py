@@ -144,7 +144,8 @@ def status(server: Target) -> dict[str, Any]:
 _STARTED = time.time()  # until the daemon says when it started (Server.started_at)
 
 _ADAPTER_COUNTERS = ("packets", "wakeups", "errors", "bad_verdicts", "truncated", "malformed",
-                     "enobufs", "verdict_errors", "send_errors")
+                     "enobufs", "verdict_errors", "send_errors", "gso_packets",
+                     "csum_completed", "csum_partial")
 
 
 def _queue_status(adapter: Any) -> dict[str, Any]:

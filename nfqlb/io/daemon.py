@@ -1,9 +1,10 @@
 """``nfqlb run``: bind the queues, set sysctls, install the rules, serve, and undo it all.
 
 nfqlb serves two queues with one engine: the queue itself through the NetfilterQueue binding
-(:class:`~nfqlb.io.nfqueue.QueueAdapter`), and the large-packet queue, where the rules send
-packets the binding cannot carry whole, through nfqlb's own netlink client
-(:class:`~nfqlb.io.netlink.NetlinkQueueAdapter`).
+(:class:`~nfqlb.io.nfqueue.QueueAdapter`), or through nfqlb's own netlink client with
+``[daemon] binding = "netlink"``, and the large-packet queue, where the rules send packets the
+binding cannot carry whole, always through the netlink client
+(:class:`~nfqlb.io.netlink.NetlinkQueueAdapter`), which asks for GSO packets whole there.
 
 Order of start-up, each step only once the previous one worked, so that a failure leaves the
 host as it was: resolve the iptables tools; refuse rules that overlap another instance's
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nfqlb import rules
-from nfqlb.config import Config, for_worker, load_config, with_workers
+from nfqlb.config import Binding, Config, for_worker, load_config, with_workers
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
@@ -195,6 +196,10 @@ class Server:
             if served and served != [offload_queue]:
                 raise ConfigError(config.source, "daemon.offload_queue", f"is {offload_queue}, "
                                   f"the running daemon serves {served[0]}: restart to change it")
+            if config.daemon.binding is not live.config.daemon.binding:
+                raise ConfigError(config.source, "daemon.binding", f"is "
+                                  f"{config.daemon.binding.value!r}, the running daemon uses "
+                                  f"{live.config.daemon.binding.value!r}: restart to change it")
             rulesets = rules.render(config, live.queue)
             for rs in rulesets:
                 if rs.family.version not in live.tools:
@@ -437,9 +442,13 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         iptables.check_overlap(rulesets, tools)  # another instance's: refuse, touch nothing
     engine = Engine(config, log=log.getChild("engine"), clock=time.perf_counter)
     held = HeldPackets(engine)
+    main: Adapter = (
+        NetlinkQueueAdapter(engine.handle, q, log, on_hold=held.on_hold)
+        if config.daemon.binding is Binding.NETLINK
+        else QueueAdapter(engine.handle, q, log, on_hold=held.on_hold))
     adapters: list[Adapter] = [
-        QueueAdapter(engine.handle, q, log, on_hold=held.on_hold),
-        NetlinkQueueAdapter(engine.handle, large, log, on_hold=held.on_hold,
+        main,
+        NetlinkQueueAdapter(engine.handle, large, log, on_hold=held.on_hold, gso=True,
                             purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
     ]
     decider = None

@@ -164,6 +164,9 @@ _QUEUE_COUNTERS = {  # adapter attribute -> metric name (without _total)
     "enobufs": "nfqlb_queue_receive_overruns",
     "verdict_errors": "nfqlb_queue_verdict_errors",
     "send_errors": "nfqlb_queue_send_errors",
+    "gso_packets": "nfqlb_queue_gso_packets",
+    "csum_completed": "nfqlb_queue_checksums_completed",
+    "csum_partial": "nfqlb_queue_checksums_left_partial",
 }
 
 

@@ -21,13 +21,42 @@ in network order::
     config  -> NFQA_CFG_CMD      {command u8 (BIND/UNBIND), pad u8, pf be16}
                NFQA_CFG_PARAMS   {copy_range be32, copy_mode u8 = COPY_PACKET}   (packed: 5 B)
                NFQA_CFG_QUEUE_MAXLEN be32
-               NFQA_CFG_MASK be32, NFQA_CFG_FLAGS be32  (FAIL_OPEN, only with fail_open=True)
+               NFQA_CFG_MASK be32, NFQA_CFG_FLAGS be32  (FAIL_OPEN and GSO, each as asked)
                sent with NLM_F_REQUEST | NLM_F_ACK; the kernel answers NLMSG_ERROR(errno, 0=ok)
     packet  <- NFQA_PACKET_HDR   {packet_id be32, hw_protocol be16, hook u8}
                NFQA_PAYLOAD      the IP packet, NFQA_CAP_LEN be32 when it was cut short;
+               NFQA_SKB_INFO be32 (CSUMNOTREADY, GSO, CSUM_NOTVERIFIED) when any is set;
                other attributes (interfaces, mark, timestamp, ...) are skipped
     verdict -> NFQA_VERDICT_HDR  {verdict be32 (NF_DROP=0, NF_ACCEPT=1), packet_id be32}
                NFQA_PAYLOAD      only when the packet was rewritten
+
+GSO (NFQA_CFG_F_GSO, asked for with ``gso=True``). Without the flag the kernel segments every
+GSO packet (a TCP sender's 64 KiB burst, a GRO-merged train) before queueing it, and each
+~1500-byte segment makes its own trip through Python; with it the packet comes whole, once,
+and the verdict applies to all of it. Such a packet, and any packet the local stack or a veth
+peer sent with checksum offload, is ``CHECKSUM_PARTIAL`` (NFQA_SKB_CSUMNOTREADY): its TCP/UDP
+checksum field holds only the pseudo-header sum, for the NIC or the segmentation to complete.
+Accepted unchanged it stays so. Given back rewritten, the kernel marks it ``CHECKSUM_NONE``
+(``nfqnl_mangle`` does so for every payload verdict) and completes nothing: where the packet is
+delivered locally whole, or is not GSO, the field is then checked as a full checksum. A GSO
+packet to another host is segmented on its way out: TCP segmentation then rebuilds the
+pseudo-header sum itself, UDP segmentation derives each datagram's checksum from the field as
+a pseudo-header sum. So the adapter (:meth:`NetlinkQueueAdapter._fix_partial`) leaves the
+field partial, the pseudo-header sum of the new addresses
+(:func:`nfqlb.wire.rewrite.partial_checksum`), for a TCP or UDP GSO packet to an address that
+is not this host's, and computes it in full (:func:`nfqlb.wire.rewrite.complete_checksum`) for
+the rest. Checked on this kernel (6.18): left partial, local-mode TCP uploads stall (the local
+socket counts InCsumErrors); computed in full, a forwarded UDP GSO packet's datagrams arrive
+with bad checksums. One case no checksum mends: a rewritten UDP GSO packet delivered here to a
+socket without UDP_GRO is dropped by the kernel (its receive path cannot segment it once the
+checksum state is gone: the socket's InErrors count it); to a socket with UDP_GRO it arrives
+whole, with the full checksum it needs. The GSO flag is
+set on the large-packet queue: a GSO packet is long, so the length rule sends it there. On the
+main queue (``[daemon] binding = "netlink"``) it stays off: there every packet from a veth
+peer or the local stack would arrive partial, and the kernel completes checksums in C before
+queueing for less than Python pays. NFQA_SKB_CSUM_NOTVERIFIED (the kernel has not checked the
+checksum of a received packet) needs nothing: the rewrite updates the checksum incrementally
+(RFC 1624), so a wrong one stays wrong and the receiver drops the packet as it would have.
 
 The copy range is clamped by the kernel to 65531 (0xffff minus an attribute header), so an IP
 packet of 65532-65535 bytes arrives cut short (NFQA_CAP_LEN): it can be neither judged nor
@@ -63,7 +92,9 @@ from nfqlb.errors import SystemSetupError
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
-from nfqlb.verdict import Final, Held, Verdict
+from nfqlb.verdict import ACCEPT, Final, Held, Verdict
+from nfqlb.wire.ip import TCP, UDP
+from nfqlb.wire.rewrite import complete_checksum, partial_checksum
 
 Handle = Callable[[bytes, float], Verdict]
 
@@ -85,10 +116,13 @@ NFQA_PACKET_HDR = 1
 NFQA_VERDICT_HDR = 2
 NFQA_PAYLOAD = 10
 NFQA_CAP_LEN = 13
+NFQA_SKB_INFO = 14
+NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO, NFQA_SKB_CSUM_NOTVERIFIED = 1 << 0, 1 << 1, 1 << 2
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_CFG_CMD_PF_BIND = 1, 2, 3
 NFQNL_COPY_PACKET = 2
 NFQA_CFG_F_FAIL_OPEN = 1 << 0
+NFQA_CFG_F_GSO = 1 << 2
 
 NF_DROP, NF_ACCEPT = 0, 1  # linux/netfilter.h (the engine's ACCEPT/DROP are 0/1 the other way)
 
@@ -108,6 +142,8 @@ SNDBUF = 1 << 20
 FLUSH_BYTES = 1 << 17  # send the pending verdicts once they hold this much
 FLUSH_PARTS = 900  # ... or this many buffers (sendmsg takes at most 1024)
 ACK_TIMEOUT_S = 5.0
+LOCAL_CACHE_S = 10.0  # how long an answer of is_local_address is used
+LOCAL_CACHE_MAX = 65536  # destinations remembered at most (then the cache starts again)
 LOG_EVERY_S = 10.0
 
 # --- precompiled layouts -----------------------------------------------------------------------
@@ -121,6 +157,12 @@ VERDICT_HDR = struct.Struct("!II")  # verdict, packet id
 CFG_CMD = struct.Struct("!BxH")  # command, pad, pf
 CFG_PARAMS = struct.Struct("!IB")  # copy_range, copy_mode (packed: 5 bytes)
 _HDR_LEN = NLMSGHDR.size + NFGENMSG.size  # 20: where the attributes start
+#: A payload verdict up to its payload: nlmsghdr (host order), nfgenmsg + verdict header
+#: attribute + verdict (12 bytes, fixed per queue), packet id (4 bytes, network order),
+#: payload attribute header (host order).
+REWRITE_HEAD = struct.Struct("=IHHII12s4sHH")
+_REWRITE_LEN = REWRITE_HEAD.size  # 36
+_PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 def _align(n: int) -> int:
@@ -140,13 +182,15 @@ def build_message(mtype: int, flags: int, seq: int, queue: int, attrs: bytes) ->
                                                                   NFNETLINK_V0, queue) + attrs
 
 
-def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False) -> bytes:
-    """BIND, copy mode PACKET with the full range, queue length and the fail-open flag."""
+def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False,
+               gso: bool = False) -> bytes:
+    """BIND, copy mode PACKET with the full range, queue length, the fail-open and GSO flags."""
+    flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
     attrs = (build_attr(NFQA_CFG_CMD, CFG_CMD.pack(NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
              + build_attr(NFQA_CFG_PARAMS, CFG_PARAMS.pack(COPY_RANGE, NFQNL_COPY_PACKET))
              + build_attr(NFQA_CFG_QUEUE_MAXLEN, BE32.pack(max_len))
-             + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN))
-             + build_attr(NFQA_CFG_FLAGS, BE32.pack(NFQA_CFG_F_FAIL_OPEN if fail_open else 0)))
+             + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO))
+             + build_attr(NFQA_CFG_FLAGS, BE32.pack(flags)))
     return build_message(CONFIG_TYPE, NLM_F_REQUEST | NLM_F_ACK, seq, queue, attrs)
 
 
@@ -186,13 +230,17 @@ def _build_payload_verdict(queue: int, packet_id: int, verdict: int,
 
 
 def parse_packet(buf: bytes | bytearray | memoryview, start: int,
-                 end: int) -> tuple[int | None, bytes | None, int | None]:
-    """(packet id, payload, cap_len) of the packet message occupying ``buf[start:end]``.
+                 end: int) -> tuple[bytes | None, bytes | None, int | None, int]:
+    """(packet id, payload, cap_len, skb info) of the packet message in ``buf[start:end]``.
 
-    A field is None when its attribute is missing; ``cap_len`` is set only when the kernel
-    cut the payload short. A malformed attribute ends the walk.
+    The packet id is kept as its 4 bytes in network order, as a verdict carries it back. A
+    field is None when its attribute is missing; ``cap_len`` is set only when the kernel cut
+    the payload short; skb info is 0 when absent (NFQA_SKB_* flags). A malformed attribute
+    ends the walk. Given a memoryview, the payload is copied once (a bytearray slice would
+    copy twice: 64 KiB each for a GSO packet).
     """
     packet_id = payload = cap_len = None
+    info = 0
     a = start + _HDR_LEN
     unpack_attr = NLATTR.unpack_from
     while a + 4 <= end:
@@ -200,14 +248,18 @@ def parse_packet(buf: bytes | bytearray | memoryview, start: int,
         if alen < 4 or a + alen > end:
             break
         atype &= NLA_TYPE_MASK
-        if atype == NFQA_PACKET_HDR and alen >= 8:
-            packet_id = BE32.unpack_from(buf, a + 4)[0]
-        elif atype == NFQA_PAYLOAD:
+        if atype == NFQA_PAYLOAD:
             payload = bytes(buf[a + 4:a + alen])
+        elif atype == NFQA_PACKET_HDR:
+            if alen >= 8:
+                packet_id = bytes(buf[a + 4:a + 8])
+        elif atype == NFQA_SKB_INFO:
+            if alen >= 8:
+                info = BE32.unpack_from(buf, a + 4)[0]
         elif atype == NFQA_CAP_LEN and alen >= 8:
             cap_len = BE32.unpack_from(buf, a + 4)[0]
         a += (alen + 3) & ~3
-    return packet_id, payload, cap_len
+    return packet_id, payload, cap_len, info
 
 
 class NetlinkQueueAdapter:
@@ -215,7 +267,8 @@ class NetlinkQueueAdapter:
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
-                 fail_open: bool = False, on_hold: OnHold | None = None) -> None:
+                 fail_open: bool = False, gso: bool = False,
+                 on_hold: OnHold | None = None) -> None:
         self.queue = queue
         self.on_hold = on_hold  # told how to give a held packet its verdict later
         self.log = log
@@ -223,12 +276,16 @@ class NetlinkQueueAdapter:
         self.now = clock()
         self.purpose = purpose  # "for packets over N bytes": said in errors and stats
         self.fail_open = fail_open
+        self.gso = gso  # ask for GSO packets whole (NFQA_CFG_F_GSO)
         # counters
         self.packets = 0
         self.wakeups = 0
         self.errors = 0  # handle() raised (the packet was dropped)
         self.bad_verdicts = 0  # handle() returned something that is no verdict (dropped)
         self.truncated = 0  # cut short by the kernel's copy range (dropped)
+        self.gso_packets = 0  # GSO packets received whole (NFQA_SKB_GSO)
+        self.csum_completed = 0  # rewritten partial-checksum packets whose checksum we computed
+        self.csum_partial = 0  # ... left partial (TCP GSO, forwarded: segmentation completes)
         self.malformed = 0  # packet messages without id or payload
         self.enobufs = 0  # receive buffer overruns: the kernel dropped packets for us
         self.verdict_errors = 0  # the kernel refused a verdict (NLMSG_ERROR)
@@ -244,7 +301,11 @@ class NetlinkQueueAdapter:
         self._ack_seq = -1  # the seq of the config request waiting for its answer
         self._ack: int | None = None  # its answer: 0 or a negative errno
         self._ratelog = RateLimitedLog(log, LOG_EVERY_S)
+        self._local: dict[bytes, bool] = {}  # destination -> is an address of this host
+        self._local_until = 0.0
         self._accept = verdict_prefix(queue, NF_ACCEPT)
+        # a payload verdict's fixed middle: nfgenmsg, verdict header attribute, NF_ACCEPT
+        self._rewrite_mid = self._accept[16:28]
         self._drop = verdict_prefix(queue, NF_DROP)
         self._sink = Sink(self._give_rewritten, self._give_accept, self._give_drop, self._hold)
         self._late_sink = Sink(self._give_rewritten, self._give_accept, self._give_drop)
@@ -275,7 +336,7 @@ class NetlinkQueueAdapter:
         self._sock = sock
         try:
             err = self._request(build_bind(self.queue, self._next_seq(), max_len=max_len,
-                                           fail_open=self.fail_open))
+                                           fail_open=self.fail_open, gso=self.gso))
             if err == -errno.EPERM:
                 # Either the queue belongs to another socket or we lack CAP_NET_ADMIN. The
                 # obsolete PF_BIND command needs the capability and nothing else: it tells.
@@ -390,7 +451,7 @@ class NetlinkQueueAdapter:
             self._flush()
 
     def _on_packet(self, start: int, end: int) -> None:
-        packet_id, payload, cap_len = parse_packet(self._buf, start, end)
+        packet_id, payload, cap_len, info = parse_packet(self._view, start, end)
         if packet_id is None:
             self.malformed += 1  # nothing we could give a verdict to
             return
@@ -407,14 +468,54 @@ class NetlinkQueueAdapter:
             return
         try:
             r = self._handle(payload, self.now)
+            if info:
+                if info & NFQA_SKB_GSO:
+                    self.gso_packets += 1
+                if info & NFQA_SKB_CSUMNOTREADY and r.__class__ is bytes:
+                    r = self._fix_partial(r, info)
         except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
             self.errors += 1
             self._give_drop(packet_id)
             self._ratelog.error("errors", self.now, "%s: packet handler failed (%d so far, "
                                 "packet dropped): %r", self.name, self.errors, exc)
             return
-        if not give(r, packet_id, self._sink):
+        # the three common verdicts here, the rest (held, no verdict) through give()
+        if r.__class__ is bytes:
+            self._give_rewritten(packet_id, r)
+        elif r is ACCEPT:
+            self._give_accept(packet_id)
+        elif not give(r, packet_id, self._sink):
             self._bad_verdict(r)
+
+    def _fix_partial(self, data: bytes, info: int) -> bytes:
+        """The checksum of a rewritten packet the kernel queued with it partial. Left partial
+        (the pseudo-header sum of its new addresses) for a TCP or UDP GSO packet on its way to
+        another host: the kernel segments it on the way out, TCP segmentation rebuilding the
+        sum itself, UDP segmentation deriving each datagram's checksum from it. Computed in
+        full for the rest (a GSO packet delivered here whole, a packet that is not GSO),
+        which nothing completes once the packet was rewritten."""
+        if info & NFQA_SKB_GSO and len(data) > 40:
+            v6 = data[0] >> 4 == 6
+            if data[6 if v6 else 9] in (TCP, UDP):
+                dst = data[24:40] if v6 else data[16:20]
+                local = self._local.get(dst)
+                if local is None:
+                    local = self._learn_local(dst)
+                if not local:
+                    self.csum_partial += 1
+                    return partial_checksum(data)
+        self.csum_completed += 1
+        return complete_checksum(data)
+
+    def _learn_local(self, dst: bytes) -> bool:
+        """Whether ``dst`` is an address of this host (a packet to it is delivered whole, not
+        segmented), as binding a socket to it tells; remembered for LOCAL_CACHE_S."""
+        if self.now >= self._local_until or len(self._local) >= LOCAL_CACHE_MAX:
+            self._local.clear()  # addresses come and go: ask again now and then
+            self._local_until = self.now + LOCAL_CACHE_S
+        local = is_local_address(dst)
+        self._local[dst] = local
+        return local
 
     def _bad_verdict(self, r: object) -> None:
         self.bad_verdicts += 1
@@ -423,27 +524,46 @@ class NetlinkQueueAdapter:
 
     # the Sink: how verdicts are carried out here (queued, sent at the end of the wakeup)
 
-    def _give_rewritten(self, packet_id: int, data: bytes) -> None:
-        if len(data) > MAX_PAYLOAD:  # cannot be carried back: no verdict
+    def _give_rewritten(self, packet_id: bytes, data: bytes) -> None:
+        plen = len(data)
+        if plen > MAX_PAYLOAD:  # cannot be carried back: no verdict
             self._give_drop(packet_id)
             self._bad_verdict(data)
             return
-        self._queue(*_build_payload_verdict(self.queue, packet_id, NF_ACCEPT, data))
+        pad = -plen & 3
+        pending = self._pending
+        pending.append(REWRITE_HEAD.pack(_REWRITE_LEN + plen + pad, VERDICT_TYPE, NLM_F_REQUEST,
+                                         0, 0, self._rewrite_mid, packet_id, 4 + plen,
+                                         NFQA_PAYLOAD))
+        pending.append(data)
+        if pad:
+            pending.append(_PADS[pad])
+        self._pending_bytes += _REWRITE_LEN + plen
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _give_accept(self, packet_id: int) -> None:
-        self._queue(self._accept + BE32.pack(packet_id))
+    def _give_accept(self, packet_id: bytes) -> None:
+        pending = self._pending
+        pending.append(self._accept + packet_id)
+        self._pending_bytes += 32
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _give_drop(self, packet_id: int) -> None:
-        self._queue(self._drop + BE32.pack(packet_id))
+    def _give_drop(self, packet_id: bytes) -> None:
+        pending = self._pending
+        pending.append(self._drop + packet_id)
+        self._pending_bytes += 32
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
-    def _hold(self, packet_id: int, held: Held) -> None:
+    def _hold(self, packet_id: bytes, held: Held) -> None:
         if self.on_hold is None:  # nobody to give the verdict later: drop now
             self._give_drop(packet_id)
             self._bad_verdict(held)
             return
         self.on_hold(held.hold_id, functools.partial(self._late_verdict, packet_id))
 
-    def _late_verdict(self, packet_id: int, r: Final) -> None:
+    def _late_verdict(self, packet_id: bytes, r: Final) -> None:
         """The verdict for a packet held past its wakeup (a fragment before its first)."""
         if not give(r, packet_id, self._late_sink):
             self._bad_verdict(r)
@@ -457,13 +577,6 @@ class NetlinkQueueAdapter:
             self._ratelog.warning("verdict_errors", self.now, "%s: the kernel refused a "
                            "verdict: %s (%d so far)", self.name, os.strerror(-err),
                            self.verdict_errors)
-
-    def _queue(self, *message: bytes) -> None:
-        """Add one whole verdict message (its buffers) to those sent at the next flush."""
-        self._pending.extend(message)
-        self._pending_bytes += sum(map(len, message)) if len(message) > 1 else len(message[0])
-        if self._pending_bytes >= FLUSH_BYTES or len(self._pending) >= FLUSH_PARTS:
-            self._flush()
 
     def _flush(self) -> None:
         """Send the pending verdicts in one sendmsg (one by one if that fails)."""
@@ -500,11 +613,28 @@ class NetlinkQueueAdapter:
     def format_stats(self) -> str:
         text = (f"{self.name}: {self.packets} packets, {self.wakeups} wakeups, "
                 f"{self.errors} callback errors")
-        extra = [(self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
+        extra = [(self.gso_packets, "gso packets"), (self.csum_completed, "checksums completed"),
+                 (self.csum_partial, "checksums left partial"),
+                 (self.bad_verdicts, "bad verdicts"), (self.truncated, "truncated"),
                  (self.malformed, "malformed"), (self.enobufs, "receive overruns"),
                  (self.verdict_errors, "verdict errors"), (self.send_errors, "send errors")]
         text += "".join(f", {n} {what}" for n, what in extra if n)
         return text + (f"\n  {self.kernel.describe()}" if self.kernel is not None else "")
+
+
+def is_local_address(packed: bytes) -> bool:
+    """Whether the IPv4 (4 bytes) or IPv6 (16 bytes) address is one of this host's: binding
+    a socket to it succeeds (an address of an interface, or covered by a ``local`` route).
+    Only EADDRNOTAVAIL says no; anything else, and any address under ``ip_nonlocal_bind``
+    (where every bind succeeds), counts as local, the answer that costs time, not
+    correctness."""
+    family = socket.AF_INET6 if len(packed) == 16 else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as sock:
+            sock.bind((socket.inet_ntop(family, packed), 0))
+    except OSError as exc:
+        return exc.errno != errno.EADDRNOTAVAIL
+    return True
 
 
 def _split_messages(parts: list[bytes]) -> list[list[bytes]]:

@@ -10,13 +10,20 @@ checksum computed in full, since IPv6 receivers drop a zero one.
 A UDP checksum that is 0 in IPv4 means "none" and stays 0; a computed checksum that comes out
 as 0 is sent as 0xFFFF (RFC 768). The engine's fast path inlines the same arithmetic for the
 common cases (IPv4 without options, IPv6 without extension headers).
+
+:func:`complete_checksum` is for packets the kernel queued with their checksum not yet computed
+(``CHECKSUM_PARTIAL``, reported as NFQA_SKB_CSUMNOTREADY; see :mod:`nfqlb.io.netlink`): their
+TCP/UDP checksum field holds only the pseudo-header sum, which the kernel (or the NIC) was to
+complete over the segment on the way out. Once nfqlb hands such a packet back rewritten, the
+kernel marks it ``CHECKSUM_NONE`` (``nfqnl_mangle``) and completes nothing, so the adapter
+computes the checksum in full over the packet as rewritten.
 """
 
 from __future__ import annotations
 
 from nfqlb.errors import PacketError
-from nfqlb.wire.checksum import U16, apply, delta, full
-from nfqlb.wire.ip import TCP, UDP
+from nfqlb.wire.checksum import U16, apply, delta, fold, full, sum_words
+from nfqlb.wire.ip import PACKET_REASONS, TCP, UDP, walk_v6
 from nfqlb.wire.tcp import tcp_mss_offset
 
 
@@ -76,3 +83,74 @@ def clamp_mss(data: bytes, off: int, mss: int) -> bytes:
     co = off + 16
     buf[co:co + 2] = U16[apply(data[co] << 8 | data[co + 1], d)]
     return bytes(buf)
+
+
+def complete_checksum(data: bytes) -> bytes:
+    """``data`` (an IPv4 or IPv6 TCP/UDP packet, not a fragment) with its transport checksum
+    computed in full over the pseudo-header and the whole segment, whatever the field held.
+
+    Anything else (another protocol, a fragment, a header that does not fit) comes back
+    unchanged: the kernel leaves only TCP and UDP checksums partial, and never a fragment's.
+    A UDP checksum that comes out as 0 is sent as 0xFFFF (RFC 768).
+    """
+    found = _l4(data)
+    if found is None:
+        return data
+    addresses, off, proto = found
+    co = off + (16 if proto == TCP else 6)
+    length = len(data) - off
+    old = data[co] << 8 | data[co + 1]
+    # the segment's sum with its checksum field taken out (one's complement: add ~field)
+    s = (sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto
+         + sum_words(memoryview(data)[off:]) + (~old & 0xFFFF))
+    c = ~fold(s) & 0xFFFF
+    if proto == UDP and not c:
+        c = 0xFFFF
+    return b"".join((data[:co], U16[c], data[co + 2:]))
+
+
+def partial_checksum(data: bytes) -> bytes:
+    """``data`` (an IPv4 or IPv6 TCP/UDP packet, not a fragment) with its transport checksum
+    field set to what ``CHECKSUM_PARTIAL`` wants there: the sum of the pseudo-header alone
+    (addresses, protocol, segment length), not complemented, as the sender's stack wrote it
+    (``~tcp_v4_check(len, saddr, daddr, 0)``). Completing it over the segment, field
+    included, gives the full checksum. Only the addresses enter it, so a port rewrite leaves
+    it as it was and an address rewrite changes it by the addresses' difference.
+
+    Anything else comes back unchanged, as in :func:`complete_checksum`.
+    """
+    found = _l4(data)
+    if found is None:
+        return data
+    addresses, off, proto = found
+    co = off + (16 if proto == TCP else 6)
+    length = len(data) - off
+    c = fold(sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto)
+    return b"".join((data[:co], U16[c], data[co + 2:]))
+
+
+def _l4(data: bytes) -> tuple[bytes, int, int] | None:
+    """(pseudo-header addresses, transport offset, protocol) of an IPv4/IPv6 TCP or UDP packet
+    that is not a fragment; None for anything else."""
+    n = len(data)
+    if n < 20:
+        return None
+    version = data[0] >> 4
+    if version == 4:
+        off = (data[0] & 0x0F) * 4
+        if off < 20 or data[6] & 0x3F or data[7]:
+            return None
+        addresses, proto = data[12:20], data[9]
+    elif version == 6 and n >= 40:
+        try:
+            proto, off, frag = walk_v6(data, 0, PACKET_REASONS)
+        except PacketError:
+            return None
+        if frag >= 0:
+            return None
+        addresses = data[8:40]
+    else:
+        return None
+    if proto not in (TCP, UDP) or off + (18 if proto == TCP else 8) > n:
+        return None
+    return addresses, off, proto
