@@ -23,6 +23,8 @@ from nfqlb.errors import SystemSetupError
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.netlink import (
     BE32,
+    FLUSH_BYTES,
+    FLUSH_PARTS,
     NF_ACCEPT,
     NLATTR,
     NLMSGHDR,
@@ -180,7 +182,7 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
         self._mark_attr = NLATTR.pack(NLATTR.size + BE32.size, NFQA_MARK)
 
     def _on_packet(self, start: int, end: int) -> None:
-        packet_id, payload, _cap_len = parse_packet(self._buf, start, end)
+        packet_id, payload, _cap_len, _info = parse_packet(self._buf, start, end)
         if packet_id is None:
             self.malformed += 1
             return
@@ -191,10 +193,18 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
             return
         r = self._handle(payload, self.now)  # OffloadDecider.handle never raises
         if r.__class__ is int:
-            self._queue(b"".join((self._mark_prefix, BE32.pack(packet_id), self._mark_attr,
-                                  BE32.pack(r))))
+            self._give_marked(packet_id, r)
         elif not give(r, packet_id, self._sink):
             self._bad_verdict(r)
+
+    def _give_marked(self, packet_id: bytes, mark: int) -> None:
+        """ACCEPT with ``mark``, queued with the wakeup's other verdicts (see _give_accept)."""
+        pending = self._pending
+        pending.append(b"".join((self._mark_prefix, packet_id, self._mark_attr,
+                                 BE32.pack(mark))))
+        self._pending_bytes += 40
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
 
     def format_stats(self) -> str:
         return super().format_stats() + f"\n  {self.decider.passed} not offloaded"

@@ -377,8 +377,9 @@ class Supervisor:
         for w in self._reap():
             if self.stopping:
                 continue
-            how = (f"exit status {os.WEXITSTATUS(w.status)}" if os.WIFEXITED(w.status)
-                   else f"signal {os.WTERMSIG(w.status)}")
+            status = w.status or 0  # (set by _reap)
+            how = (f"exit status {os.WEXITSTATUS(status)}" if os.WIFEXITED(status)
+                   else f"signal {os.WTERMSIG(status)}")
             self.log.error("worker %d (pid %d, queue %d) ended with %s: removing the rules and "
                            "stopping the other workers (the service manager restarts nfqlb)",
                            w.index, w.pid, self.queue + w.index, how)
@@ -432,7 +433,8 @@ class Supervisor:
     def handle(self, req: Any) -> dict[str, Any]:
         """A control request to the whole daemon."""
         if not isinstance(req, dict) or req.get("cmd") not in control.COMMANDS:
-            return control.handle(self, req, self.log)  # the usual error answer
+            # the usual error answer, which reads nothing of a Server
+            return control.handle(self, req, self.log)  # type: ignore[arg-type]
         cmd = req["cmd"]
         try:
             if cmd == "status":
