@@ -596,8 +596,9 @@ def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
                 p.wait(5)
 
 
-def snat_ports(round_no: int) -> str:
-    """The fullnat pool of a round: 10,000 ports, another range each round (three in turn),
+def snat_ports(use: int) -> str:
+    """The fullnat pool of a use (``pool_use``): 7,500 ports, another range each use (four in
+    turn: fullnat with one worker and with two in one round, then the next round's two),
     all below the ephemeral range (32768-60999) from which HAProxy connects from the same
     address. The backends keep a connection's TIME_WAIT for 60 s, and this kernel derives the
     client's TCP timestamp offset from the connection's addresses and ports as the client
@@ -606,8 +607,15 @@ def snat_ports(round_no: int) -> str:
     restarted nfqlb hands out its pool from the start, so nearly every new connection of
     the next round would meet one). Measured in the lab: 5,100 connections/s,
     then 82/s after a restart with the same pool (TcpExtPAWSTimewait on the backends)."""
-    low = 2000 + (round_no % 3) * 10000
-    return f"{low}-{low + 9999}"
+    low = 2000 + (use % 4) * 7500
+    return f"{low}-{low + 7499}"
+
+
+def pool_use(round_no: int, workers: int) -> int:
+    """Which pool a fullnat run takes: the one-worker and two-worker runs of a round come
+    within a minute of each other, so each has its own (a shared one collapsed the second
+    run's new connections from about 6,400/s to 75/s, the same PAWS rejects)."""
+    return 2 * round_no + (workers - 1)
 
 
 def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]]:
@@ -655,7 +663,7 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
         elif mode == "local":
             stack.enter_context(vip_on_lo(lab))
             stage = Stage(labels=frozenset({lab.lb.label}), iperf_server="lb")
-        daemon = lab.nfqlb(*nfqlb_services(lab, mode, round_no),
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, pool_use(round_no, path.workers)),
                            daemon=nfqlb_daemon_keys(path)).start()
         assert daemon.proc is not None
         stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid

@@ -231,11 +231,16 @@ def test_picking_paths_adds_the_reference_and_refuses_unknown_names() -> None:
 
 
 def test_fullnat_pools_take_turns_below_the_ephemeral_range() -> None:
-    pools = [tuple(map(int, lab_bench.snat_ports(r).split("-"))) for r in range(4)]
-    assert pools[3] == pools[0]
-    for low, high in pools[:3]:
-        assert high - low + 1 == 10000 and 1024 <= low and high < 32768
-    assert len({p for low, high in pools[:3] for p in range(low, high + 1)}) == 30000
+    pools = [tuple(map(int, lab_bench.snat_ports(u).split("-"))) for u in range(5)]
+    assert pools[4] == pools[0]
+    for low, high in pools[:4]:
+        assert high - low + 1 == 7500 and 1024 <= low and high < 32768
+    assert len({p for low, high in pools[:4] for p in range(low, high + 1)}) == 30000
+
+
+def test_one_and_two_workers_of_a_round_and_the_next_round_use_other_pools() -> None:
+    uses = [lab_bench.pool_use(r, w) for r in (0, 1) for w in (1, 2)]
+    assert len({lab_bench.snat_ports(u) for u in uses}) == 4
 
 
 @pytest.fixture
