@@ -71,13 +71,21 @@ def open_flows(srv: FakeServer, n: int, port0: int = 40000) -> None:
 def served(srv: Any, path: Path) -> Iterator[asyncio.AbstractEventLoop]:
     """``srv``'s control socket at ``path`` on an event loop in a thread of its own (so the
     blocking client and the CLI can be called from the test)."""
+    with served_control(srv, path) as ctl:
+        yield ctl.loop
+
+
+@contextlib.contextmanager
+def served_control(srv: Any, path: Path) -> Iterator[Any]:
+    """As ``served``, giving the ControlServer (its ``clients`` count) with its ``loop``."""
     loop = asyncio.new_event_loop()
     ctl = control.ControlServer(srv, path, LOG)
+    ctl.loop = loop  # type: ignore[attr-defined]
     loop.run_until_complete(ctl.start())
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        yield loop
+        yield ctl
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)

@@ -8,11 +8,13 @@ import json
 import os
 import socket
 import stat
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from control_fakes import LOG, FakeServer, open_flows, served
+from control_fakes import LOG, FakeServer, open_flows, served, served_control
 from helpers import CLIENT, VIP, tcp
 
 from nfqlb.engine import backend_of
@@ -191,10 +193,13 @@ def test_too_many_clients_are_refused(tmp_path: Path, monkeypatch: pytest.Monkey
     monkeypatch.setattr(control, "MAX_CLIENTS", 2)
     srv = FakeServer()
     path = tmp_path / "c.sock"
-    with served(srv, path):
+    with served_control(srv, path) as ctl:
         idle = [socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) for _ in range(2)]
         for s in idle:
             s.connect(str(path))
+        deadline = time.monotonic() + 30  # until the loop's thread has taken both
+        while ctl.clients < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
         try:
             assert ask(path, cmd="status") == {"ok": False, "error": "too many control clients"}
         finally:
@@ -280,3 +285,35 @@ def test_endpoints_close_even_when_a_stop_is_still_queued(
         assert not (tmp_path / "nfqlb-3.sock").exists()
     finally:
         loop.close()
+
+
+def test_an_answer_sent_before_the_request_was_read_is_still_read(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon with too many clients answers and closes without reading: the client's send
+    then fails (EPIPE), and the answer waiting in its socket is still what it reports."""
+    path = tmp_path / "c.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    closed = threading.Event()
+
+    def answer_and_close() -> None:
+        conn, _ = listener.accept()
+        conn.send(b'{"ok": false, "error": "too many control clients"}\n')
+        conn.close()
+        closed.set()
+
+    class LateSender(socket.socket):
+        def sendall(self, data: Any, *args: Any) -> None:
+            closed.wait(5)  # the daemon has answered and closed: this send fails
+            super().sendall(data, *args)
+
+    thread = threading.Thread(target=answer_and_close, daemon=True)
+    thread.start()
+    monkeypatch.setattr(control.socket, "socket", LateSender)
+    try:
+        assert control.request(path, {"cmd": "status"}) == {
+            "ok": False, "error": "too many control clients"}
+    finally:
+        thread.join(5)
+        listener.close()

@@ -612,7 +612,10 @@ def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[
         except ConnectionRefusedError:
             raise ControlError(f"{path}: nobody listens (a stale socket: nfqlb is "
                                "not running)") from None
-        s.sendall(json.dumps(message).encode() + b"\n")
+        try:
+            s.sendall(json.dumps(message).encode() + b"\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before reading (too many clients): read the answer
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -629,6 +632,8 @@ def request(path: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[
         raise ControlError(f"{path}: {exc.strerror or exc}") from None
     finally:
         s.close()
+    if not chunks:
+        raise ControlError(f"{path}: the daemon closed the connection without an answer")
     try:
         answer = json.loads(b"".join(chunks))
     except ValueError:
