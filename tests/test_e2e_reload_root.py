@@ -99,19 +99,26 @@ def test_a_drained_backend_keeps_its_download_and_gets_no_new_requests() -> None
             assert _wait_for(lambda: out.exists() and out.stat().st_size > 50_000), \
                 log.read_text()
             name = svc["name"]
-            b1_name = f"{b1.address}:8080"  # the lab's backends are named address:port
-            done = daemon.cli("ctl", "drain", str(name), b1_name)
+            # the backend serving the download (round robin's first, unless something else
+            # took a flow first): the lab's backends are named address:port
+            before = json.loads(daemon.cli("status", "--json").stdout)
+            active = {n for n, fig in before["services"][name]["backends"].items()
+                      if fig["active"] == 1}
+            assert len(active) == 1, before["services"][name]["backends"]
+            drained, other = (b1, b2) if active == {f"{b1.address}:8080"} else (b2, b1)
+            drained_name = f"{drained.address}:8080"
+            done = daemon.cli("ctl", "drain", str(name), drained_name)
             assert done.returncode == 0, done.stderr
             labels = [lab.curl(lab.client, f"http://{VIP}/").decode().strip()
                       for _ in range(6)]
-            assert labels == [b2.label] * 6, labels
+            assert labels == [other.label] * 6, labels
             status = json.loads(daemon.cli("status", "--json").stdout)
-            fig = status["services"][name]["backends"][b1_name]
+            fig = status["services"][name]["backends"][drained_name]
             assert fig["state"] == "draining" and fig["active"] == 1, fig
             assert curl.wait(25) == 0, log.read_text()
             data = out.read_bytes()
             assert len(data) == len(blob_bytes()) and sha256(data) == sha256(blob_bytes())
-            assert [p for _, p, path in lab.access_log(b1) if "blob" in path]
+            assert [p for _, p, path in lab.access_log(drained) if "blob" in path]
         finally:
             daemon.stop()
         assert daemon.returncode == 0, daemon.report()
