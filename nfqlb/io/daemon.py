@@ -242,10 +242,6 @@ class Server:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)
         self.engine.reconfigure(config, self.clock())
-        if self.offload is not None:
-            for svc, rt in self.offload.reconfigure(config):
-                if self.kernel_flows is not None:
-                    self.kernel_flows.reset(svc, rt, "removed")
         live.config = config
         for hook in self.reload_hooks:
             try:
@@ -456,10 +452,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         decider = OffloadDecider(config, engine.services, engine.counters)
         offload_adapter = (OffloadNetlinkAdapter if config.daemon.offload_binding == "netlink"
                            else OffloadQueueAdapter)
-        # worker i of several serves the i-th of the offload queues (rules: --queue-balance)
-        oq = (rules.offload_queue_for(config, role.base_queue) + role.index if role is not None
-              else rules.offload_queue_for(config, q))
-        adapters.append(offload_adapter(decider, oq, log))
+        adapters.append(offload_adapter(decider, rules.offload_queue_for(config, q), log))
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
     if decider is not None:
