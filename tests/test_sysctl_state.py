@@ -120,3 +120,18 @@ def test_the_state_directory_comes_from_the_environment(monkeypatch: pytest.Monk
     assert sysctl.state_dir() == Path("/run/nfqlb")
     monkeypatch.setenv(sysctl.STATE_DIR_ENV, str(tmp_path))
     assert sysctl.state_dir() == tmp_path
+
+
+def test_a_reload_asking_again_for_a_setting_it_holds_changes_nothing(
+        proc: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A reload sets the sysctls again: the instance's own record is not taken for a crashed
+    instance's, and the exit restores each setting once, with no warning."""
+    a = instance(proc, tmp_path / "state")
+    a.set(FORWARD)
+    with caplog.at_level(logging.DEBUG, logger="test"):
+        a.set(FORWARD)
+        a.set(FORWARD)
+        assert a.restore()
+    assert value(proc, FORWARD) == "0"
+    assert not [r for r in caplog.records if "did not exit cleanly" in r.getMessage()
+                or r.levelno >= logging.WARNING], caplog.text

@@ -208,6 +208,8 @@ class Sysctls:
         _path(self.root, name).write_text(value + "\n")
 
     def set(self, setting: Setting) -> None:
+        if setting.name in self._held:  # ours already: a reload asks again
+            return
         previous = self.read(setting.name)
         if previous is None:
             raise SystemSetupError(f"sysctl {setting.name} cannot be read (needed: "
