@@ -43,7 +43,7 @@ def _require_tools() -> None:
 @pytest.fixture(params=["flow_hash", "maglev"])
 def lab(request: pytest.FixtureRequest) -> Any:
     _require_tools()
-    with EcmpLab(policy=request.param, daemon={"withdraw_wait": "3s"}) as lab:
+    with EcmpLab(policy=request.param, daemon={"ecmp": True, "withdraw_wait": 3}) as lab:
         lab.wait_nexthops(BOTH, timeout=40)
         yield lab
 
@@ -107,7 +107,7 @@ def test_graceful(lab: EcmpLab) -> None:
     assert node.nfqlb is not None and node.nfqlb.poll() is None
     _survived(holder)
     _new_connections_work(lab)
-    out = node.cli("ctl", "undrain-node")
+    out = node.cli("ctl", "enable-node")
     assert out.returncode == 0, out.stderr
     lab.wait_nexthops(BOTH)
     _survived(holder)

@@ -47,8 +47,15 @@ from types import TracebackType
 from typing import Any
 
 from .daemon import REPO_ROOT, render_config
-from .netns import NS_PREFIX, LabError, clean_env, cleanup_stale_namespaces, delete_netns, \
-    host_cmd, terminate
+from .netns import (
+    NS_PREFIX,
+    LabError,
+    clean_env,
+    cleanup_stale_namespaces,
+    delete_netns,
+    host_cmd,
+    terminate,
+)
 
 VIP = "198.18.200.1"
 PORT = 7000
