@@ -515,7 +515,7 @@ class Engine:
                 return ACCEPT, None, False
             return build_rst(data, p.off, p.v6), None, False  # the packet, turned around
         if how is UnknownFlow.HASH and p.frag_key is None:
-            backend = svc.hash_choice(svc.flow_key(key))
+            backend = svc.adopt_choice(svc.flow_key(key), now)
             if backend is not None:
                 if flags & 0x05:  # FIN or RST: passed on by the hash, never a flow
                     return self._pass_unadopted(svc, data, p, key, backend, False), None, False
@@ -543,7 +543,7 @@ class Engine:
             fwd_key = client[:-2] + vip[:-2] + client[-2:] + vip[-2:]
             if fwd_key in table:
                 break  # the client port has a live flow, on another backend: a stray
-            backend = svc.hash_choice(svc.flow_key(fwd_key))
+            backend = svc.adopt_choice(svc.flow_key(fwd_key), now)
             if backend is None or backend.endpoint != source:
                 continue
             if p.proto == TCP:
