@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -253,6 +254,24 @@ def test_a_failing_choose_consistent_is_contained_and_adopts_by_the_fallback(
     assert b.counters.events["policy_failure"] == N_FLOWS
     assert any("choose_consistent()" in r.getMessage() and "no luck" in r.getMessage()
                for r in caplog.records)
+
+
+def test_the_subnet_affinity_example_is_consistent_when_its_fallback_is(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """examples/policies/subnet_affinity.py declares choose_consistent only with a consistent
+    fallback; then its flows, listed clients and the others, are adopted where they were
+    placed."""
+    shutil.copy(ROOT / "examples" / "policies" / "subnet_affinity.py", tmp_path)
+    subnets = {"198.19.0.0/17": ["b1", "b2"], "198.19.200.0/21": ["b5"]}
+    svc = service(f"file:{tmp_path / 'subnet_affinity.py'}",
+                  policy_options={"subnets": subnets, "fallback": "maglev"})
+    assert_b_adopts_as_a_placed(svc)
+    cfg = write_config(tmp_path / "nfqlb.toml", [("web", "file:subnet_affinity.py", "hash")])
+    with cfg.open("a") as f:  # the default fallback, least_conn
+        f.write('  [service.policy_options.subnets]\n  "198.19.0.0/17" = ["198.18.1.11:8080"]\n')
+    assert cli.main(["check", "--config", str(cfg)]) == 0
+    out, err = capsys.readouterr()
+    assert "service[0] (web): policy" in err and "no choose_consistent()" in err
 
 
 def test_offload_adopts_mid_flow_packets_on_the_policys_backend() -> None:
