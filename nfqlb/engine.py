@@ -529,7 +529,9 @@ class Engine:
     def _unknown_reply(self, data: bytes, p: Parsed, key: bytes,
                        now: float) -> tuple[Verdict, Flow | None, bool]:
         """A packet that is not to a VIP and matches no flow: a backend's reply to a flow
-        nfqlb lost (adopted by hash where configured), or simply not ours (accepted).
+        nfqlb lost or never saw (its request went through another node), adopted where
+        ``unknown_flow = "hash"`` when the service's adoption choice for the flow is this
+        backend (``ServiceRuntime.adopt_choice``), or simply not ours (accepted).
 
         A packet from a backend to a client port that has a live flow on another backend is
         not adopted: it would take the flow over (the client's next packets would go to the

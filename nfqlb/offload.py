@@ -14,8 +14,7 @@ that opens no flow gets what the engine gives it in the other modes: a TCP segme
 not a bare SYN (a flow conntrack picked up in the middle: after a restart, or after nfqlb
 removed its entry) is an unknown flow (``unknown_flow``: a RST back to the client, a drop, or
 adoption on the backend a consistent policy chose, else on the rendezvous hash, marked like
-any new flow), and a flow no backend may take
-is refused the same way (``no_backend_up``).
+any new flow), and a flow no backend may take is refused the same way (``no_backend_up``).
 
 Verdicts: an ``int`` (accept with this mark), ``ACCEPT`` (not an offload service's: passed
 unmarked), ``DROP``, or ``bytes`` (the packet turned into its RST answer). Counting, per
