@@ -54,6 +54,7 @@ from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
+from nfqlb.io.node import NodeState
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
 from nfqlb.offload import OffloadDecider
@@ -157,6 +158,7 @@ class Server:
         self.offload: OffloadDecider | None = None  # mode "offload": its queue's decider
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
+        self.node = NodeState()  # what nfqlb health answers: drained, withdrawing, rules
 
     def install_signal_handlers(self) -> None:
         # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
@@ -253,7 +255,20 @@ class Server:
         return True, f"reloaded {self.config_path}"
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
+        wait = self._live.config.daemon.withdraw_wait if self._live is not None else 0.0
+        if self.role is None and wait > 0 and self.node.rules and not self.node.withdrawing:
+            self.node.withdrawing = True
+            self.log.info("%s: withdrawing: nfqlb health fails from now on, packets are served "
+                          "for %g s more (withdraw_wait) while the router moves traffic, then "
+                          "the rules go (a second SIGTERM or SIGINT stops at once)", sig.name,
+                          wait)
+            self.loop.call_later(wait, self._withdrawn, wait)
+            return
         self.log.info("%s: removing rules and stopping", sig.name)
+        self.loop.stop()
+
+    def _withdrawn(self, wait: float) -> None:
+        self.log.info("withdraw_wait (%g s) over: removing rules and stopping", wait)
         self.loop.stop()
 
     def serve(self) -> None:
@@ -518,6 +533,7 @@ def _serve_bound(config: Config, queue: int, large: int,
         try:
             for rs in rulesets:
                 iptables.apply(rs, tools[rs.family.version])
+            server.node.rules = True
             chains = rulesets[0].chains
             n = len(config.services)
             log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
@@ -525,6 +541,7 @@ def _serve_bound(config: Config, queue: int, large: int,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
             server.serve()
         finally:
+            server.node.rules = False
             for t in server._live.tools.values():
                 try:
                     if iptables.delete(queue, t):

@@ -48,13 +48,14 @@ from nfqlb import __version__, rules
 from nfqlb.config import Config, load_config, with_workers
 from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
-from nfqlb.io import control, iptables, sysctl
+from nfqlb.io import control, iptables, node, sysctl
 from nfqlb.io.health import HealthChecker
 from nfqlb.values import Backend
 
 STOP_TIMEOUT = 10.0  # s the workers have to stop after SIGTERM before SIGKILL
 READY_TIMEOUT = 30.0  # s a worker has to bind its queues
 ASK_TIMEOUT = 5.0  # s a worker has to answer a control request
+HEALTH_ASK_TIMEOUT = 0.4  # s a worker has to answer a health request (nfqlb health waits 1.5)
 
 #: Per-backend and per-service figures that are the same in every worker: the first is kept,
 #: the others (counters, flows) are summed.
@@ -143,6 +144,7 @@ class Supervisor:
         self.loop: Any = None
         self.sysctls: sysctl.Sysctls | None = None  # set while serving (restored at the end)
         self.health: HealthChecker | None = None  # the one checker, while serving
+        self.node = node.NodeState()  # what nfqlb health answers: drained, withdrawing, rules
 
     # ------------------------------------------------------------ start and stop
 
@@ -299,6 +301,7 @@ class Supervisor:
                     sysctl.setup(self.config, sysctls)
                     for rs in self.rulesets:
                         iptables.apply(rs, self.tools[rs.family.version])
+                    self.node.rules = True
                     n = len(self.config.services)
                     self.log.info(
                         "serving queues %d-%d with %d workers, packets over %d bytes on queues "
@@ -318,6 +321,7 @@ class Supervisor:
                 finally:
                     if self.health is not None:
                         self.health.stop()
+                    self.node.rules = False
                     clean = self._remove_rules() and clean
                     for w in self.workers:
                         loop.remove_reader(w.channel)
@@ -369,9 +373,25 @@ class Supervisor:
             control._finish(loop, server.close())
 
     def _on_stop(self, sig: signal.Signals) -> None:
+        wait = self.config.daemon.withdraw_wait
+        if wait > 0 and self.node.rules and not self.node.withdrawing and not self.stopping:
+            self.node.withdrawing = True
+            self.log.info("%s: withdrawing: nfqlb health fails from now on, packets are served "
+                          "for %g s more (withdraw_wait) while the router moves traffic, then "
+                          "the rules go (a second SIGTERM or SIGINT stops at once)", sig.name,
+                          wait)
+            self.loop.call_later(wait, self._withdrawn, wait)
+            return
         self.log.info("%s: removing rules and stopping %d workers", sig.name, self.n)
         self.stopping = True
         self.loop.stop()
+
+    def _withdrawn(self, wait: float) -> None:
+        if not self.stopping:
+            self.log.info("withdraw_wait (%g s) over: removing rules and stopping %d workers",
+                          wait, self.n)
+            self.stopping = True
+            self.loop.stop()
 
     def _on_child(self) -> None:
         for w in self._reap():
@@ -394,9 +414,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ asking the workers
 
-    def ask(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+    def ask(self, request: dict[str, Any],
+            timeout: float = ASK_TIMEOUT) -> list[dict[str, Any]]:
         """Every running worker's answer to a control request (an error answer for one that
-        does not answer)."""
+        does not answer within ``timeout``)."""
         answers = []
         for w in self.workers:
             if w.status is not None:
@@ -404,7 +425,7 @@ class Supervisor:
                 continue
             try:
                 answers.append(control.request(
-                    control.worker_socket_path(self.queue, w.index), request, ASK_TIMEOUT))
+                    control.worker_socket_path(self.queue, w.index), request, timeout))
             except NfqlbError as exc:
                 answers.append({"ok": False, "error": f"worker {w.index}: {exc}"})
         return answers
@@ -421,7 +442,8 @@ class Supervisor:
         out["daemon"] = {"pid": os.getpid(), "version": __version__, "queue": self.queue,
                          "workers": self.n, "started_at": self.started_at,
                          "uptime_s": round(now - self.started_at, 3),
-                         "config": self.config_path, "loaded_at": self.loaded_at}
+                         "config": self.config_path, "loaded_at": self.loaded_at,
+                         "node": self.node.state}
         out["workers"] = [
             {"worker": w.index, "pid": w.pid, "queue": self.queue + w.index,
              **({k: a["status"].get(k) for k in ("packets", "rewritten", "flows_total",
@@ -439,6 +461,11 @@ class Supervisor:
         try:
             if cmd == "status":
                 return {"ok": True, "status": self.status()}
+            if cmd == "health":  # the node's state and rules are the supervisor's
+                return {"ok": True, "health": node.merge_facts(
+                    self.node, self.node.rules, self.ask(req, HEALTH_ASK_TIMEOUT))}
+            if cmd in ("drain_node", "enable_node"):
+                return control.node_command(self, cmd, self.log)
             if cmd == "reload":
                 ok, message = self.reload()
                 return {"ok": True, "message": message} if ok else {"ok": False,
