@@ -1,13 +1,18 @@
 """End to end: what ``nfqlb health`` tells a BGP speaker about a real daemon in the lab.
 
 A dnat service over two nginx backends with http health checks, ``[daemon] ecmp = true``
-(the node is one of several behind a router's multipath). ``nfqlb health`` exits 0 while
-the node serves; 5 once every backend is down; 3 after ``ctl drain-node`` (requests are still
-served, a reload keeps it) and during ``withdraw_wait`` after SIGTERM, while a download that
-started before the signal goes on to its last byte and new requests are served; 1 once the
-daemon is SIGKILLed (its socket refuses), and then the rules it leaves drop the VIP's packets
-instead of passing them unrewritten (no --queue-bypass behind ECMP). With
-``NFQLB_LAB_WORKERS=2`` the supervisor answers for both workers.
+(the node is one of several behind a router's multipath). ``nfqlb health`` exits
+
+- 0 while the node serves;
+- 5 once every backend is down;
+- 3 after ``ctl drain-node`` (requests are still served, a reload keeps it), and during
+  ``withdraw_wait`` after SIGTERM, while a download that started before the signal goes on to
+  its last byte and new requests are served (a second SIGTERM stops at once);
+- 4 once another program deleted its jump in raw PREROUTING;
+- 1 once the daemon is SIGKILLed (its socket refuses); the rules it leaves then drop the
+  VIP's packets instead of passing them unrewritten (no --queue-bypass behind ECMP).
+
+With ``NFQLB_LAB_WORKERS=2`` the supervisor answers for both workers.
 """
 
 from __future__ import annotations
@@ -93,6 +98,12 @@ def test_health_follows_backends_and_drain_node() -> None:
             assert d.cli("ctl", "enable-node").returncode == 0
             assert health(d, "--service", "web").returncode == node.OK
             assert node_state(d) == "serving"
+
+            # another program deletes nfqlb's jump: the node no longer serves
+            lab.exec(lab.lb, ["iptables", "-t", "raw", "-D", "PREROUTING", "-j",
+                              "NFQLB-PRE-1"])
+            done = wait_health(d, node.NOT_WHOLE)
+            assert "no jump from PREROUTING to NFQLB-PRE-1" in done.stderr, done.stderr
         assert d.returncode == 0, d.report()
         assert health(d).returncode == node.NO_DAEMON  # stopped: no socket
 

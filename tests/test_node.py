@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -255,3 +256,48 @@ def test_ecmp_rules_drop_when_no_worker_is_bound() -> None:
     assert "--queue-bypass" in text(daemon_config())
     assert "NFQUEUE" in text(daemon_config(ecmp=True))
     assert "--queue-bypass" not in text(daemon_config(ecmp=True))
+
+
+class SavedText:
+    """An ``Iptables`` whose ``save_text`` is what a test says."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def save_text(self) -> str:
+        return self.text
+
+
+def test_missing_jump_names_the_jump_gone_from_the_kernel() -> None:
+    from nfqlb import rules
+
+    [rs] = rules.render(daemon_config(), 1)
+    installed = "*raw\n" + "".join(line.replace("-I ", "-A ", 1) + "\n" for line in rs.jumps)
+    assert node.missing_jump([rs], {4: SavedText(installed + "COMMIT\n")}) == ""
+    flushed = installed.replace(f"-A PREROUTING -j {rs.chains.pre}\n", "")
+    line = node.missing_jump([rs], {4: SavedText(flushed)})
+    assert line == (f"the rules are gone from the kernel: no jump from PREROUTING to "
+                    f"{rs.chains.pre} in iptables-save (flushed by another program?)")
+
+
+def test_rules_watch_fails_health_until_the_jump_is_back(
+        daemon: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    srv, path = daemon
+    found = ["no jump from PREROUTING to NFQLB-PRE-1"]
+    watch = node.RulesWatch(srv.node, lambda: found[0], interval=0.01)
+    watch.start()
+    try:
+        for _ in range(500):  # (bounded: the thread looks every 10 ms)
+            if srv.node.rules_gone:
+                break
+            threading.Event().wait(0.01)
+        code, _, err = health(capsys, path)
+        assert (code, err) == (node.NOT_WHOLE, f"nfqlb: not serving: {found[0]}\n")
+        found[0] = ""
+        for _ in range(500):
+            if not srv.node.rules_gone:
+                break
+            threading.Event().wait(0.01)
+        assert health(capsys, path)[0] == node.OK
+    finally:
+        watch.stop()

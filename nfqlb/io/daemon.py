@@ -54,7 +54,7 @@ from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
-from nfqlb.io.node import NodeState
+from nfqlb.io.node import NodeState, RulesWatch, missing_jump
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
 from nfqlb.offload import OffloadDecider
@@ -528,6 +528,8 @@ def _serve_bound(config: Config, queue: int, large: int,
             server.held.drop_all(log)
             server.sender.close()
         return True
+    live = server._live
+    watch = RulesWatch(server.node, lambda: missing_jump(live.rulesets, live.tools))
     try:
         sysctl.setup(config, sysctls)
         try:
@@ -539,8 +541,10 @@ def _serve_bound(config: Config, queue: int, large: int,
             log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
                      "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET, n,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
+            watch.start()
             server.serve()
         finally:
+            watch.stop()
             server.node.rules = False
             for t in server._live.tools.values():
                 try:

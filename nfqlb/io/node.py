@@ -29,8 +29,12 @@ A node serves a service when all of these hold, each failure with an exit code o
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+RULES_CHECK_S = 2.0  # how often the daemon looks for its jumps in the kernel's tables
 
 SERVING, DRAINING, WITHDRAWING = "serving", "draining", "withdrawing"
 
@@ -44,6 +48,7 @@ class NodeState:
     drained: bool = False  # nfqlb ctl drain-node
     withdrawing: bool = False  # stopping: withdraw_wait runs
     rules: bool = False  # the daemon's rules are installed (set once applied, cleared first)
+    rules_gone: str = ""  # what RulesWatch last found missing in the kernel's tables
 
     @property
     def state(self) -> str:
@@ -80,7 +85,8 @@ def health_facts(node: NodeState, status: dict[str, Any], adapters: tuple[Any, .
     are installed (None: not its business, a supervisor's worker), its queues the kernel does
     not show bound, and per service the backends that may take new flows."""
     return {"node": node.state, "rules": rules, "unbound": unbound_queues(adapters),
-            "services": service_facts(status), "problems": []}
+            "services": service_facts(status),
+            "problems": [node.rules_gone] if rules and node.rules_gone else []}
 
 
 def judge(facts: dict[str, Any], service: str | None) -> tuple[int, str]:
@@ -130,5 +136,63 @@ def merge_facts(own: NodeState, rules: bool, answers: list[dict[str, Any]]) -> d
         for name, s in h["services"].items():
             have = services.setdefault(name, dict(s))
             have["live"] = min(have["live"], s["live"])
+    if rules and own.rules_gone:
+        problems.insert(0, own.rules_gone)
     return {"node": own.state, "rules": rules, "unbound": unbound, "services": services,
             "problems": problems}
+
+
+def missing_jump(rulesets: Any, tools: Any) -> str:
+    """The first jump from a built-in chain into nfqlb's chains that the kernel's tables no
+    longer hold (another program flushed them, say), as one line; "" when all are there.
+    One ``iptables-save`` per family."""
+    for rs in rulesets:
+        present = {_jump(line) for line in tools[rs.family.version].save_text().splitlines()}
+        for line in (*rs.jumps, *(line for _table, line in rs.offload_jumps)):
+            jump = _jump(line)
+            if jump is not None and jump not in present:
+                return (f"the rules are gone from the kernel: no jump from {jump[0]} to "
+                        f"{jump[1]} in {rs.family.iptables}-save (flushed by another program?)")
+    return ""
+
+
+def _jump(line: str) -> tuple[str, str] | None:
+    """``-A CHAIN ... -j TARGET`` (or ``-I``): (CHAIN, TARGET)."""
+    words = line.split()
+    if len(words) < 4 or words[0] not in ("-A", "-I") or "-j" not in words[:-1]:
+        return None
+    return words[1], words[words.index("-j") + 1]
+
+
+class RulesWatch:
+    """Every RULES_CHECK_S, on a thread of its own (``iptables-save`` takes milliseconds,
+    which the event loop must not wait for), whether the daemon's jumps are still in the
+    kernel's tables: what is missing goes to ``node.rules_gone`` (health then fails, exit 4).
+    ``look`` returns that line, "" when all is there; it raising counts as nothing missing."""
+
+    def __init__(self, node: NodeState, look: Callable[[], str],
+                 interval: float = RULES_CHECK_S) -> None:
+        self.node = node
+        self.look = look
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="nfqlb-rules-watch",
+                                        daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+        self.node.rules_gone = ""
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                gone = self.look()
+            except Exception:
+                gone = ""
+            if not self._stop.is_set():
+                self.node.rules_gone = gone

@@ -280,6 +280,7 @@ class Supervisor:
         self.loop = loop = daemon._new_loop()
         self.sysctls = sysctls = sysctl.Sysctls(self.log)
         clean = True
+        watch = node.RulesWatch(self.node, lambda: node.missing_jump(self.rulesets, self.tools))
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_stop, sig)
@@ -316,9 +317,11 @@ class Supervisor:
                         loop.call_later(self.stats_interval, self._periodic_stats)
                     loop.call_later(LINGER_CHECK_S, self._check_lingering)
                     loop.call_later(1.0, self._poll_children)
+                    watch.start()
                     if not self.stopping:
                         loop.run_forever()
                 finally:
+                    watch.stop()
                     if self.health is not None:
                         self.health.stop()
                     self.node.rules = False
