@@ -21,7 +21,10 @@ The loop has three kinds of sources: the two queue sockets (``add_reader`` -> th
 (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
 and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGHUP reloads). Signal
 handlers are installed before anything is changed, so a SIGTERM at any point after that leads
-through the clean-up.
+through the clean-up. With ``daemon.withdraw_wait`` a stop signal first makes ``nfqlb health``
+fail (the node is withdrawing, :mod:`nfqlb.io.node`) and the loop serves that long before it
+stops, so that a BGP speaker withdraws the VIP while flows are still served; a second signal
+stops at once.
 
 A reload (SIGHUP, ``nfqlb ctl reload``) reads the configuration file again; one that fails
 ``check`` is refused (one line, logged) and the running one keeps serving. Otherwise the

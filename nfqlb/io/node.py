@@ -191,7 +191,9 @@ class RulesWatch:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             try:
-                gone = self.look()
+                # missing: look again, with the rule sets as they are now (a reload replacing
+                # a family's rules may have been between its rule sets and the kernel's)
+                gone = self.look() and self.look()
             except Exception:
                 gone = ""
             if not self._stop.is_set():

@@ -15,7 +15,9 @@ What the operator sees is one daemon: this supervisor process, which
   all workers and a line per worker; ``drain``/``enable``/``weight``/``reload`` reach every
   worker) and the metrics endpoint (the totals, the per-queue figures of every worker's
   queues, and ``nfqlb_worker_*`` per worker). Each worker answers the supervisor on a socket
-  of its own, ``nfqlb-<queue>.workers/<i>.sock``;
+  of its own, ``nfqlb-<queue>.workers/<i>.sock``. ``health`` asks every worker and adds the
+  node's state, which the supervisor holds (``ctl drain-node``, ``withdraw_wait``:
+  :mod:`nfqlb.io.node`);
 - on SIGTERM/SIGINT removes the rules, stops the workers (SIGTERM, then SIGKILL after
   STOP_TIMEOUT) and prints one block of counters, the sum of all workers' (each worker's
   queue lines under it); SIGHUP (or ``nfqlb ctl reload``) checks the file, reloads every
