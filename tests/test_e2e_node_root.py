@@ -18,6 +18,7 @@ With ``NFQLB_LAB_WORKERS=2`` the supervisor answers for both workers.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -173,3 +174,24 @@ def test_sigkill_fails_health_and_leftover_rules_drop() -> None:
             assert d.chain_installed()  # a SIGKILLed daemon cannot remove its rules
             with pytest.raises(LabError):  # dropped, not passed unrewritten
                 lab.curl(lab.client, f"http://{VIP}/", max_time=2)
+
+
+def test_a_dead_worker_behind_ecmp_leaves_rules_that_drop() -> None:
+    """Without ``ecmp`` the supervisor removes the rules when a worker dies
+    (test_e2e_workers_root); behind ECMP they stay and drop, as after a SIGKILL."""
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(web(lab), daemon={"ecmp": True, "workers": 2})
+        with d:
+            wait_health(d, node.OK)
+            done = d.cli("status", "--json")
+            assert done.returncode == 0, done.stderr
+            victim = json.loads(done.stdout)["workers"][1]["pid"]
+            os.kill(victim, signal.SIGKILL)
+            d.proc.wait(15)  # type: ignore[union-attr]
+            d.stop()
+        assert d.returncode == 1, d.report()
+        assert "the rules stay" in d.stderr, d.report()
+        assert health(d).returncode == node.NO_DAEMON
+        assert d.chain_installed()
+        with pytest.raises(LabError):  # dropped, not passed unrewritten
+            lab.curl(lab.client, f"http://{VIP}/", max_time=2)

@@ -549,7 +549,12 @@ def _serve_bound(config: Config, queue: int, large: int,
         finally:
             watch.stop()
             server.node.rules = False
-            for t in server._live.tools.values():
+            kept = server.crash is not None and server._live.config.daemon.ecmp
+            if kept:
+                log.error("daemon.ecmp: the rules stay, without --queue-bypass: the VIP's "
+                          "packets are dropped, not passed unrewritten, until the next start "
+                          "(or nfqlb rules --delete)")
+            for t in () if kept else server._live.tools.values():
                 try:
                     if iptables.delete(queue, t):
                         log.info("rules for queue %d removed (%s)", queue, t.family.iptables)

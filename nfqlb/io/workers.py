@@ -327,7 +327,12 @@ class Supervisor:
                     if self.health is not None:
                         self.health.stop()
                     self.node.rules = False
-                    clean = self._remove_rules() and clean
+                    if self.failed and self.config.daemon.ecmp:
+                        self.log.error("daemon.ecmp: the rules stay, without --queue-bypass: "
+                                       "the VIP's packets are dropped, not passed unrewritten, "
+                                       "until the next start (or nfqlb rules --delete)")
+                    else:
+                        clean = self._remove_rules() and clean
                     for w in self.workers:
                         loop.remove_reader(w.channel)
                     for fd in pidfds:
