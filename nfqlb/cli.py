@@ -270,9 +270,13 @@ def _need_root(what: str) -> None:
 
 
 def cmd_check(args: argparse.Namespace, log: logging.Logger) -> int:
+    from nfqlb.services import adoption_warnings
+
     config = _load(args)
+    for text in adoption_warnings(config):
+        log.warning("%s: %s", config.source, text)
     for line in config_warnings(config):
-        print(f"{PROG}: warning: {line}", file=sys.stderr)
+        log.warning("%s", line)
     n = len(config.services)
     print(f"{config.source}: ok ({n} service{'' if n == 1 else 's'})")
     return 0

@@ -66,11 +66,13 @@ EVENTS: dict[str, str] = {
     "evicted": "flows evicted at max_flows (the flow nearest its idle timeout goes first)",
     "reset_sent": "RSTs sent for TCP packets with no flow (unknown_flow \"reset\"; in local "
                   "mode the packet goes to the host's stack, which sends it)",
-    "flow_adopted": "flows adopted by hash with no SYN seen (unknown_flow \"hash\"); they keep "
-                    "the syn timeout until the other side answers",
+    "flow_adopted": "flows adopted with no SYN seen (unknown_flow \"hash\": on the policy's "
+                    "consistent choice, else the rendezvous hash); they keep the syn timeout "
+                    "until the other side answers",
     "fragment_held": "fragments held because they came before their first fragment",
     "icmp_error_translated": "ICMP errors about balanced flows, translated for the other side",
-    "policy_failure": "a policy raised, or chose a backend not of its service",
+    "policy_failure": "a policy raised (choose, choose_consistent, on_flow_closed), or chose a "
+                      "backend not of its service",
     "policy_fallback": "new flows placed by policy_fallback after a policy failure",
     "no_backend_up": "new flows refused because no backend of the service could take them",
     "flows_reset": "flows ended by nfqlb with a RST to both ends (on_backend_down \"reset\", "
@@ -79,8 +81,9 @@ EVENTS: dict[str, str] = {
                  "backend (its ports all taken): closed ones lingering first, then half-open",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
-    "policy_slow": "policy calls (choose, on_flow_closed) that took 1 ms or more (the daemon "
-                   "times them; logged at a rate limit with the plugin and the duration)",
+    "policy_slow": "policy calls (choose, choose_consistent, on_flow_closed) that took 1 ms or "
+                   "more (the daemon times them; logged at a rate limit with the plugin and "
+                   "the duration)",
 }
 
 #: Per service.

@@ -515,7 +515,7 @@ class Engine:
                 return ACCEPT, None, False
             return build_rst(data, p.off, p.v6), None, False  # the packet, turned around
         if how is UnknownFlow.HASH and p.frag_key is None:
-            backend = svc.hash_choice(svc.flow_key(key))
+            backend = svc.adopt_choice(svc.flow_key(key), now)
             if backend is not None:
                 if flags & 0x05:  # FIN or RST: passed on by the hash, never a flow
                     return self._pass_unadopted(svc, data, p, key, backend, False), None, False
@@ -529,7 +529,9 @@ class Engine:
     def _unknown_reply(self, data: bytes, p: Parsed, key: bytes,
                        now: float) -> tuple[Verdict, Flow | None, bool]:
         """A packet that is not to a VIP and matches no flow: a backend's reply to a flow
-        nfqlb lost (adopted by hash where configured), or simply not ours (accepted).
+        nfqlb lost or never saw (its request went through another node), adopted where
+        ``unknown_flow = "hash"`` when the service's adoption choice for the flow is this
+        backend (``ServiceRuntime.adopt_choice``), or simply not ours (accepted).
 
         A packet from a backend to a client port that has a live flow on another backend is
         not adopted: it would take the flow over (the client's next packets would go to the
@@ -543,7 +545,7 @@ class Engine:
             fwd_key = client[:-2] + vip[:-2] + client[-2:] + vip[-2:]
             if fwd_key in table:
                 break  # the client port has a live flow, on another backend: a stray
-            backend = svc.hash_choice(svc.flow_key(fwd_key))
+            backend = svc.adopt_choice(svc.flow_key(fwd_key), now)
             if backend is None or backend.endpoint != source:
                 continue
             if p.proto == TCP:

@@ -13,8 +13,8 @@ health checks, ``nfqlb ctl`` and reloads act on offload services as on the other
 that opens no flow gets what the engine gives it in the other modes: a TCP segment that is
 not a bare SYN (a flow conntrack picked up in the middle: after a restart, or after nfqlb
 removed its entry) is an unknown flow (``unknown_flow``: a RST back to the client, a drop, or
-adoption by the consistent hash, marked like any new flow), and a flow no backend may take
-is refused the same way (``no_backend_up``).
+adoption on the backend a consistent policy chose, else on the rendezvous hash, marked like
+any new flow), and a flow no backend may take is refused the same way (``no_backend_up``).
 
 Verdicts: an ``int`` (accept with this mark), ``ACCEPT`` (not an offload service's: passed
 unmarked), ``DROP``, or ``bytes`` (the packet turned into its RST answer). Counting, per
@@ -118,7 +118,7 @@ class OffloadDecider:
             if proto == TCP:
                 flags = data[off + 13]
                 if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
-                    return self._unknown_flow(svc, data, off, v6, key, flags)
+                    return self._unknown_flow(svc, data, off, v6, key, flags, now)
             if not svc.any_live:
                 return self._no_backend_up(svc, data, off, v6, proto)
             backend, _placer, _chosen, reason = svc.choose(svc.flow_key(key), now)
@@ -139,7 +139,7 @@ class OffloadDecider:
         return self.marks[backend]
 
     def _unknown_flow(self, svc: ServiceRuntime, data: bytes, off: int, v6: bool,
-                      key: bytes, flags: int) -> OffloadVerdict:
+                      key: bytes, flags: int, now: float) -> OffloadVerdict:
         how = svc.service.unknown_flow
         if how is UnknownFlow.RESET:
             if flags & 0x04:
@@ -147,7 +147,7 @@ class OffloadDecider:
             self.counters.event("reset_sent")
             return build_rst(data[:off + (data[off + 12] >> 4) * 4], off, v6)
         if how is UnknownFlow.HASH:
-            backend = svc.hash_choice(svc.flow_key(key))
+            backend = svc.adopt_choice(svc.flow_key(key), now)
             if backend is not None:
                 self.counters.event("flow_adopted")
                 return self._placed(backend)

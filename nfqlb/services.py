@@ -32,8 +32,16 @@ from typing import TYPE_CHECKING, Any
 
 from nfqlb.config import Config, Service, UnknownFlow
 from nfqlb.counters import Counters
+from nfqlb.policies import (
+    ALIASES,
+    FlowKey,
+    Policy,
+    consistent_chooser,
+    describe_failure,
+    hash_choice,
+    make_policy,
+)
 from nfqlb.policies import DROP as POLICY_DROP
-from nfqlb.policies import FlowKey, Policy, describe_failure, hash_choice, make_policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.snat import PortPool
 from nfqlb.values import Backend, Mode
@@ -145,6 +153,7 @@ class ServiceRuntime:
 
     __slots__ = ("service", "name", "local", "policy", "fallback", "pool", "snat_address",
                  "vip_endpoint", "backends", "offered", "backend_set", "offered_ids", "proto",
+                 "adopters",
                  "any_live", "refused",
                  "no_backend_up",
                  "policy_errors", "address_type", "_counters", "_log", "_clock", "policy_slow",
@@ -169,6 +178,7 @@ class ServiceRuntime:
         self.any_live = True  # some backend may take new flows
         self.policy: Policy
         self.fallback: Policy | None
+        self.adopters: tuple[Callable[[FlowKey], Backend | None], ...]
         self.apply(service, pool)
 
     def apply(self, service: Service, pool: PortPool | None) -> list[BackendRuntime]:
@@ -216,6 +226,11 @@ class ServiceRuntime:
             if service.policy_fallback != POLICY_DROP:
                 self.fallback = make_policy(service.policy_fallback, service.backends,
                                             rng=random.Random(self._rng.getrandbits(64)))
+            # unknown_flow = "hash" (adopt_choice): a consistent policy's choice, then its
+            # fallback's if that is consistent too; none: the rendezvous hash
+            own = consistent_chooser(self.policy)
+            other = consistent_chooser(self.fallback)
+            self.adopters = () if own is None else (own,) if other is None else (own, other)
             self.offered = ()  # new policies: hand them the backends as they are now
         self.refresh(0.0)
         return removed
@@ -299,30 +314,38 @@ class ServiceRuntime:
         if clock is not None:
             self.timed("choose", clock() - started, now)
         if failure is None:
-            try:
-                valid = backend is None or id(backend) in self.offered_ids \
-                    or backend in self.backend_set
-            except TypeError:  # unhashable
-                valid = False
-            if valid:
+            if self._offered(backend):
                 return self._runtime(backend), self.policy, backend, "no_backend"
             problem = f"returned {backend!r:.80}, not one of the service's backends"
         else:
             problem = f"raised {describe_failure(failure)} in choose()"
             del failure
-        self.policy_errors += 1
-        self._counters.event("policy_failure")
         s = self.service
         fallback = self.fallback
-        self._log.warning(f"policy:{s.name}", now, "service %s: policy %s %s; flow %s:%d -> %s "
-                          "(%d failures so far)", s.name, s.policy, problem, fkey.src,
-                          fkey.sport, f"fallback {s.policy_fallback}" if fallback else "dropped",
-                          self.policy_errors)
+        self._policy_failed(problem, fkey, now, f"fallback {s.policy_fallback}" if fallback
+                            else "dropped")
         if fallback is None:
             return None, None, None, "policy_error"
         self._counters.event("policy_fallback")
         backend = fallback.choose(fkey, now)
         return self._runtime(backend), fallback, backend, "no_backend"
+
+    def _offered(self, backend: object) -> bool:
+        """Whether a policy's answer is None or one of the backends offered to it."""
+        try:
+            return backend is None or id(backend) in self.offered_ids \
+                or backend in self.backend_set
+        except TypeError:  # unhashable
+            return False
+
+    def _policy_failed(self, problem: str, fkey: FlowKey, now: float, outcome: str) -> None:
+        """Count and log (at a rate limit) a policy's failure for the flow ``fkey``."""
+        self.policy_errors += 1
+        self._counters.event("policy_failure")
+        s = self.service
+        self._log.warning(f"policy:{s.name}", now, "service %s: policy %s %s; flow %s:%d -> %s "
+                          "(%d failures so far)", s.name, s.policy, problem, fkey.src,
+                          fkey.sport, outcome, self.policy_errors)
 
     def _runtime(self, backend: Backend | None) -> BackendRuntime | None:
         if backend is None or backend.weight <= 0:
@@ -343,10 +366,34 @@ class ServiceRuntime:
                           self.name, self.service.policy, took * 1e3, hook, self.policy_slow,
                           SLOW_POLICY_S * 1e3, self.slowest * 1e3)
 
-    def hash_choice(self, fkey: FlowKey) -> BackendRuntime | None:
-        """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on (the same on every node and
-        after every restart, while the backend set is the same): among those that may take
-        new flows."""
+    def adopt_choice(self, fkey: FlowKey, now: float) -> BackendRuntime | None:
+        """The backend ``unknown_flow = "hash"`` adopts ``fkey`` on, the same on every node and
+        after every restart while the backends that may take new flows are the same: the
+        policy's ``choose_consistent`` (where any node's policy placed the flow), else the
+        rendezvous hash of the flow (``flow_hash``'s choice, which for any other policy is
+        where it placed the flow only by chance: ``nfqlb check`` warns of it).
+
+        A failing ``choose_consistent`` is contained like ``choose``: counted, logged, and the
+        fallback's consistent choice (the node that opened the flow placed it by the fallback
+        too, when the policy is a pure function that fails), else the rendezvous hash."""
+        adopters = self.adopters
+        for i, chooser in enumerate(adopters):
+            clock = self._clock
+            started = clock() if clock is not None else 0.0
+            try:
+                backend = chooser(fkey)
+            except BaseException as exc:  # SystemExit and KeyboardInterrupt too: the plugin's
+                problem = f"raised {describe_failure(exc)} in choose_consistent()"
+            else:
+                if self._offered(backend):
+                    return self._runtime(backend)
+                problem = f"returned {backend!r:.80} from choose_consistent(), not one of " \
+                    "the service's backends"
+            finally:
+                if clock is not None:
+                    self.timed("choose_consistent", clock() - started, now)
+            self._policy_failed(problem, fkey, now, "adopted by the fallback's choice"
+                                if i + 1 < len(adopters) else "adopted by the rendezvous hash")
         return self._runtime(hash_choice(fkey, self.offered))
 
     def take_port(self, backend: BackendRuntime) -> int | None:
@@ -404,6 +451,40 @@ class ServiceRuntime:
                 "refused": self.refused, "no_backend_up": self.no_backend_up,
                 "policy_errors": self.policy_errors, "policy_slow": self.policy_slow,
                 "policy_slowest_ms": round(self.slowest * 1e3, 3)}
+
+
+#: Why a built-in policy cannot choose the same backend on every node.
+_NOT_CONSISTENT = {
+    "round_robin": "it takes the backends in turn",
+    "weighted_round_robin": "it takes the backends in turn",
+    "least_conn": "it counts each node's open flows",
+    "random": "it draws at random and counts each node's open flows",
+}
+
+
+def adoption_warnings(config: Config) -> list[str]:
+    """One line per service with ``unknown_flow = "hash"`` whose policy is not consistent (no
+    ``choose_consistent``): a flow its node does not know is adopted on the rendezvous hash,
+    which is not where another node's policy (or this node's, before a restart) placed most
+    flows. A warning, not an error: one node that never restarts never adopts."""
+    out = []
+    for i, svc in enumerate(config.services):
+        if svc.unknown_flow is not UnknownFlow.HASH:
+            continue
+        policy = make_policy(svc.policy, svc.backends, svc.policy_options, random.Random(0))
+        if consistent_chooser(policy) is not None:
+            continue
+        name = ALIASES[svc.policy][0] if svc.policy in ALIASES else svc.policy
+        why = _NOT_CONSISTENT.get(name, "it has no choose_consistent(), the declaration that "
+                                  "its choice is a pure function of the flow and the backends")
+        out.append(f"service[{i}] ({svc.name}): policy \"{svc.policy}\" is not consistent "
+                   f"across nodes ({why}): unknown_flow = \"hash\" adopts a flow this node "
+                   "does not know (after a restart, moved here by ECMP, or a backend's reply "
+                   "whose request went through another node) on the rendezvous hash of the "
+                   "flow (flow_hash's choice), not on the backend the policy chose for it, "
+                   "and the connections it moves break; for several nodes use maglev, "
+                   "source_hash or flow_hash")
+    return out
 
 
 def endpoint(address: bytes, port: int) -> bytes:

@@ -9,6 +9,7 @@ builds its own lab and tears it down; every traffic loop is bounded in count and
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import sys
 import time
@@ -210,7 +211,8 @@ import json, os, re, socket, sys, time
 a = json.loads(sys.argv[1])
 def emit(**kw):
     print(json.dumps(kw), flush=True)
-sock = socket.create_connection((a["dst"], a["port"]), timeout=a["timeout"])
+sock = socket.create_connection((a["dst"], a["port"]), timeout=a["timeout"],
+                                source_address=("", a["sport"]) if a.get("sport") else None)
 emit(event="connected", port=sock.getsockname()[1], t=time.monotonic())
 buf = b""
 def read_some():
@@ -246,12 +248,13 @@ RESTART_AFTER = 1.2  # seconds into the conversation
 
 
 def run_across_restart(lab: Lab, svc: dict[str, object], host: Host | None = None,
-                       quiet_restart: bool = False
+                       quiet_restart: bool = False, sport: int | None = None
                        ) -> tuple[list[dict[str, object]], float, Nfqlb]:
     """Start nfqlb, run the keep-alive client, restart nfqlb after RESTART_AFTER seconds.
 
     With ``quiet_restart`` the client sends nothing while no nfqlb runs (with the rules gone,
-    a packet to a local VIP would be answered by the kernel itself, not by nfqlb).
+    a packet to a local VIP would be answered by the kernel itself, not by nfqlb). ``sport``:
+    the client's source port (default: the kernel's choice).
     Returns the client's events, the time (monotonic, shared by all namespaces) at which
     the second nfqlb had its rules in place, and that second daemon (stopped).
     """
@@ -259,7 +262,7 @@ def run_across_restart(lab: Lab, svc: dict[str, object], host: Host | None = Non
     out = lab.dir / "keepalive.out"
     hold = lab.dir / "hold"
     args = {"dst": VIP, "port": 80, "count": REQUESTS, "interval": INTERVAL, "timeout": 8,
-            "hold": str(hold) if quiet_restart else None}
+            "hold": str(hold) if quiet_restart else None, "sport": sport}
     client = lab.spawn(host or lab.client,
                        [sys.executable, "-c", _KEEPALIVE, json.dumps(args)], log=out)
     time.sleep(RESTART_AFTER)
@@ -283,10 +286,30 @@ def run_across_restart(lab: Lab, svc: dict[str, object], host: Host | None = Non
     return events, up, second
 
 
-def test_connection_survives_restart_with_unknown_flow_hash() -> None:
+def sport_where_adoption_by_hash_would_move(svc: dict[str, object]) -> int:
+    """A client port whose flow ``svc``'s policy places on another backend than the rendezvous
+    hash of the flow (flow_hash's choice), so that adopting it by that hash would move it: the
+    test then fails for a restart that does not adopt on the policy's own choice. For
+    flow_hash itself, any port."""
+    from nfqlb.config import parse_config
+    from nfqlb.policies import FlowKey, hash_choice, make_policy
+
+    service = parse_config({"service": [svc]}).services[0]
+    policy = make_policy(service.policy, service.backends, service.policy_options)
+    for sport in range(40000, 41000):
+        flow = FlowKey(6, ipaddress.ip_address(CLIENT_ADDR), sport, service.vip, service.port)
+        if service.policy == "flow_hash" or \
+                policy.choose(flow, 0.0) != hash_choice(flow, service.backends):
+            return sport
+    raise AssertionError("no such port")
+
+
+@pytest.mark.parametrize("policy", ["flow_hash", "maglev", "source_hash"])
+def test_connection_survives_restart_with_unknown_flow_hash(policy: str) -> None:
     with Lab(2) as lab:
-        svc = lab.service("dnat", policy="flow_hash", unknown_flow="hash")
-        events, up, second = run_across_restart(lab, svc)
+        svc = lab.service("dnat", policy=policy, unknown_flow="hash")
+        events, up, second = run_across_restart(
+            lab, svc, sport=sport_where_adoption_by_hash_would_move(svc))
         answers = [e for e in events if e["event"] == "answer"]
         errors = [e for e in events if e["event"] == "error"]
         assert not errors and len(answers) == REQUESTS, events

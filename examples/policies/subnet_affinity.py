@@ -19,6 +19,11 @@ the fallback like everybody else (unless ``strict``). Options are checked when n
 the configuration: a bad network or a backend name that is not in the service is an error
 naming ``policy_options.subnets``.
 
+Consistent across nodes when its fallback is (``maglev``, ``source_hash``, ``flow_hash``):
+then it declares ``choose_consistent``, and ``unknown_flow = "hash"`` adopts a flow another
+node placed (or this node before a restart) on the same backend. With a fallback that counts
+or takes turns (the default ``least_conn``) it cannot be, and ``nfqlb check`` says so.
+
 Cost per new flow: one dict lookup per distinct prefix length in ``subnets``, plus the
 fallback's own cost.
 """
@@ -30,7 +35,15 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from nfqlb.policies import Backend, FlowKey, Options, PolicyOptionError, build_policy, live
+from nfqlb.policies import (
+    Backend,
+    FlowKey,
+    Options,
+    PolicyOptionError,
+    build_policy,
+    consistent_chooser,
+    live,
+)
 from nfqlb.policies.hashing import rendezvous
 
 
@@ -70,6 +83,10 @@ class SubnetAffinity:
         self.backends: dict[str, Backend] = {}
         self.via_fallback: set[FlowKey] = set()  # to pass their closes on to the fallback
         self.checked = False
+        fallback_consistent = consistent_chooser(self.fallback)
+        if fallback_consistent is not None:  # then so is this policy: declare it
+            self.fallback_consistent = fallback_consistent
+            self.choose_consistent = self._choose_consistent
 
     def set_backends(self, backends: Sequence[Backend]) -> None:
         if not self.checked:  # the first call has them all: catch typos in the names there
@@ -91,18 +108,32 @@ class SubnetAffinity:
                     return names
         return ()
 
-    def choose(self, flow: FlowKey, now: float) -> Backend | None:
+    def _listed(self, flow: FlowKey) -> tuple[bool, Backend | None]:
+        """(True, its backend) for a client of a listed network (None: strict, and its
+        backends are gone); (False, None) for a client the fallback places."""
         names = self._names(flow.src)
         if names:
             candidates = [self.backends[n] for n in names if n in self.backends]
             if candidates:
-                return rendezvous(flow.src.packed, candidates)
+                return True, rendezvous(flow.src.packed, candidates)
             if self.strict:
-                return None
+                return True, None
+        return False, None
+
+    def choose(self, flow: FlowKey, now: float) -> Backend | None:
+        listed, backend = self._listed(flow)
+        if listed:
+            return backend
         backend = self.fallback.choose(flow, now)
         if backend is not None:
             self.via_fallback.add(flow)
         return backend
+
+    def _choose_consistent(self, flow: FlowKey) -> Backend | None:
+        """What ``choose`` gives ``flow``, with no side effect (only with a consistent
+        fallback)."""
+        listed, backend = self._listed(flow)
+        return backend if listed else self.fallback_consistent(flow)
 
     def on_flow_closed(self, flow: FlowKey, backend: Backend, now: float) -> None:
         if flow in self.via_fallback:

@@ -6,8 +6,10 @@ connection table then keeps the flow on that backend for its life. See ``base`` 
 contract, ``registry`` for the names, ``plugins`` for loading third-party policies.
 
 The rest of nfqlb uses only the names exported here: ``check`` (configuration: a service's
-policy, options and fallback), ``make_policy`` (build one with its backends), ``hash_choice``
-(the ``flow_hash`` placement, which the core uses to adopt flows it has no entry for) and
+policy, options and fallback), ``make_policy`` (build one with its backends),
+``consistent_chooser`` (a consistent policy's ``choose_consistent``, which the core uses to
+adopt flows it has no entry for on the backend the policy chose for them on any node),
+``hash_choice`` (the ``flow_hash`` placement, with which it adopts them otherwise) and
 ``describe_failure`` (where a policy raised, for the core's log line).
 
 Writing one (``policy = "file:policies/first.py"`` in the service)::
@@ -31,6 +33,7 @@ from __future__ import annotations
 from nfqlb.policies.base import (
     FIELDS,
     Backend,
+    ChoosesConsistently,
     ClosesFlows,
     FlowKey,
     Options,
@@ -38,6 +41,7 @@ from nfqlb.policies.base import (
     PolicyFactory,
     PolicyFallbackError,
     PolicyOptionError,
+    consistent_chooser,
     live,
 )
 from nfqlb.policies.hashing import hash_choice
@@ -54,8 +58,8 @@ from nfqlb.policies.registry import (
 )
 
 __all__ = [
-    "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ClosesFlows", "FlowKey", "Options",
-    "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError", "build_policy",
-    "check", "describe_failure", "hash_choice", "is_builtin", "live", "make_policy",
-    "policy_names", "resolve_spec",
+    "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ChoosesConsistently", "ClosesFlows",
+    "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError",
+    "build_policy", "check", "consistent_chooser", "describe_failure", "hash_choice",
+    "is_builtin", "live", "make_policy", "policy_names", "resolve_spec",
 ]

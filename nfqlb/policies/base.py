@@ -1,10 +1,11 @@
 """What a policy is: the ``Policy`` protocol, the ``FlowKey`` it sees, and its options.
 
-A policy is any object with two methods (a third is optional)::
+A policy is any object with two methods (the others are optional)::
 
     set_backends(backends)           # the service's backends; rebuild tables here
     choose(flow, now) -> Backend | None   # once per new flow; None refuses the flow
     on_flow_closed(flow, backend, now)    # optional: a flow this policy placed has ended
+    choose_consistent(flow) -> Backend | None   # optional: this policy is consistent
 
 It is built by a factory, ``factory(options, rng)``: ``options`` is the service's
 ``[service.policy_options]`` table (read-only) and ``rng`` a seeded ``random.Random`` that is
@@ -15,6 +16,20 @@ The engine's connection table keeps a flow on the backend ``choose`` gave it for
 whole life, whatever the policy does later. ``on_flow_closed`` is called exactly once for each
 flow the policy placed (also when the engine could not install it after all, so counts of open
 flows stay exact), and never for flows it did not place.
+
+A policy is *consistent* when its choice is a pure function of the flow and the backends last
+given to ``set_backends``: the same backend in every process, on every node, before and after
+a restart, for the same backends in the same order (no RNG, no clock, no count of open flows,
+no Python ``hash()`` of a ``str`` or ``bytes``, whose seed differs per process). It declares
+so by having ``choose_consistent(flow)``, which returns what ``choose`` returns (or returned)
+for that flow. ``unknown_flow = "hash"`` adopts a flow the node does not know (after a
+restart, moved here by ECMP from another node, a backend's reply whose request crossed
+another node) on that backend, so it lands where the node that opened it placed it; it may be
+called for any flow, as often as needed, and places nothing (``on_flow_closed`` is never
+called for adopted flows). Without it, adoption takes the rendezvous hash of the flow
+(``flow_hash``'s choice), which is another backend for most flows, and ``nfqlb check`` says
+so. maglev, source_hash and flow_hash are consistent; round robin, least connections and
+random cannot be.
 """
 
 from __future__ import annotations
@@ -30,7 +45,8 @@ from nfqlb.values import Backend, IPAddress
 
 __all__ = [
     "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError",
-    "PolicyOptionError", "ClosesFlows", "FIELDS", "live",
+    "PolicyOptionError", "ChoosesConsistently", "ClosesFlows", "FIELDS", "consistent_chooser",
+    "live",
 ]
 
 
@@ -66,6 +82,20 @@ class ClosesFlows(Protocol):
     """A policy that wants to hear when the flows it placed end (least-connections does)."""
 
     def on_flow_closed(self, flow: FlowKey, backend: Backend, now: float) -> None: ...
+
+
+@runtime_checkable
+class ChoosesConsistently(Protocol):
+    """A consistent policy (see the module's docstring): ``choose_consistent(flow)`` is the
+    backend ``choose`` gives ``flow``, a pure function of the flow and the backends."""
+
+    def choose_consistent(self, flow: FlowKey) -> Backend | None: ...
+
+
+def consistent_chooser(policy: object) -> Callable[[FlowKey], Backend | None] | None:
+    """The policy's ``choose_consistent``, or None when it declares none."""
+    method = getattr(policy, "choose_consistent", None)
+    return method if callable(method) else None
 
 
 PolicyFactory = Callable[[Mapping[str, Any], random.Random], Policy]

@@ -79,8 +79,9 @@ def rendezvous(key: bytes, backends: Sequence[Backend]) -> Backend | None:
 def hash_choice(flow: FlowKey, backends: Sequence[Backend]) -> Backend | None:
     """The backend ``flow_hash`` gives ``flow`` among ``backends`` (weight 0 never chosen).
 
-    The core uses it to adopt a mid-flow packet of a flow it has no entry for: with the same
-    backends it lands where ``flow_hash`` placed the flow before a restart.
+    The core adopts a mid-flow packet of a flow it has no entry for on it when the service's
+    policy is not consistent (has no ``choose_consistent``): with the same backends it lands
+    where ``flow_hash`` would have placed the flow, on any node.
     """
     return rendezvous(flow_bytes(flow), backends)
 
@@ -88,8 +89,9 @@ def hash_choice(flow: FlowKey, backends: Sequence[Backend]) -> Backend | None:
 class FlowHash:
     """Policy ``flow_hash``: rendezvous hash of the whole flow (protocol, addresses, ports).
 
-    With ``unknown_flow = "hash"`` the same hash adopts mid-flow packets after a restart, so
-    established connections survive it while the backend set is unchanged. No options.
+    Consistent (``choose_consistent``): with ``unknown_flow = "hash"`` the same hash adopts
+    mid-flow packets after a restart or on another node, so established connections survive
+    while the backend set is unchanged. No options.
     """
 
     def __init__(self, options: Mapping[str, Any], rng: random.Random) -> None:
@@ -100,4 +102,7 @@ class FlowHash:
         self._backends = live(backends)
 
     def choose(self, flow: FlowKey, now: float) -> Backend | None:
+        return hash_choice(flow, self._backends)
+
+    def choose_consistent(self, flow: FlowKey) -> Backend | None:
         return hash_choice(flow, self._backends)

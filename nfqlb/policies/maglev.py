@@ -5,7 +5,10 @@ each backend walks its own permutation of the slots (offset and skip from a hash
 and takes the next free slot when its turn comes. Turns come in proportion to weight (stride
 scheduling, as in weighted_round_robin), so each backend's share of the table is its share of
 the weights to within one slot. ``choose`` is then one hash of the flow and one list index:
-O(1), and no table work ever happens per packet.
+O(1), and no table work ever happens per packet. Nothing in the table's build depends on the
+process (blake2b, no RNG): every node with the same backends in the same order builds the same
+table, so the policy is consistent (``choose_consistent``) and ``unknown_flow = "hash"`` adopts
+a flow on the backend any node placed it on.
 
 Removing one of N backends moves its own flows and very few others (with a table at least 100
 times the number of backends the extra is well under 1% of flows); the tests measure it.
@@ -116,3 +119,8 @@ class Maglev:
         if not table:
             return None
         return table[hash64(self._key(flow)) % len(table)]
+
+    def choose_consistent(self, flow: FlowKey) -> Backend | None:
+        """Consistent: the table is built from the backends' names, weights and order only."""
+        table = self._table
+        return table[hash64(self._key(flow)) % len(table)] if table else None

@@ -34,3 +34,7 @@ class SourceHash:
 
     def choose(self, flow: FlowKey, now: float) -> Backend | None:
         return rendezvous(self._key(flow), self._backends)
+
+    def choose_consistent(self, flow: FlowKey) -> Backend | None:
+        """Consistent: a blake2b rendezvous hash of the flow's fields and the backends."""
+        return rendezvous(self._key(flow), self._backends)
