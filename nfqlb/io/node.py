@@ -22,8 +22,9 @@ A node serves a service when all of these hold, each failure with an exit code o
     1  no daemon answers on the control socket (none, a stale socket, no answer in time)
     2  the command line is wrong, or the daemon has no such service
     3  the node is draining or withdrawing
-    4  the daemon is not whole: its rules are not installed, a queue is not bound in the
-       kernel, a worker does not answer
+    4  the daemon is not whole: its rules are not installed (or their jumps are gone from
+       the kernel's tables: RulesWatch), a queue is not bound in the kernel, a worker does
+       not answer
     5  no backend of the service may take new flows (all down, drained or weight 0)
 """
 
