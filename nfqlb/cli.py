@@ -1,4 +1,5 @@
-"""The ``nfqlb`` command: ``run``, ``rules``, ``check``, ``replay``, ``status`` and ``ctl``.
+"""The ``nfqlb`` command: ``run``, ``rules``, ``check``, ``replay``, ``status``, ``ctl`` and
+``health``.
 
 This is the one place where errors become exit codes, each printed as one line on stderr
 prefixed ``nfqlb: error:``:
@@ -6,6 +7,8 @@ prefixed ``nfqlb: error:``:
 - 0: done;
 - 2: the configuration or the command line is wrong (ConfigError, PolicyError, usage);
 - 1: the host cannot do it (not root, iptables missing, queue busy, a command failed).
+
+``health`` has codes of its own, for BGP speakers' checks (:mod:`nfqlb.io.node`).
 
 Heavy imports (the queue binding, the event loop) happen only in the subcommands needing them,
 so ``check`` and ``rules --print`` work on any machine.
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from nfqlb import __version__
-from nfqlb.config import Config, find_config, load_config, with_workers
+from nfqlb.config import Config, config_warnings, find_config, load_config, with_workers
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
 from nfqlb.io import logs
 
@@ -180,6 +183,22 @@ def _add_control_commands(sub: argparse._SubParsersAction[_Parser],
     q.add_argument("weight", type=_weight)
     ctl.add_parser("reload", parents=[where], help="apply the configuration file again "
                    "(as SIGHUP); the flow table is kept")
+    ctl.add_parser("drain-node", parents=[where], help="nfqlb health fails (a BGP speaker "
+                   "withdraws the VIP); every packet and flow is still served")
+    ctl.add_parser("enable-node", parents=[where], help="undo drain-node")
+
+    p = sub.add_parser("health", parents=[common, where], help="exit 0 while this node serves",
+                       description="Exit 0 while this node can serve: the daemon answers, its "
+                       "rules are installed, its queues bound, the node is not drained or "
+                       "withdrawing, and a backend of the service (of every service, without "
+                       "--service) is up. Otherwise one line says why and the exit code is 1 "
+                       "(no daemon answers), 2 (no such service), 3 (node drained or "
+                       "withdrawing), 4 (rules, queues or a worker missing) or 5 (no backend "
+                       "up). For a BGP speaker's health check (ExaBGP healthcheck --cmd, "
+                       "keepalived track_script).")
+    p.add_argument("--service", metavar="NAME", help="this service only")
+    p.add_argument("--timeout", type=_positive_seconds, default=1.5, metavar="S",
+                   help="no answer within S seconds counts as not serving (default 1.5)")
 
 
 def _queue_number(text: str) -> int:
@@ -256,6 +275,8 @@ def cmd_check(args: argparse.Namespace, log: logging.Logger) -> int:
     config = _load(args)
     for text in adoption_warnings(config):
         log.warning("%s: %s", config.source, text)
+    for line in config_warnings(config):
+        log.warning("%s", line)
     n = len(config.services)
     print(f"{config.source}: ok ({n} service{'' if n == 1 else 's'})")
     return 0
@@ -321,6 +342,8 @@ def cmd_run(args: argparse.Namespace, log: logging.Logger) -> int:
     from nfqlb.io import daemon, preflight
 
     preflight.check_addresses(config)  # before anything on the host is touched
+    for line in config_warnings(config):
+        log.warning("%s", line)
 
     if args.queue is not None:
         first, workers = args.queue
@@ -402,8 +425,8 @@ def cmd_status(args: argparse.Namespace, log: logging.Logger) -> int:
 def cmd_ctl(args: argparse.Namespace, log: logging.Logger) -> int:
     from nfqlb.io import control
 
-    message: dict[str, object] = {"cmd": args.action}
-    if args.action != "reload":
+    message: dict[str, object] = {"cmd": args.action.replace("-", "_")}
+    if args.action not in ("reload", "drain-node", "enable-node"):
         message.update(service=args.service, backend=args.backend)
     if args.action == "drain" and args.timeout is not None:
         message["timeout"] = args.timeout
@@ -417,8 +440,27 @@ def cmd_ctl(args: argparse.Namespace, log: logging.Logger) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace, log: logging.Logger) -> int:
+    """The exit code a BGP speaker's check reads (:mod:`nfqlb.io.node`), and one line: on
+    stdout when serving, on stderr otherwise."""
+    from nfqlb.io import control, node
+
+    try:
+        path = control.find_socket(args.queue, args.socket)
+        answer = control.request(path, {"cmd": "health"}, timeout=args.timeout)
+    except control.ControlError as exc:
+        print(f"{PROG}: not serving: {exc}", file=sys.stderr)
+        return node.NO_DAEMON
+    if not answer["ok"]:
+        print(f"{PROG}: not serving: {answer.get('error')}", file=sys.stderr)
+        return node.NO_DAEMON
+    code, line = node.judge(answer["health"], args.service)
+    print(f"{PROG}: {line}", file=sys.stderr if code else sys.stdout)
+    return code
+
+
 COMMANDS = {"run": cmd_run, "rules": cmd_rules, "check": cmd_check, "replay": cmd_replay,
-            "status": cmd_status, "ctl": cmd_ctl}
+            "status": cmd_status, "ctl": cmd_ctl, "health": cmd_health}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

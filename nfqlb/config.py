@@ -155,6 +155,8 @@ class DaemonConfig:
     offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
     workers: int = 1  # worker processes; worker i serves queue + i and large_queue + i
     binding: Binding = Binding.NETFILTERQUEUE  # what serves the main queue
+    ecmp: bool = False  # one of several nodes behind a router's ECMP: bypass defaults to false
+    withdraw_wait: float = 0.0  # s served after SIGTERM while nfqlb health fails (0: stop now)
 
     @property
     def large_queue_number(self) -> int:
@@ -216,7 +218,7 @@ _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
 _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
-    "offload_mark_mask", "offload_binding", "workers", "binding",
+    "offload_mark_mask", "offload_binding", "workers", "binding", "ecmp", "withdraw_wait",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -558,9 +560,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     top = _Checker(source, "", data, _TOP_KEYS)
     d = _Checker(source, "daemon", data.get("daemon", {}), _DAEMON_KEYS)
     max_fragments = d.integer("max_fragments", 1024, 0, 1_000_000)
+    ecmp = d.flag("ecmp", False)
     daemon = DaemonConfig(
         queue=d.integer("queue", 1, 0, 65535),
-        bypass=d.flag("bypass", True),
+        bypass=d.flag("bypass", not ecmp),  # behind ECMP a dead node drops packets
         mss_clamp=d.integer("mss_clamp", 1460, 536, 3900),
         sysctls=d.flag("sysctls", True),
         max_flows=d.integer("max_flows", 1_000_000, 1, 100_000_000),
@@ -577,6 +580,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         offload_binding=d.text("offload_binding", "netlink"),
         workers=d.integer("workers", 1, 1, MAX_WORKERS),
         binding=d.choice("binding", Binding, "netfilterqueue"),
+        ecmp=ecmp,
+        withdraw_wait=d.number("withdraw_wait", 0.0, 0.0, 3600.0),
     )
     if daemon.offload_binding not in OFFLOAD_BINDINGS:
         raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "
@@ -617,6 +622,18 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     check_workers(config, "daemon.workers")
     _check_offload_marks(source, daemon, services)
     return config
+
+
+def config_warnings(config: Config) -> list[str]:
+    """What ``check`` and ``run`` warn about in a configuration they accept, one line each."""
+    out = []
+    if config.daemon.ecmp and config.daemon.bypass:
+        out.append(f"{config.source}: daemon.bypass: true behind ECMP (daemon.ecmp): a node "
+                   "that dies leaves rules that pass packets unrewritten while the router "
+                   "still sends it traffic (backend replies leave with the backend's address "
+                   "and clients reset them); without it they are dropped and retransmitted "
+                   "once the speaker withdraws the route")
+    return out
 
 
 # --- several workers ------------------------------------------------------------------------

@@ -15,6 +15,10 @@ The protocol is one JSON object per line each way::
     -> {"cmd": "enable", "service": "web", "backend": "b1"}
     -> {"cmd": "weight", "service": "web", "backend": "b1", "weight": 0}
     -> {"cmd": "reload"}
+    -> {"cmd": "health"}
+    <- {"ok": true, "health": {"node": "serving", "rules": true, "unbound": [], "services":
+        {"web": {"backends": 2, "live": 2}}, "problems": []}}   (nfqlb.io.node)
+    -> {"cmd": "drain_node"}  /  {"cmd": "enable_node"}
     -> {"cmd": "health_result", "service": "web", "backend": "b1", "up": false,
         "reason": "timeout", "latency": null}   (from the supervisor of several workers)
     <- {"ok": true, "message": "one line"}  or  {"ok": false, "error": "one line"}
@@ -49,6 +53,7 @@ from typing import Any, Protocol
 
 from nfqlb import __version__
 from nfqlb.errors import NfqlbError, SystemSetupError
+from nfqlb.io import node
 
 RUN_DIR = Path("/run/nfqlb")
 RUN_DIR_ENV = "NFQLB_RUN_DIR"  # tests and side-by-side setups point it elsewhere
@@ -59,7 +64,8 @@ WRITE_TIMEOUT = 10.0  # s an answer may take to be read by the client
 MAX_CLIENTS = 16  # connections served at once; more are answered with an error and closed
 MAX_FLOWS = 10_000  # the largest ``limit`` of a flows request (about 55 ms of the loop)
 DEFAULT_FLOWS = 1000
-COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload", "health_result")
+COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload", "health_result", "health",
+            "drain_node", "enable_node")
 
 
 class ControlError(NfqlbError):
@@ -134,6 +140,9 @@ def status(server: Target) -> dict[str, Any]:
         "config": str(getattr(server, "config_path", None) or engine.config.source),
         "loaded_at": float(getattr(server, "loaded_at", None) or started),
     }
+    state = getattr(server, "node", None)
+    if state is not None:
+        out["daemon"]["node"] = state.state
     out["queues"] = [_queue_status(a) for a in server.adapters]
     kernel = getattr(server, "kernel_flows", None)
     if kernel is not None:  # mode "offload": open flows are conntrack's (nfqlb.io.conntrack)
@@ -237,6 +246,8 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
         ok, message = reload()
         log.info("control: reload %s%s", "done" if ok else "refused: ", "" if ok else message)
         return {"ok": True, "message": message} if ok else {"ok": False, "error": message}
+    if cmd in ("health", "drain_node", "enable_node"):
+        return node_command(server, cmd, log)
     service = _field(req, "service", str)
     backend = _field(req, "backend", str)
     now = server.clock()
@@ -259,6 +270,26 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     state = engine.status(now)["services"][service]["backends"][backend]["state"]
     log.info("control: %s (now %s)", message, state)
     return {"ok": True, "message": f"{message} (now {state})"}
+
+
+def node_command(server: Any, cmd: str, log: logging.Logger) -> dict[str, Any]:
+    """``health`` (what ``nfqlb health`` judges), ``drain_node`` and ``enable_node``: the node
+    toward a BGP speaker (:mod:`nfqlb.io.node`). A worker under a supervisor answers health
+    for its own engine and queues (the supervisor has the rules and the node's state)."""
+    state: node.NodeState | None = getattr(server, "node", None)
+    if state is None:
+        raise BadRequest(f"{cmd}: this daemon has no node state")
+    if cmd == "health":
+        rules = None if getattr(server, "role", None) is not None else state.rules
+        return {"ok": True, "health": node.health_facts(
+            state, server.engine.status(server.clock()), server.adapters, rules)}
+    before = state.state
+    state.drained = cmd == "drain_node"
+    message = (f"node {'drained' if state.drained else 'enabled'} (now {state.state}"
+               + ("; nfqlb health fails, packets are still served)" if state.drained else ")"))
+    if before != state.state:
+        log.info("control: %s", message)
+    return {"ok": True, "message": message}
 
 
 def _health_result(engine: Any, req: dict[str, Any], service: str, backend: str,
@@ -464,7 +495,7 @@ def format_status(s: dict[str, Any]) -> str:
     dropped = sum(s["dropped"].values())
     lines = [
         f"nfqlb {d.get('version', '?')}, pid {d.get('pid', '?')}, queue {d.get('queue', '?')}: "
-        f"up {_duration(d.get('uptime_s', 0.0))}",
+        f"up {_duration(d.get('uptime_s', 0.0))}" + _node_note(d.get("node")),
         f"config {d.get('config', '?')}, loaded {_when(d.get('loaded_at'))}",
         f"packets {s['packets']}, rewritten {s['rewritten']}, passed (not ours) "
         f"{s['passed_unknown']}, dropped {dropped}; flows {s['flows_total']} total, "
@@ -500,6 +531,15 @@ def format_status(s: dict[str, Any]) -> str:
                f"{w['flows_active']} in the table")
         lines.append(f"worker {w['worker']} (pid {w['pid']}, queue {w['queue']}): {own}")
     return "\n".join(lines)
+
+
+def _node_note(state: str | None) -> str:
+    """The node's state when it is not serving (``nfqlb health`` fails, packets still go)."""
+    if state == node.DRAINING:
+        return "; node drained: nfqlb health fails, every packet still served (ctl enable-node)"
+    if state == node.WITHDRAWING:
+        return "; node withdrawing: nfqlb health fails, serving until withdraw_wait ends"
+    return ""
 
 
 def _offload_note(o: dict[str, Any]) -> str:

@@ -21,7 +21,10 @@ The loop has three kinds of sources: the two queue sockets (``add_reader`` -> th
 (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
 and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGHUP reloads). Signal
 handlers are installed before anything is changed, so a SIGTERM at any point after that leads
-through the clean-up.
+through the clean-up. With ``daemon.withdraw_wait`` a stop signal first makes ``nfqlb health``
+fail (the node is withdrawing, :mod:`nfqlb.io.node`) and the loop serves that long before it
+stops, so that a BGP speaker withdraws the VIP while flows are still served; a second signal
+stops at once.
 
 A reload (SIGHUP, ``nfqlb ctl reload``) reads the configuration file again; one that fails
 ``check`` is refused (one line, logged) and the running one keeps serving. Otherwise the
@@ -54,6 +57,7 @@ from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
+from nfqlb.io.node import NodeState, RulesWatch, missing_jump
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
 from nfqlb.offload import OffloadDecider
@@ -157,6 +161,7 @@ class Server:
         self.offload: OffloadDecider | None = None  # mode "offload": its queue's decider
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
+        self.node = NodeState()  # what nfqlb health answers: drained, withdrawing, rules
 
     def install_signal_handlers(self) -> None:
         # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
@@ -253,7 +258,20 @@ class Server:
         return True, f"reloaded {self.config_path}"
 
     def _on_stop_signal(self, sig: signal.Signals) -> None:
+        wait = self._live.config.daemon.withdraw_wait if self._live is not None else 0.0
+        if self.role is None and wait > 0 and self.node.rules and not self.node.withdrawing:
+            self.node.withdrawing = True
+            self.log.info("%s: withdrawing: nfqlb health fails from now on, packets are served "
+                          "for %g s more (withdraw_wait) while the router moves traffic, then "
+                          "the rules go (a second SIGTERM or SIGINT stops at once)", sig.name,
+                          wait)
+            self.loop.call_later(wait, self._withdrawn, wait)
+            return
         self.log.info("%s: removing rules and stopping", sig.name)
+        self.loop.stop()
+
+    def _withdrawn(self, wait: float) -> None:
+        self.log.info("withdraw_wait (%g s) over: removing rules and stopping", wait)
         self.loop.stop()
 
     def serve(self) -> None:
@@ -513,19 +531,30 @@ def _serve_bound(config: Config, queue: int, large: int,
             server.held.drop_all(log)
             server.sender.close()
         return True
+    live = server._live
+    watch = RulesWatch(server.node, lambda: missing_jump(live.rulesets, live.tools))
     try:
         sysctl.setup(config, sysctls)
         try:
             for rs in rulesets:
                 iptables.apply(rs, tools[rs.family.version])
+            server.node.rules = True
             chains = rulesets[0].chains
             n = len(config.services)
             log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
                      "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET, n,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
+            watch.start()
             server.serve()
         finally:
-            for t in server._live.tools.values():
+            watch.stop()
+            server.node.rules = False
+            kept = server.crash is not None and server._live.config.daemon.ecmp
+            if kept:
+                log.error("daemon.ecmp: the rules stay, without --queue-bypass: the VIP's "
+                          "packets are dropped, not passed unrewritten, until the next start "
+                          "(or nfqlb rules --delete)")
+            for t in () if kept else server._live.tools.values():
                 try:
                     if iptables.delete(queue, t):
                         log.info("rules for queue %d removed (%s)", queue, t.family.iptables)

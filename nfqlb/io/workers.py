@@ -15,7 +15,9 @@ What the operator sees is one daemon: this supervisor process, which
   all workers and a line per worker; ``drain``/``enable``/``weight``/``reload`` reach every
   worker) and the metrics endpoint (the totals, the per-queue figures of every worker's
   queues, and ``nfqlb_worker_*`` per worker). Each worker answers the supervisor on a socket
-  of its own, ``nfqlb-<queue>.workers/<i>.sock``;
+  of its own, ``nfqlb-<queue>.workers/<i>.sock``. ``health`` asks every worker and adds the
+  node's state, which the supervisor holds (``ctl drain-node``, ``withdraw_wait``:
+  :mod:`nfqlb.io.node`);
 - on SIGTERM/SIGINT removes the rules, stops the workers (SIGTERM, then SIGKILL after
   STOP_TIMEOUT) and prints one block of counters, the sum of all workers' (each worker's
   queue lines under it); SIGHUP (or ``nfqlb ctl reload``) checks the file, reloads every
@@ -48,13 +50,14 @@ from nfqlb import __version__, rules
 from nfqlb.config import Config, load_config, with_workers
 from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
-from nfqlb.io import control, iptables, sysctl
+from nfqlb.io import control, iptables, node, sysctl
 from nfqlb.io.health import HealthChecker
 from nfqlb.values import Backend
 
 STOP_TIMEOUT = 10.0  # s the workers have to stop after SIGTERM before SIGKILL
 READY_TIMEOUT = 30.0  # s a worker has to bind its queues
 ASK_TIMEOUT = 5.0  # s a worker has to answer a control request
+HEALTH_ASK_TIMEOUT = 0.4  # s a worker has to answer a health request (nfqlb health waits 1.5)
 
 #: Per-backend and per-service figures that are the same in every worker: the first is kept,
 #: the others (counters, flows) are summed.
@@ -143,6 +146,7 @@ class Supervisor:
         self.loop: Any = None
         self.sysctls: sysctl.Sysctls | None = None  # set while serving (restored at the end)
         self.health: HealthChecker | None = None  # the one checker, while serving
+        self.node = node.NodeState()  # what nfqlb health answers: drained, withdrawing, rules
 
     # ------------------------------------------------------------ start and stop
 
@@ -278,6 +282,7 @@ class Supervisor:
         self.loop = loop = daemon._new_loop()
         self.sysctls = sysctls = sysctl.Sysctls(self.log)
         clean = True
+        watch = node.RulesWatch(self.node, lambda: node.missing_jump(self.rulesets, self.tools))
         try:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, self._on_stop, sig)
@@ -299,6 +304,7 @@ class Supervisor:
                     sysctl.setup(self.config, sysctls)
                     for rs in self.rulesets:
                         iptables.apply(rs, self.tools[rs.family.version])
+                    self.node.rules = True
                     n = len(self.config.services)
                     self.log.info(
                         "serving queues %d-%d with %d workers, packets over %d bytes on queues "
@@ -313,12 +319,20 @@ class Supervisor:
                         loop.call_later(self.stats_interval, self._periodic_stats)
                     loop.call_later(LINGER_CHECK_S, self._check_lingering)
                     loop.call_later(1.0, self._poll_children)
+                    watch.start()
                     if not self.stopping:
                         loop.run_forever()
                 finally:
+                    watch.stop()
                     if self.health is not None:
                         self.health.stop()
-                    clean = self._remove_rules() and clean
+                    self.node.rules = False
+                    if self.failed and self.config.daemon.ecmp:
+                        self.log.error("daemon.ecmp: the rules stay, without --queue-bypass: "
+                                       "the VIP's packets are dropped, not passed unrewritten, "
+                                       "until the next start (or nfqlb rules --delete)")
+                    else:
+                        clean = self._remove_rules() and clean
                     for w in self.workers:
                         loop.remove_reader(w.channel)
                     for fd in pidfds:
@@ -369,9 +383,25 @@ class Supervisor:
             control._finish(loop, server.close())
 
     def _on_stop(self, sig: signal.Signals) -> None:
+        wait = self.config.daemon.withdraw_wait
+        if wait > 0 and self.node.rules and not self.node.withdrawing and not self.stopping:
+            self.node.withdrawing = True
+            self.log.info("%s: withdrawing: nfqlb health fails from now on, packets are served "
+                          "for %g s more (withdraw_wait) while the router moves traffic, then "
+                          "the rules go (a second SIGTERM or SIGINT stops at once)", sig.name,
+                          wait)
+            self.loop.call_later(wait, self._withdrawn, wait)
+            return
         self.log.info("%s: removing rules and stopping %d workers", sig.name, self.n)
         self.stopping = True
         self.loop.stop()
+
+    def _withdrawn(self, wait: float) -> None:
+        if not self.stopping:
+            self.log.info("withdraw_wait (%g s) over: removing rules and stopping %d workers",
+                          wait, self.n)
+            self.stopping = True
+            self.loop.stop()
 
     def _on_child(self) -> None:
         for w in self._reap():
@@ -394,9 +424,10 @@ class Supervisor:
 
     # ------------------------------------------------------------ asking the workers
 
-    def ask(self, request: dict[str, Any]) -> list[dict[str, Any]]:
+    def ask(self, request: dict[str, Any],
+            timeout: float = ASK_TIMEOUT) -> list[dict[str, Any]]:
         """Every running worker's answer to a control request (an error answer for one that
-        does not answer)."""
+        does not answer within ``timeout``)."""
         answers = []
         for w in self.workers:
             if w.status is not None:
@@ -404,7 +435,7 @@ class Supervisor:
                 continue
             try:
                 answers.append(control.request(
-                    control.worker_socket_path(self.queue, w.index), request, ASK_TIMEOUT))
+                    control.worker_socket_path(self.queue, w.index), request, timeout))
             except NfqlbError as exc:
                 answers.append({"ok": False, "error": f"worker {w.index}: {exc}"})
         return answers
@@ -421,7 +452,8 @@ class Supervisor:
         out["daemon"] = {"pid": os.getpid(), "version": __version__, "queue": self.queue,
                          "workers": self.n, "started_at": self.started_at,
                          "uptime_s": round(now - self.started_at, 3),
-                         "config": self.config_path, "loaded_at": self.loaded_at}
+                         "config": self.config_path, "loaded_at": self.loaded_at,
+                         "node": self.node.state}
         out["workers"] = [
             {"worker": w.index, "pid": w.pid, "queue": self.queue + w.index,
              **({k: a["status"].get(k) for k in ("packets", "rewritten", "flows_total",
@@ -439,6 +471,11 @@ class Supervisor:
         try:
             if cmd == "status":
                 return {"ok": True, "status": self.status()}
+            if cmd == "health":  # the node's state and rules are the supervisor's
+                return {"ok": True, "health": node.merge_facts(
+                    self.node, self.node.rules, self.ask(req, HEALTH_ASK_TIMEOUT))}
+            if cmd in ("drain_node", "enable_node"):
+                return control.node_command(self, cmd, self.log)
             if cmd == "reload":
                 ok, message = self.reload()
                 return {"ok": True, "message": message} if ok else {"ok": False,

@@ -450,7 +450,8 @@ class Lab:
         suite then runs with several workers (CI does this for a representative set), but for
         mode "offload", which runs with one worker for now.
         """
-        settings = {"queue": queue, "bypass": True, **(daemon or {})}
+        ecmp = (daemon or {}).get("ecmp", False)  # behind ECMP: nfqlb's own default (false)
+        settings = {"queue": queue, **({} if ecmp else {"bypass": True}), **(daemon or {})}
         workers = os.environ.get(WORKERS_ENV)
         offload = any(svc.get("mode") == "offload" for svc in services)
         if workers and "workers" not in settings and not offload:
