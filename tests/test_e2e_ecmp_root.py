@@ -71,9 +71,11 @@ def _steady(lab: EcmpLab) -> Any:
     return holder
 
 
-def _survived(holder: Any, settle: float = 4.0) -> dict[str, Any]:
+def _survived(holder: Any, step: str, settle: float = 4.0) -> dict[str, Any]:
     time.sleep(settle)  # retransmissions after the move (TCP's first RTO is 1 s)
     st = holder.state()
+    print(f"{step}: {st['alive']} of {CONNECTIONS} connections alive, {st['dead']} dead "
+          f"{st['errors']}")
     dead = st["dead"]
     assert dead <= CONNECTIONS * LOSS, f"{dead} of {CONNECTIONS} connections died: {st}"
     assert st["alive"] + dead == CONNECTIONS and st["moved"] == 0, st
@@ -92,7 +94,7 @@ def _bring_back(lab: EcmpLab, holder: Any) -> None:
         node.start_speaker()
     lab.wait_nexthops(BOTH)
     before = _packets(node)
-    _survived(holder)
+    _survived(holder, "node back")
     assert _packets(node) > before, "the node brought back takes no traffic"
     _new_connections_work(lab)
 
@@ -105,19 +107,19 @@ def test_graceful(lab: EcmpLab) -> None:
     assert out.returncode == 0, out.stderr
     lab.wait_nexthops(SECOND)
     assert node.nfqlb is not None and node.nfqlb.poll() is None
-    _survived(holder)
+    _survived(holder, "drain-node")
     _new_connections_work(lab)
     out = node.cli("ctl", "enable-node")
     assert out.returncode == 0, out.stderr
     lab.wait_nexthops(BOTH)
-    _survived(holder)
+    _survived(holder, "enable-node")
     # A stop withdraws first (withdraw_wait), then removes the rules
     assert node.nfqlb is not None
     node.nfqlb.send_signal(15)
     lab.wait_nexthops(SECOND, timeout=10)
     assert node.nfqlb.poll() is None, "the daemon stopped before the router moved its traffic"
     assert node.nfqlb.wait(30) == 0, node.log()
-    _survived(holder)
+    _survived(holder, "graceful stop")
     _new_connections_work(lab)
     _bring_back(lab, holder)
     final = holder.finish()
@@ -128,8 +130,9 @@ def test_sigkill(lab: EcmpLab) -> None:
     holder = _steady(lab)
     node = lab.nodes[0]
     node.kill_nfqlb()  # its rules stay behind; its speaker sees `nfqlb health` fail
-    lab.wait_nexthops(SECOND, timeout=10)
-    _survived(holder)
+    took = lab.wait_nexthops(SECOND, timeout=10)
+    print(f"SIGKILL: the router's route lost the node {took:.2f} s later")
+    _survived(holder, "SIGKILL")
     _new_connections_work(lab)
     _bring_back(lab, holder)
     final = holder.finish()
