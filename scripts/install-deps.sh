@@ -2,7 +2,8 @@
 # Install the Debian packages that nfqlb's tests and demo need, and only the missing ones.
 #
 #   runtime:  iptables (NFQUEUE rules), libnetfilter-queue-dev (NetfilterQueue builds against it)
-#   lab:      iproute2 (ip netns, veth, bridge), nginx-light, curl, socat, procps (sysctl)
+#   lab:      iproute2 (ip netns, veth, bridge), nginx-light, curl, socat, procps (sysctl),
+#             bird2 (the BGP router of the ECMP lab, tests/lab/ecmp.py; not started as a service)
 #   build:    gcc, libc6-dev, and for $PYTHON its headers (python3-dev) and venv (python3-venv)
 #             when that Python is Debian's own and lacks them
 #
@@ -28,6 +29,7 @@ need_cmd nginx nginx-light
 need_cmd curl curl
 need_cmd socat socat
 need_cmd sysctl procps
+need_cmd bird bird2
 need_cmd gcc gcc
 need_pkg libnetfilter-queue-dev
 need_pkg libc6-dev
@@ -52,7 +54,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
-# policy-rc.d: do not start the system nginx service on install; the tests start their own
+# policy-rc.d: do not start the system nginx (or bird) service on install; the tests start their own
 # nginx inside network namespaces.
 created_policy=0
 if [ ! -e /usr/sbin/policy-rc.d ]; then
