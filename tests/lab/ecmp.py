@@ -56,6 +56,7 @@ from .netns import (
     host_cmd,
     terminate,
 )
+from .topology import WORKERS_ENV
 
 VIP = "198.18.200.1"
 PORT = 7000
@@ -460,7 +461,8 @@ class EcmpLab:
                 time.sleep(0.05)
 
     def node_config(self, node: EcmpNode) -> str:
-        daemon = {"queue": 1, "sysctls": True, **self.daemon}
+        daemon = {"queue": 1, "sysctls": True, "workers": int(os.environ.get(WORKERS_ENV) or 1),
+                  **self.daemon}
         service = {
             "name": SERVICE, "vip": VIP, "port": PORT, "protocol": "tcp", "mode": "dnat",
             "policy": self.policy, "unknown_flow": "hash",
