@@ -32,7 +32,8 @@ from scapy.utils import checksum as scapy_checksum
 
 from nfqlb.io import netlink
 from nfqlb.io.netlink import NetlinkQueueAdapter
-from nfqlb.wire.checksum import sum16, sum_words
+from nfqlb.wire import checksum
+from nfqlb.wire.checksum import sum16, sum_words, sum_words_int, sum_words_vector
 from nfqlb.wire.rewrite import complete_checksum, partial_checksum
 
 FAST = settings(max_examples=300, deadline=None, derandomize=True)
@@ -123,10 +124,47 @@ def test_sum_words_is_the_plain_sum(data: bytes) -> None:
     assert sum_words(data) == sum16(data) == word_sum(data)
 
 
-@pytest.mark.parametrize("data", [b"", b"\0" * 9, b"\xff\xff", b"\xff\xff" * 4000,
-                                  b"\xff\xfe\x00\x01", bytes(range(256)) * 256])
+EDGES = [b"", b"\0" * 9, b"\xff\xff", b"\xff\xff" * 4000, b"\xff\xfe\x00\x01",
+         bytes(range(256)) * 256, b"\0" * 4096, b"\xff" * 65531, b"\xff\xff" * 2047 + b"\0\x01",
+         b"\xfe" + b"\xff" * 4094 + b"\x01"]
+
+
+@pytest.mark.parametrize("data", EDGES)
 def test_sum_words_edges(data: bytes) -> None:
+    assert sum_words(data) == sum_words_int(data) == word_sum(data)
+
+
+@pytest.mark.parametrize("data", EDGES)
+def test_sum_words_vector_edges(data: bytes) -> None:
+    # numpy's sum (little-endian 32-bit words, swapped back) and the 0-3 bytes after them
+    assert sum_words_vector(data) == word_sum(data)
+
+
+@FAST
+@given(st.binary(max_size=9000), st.integers(0, 7))
+def test_sum_words_vector_is_the_plain_sum(data: bytes, start: int) -> None:
+    # also from an offset into a buffer, as the adapter sums a segment (a memoryview that
+    # starts at the transport header, at any alignment)
+    view = memoryview(bytes(start) + data)[start:]
+    assert sum_words_vector(view) == word_sum(data)
+
+
+def test_sum_words_of_a_gso_packet_is_the_vector_sum_when_numpy_is_there(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    data = bytes(range(256)) * 255 + b"\x07"  # 65281 bytes: an odd tail after the words
+    calls: list[int] = []
+
+    def counted(d: bytes | memoryview) -> int:
+        calls.append(len(d))
+        return sum_words_vector(d)
+
+    monkeypatch.setattr(checksum, "sum_words_vector", counted)
     assert sum_words(data) == word_sum(data)
+    assert sum_words(data[:checksum.VECTOR_FROM - 1]) == word_sum(data[:checksum.VECTOR_FROM - 1])
+    assert calls == [len(data)]  # the long one only
+    monkeypatch.setattr(checksum, "numpy", None)  # without numpy: the big-integer sum
+    assert sum_words(data) == word_sum(data)
+    assert calls == [len(data)]
 
 
 # -- the two rewrites of the field -----------------------------------------------------------

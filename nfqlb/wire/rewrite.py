@@ -100,13 +100,14 @@ def complete_checksum(data: bytes) -> bytes:
     co = off + (16 if proto == TCP else 6)
     length = len(data) - off
     old = data[co] << 8 | data[co + 1]
+    view = memoryview(data)  # slices without copies: the join copies the packet once
     # the segment's sum with its checksum field taken out (one's complement: add ~field)
     s = (sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto
-         + sum_words(memoryview(data)[off:]) + (~old & 0xFFFF))
+         + sum_words(view[off:]) + (~old & 0xFFFF))
     c = ~fold(s) & 0xFFFF
     if proto == UDP and not c:
         c = 0xFFFF
-    return b"".join((data[:co], U16[c], data[co + 2:]))
+    return b"".join((view[:co], U16[c], view[co + 2:]))
 
 
 def partial_checksum(data: bytes) -> bytes:
