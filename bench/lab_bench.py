@@ -27,6 +27,8 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfq-accept      kernel DNAT plus a minimal Python NetfilterQueue worker that accepts every
                   packet of the traffic, both directions: the binding's floor
   nfq-accept-w2   the same with two such workers (--queue-balance over two queues)
+  nl-accept       the same floor on nfqlb's own netlink client (nfqlb.io.netlink), every
+                  packet accepted: what that binding itself costs, beside NetfilterQueue's
   nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
                   route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
                   offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
@@ -114,6 +116,23 @@ nfq = NetfilterQueue()
 nfq.bind(int(sys.argv[1]), lambda pkt: pkt.accept(), max_len=1024)
 open(sys.argv[2], "w").close()
 nfq.run()
+'''
+
+# The same floor on nfqlb's own netlink client (nfqlb.io.netlink: the receive loop, the
+# attribute walk, verdicts sent in one sendmsg when the socket runs dry), every packet accepted
+_NETLINK_ACCEPT_WORKER = r'''
+import logging, selectors, sys
+from nfqlb.io.netlink import NetlinkQueueAdapter
+from nfqlb.verdict import ACCEPT
+adapter = NetlinkQueueAdapter(lambda payload, now: ACCEPT, int(sys.argv[1]),
+                              logging.getLogger("accept"))
+adapter.bind(max_len=1024)
+sel = selectors.DefaultSelector()
+sel.register(adapter.fileno(), selectors.EVENT_READ)
+open(sys.argv[2], "w").close()
+while True:
+    sel.select()
+    adapter.on_readable()
 '''
 
 # wrk against the backends themselves: thread i connects to backend i (wrk.lookup resolves
@@ -563,8 +582,8 @@ def haproxy(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
 
 @contextlib.contextmanager
 def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
-    script = lab.dir / "accept_worker.py"
-    script.write_text(_ACCEPT_WORKER)
+    script = lab.dir / f"accept_worker_{path.binding or 'netfilterqueue'}.py"
+    script.write_text(_NETLINK_ACCEPT_WORKER if path.binding == "netlink" else _ACCEPT_WORKER)
     queues = list(range(ACCEPT_QUEUE, ACCEPT_QUEUE + path.workers))
     procs = []
     with kernel_dnat(lab, path, round_no) as stage:
@@ -698,6 +717,8 @@ PATHS: list[BenchPath] = [
     BenchPath("nfq-accept", "accept-only Python worker (floor)", nfq_accept),
     BenchPath("nfq-accept-w2", "accept-only Python workers, 2 (floor)", nfq_accept,
               workers=2),
+    BenchPath("nl-accept", "accept-only Python worker, nfqlb's netlink binding", nfq_accept,
+              binding="netlink"),
     *_nfqlb_paths(),
 ]
 
