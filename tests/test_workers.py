@@ -261,3 +261,35 @@ def test_one_health_checker_reports_to_every_worker() -> None:
                == "up" for srv in (a, b))
     with pytest.raises(KeyError, match="no backend"):
         forward.set_health("dnat-tcp", "b9", True, 102.0)
+
+
+OFFLOAD = {"name": "web", "vip": "198.18.100.1", "port": 80, "mode": "offload",
+           "backend": [{"address": "198.18.1.2", "port": 8080}]}
+
+
+@pytest.mark.parametrize(("started", "reloaded", "key"), [
+    (OFFLOAD, {"daemon": {"offload_queue": 30001}, "service": OFFLOAD}, "daemon.offload_queue"),
+    ({**OFFLOAD, "mode": "dnat"}, {"service": OFFLOAD}, "service"),
+    (OFFLOAD, {"daemon": {"binding": "netlink"}, "service": OFFLOAD}, "daemon.binding"),
+    (OFFLOAD, {"daemon": {"large_queue": 30001}, "service": OFFLOAD}, "daemon.large_queue"),
+])
+def test_supervisor_refuses_a_reload_a_single_daemon_refuses(
+        tmp_path: Any, started: dict[str, Any], reloaded: dict[str, Any], key: str) -> None:
+    """The workers' queues (the offload queue + i too) are bound at start: a reload that
+    moves one (or adds the offload queue, or changes the binding) is refused, as a single
+    daemon refuses it, and no worker is asked to take it."""
+    import logging
+
+    from lab import render_config
+
+    from nfqlb.io.workers import Supervisor
+
+    path = tmp_path / "nfqlb.toml"
+    sup = Supervisor(config(started, workers=2), logging.getLogger("t"), (), {}, None, str(path))
+    asked: list[Any] = []
+    sup.ask = asked.append  # type: ignore[method-assign, assignment]
+    path.write_text(render_config([reloaded["service"]],
+                                  {"queue": 1, "workers": 2, **reloaded.get("daemon", {})}))
+    ok, message = sup.reload()
+    assert not ok and key in message, message
+    assert asked == []

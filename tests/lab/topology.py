@@ -447,13 +447,11 @@ class Lab:
 
         ``args`` are added to ``nfqlb run`` (for example ``["--stats-interval", "0.5"]``).
         ``$NFQLB_LAB_WORKERS`` (e.g. 2) sets ``workers`` where the test does not: the whole
-        suite then runs with several workers (CI does this for a representative set), but for
-        mode "offload", which runs with one worker for now.
+        suite then runs with several workers (CI does this for a representative set).
         """
         settings = {"queue": queue, "bypass": True, **(daemon or {})}
         workers = os.environ.get(WORKERS_ENV)
-        offload = any(svc.get("mode") == "offload" for svc in services)
-        if workers and "workers" not in settings and not offload:
+        if workers and "workers" not in settings:
             settings["workers"] = int(workers)
         text = render_config(list(services), settings)
         d = Nfqlb(self, text, queue=queue, args=args)
