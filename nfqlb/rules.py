@@ -807,10 +807,12 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     mangle = notes("offload.rules")
     nat = notes("offload-nat.rules")
     snat = notes("offload-snat.rules") if any(s.snat_address for s in services) else []
+    first, n = offload_queue_for(config, queue), config.daemon.workers
+    target = f"--queue-num {first}" if n == 1 else f"--queue-balance {first}:{first + n - 1}"
     for svc in services:
         values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat,
                   "proto": svc.protocol.name.lower(), "vip": _host(svc.vip, family),
-                  "port": svc.port, "offload_queue": offload_queue_for(config, queue),
+                  "port": svc.port, "offload_target": target,
                   "bypass": bypass}
         mangle += [f"# {describe(svc)}", *_fill("offload.rules", values)]
         for b in svc.backends:

@@ -179,8 +179,18 @@ def test_apply_twice_then_delete_twice_in_a_namespace(tmp_path: Path) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def test_several_workers_spread_new_flows_over_their_offload_queues() -> None:
+    """Each worker serves offload queue + its index; a first packet needs no other packet's
+    state, so the kernel may spread them (--queue-balance over the workers' queues)."""
+    [rs] = rules.render(make_config(OFFLOAD, workers=3))
+    assert body(rs, "mangle") == [
+        "-A NFQLB-NEW-1 -d 198.18.0.10/32 -p tcp --dport 80 -j NFQUEUE --queue-balance "
+        "20001:20003 --queue-bypass"]
 
-def test_offload_runs_with_one_worker_for_now() -> None:
-    with pytest.raises(ConfigError, match=r"daemon.workers: 2 workers: service\[0\] is mode "
-                       r"\"offload\", which runs with one worker"):
-        make_config(OFFLOAD, workers=2)
+
+def test_offload_queues_of_several_workers_must_not_overlap_the_others() -> None:
+    with pytest.raises(ConfigError, match="daemon.offload_queue.*overlap"):
+        make_config(OFFLOAD, workers=3, offload_queue=3)
+    with pytest.raises(ConfigError, match="daemon.offload_queue"):
+        make_config(OFFLOAD, workers=3, offload_queue=65534)
+    make_config(OFFLOAD, workers=3, offload_queue=100)  # clear of 1-3 and 10001-10003
