@@ -830,6 +830,25 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     return (("mangle", tuple(mangle)), ("nat", tuple(nat + snat))), jumps
 
 
+def bridging_marks(old: RuleSet, new: RuleSet) -> RuleSet:
+    """``old``, whose nat chains DNAT (and SNAT) by ``new``'s offload marks too: ``new``'s
+    nat rules, then each of ``old``'s whose match (VIP, port, mark; backend for SNAT) ``new``
+    has no rule for. A supervisor installs it while its workers take a reload that renumbers
+    the marks, one worker after the other (each marks new flows by the new numbering from
+    its reload on, the others by the old until theirs), and ``new`` once all have: no first
+    packet meets a mark the rules do not know. Where both numberings give one match to two
+    backends of a service, the new one's wins for that moment. A single daemon needs no
+    bridge: its reload, the rules' included, runs between two of its packets."""
+    if not old.offload or not new.offload:
+        return old
+    new_nat = dict(new.offload).get("nat", ())
+    have = {line.split(" -j ", 1)[0] for line in new_nat if line.startswith("-A ")}
+    kept = tuple(line for line in dict(old.offload).get("nat", ())
+                 if line.startswith("-A ") and line.split(" -j ", 1)[0] not in have)
+    return replace(old, offload=tuple((t, new_nat + kept if t == "nat" else lines)
+                                      for t, lines in old.offload))
+
+
 def format_offload(ruleset: RuleSet, dump: str | None, *, jumps: bool = True) -> str:
     """The mangle and nat part of the iptables-restore --noflush input for ``ruleset``, to
     follow :func:`format_restore`'s (one restore, one transaction). ``dump`` is the whole

@@ -293,3 +293,45 @@ def test_supervisor_refuses_a_reload_a_single_daemon_refuses(
     ok, message = sup.reload()
     assert not ok and key in message, message
     assert asked == []
+
+
+OTHER = {**OFFLOAD, "name": "other", "port": 81}
+
+
+def _nat(rs: rules.RuleSet) -> list[str]:
+    return [line for line in dict(rs.offload)["nat"] if not line.startswith("#")]
+
+
+def test_supervisor_bridges_the_marks_before_its_workers_reload(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that renumbers the offload marks (another service first, other backends):
+    the order of a supervisor's reload: the bridge installed, then the workers asked,
+    then the new rules alone."""
+    import logging
+
+    from lab import render_config
+
+    from nfqlb.io import iptables, sysctl
+    from nfqlb.io.workers import Supervisor
+
+    started = config(OFFLOAD, workers=2)
+    path = tmp_path / "nfqlb.toml"
+    sup = Supervisor(started, logging.getLogger("t"), rules.render(started),
+                     {4: object()}, None, str(path))  # type: ignore[dict-item]
+    sup.sysctls = object()  # type: ignore[assignment]
+    events: list[tuple[str, Any]] = []
+    monkeypatch.setattr(iptables, "apply",
+                        lambda rs, _tool: events.append(("apply", _nat(rs))))
+    monkeypatch.setattr(iptables, "check_overlap", lambda *_: None)
+    monkeypatch.setattr(sysctl, "setup", lambda *_: None)
+    sup.ask = lambda req: events.append(("ask", req["cmd"])) or [{"ok": True}]  # type: ignore
+    sup._lingering_now = dict  # type: ignore[method-assign]
+    swapped = {**OFFLOAD, "backend": [{"address": "198.18.1.3", "port": 8080},
+                                      {"address": "198.18.1.2", "port": 8080}]}
+    path.write_text(render_config([OTHER, swapped], {"queue": 1, "workers": 2}))
+    ok, message = sup.reload()
+    assert ok, message
+    [old] = rules.render(started)
+    [new] = rules.render(config(OTHER, swapped, workers=2))
+    assert events == [("apply", _nat(new) + _nat(old)), ("ask", "reload"),
+                      ("apply", _nat(new))]

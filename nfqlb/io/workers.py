@@ -484,6 +484,11 @@ class Supervisor:
         except NfqlbError as exc:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)
+        try:
+            self._bridge_marks(rulesets)
+        except NfqlbError as exc:
+            self.log.error("reload: the rules could not be changed: %s", exc)
+            return False, f"rules not changed: {exc}"
         bad = [a for a in self.ask({"cmd": "reload"}) if not a.get("ok")]
         self.config = config
         if self.health is not None:
@@ -502,6 +507,20 @@ class Supervisor:
         self.log.info("reloaded %s: %d service%s, %d workers", self.config_path, n,
                       "" if n == 1 else "s", self.n)
         return True, f"reloaded {self.config_path}"
+
+    def _bridge_marks(self, rulesets: tuple[rules.RuleSet, ...]) -> None:
+        """Before the workers take a reload: the offload rules know the marks of both
+        numberings (:func:`nfqlb.rules.bridging_marks`); ``_apply_rules`` then installs the
+        new rules alone."""
+        new = {rs.family.version: rs for rs in rulesets}
+        bridged = []
+        for rs in self.rulesets:
+            b = rules.bridging_marks(rs, new[rs.family.version]) \
+                if rs.family.version in new else rs
+            if b != rs:
+                iptables.apply(b, self.tools[rs.family.version])
+            bridged.append(b)
+        self.rulesets = tuple(bridged)
 
     def _lingering_now(self) -> dict[str, tuple[Backend, ...]]:
         """Backends a reload removed that some worker still has flows of."""
