@@ -278,7 +278,7 @@ class NetlinkQueueAdapter:
         self.purpose = purpose  # "for packets over N bytes": said in errors and stats
         self.fail_open = fail_open
         self.gso = gso  # ask for GSO packets whole (NFQA_CFG_F_GSO)
-        self.copy_range = copy_range  # bytes of each packet the kernel copies to us
+        self._copy_range = copy_range  # bytes of each packet the kernel copies to us
         # counters
         self.packets = 0
         self.wakeups = 0
@@ -339,7 +339,7 @@ class NetlinkQueueAdapter:
         try:
             err = self._request(build_bind(self.queue, self._next_seq(), max_len=max_len,
                                            fail_open=self.fail_open, gso=self.gso,
-                                           copy_range=self.copy_range))
+                                           copy_range=self._copy_range))
             if err == -errno.EPERM:
                 # Either the queue belongs to another socket or we lack CAP_NET_ADMIN. The
                 # obsolete PF_BIND command needs the capability and nothing else: it tells.
