@@ -241,25 +241,51 @@ def queue_rows(lab: Lab) -> dict[int, dict[str, int]]:
     return rows
 
 
+def netlink_owners(lab: Lab, pids: Sequence[int]) -> dict[int, int]:
+    """Netlink port id -> the pid (of ``pids``) whose socket has it: a process's second
+    netlink socket (a worker's large-packet or offload queue) gets a port id that is not its
+    pid. From lb's /proc/net/netlink (port id and inode) and each process's fds."""
+    text = lab.exec(lab.lb, ["cat", "/proc/net/netlink"], check=False).stdout.decode()
+    by_inode = {}
+    for line in text.splitlines()[1:]:
+        cols = line.split()
+        if len(cols) >= 10 and cols[2].isdigit() and cols[9].isdigit():
+            by_inode[int(cols[9])] = int(cols[2])
+    owners = {}
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if target.startswith("socket:["):
+                        portid = by_inode.get(int(target[8:-1]))
+                        if portid is not None:
+                            owners[portid] = pid
+    return owners
+
+
 @dataclass
 class Snapshot:
     when: float
     ticks: dict[int, int]
     queues: dict[int, dict[str, int]]
+    owners: dict[int, int] = field(default_factory=dict)  # netlink port id -> pid
 
 
 def snapshot(lab: Lab, stage: Stage) -> Snapshot:
     pids = process_tree(stage.pids)
-    return Snapshot(time.monotonic(), {pid: proc_ticks(pid) for pid in pids}, queue_rows(lab))
+    return Snapshot(time.monotonic(), {pid: proc_ticks(pid) for pid in pids}, queue_rows(lab),
+                    netlink_owners(lab, pids))
 
 
 def cpu_use(before: Snapshot, after: Snapshot) -> lr.CpuUse:
     """CPU of the balancer's processes between two snapshots, per packet queued meanwhile.
 
-    A queue belongs to the process whose pid is the queue's netlink port id (a process's
-    first netlink socket gets its pid); packets of queues nobody owns that way still count
-    in the total. Under MIN_TICKS of CPU time there is no per-packet figure: the clock's
-    ticks are too coarse (offload's worker, which sees only new flows, under keep-alive)."""
+    A queue belongs to the process holding the netlink socket with the queue's port id
+    (``after.owners``; else the process whose pid is that port id: a process's first netlink
+    socket gets its pid); packets of queues nobody owns that way still count in the total.
+    Under MIN_TICKS of CPU time there is no per-packet figure: the clock's ticks are too
+    coarse (offload's worker, which sees only new flows, under keep-alive)."""
     ticks = {pid: t - before.ticks.get(pid, 0) for pid, t in after.ticks.items()}
     packets = {q: row["id_sequence"] - before.queues.get(q, {}).get("id_sequence", 0)
                for q, row in after.queues.items()}
@@ -269,8 +295,9 @@ def cpu_use(before: Snapshot, after: Snapshot) -> lr.CpuUse:
     total_packets = sum(packets.values())
     owners: dict[int, list[int]] = {}
     for q, row in after.queues.items():
-        if row["peer_portid"] in ticks:
-            owners.setdefault(row["peer_portid"], []).append(q)
+        pid = after.owners.get(row["peer_portid"], row["peer_portid"])
+        if pid in ticks:
+            owners.setdefault(pid, []).append(q)
     per_worker: dict[int, float | None] = {}
     if len(owners) > 1:
         for pid, queues in owners.items():

@@ -657,11 +657,13 @@ def check_workers(config: Config, key: str) -> None:
         raise ConfigError(config.source, "daemon.large_queue",
                           f"the large-packet queues {large}-{large + n - 1} overlap the "
                           f"queues {q}-{q + n - 1} of {n} workers")
-    for i, svc in enumerate(config.services):
-        if svc.mode is Mode.OFFLOAD:
-            raise ConfigError(config.source, key, f"{n} workers: service[{i}] is mode "
-                              "\"offload\", which runs with one worker for now (the "
-                              "supervisor's status and reload do not cover its kernel flows)")
+    if any(s.mode is Mode.OFFLOAD for s in config.services):
+        o = d.offload_queue_number
+        if o + n - 1 > 65535 or any(o <= x + n - 1 and x <= o + n - 1 for x in (q, large)):
+            raise ConfigError(config.source, "daemon.offload_queue",
+                              f"the offload queues {o}-{o + n - 1} of {n} workers overlap the "
+                              f"queues {q}-{q + n - 1} or {large}-{large + n - 1}, or pass "
+                              f"65535")
     for i, svc in enumerate(config.services):
         if svc.snat_ports is not None and svc.snat_ports[1] - svc.snat_ports[0] + 1 < n:
             raise ConfigError(config.source, f"service[{i}].snat_ports",

@@ -807,10 +807,12 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     mangle = notes("offload.rules")
     nat = notes("offload-nat.rules")
     snat = notes("offload-snat.rules") if any(s.snat_address for s in services) else []
+    first, n = offload_queue_for(config, queue), config.daemon.workers
+    target = f"--queue-num {first}" if n == 1 else f"--queue-balance {first}:{first + n - 1}"
     for svc in services:
         values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat,
                   "proto": svc.protocol.name.lower(), "vip": _host(svc.vip, family),
-                  "port": svc.port, "offload_queue": offload_queue_for(config, queue),
+                  "port": svc.port, "offload_target": target,
                   "bypass": bypass}
         mangle += [f"# {describe(svc)}", *_fill("offload.rules", values)]
         for b in svc.backends:
@@ -826,6 +828,25 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
                   for line in _fill("offload-jumps.rules", {"new": ch.new, "dnat": ch.dnat,
                                                             "snat": ch.snat}))
     return (("mangle", tuple(mangle)), ("nat", tuple(nat + snat))), jumps
+
+
+def bridging_marks(old: RuleSet, new: RuleSet) -> RuleSet:
+    """``old``, whose nat chains DNAT (and SNAT) by ``new``'s offload marks too: ``new``'s
+    nat rules, then each of ``old``'s whose match (VIP, port, mark; backend for SNAT) ``new``
+    has no rule for. A supervisor installs it while its workers take a reload that renumbers
+    the marks, one worker after the other (each marks new flows by the new numbering from
+    its reload on, the others by the old until theirs), and ``new`` once all have: no first
+    packet meets a mark the rules do not know. Where both numberings give one match to two
+    backends of a service, the new one's wins for that moment. A single daemon needs no
+    bridge: its reload, the rules' included, runs between two of its packets."""
+    if not old.offload or not new.offload:
+        return old
+    new_nat = dict(new.offload).get("nat", ())
+    have = {line.split(" -j ", 1)[0] for line in new_nat if line.startswith("-A ")}
+    kept = tuple(line for line in dict(old.offload).get("nat", ())
+                 if line.startswith("-A ") and line.split(" -j ", 1)[0] not in have)
+    return replace(old, offload=tuple((t, new_nat + kept if t == "nat" else lines)
+                                      for t, lines in old.offload))
 
 
 def format_offload(ruleset: RuleSet, dump: str | None, *, jumps: bool = True) -> str:

@@ -35,6 +35,8 @@ from lab import (
     url_host,
 )
 
+from nfqlb.offload import COPY_RANGE
+
 pytestmark = pytest.mark.root
 
 REQUESTS = 8
@@ -60,8 +62,23 @@ def status(d: Nfqlb) -> dict[str, Any]:
     return answer
 
 
-def offload_queue(d: Nfqlb) -> dict[str, Any]:
-    return next(q for q in status(d)["queues"] if q["queue"] == 20000 + d.queue)
+def offload_packets(d: Nfqlb) -> int:
+    """Packets of the offload queues: one per worker (20000 + queue + its index), the kernel
+    spreading new flows over them (with NFQLB_LAB_WORKERS=2, the file runs with two)."""
+    queues = [q for q in status(d)["queues"] if q["purpose"].startswith("offload")]
+    first = 20000 + d.queue
+    assert [q["queue"] for q in queues] == list(range(first, first + len(queues))), queues
+    return sum(int(q["packets"]) for q in queues)
+
+
+def offload_copy_ranges(lab: Lab, d: Nfqlb) -> set[int]:
+    """The copy range the kernel holds for each offload queue (its nfnetlink_queue file in
+    the balancer's namespace): the headers the decider reads, not the whole packet."""
+    from nfqlb.io import kstats
+
+    text = lab.exec(lab.lb, ["cat", kstats.PROC_PATH]).stdout.decode()
+    first = 20000 + d.queue
+    return {row.copy_range for q, row in kstats.parse(text).items() if q >= first}
 
 
 def named(lab: Lab, svc: dict[str, Any]) -> dict[str, Any]:
@@ -156,11 +173,13 @@ def test_tcp_flows_spread_over_both_backends_and_only_first_packets_reach_nfqlb(
                       daemon={"offload_binding": binding})
         with d:
             seen = labels(lab, family)
-            queue = offload_queue(d)
+            queued = offload_packets(d)
+            copy_ranges = offload_copy_ranges(lab, d)
         assert collections.Counter(seen) == {"backend-1": REQUESTS // 2,
                                              "backend-2": REQUESTS // 2}, d.report()
         # one packet per connection (its SYN) went through nfqlb: the kernel carried the rest
-        assert queue["packets"] == REQUESTS, queue
+        assert queued == REQUESTS, d.report()
+        assert copy_ranges == {COPY_RANGE}, copy_ranges  # with either binding
         assert d.returncode == 0, d.report()
         assert lab.iptables_save(lab.lb) == before  # every rule gone, tables too
 
@@ -175,7 +194,10 @@ def test_udp_flows_spread_over_both_backends(family: int) -> None:
                                        [b"a%d" % i for i in range(REQUESTS)],
                                        new_socket_each=True)
             one_flow = lab.udp_exchange(lab.client, vip, UDP_PORT, [b"x", b"y", b"z"])
-            queue = offload_queue(d)
+            # a first datagram longer than the kernel copies to nfqlb: decided on its
+            # headers, carried whole
+            [large] = lab.udp_exchange(lab.client, vip, UDP_PORT, [b"L" * 1200])
+            queued = offload_packets(d)
         assert all(r is not None for r in replies), d.report()
         got = collections.Counter(r.label for r in replies if r is not None)
         assert got == {"backend-1": REQUESTS // 2, "backend-2": REQUESTS // 2}
@@ -183,7 +205,8 @@ def test_udp_flows_spread_over_both_backends(family: int) -> None:
         assert {r.peer[1] for r in replies if r is not None} == {UDP_PORT}
         # one socket is one flow: one backend, one packet queued
         assert len({r.label for r in one_flow if r is not None}) == 1, one_flow
-        assert queue["packets"] == REQUESTS + 1, queue
+        assert large is not None and large.payload == b"L" * 1200, d.report()
+        assert queued == REQUESTS + 2, d.report()
 
 
 @pytest.mark.parametrize("family", [4, 6])

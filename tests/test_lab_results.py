@@ -189,6 +189,19 @@ def test_cpu_per_queued_packet_per_worker_and_total() -> None:
     assert use.per_worker == {2: pytest.approx(1e6 / 100000), 3: pytest.approx(0.5e6 / 50000)}
 
 
+def test_a_workers_queues_on_other_netlink_sockets_count_as_its_own() -> None:
+    """Two offload workers: each one's offload queue is on a netlink socket whose port id is
+    not its pid (its first socket, the main queue's, has that); the packets are its own."""
+    tck = lab_bench.CLK_TCK
+    before = _snapshot(0.0, {10: 0, 11: 0}, {1: (10, 0), 2: (11, 0), 20001: (900, 0),
+                                             20002: (901, 0)})
+    after = _snapshot(1.0, {10: tck, 11: tck // 2}, {1: (10, 0), 2: (11, 0),
+                                                      20001: (900, 20000), 20002: (901, 10000)})
+    after.owners = {900: 10, 901: 11}
+    use = lab_bench.cpu_use(before, after)
+    assert use.per_worker == {1: pytest.approx(1e6 / 20000), 2: pytest.approx(0.5e6 / 10000)}
+
+
 def test_too_little_cpu_time_gives_no_per_packet_figure() -> None:
     """Offload's worker under keep-alive: a few new flows, a tick or two of CPU."""
     before = _snapshot(0.0, {10: 0}, {1: (10, 0)})

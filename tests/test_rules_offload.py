@@ -179,8 +179,42 @@ def test_apply_twice_then_delete_twice_in_a_namespace(tmp_path: Path) -> None:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+def test_several_workers_spread_new_flows_over_their_offload_queues() -> None:
+    """Each worker serves offload queue + its index; a first packet needs no other packet's
+    state, so the kernel may spread them (--queue-balance over the workers' queues)."""
+    [rs] = rules.render(make_config(OFFLOAD, workers=3))
+    assert body(rs, "mangle") == [
+        "-A NFQLB-NEW-1 -d 198.18.0.10/32 -p tcp --dport 80 -j NFQUEUE --queue-balance "
+        "20001:20003 --queue-bypass"]
 
-def test_offload_runs_with_one_worker_for_now() -> None:
-    with pytest.raises(ConfigError, match=r"daemon.workers: 2 workers: service\[0\] is mode "
-                       r"\"offload\", which runs with one worker"):
-        make_config(OFFLOAD, workers=2)
+
+def test_offload_queues_of_several_workers_must_not_overlap_the_others() -> None:
+    with pytest.raises(ConfigError, match="daemon.offload_queue.*overlap"):
+        make_config(OFFLOAD, workers=3, offload_queue=3)
+    with pytest.raises(ConfigError, match="daemon.offload_queue"):
+        make_config(OFFLOAD, workers=3, offload_queue=65534)
+    make_config(OFFLOAD, workers=3, offload_queue=100)  # clear of 1-3 and 10001-10003
+
+
+OTHER = {**OFFLOAD, "name": "other", "port": 81}
+
+
+def test_bridging_marks_dnat_by_both_numberings_while_workers_reload() -> None:
+    """A reload that renumbers the marks (another service first, the backends swapped): the
+    bridge DNATs by the new marks and by every old one the new rules do not match the same
+    way; mangle and the jumps stay the running ones."""
+    [old] = rules.render(make_config(OFFLOAD, workers=2))
+    swapped = {**OFFLOAD, "backend": OFFLOAD["backend"][::-1]}
+    [new] = rules.render(make_config(OTHER, swapped, workers=2))
+    bridge = rules.bridging_marks(old, new)
+    assert body(bridge, "nat") == body(new, "nat") + body(old, "nat")
+    assert body(bridge, "mangle") == body(old, "mangle")
+    assert (bridge.body, bridge.offload_jumps) == (old.body, old.offload_jumps)
+    # the same marks, the backends swapped: the new rules alone (one match, one backend)
+    [same] = rules.render(make_config(swapped, workers=2))
+    assert body(rules.bridging_marks(old, same), "nat") == body(same, "nat")
+    # nothing to bridge without offload on both sides
+    [plain] = rules.render(make_config(DNAT, workers=2))
+    assert rules.bridging_marks(old, plain) == old
+    assert rules.bridging_marks(plain, new) == plain
+

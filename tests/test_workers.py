@@ -261,3 +261,77 @@ def test_one_health_checker_reports_to_every_worker() -> None:
                == "up" for srv in (a, b))
     with pytest.raises(KeyError, match="no backend"):
         forward.set_health("dnat-tcp", "b9", True, 102.0)
+
+
+OFFLOAD = {"name": "web", "vip": "198.18.100.1", "port": 80, "mode": "offload",
+           "backend": [{"address": "198.18.1.2", "port": 8080}]}
+
+
+@pytest.mark.parametrize(("started", "reloaded", "key"), [
+    (OFFLOAD, {"daemon": {"offload_queue": 30001}, "service": OFFLOAD}, "daemon.offload_queue"),
+    ({**OFFLOAD, "mode": "dnat"}, {"service": OFFLOAD}, "service"),
+    (OFFLOAD, {"daemon": {"binding": "netlink"}, "service": OFFLOAD}, "daemon.binding"),
+    (OFFLOAD, {"daemon": {"large_queue": 30001}, "service": OFFLOAD}, "daemon.large_queue"),
+])
+def test_supervisor_refuses_a_reload_a_single_daemon_refuses(
+        tmp_path: Any, started: dict[str, Any], reloaded: dict[str, Any], key: str) -> None:
+    """The workers' queues (the offload queue + i too) are bound at start: a reload that
+    moves one (or adds the offload queue, or changes the binding) is refused, as a single
+    daemon refuses it, and no worker is asked to take it."""
+    import logging
+
+    from lab import render_config
+
+    from nfqlb.io.workers import Supervisor
+
+    path = tmp_path / "nfqlb.toml"
+    sup = Supervisor(config(started, workers=2), logging.getLogger("t"), (), {}, None, str(path))
+    asked: list[Any] = []
+    sup.ask = asked.append  # type: ignore[method-assign, assignment]
+    path.write_text(render_config([reloaded["service"]],
+                                  {"queue": 1, "workers": 2, **reloaded.get("daemon", {})}))
+    ok, message = sup.reload()
+    assert not ok and key in message, message
+    assert asked == []
+
+
+OTHER = {**OFFLOAD, "name": "other", "port": 81}
+
+
+def _nat(rs: rules.RuleSet) -> list[str]:
+    return [line for line in dict(rs.offload)["nat"] if not line.startswith("#")]
+
+
+def test_supervisor_bridges_the_marks_before_its_workers_reload(
+        tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that renumbers the offload marks (another service first, other backends):
+    the order of a supervisor's reload: the bridge installed, then the workers asked,
+    then the new rules alone."""
+    import logging
+
+    from lab import render_config
+
+    from nfqlb.io import iptables, sysctl
+    from nfqlb.io.workers import Supervisor
+
+    started = config(OFFLOAD, workers=2)
+    path = tmp_path / "nfqlb.toml"
+    sup = Supervisor(started, logging.getLogger("t"), rules.render(started),
+                     {4: object()}, None, str(path))  # type: ignore[dict-item]
+    sup.sysctls = object()  # type: ignore[assignment]
+    events: list[tuple[str, Any]] = []
+    monkeypatch.setattr(iptables, "apply",
+                        lambda rs, _tool: events.append(("apply", _nat(rs))))
+    monkeypatch.setattr(iptables, "check_overlap", lambda *_: None)
+    monkeypatch.setattr(sysctl, "setup", lambda *_: None)
+    sup.ask = lambda req: events.append(("ask", req["cmd"])) or [{"ok": True}]  # type: ignore
+    sup._lingering_now = dict  # type: ignore[method-assign]
+    swapped = {**OFFLOAD, "backend": [{"address": "198.18.1.3", "port": 8080},
+                                      {"address": "198.18.1.2", "port": 8080}]}
+    path.write_text(render_config([OTHER, swapped], {"queue": 1, "workers": 2}))
+    ok, message = sup.reload()
+    assert ok, message
+    [old] = rules.render(started)
+    [new] = rules.render(config(OTHER, swapped, workers=2))
+    assert events == [("apply", _nat(new) + _nat(old)), ("ask", "reload"),
+                      ("apply", _nat(new))]

@@ -189,22 +189,9 @@ class Server:
             return self._reload_worker(live)
         try:
             config = load_config(self.config_path)
-            large = rules.large_queue_for(config, live.queue)
-            if large != live.large:
-                raise ConfigError(config.source, "daemon.large_queue", f"is {large}, the "
-                                  f"running daemon serves {live.large}: restart to change it")
-            if self.offload is None and _has_offload(config):
-                raise ConfigError(config.source, "service", "adds mode \"offload\" to a "
-                                  "daemon started without it: restart to bind its queue")
             served = [a.queue for a in self.adapters if getattr(a, "lean", False)]
-            offload_queue = rules.offload_queue_for(config, live.queue)
-            if served and served != [offload_queue]:
-                raise ConfigError(config.source, "daemon.offload_queue", f"is {offload_queue}, "
-                                  f"the running daemon serves {served[0]}: restart to change it")
-            if config.daemon.binding is not live.config.daemon.binding:
-                raise ConfigError(config.source, "daemon.binding", f"is "
-                                  f"{config.daemon.binding.value!r}, the running daemon uses "
-                                  f"{live.config.daemon.binding.value!r}: restart to change it")
+            check_reloadable(config, live.queue, live.large, served[0] if served else None,
+                             live.config.daemon.binding)
             rulesets = rules.render(config, live.queue)
             for rs in rulesets:
                 if rs.family.version not in live.tools:
@@ -247,6 +234,10 @@ class Server:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)
         self.engine.reconfigure(config, self.clock())
+        if self.offload is not None:
+            for svc, rt in self.offload.reconfigure(config):
+                if self.kernel_flows is not None:
+                    self.kernel_flows.reset(svc, rt, "removed")
         live.config = config
         for hook in self.reload_hooks:
             try:
@@ -399,6 +390,30 @@ class Server:
         print(f"{block_header('nfqlb counters')}\n{self.format_stats()}\n", flush=True)
 
 
+def check_reloadable(config: Config, queue: int, large: int, offload_queue: int | None,
+                     binding: Binding) -> None:
+    """Refuse (ConfigError naming the key) a reloaded ``config`` that changes what only a
+    restart changes: the queues bound at start (``large``, and ``offload_queue``, None when
+    none is bound) and the binding. A supervisor checks the same for all its workers, with
+    the first of their queues (each worker serves the first + its index)."""
+    new_large = rules.large_queue_for(config, queue)
+    if new_large != large:
+        raise ConfigError(config.source, "daemon.large_queue", f"is {new_large}, the "
+                          f"running daemon serves {large}: restart to change it")
+    if _has_offload(config):
+        if offload_queue is None:
+            raise ConfigError(config.source, "service", "adds mode \"offload\" to a "
+                              "daemon started without it: restart to bind its queue")
+        new_offload = rules.offload_queue_for(config, queue)
+        if new_offload != offload_queue:
+            raise ConfigError(config.source, "daemon.offload_queue", f"is {new_offload}, "
+                              f"the running daemon serves {offload_queue}: restart to change "
+                              "it")
+    if config.daemon.binding is not binding:
+        raise ConfigError(config.source, "daemon.binding", f"is {config.daemon.binding.value!r}"
+                          f", the running daemon uses {binding.value!r}: restart to change it")
+
+
 def _has_offload(config: Config) -> bool:
     return any(s.mode is Mode.OFFLOAD for s in config.services)
 
@@ -470,12 +485,18 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         decider = OffloadDecider(config, engine.services, engine.counters)
         offload_adapter = (OffloadNetlinkAdapter if config.daemon.offload_binding == "netlink"
                            else OffloadQueueAdapter)
-        adapters.append(offload_adapter(decider, rules.offload_queue_for(config, q), log))
+        # worker i of several serves the i-th of the offload queues (rules: --queue-balance)
+        oq = (rules.offload_queue_for(config, role.base_queue) + role.index if role is not None
+              else rules.offload_queue_for(config, q))
+        adapters.append(offload_adapter(decider, oq, log))
     loop = _new_loop()
     server = Server(loop, engine, adapters, held, log, stats_interval)
     if decider is not None:
         server.offload = decider
-        server.kernel_flows = KernelFlows(loop, decider, log.getChild("conntrack"))
+        # conntrack is the host's, not a worker's: of several workers, worker 0 alone counts
+        # the offload flows (the supervisor sums the status) and removes them
+        if role is None or role.index == 0:
+            server.kernel_flows = KernelFlows(loop, decider, log.getChild("conntrack"))
     server.role = role
     server.config_path = config_path or config.source
     if role is None:  # (a supervisor checks for all its workers)

@@ -183,11 +183,12 @@ def build_message(mtype: int, flags: int, seq: int, queue: int, attrs: bytes) ->
 
 
 def build_bind(queue: int, seq: int, *, max_len: int, fail_open: bool = False,
-               gso: bool = False) -> bytes:
-    """BIND, copy mode PACKET with the full range, queue length, the fail-open and GSO flags."""
+               gso: bool = False, copy_range: int = COPY_RANGE) -> bytes:
+    """BIND, copy mode PACKET with ``copy_range`` (default: the full range), queue length,
+    the fail-open and GSO flags."""
     flags = (NFQA_CFG_F_FAIL_OPEN if fail_open else 0) | (NFQA_CFG_F_GSO if gso else 0)
     attrs = (build_attr(NFQA_CFG_CMD, CFG_CMD.pack(NFQNL_CFG_CMD_BIND, socket.AF_UNSPEC))
-             + build_attr(NFQA_CFG_PARAMS, CFG_PARAMS.pack(COPY_RANGE, NFQNL_COPY_PACKET))
+             + build_attr(NFQA_CFG_PARAMS, CFG_PARAMS.pack(copy_range, NFQNL_COPY_PACKET))
              + build_attr(NFQA_CFG_QUEUE_MAXLEN, BE32.pack(max_len))
              + build_attr(NFQA_CFG_MASK, BE32.pack(NFQA_CFG_F_FAIL_OPEN | NFQA_CFG_F_GSO))
              + build_attr(NFQA_CFG_FLAGS, BE32.pack(flags)))
@@ -268,7 +269,7 @@ class NetlinkQueueAdapter:
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
                  fail_open: bool = False, gso: bool = False,
-                 on_hold: OnHold | None = None) -> None:
+                 on_hold: OnHold | None = None, copy_range: int = COPY_RANGE) -> None:
         self.queue = queue
         self.on_hold = on_hold  # told how to give a held packet its verdict later
         self.log = log
@@ -277,6 +278,7 @@ class NetlinkQueueAdapter:
         self.purpose = purpose  # "for packets over N bytes": said in errors and stats
         self.fail_open = fail_open
         self.gso = gso  # ask for GSO packets whole (NFQA_CFG_F_GSO)
+        self._copy_range = copy_range  # bytes of each packet the kernel copies to us
         # counters
         self.packets = 0
         self.wakeups = 0
@@ -336,7 +338,8 @@ class NetlinkQueueAdapter:
         self._sock = sock
         try:
             err = self._request(build_bind(self.queue, self._next_seq(), max_len=max_len,
-                                           fail_open=self.fail_open, gso=self.gso))
+                                           fail_open=self.fail_open, gso=self.gso,
+                                           copy_range=self._copy_range))
             if err == -errno.EPERM:
                 # Either the queue belongs to another socket or we lack CAP_NET_ADMIN. The
                 # obsolete PF_BIND command needs the capability and nothing else: it tells.

@@ -5,7 +5,12 @@ A queue adapter of its own shape (bind, fileno, on_readable, drain, unbind, form
 call into :meth:`nfqlb.offload.OffloadDecider.handle`, then ``set_mark`` + ``accept`` for a
 mark, or the usual verdicts. The kernel copies only the first
 :data:`nfqlb.offload.COPY_RANGE` bytes of each packet (the headers the decision reads), so a
-large first datagram costs no more than a SYN. A rewritten verdict (a RST answering an
+large first datagram costs no more than a SYN: with either binding (NetfilterQueue's
+``range``, the netlink client's ``copy_range``); a packet cut short is decided as any other
+(its ``NFQA_CAP_LEN`` is no reason to drop it here, unlike on the queues that rewrite). The
+netlink client also sets the GSO flag on this queue, so the kernel neither completes a
+partial checksum nor segments a GSO packet before queueing it (the verdict's mark applies to
+the packet whole). A rewritten verdict (a RST answering an
 unknown flow) is built from those headers alone.
 
 Only the first packet of each flow comes here; every other one stays in the kernel.
@@ -171,8 +176,12 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
     def __init__(self, decider: OffloadDecider, queue: int, log: logging.Logger,
                  clock: Callable[[], float] = time.monotonic) -> None:
         # the decider's int verdicts (marks) are read by this class's own _on_packet
+        # the headers only (COPY_RANGE), and GSO packets whole: nothing here is given back
+        # rewritten but a RST built afresh, so the kernel need not complete a partial
+        # checksum (as it does for every such packet without the flag) nor segment a GSO
+        # first packet before queueing it
         super().__init__(cast(Handle, decider.handle), queue, log, clock,
-                         purpose="offload: new flows")
+                         purpose="offload: new flows", gso=True, copy_range=COPY_RANGE)
         self.decider = decider
         self.lean = True  # the daemon's reader calls on_readable and nothing else
         head = verdict_prefix(queue, NF_ACCEPT)

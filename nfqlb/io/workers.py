@@ -4,8 +4,10 @@ GIL).
 
 What the operator sees is one daemon: this supervisor process, which
 
-- forks the workers first (worker i serves queue ``queue + i`` and large-packet queue
-  ``large_queue + i`` and holds its share of every fullnat port pool, see
+- forks the workers first (worker i serves queue ``queue + i``, large-packet queue
+  ``large_queue + i``, with mode "offload" offload queue ``offload_queue + i`` (worker 0
+  alone counts and removes conntrack's flows, the host's), and holds its share of every
+  fullnat port pool, see
   :func:`nfqlb.config.for_worker`), and waits until each has bound its queues (one that
   fails stops the others: nothing else is touched);
 - then sets the sysctls and installs the rules, once, for all of them: the rules send both
@@ -52,7 +54,7 @@ from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, node, sysctl
 from nfqlb.io.health import HealthChecker
-from nfqlb.values import Backend
+from nfqlb.values import Backend, Mode
 
 STOP_TIMEOUT = 10.0  # s the workers have to stop after SIGTERM before SIGKILL
 READY_TIMEOUT = 30.0  # s a worker has to bind its queues
@@ -137,6 +139,9 @@ class Supervisor:
         self.queue = config.daemon.queue
         self.n = config.daemon.workers
         self.large = rules.large_queue_for(config, self.queue)
+        # mode "offload": worker i serves offload queue + i, bound at start like the others
+        self.offload_queue = (rules.offload_queue_for(config, self.queue) if any(
+            s.mode is Mode.OFFLOAD for s in config.services) else None)
         self.workers: list[Worker] = []
         self.stopping = False
         self.failed = False
@@ -498,16 +503,16 @@ class Supervisor:
     def reload(self) -> tuple[bool, str]:
         """Check the file as a single daemon does; then every worker takes it, and the rules
         change (one iptables-restore per family)."""
+        from nfqlb.io import daemon
+
         try:
             loaded = load_config(self.config_path)
             if loaded.daemon.workers not in (1, self.n):  # (1: the default, or --queue M-N)
                 self.log.warning("daemon.workers is %d, %d run: the number of workers "
                                  "changes at the next start", loaded.daemon.workers, self.n)
             config = with_workers(loaded, self.queue, self.n, "daemon.workers")
-            large = rules.large_queue_for(config, self.queue)
-            if large != self.large:
-                raise SystemSetupError(f"daemon.large_queue is {large}, the running daemon "
-                                       f"serves {self.large}: restart to change it")
+            daemon.check_reloadable(config, self.queue, self.large, self.offload_queue,
+                                    self.config.daemon.binding)
             rulesets = rules.render(config, self.queue)
             for rs in rulesets:
                 if rs.family.version not in self.tools:
@@ -516,6 +521,11 @@ class Supervisor:
         except NfqlbError as exc:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)
+        try:
+            self._bridge_marks(rulesets)
+        except NfqlbError as exc:
+            self.log.error("reload: the rules could not be changed: %s", exc)
+            return False, f"rules not changed: {exc}"
         bad = [a for a in self.ask({"cmd": "reload"}) if not a.get("ok")]
         self.config = config
         if self.health is not None:
@@ -534,6 +544,20 @@ class Supervisor:
         self.log.info("reloaded %s: %d service%s, %d workers", self.config_path, n,
                       "" if n == 1 else "s", self.n)
         return True, f"reloaded {self.config_path}"
+
+    def _bridge_marks(self, rulesets: tuple[rules.RuleSet, ...]) -> None:
+        """Before the workers take a reload: the offload rules know the marks of both
+        numberings (:func:`nfqlb.rules.bridging_marks`); ``_apply_rules`` then installs the
+        new rules alone."""
+        new = {rs.family.version: rs for rs in rulesets}
+        bridged = []
+        for rs in self.rulesets:
+            b = rules.bridging_marks(rs, new[rs.family.version]) \
+                if rs.family.version in new else rs
+            if b != rs:
+                iptables.apply(b, self.tools[rs.family.version])
+            bridged.append(b)
+        self.rulesets = tuple(bridged)
 
     def _lingering_now(self) -> dict[str, tuple[Backend, ...]]:
         """Backends a reload removed that some worker still has flows of."""

@@ -447,14 +447,12 @@ class Lab:
 
         ``args`` are added to ``nfqlb run`` (for example ``["--stats-interval", "0.5"]``).
         ``$NFQLB_LAB_WORKERS`` (e.g. 2) sets ``workers`` where the test does not: the whole
-        suite then runs with several workers (CI does this for a representative set), but for
-        mode "offload", which runs with one worker for now.
+        suite then runs with several workers (CI does this for a representative set).
         """
         ecmp = (daemon or {}).get("ecmp", False)  # behind ECMP: nfqlb's own default (false)
         settings = {"queue": queue, **({} if ecmp else {"bypass": True}), **(daemon or {})}
         workers = os.environ.get(WORKERS_ENV)
-        offload = any(svc.get("mode") == "offload" for svc in services)
-        if workers and "workers" not in settings and not offload:
+        if workers and "workers" not in settings:
             settings["workers"] = int(workers)
         text = render_config(list(services), settings)
         d = Nfqlb(self, text, queue=queue, args=args)
