@@ -98,6 +98,9 @@ EXPIRE_SLICE = 1000
 #: connection is over, the flow only lingers for retransmissions (see nfqlb.snat).
 CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 
+#: States whose fullnat flows are on one of their backend's reclaim lists (``_track_port``).
+_RECLAIMABLE = CLOSED_STATES | HALF_OPEN
+
 
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
@@ -114,6 +117,7 @@ class Engine:
         self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag,
                                      config.daemon.max_fragments_per_source)
         self.mss_clamp = config.daemon.mss_clamp
+        self.services.table_flows = self.table.flows  # (reloads, listings: a walk)
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
         self._established = self.table.rings[TcpState.ESTABLISHED]
@@ -156,18 +160,25 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[28:36]
-                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            hdr = flow.hdrs[:12]
+                            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + flow.ipd
+                            l4_sum = ((data[36] << 8 | data[37]) ^ 0xFFFF) + flow.l4d
                             t = flow.backend.inbound
-                        else:
+                        else:  # (a reply's deltas: the flow's negated, rev_delta)
                             flow.peer_b = data[28:36]
-                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            hdr = flow.hdrs[12:]
+                            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + (
+                                0xFFFF - flow.ipd or 0xFFFF)
+                            l4_sum = ((data[36] << 8 | data[37]) ^ 0xFFFF) + (
+                                0xFFFF - flow.l4d or 0xFFFF)
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
+                        # checksum.apply, inline: ~(~old + delta), the sum folded once
                         return b"".join((
-                            data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
+                            data[:10], U16[(ip_sum & 0xFFFF) + (ip_sum >> 16) ^ 0xFFFF], hdr,
+                            data[24:36], U16[(l4_sum & 0xFFFF) + (l4_sum >> 16) ^ 0xFFFF],
                             data[38:],
                         ))
                 elif proto == UDP:
@@ -190,10 +201,11 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            hdr, ipd, l4d = flow.hdrs[:12], flow.ipd, flow.l4d
                             t = flow.backend.inbound
                         else:
-                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            hdr, ipd, l4d = (flow.hdrs[12:], 0xFFFF - flow.ipd or 0xFFFF,
+                                             0xFFFF - flow.l4d or 0xFFFF)
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
@@ -230,11 +242,11 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[48:56]
-                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            hdr, l4d = flow.hdrs[:36], flow.l4d
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[48:56]
-                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            hdr, l4d = flow.hdrs[36:], 0xFFFF - flow.l4d or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
@@ -264,10 +276,10 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            hdr, l4d = flow.hdrs[:36], flow.l4d
                             t = flow.backend.inbound
                         else:
-                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            hdr, l4d = flow.hdrs[36:], 0xFFFF - flow.l4d or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
@@ -307,27 +319,33 @@ class Engine:
             if new is not state:
                 self._set_state(flow, new)
         backend = flow.backend
+        l4d = flow.l4d
         if reply:
-            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+            hdr = flow.hdrs[36 if v6 else 12:]
+            l4d = 0xFFFF - l4d or 0xFFFF  # (a reply's deltas: the flow's negated, rev_delta)
             flow.peer_b = data[off + 8:off + 16]
             t = backend.outbound
         else:
-            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+            hdr = flow.hdrs[:36 if v6 else 12]
             flow.peer_c = data[off + 8:off + 16]
             t = backend.inbound
         self.table.touch(flow, now)
-        if flow.reclaim is not None:
-            flow.reclaim.move_to_end(flow)
+        if flow.state in _RECLAIMABLE and backend.owner.pool is not None:
+            _reclaim_touch(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
+        # checksum.apply, inline (as in handle)
+        l4_sum = ((data[off + 16] << 8 | data[off + 17]) ^ 0xFFFF) + l4d
+        l4c = U16[(l4_sum & 0xFFFF) + (l4_sum >> 16) ^ 0xFFFF]
         if v6:
-            out = b"".join((data[:8], hdr, data[44:56],
-                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:]))
+            out = b"".join((data[:8], hdr, data[44:56], l4c, data[58:]))
         else:
-            out = b"".join((data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
-                            data[38:]))
+            ipd = flow.ipd
+            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + (0xFFFF - ipd or 0xFFFF if reply
+                                                              else ipd)
+            out = b"".join((data[:10], U16[(ip_sum & 0xFFFF) + (ip_sum >> 16) ^ 0xFFFF], hdr,
+                            data[24:36], l4c, data[38:]))
         if flags & 0x02:  # a SYN-ACK
             if reply:
                 flow.set_wscale(True, tcp_wscale(data, off))
@@ -430,21 +448,23 @@ class Engine:
     def _rewrite(self, data: bytes, p: Parsed, flow: Flow, reply: bool, now: float) -> bytes:
         """Rewrite a TCP/UDP packet (or first fragment) of ``flow`` and account it."""
         off = p.off
+        hdrs, ipd, l4d = flow.hdrs, flow.ipd, flow.l4d
         if reply:
-            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.rev_hdr,
-                          flow.rev_ipd, flow.rev_l4d)
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
+                          hdrs[len(hdrs) >> 1:], 0xFFFF - ipd or 0xFFFF if ipd else 0,
+                          0xFFFF - l4d or 0xFFFF)
             t = flow.backend.outbound
             if p.proto == TCP:
                 flow.peer_b = data[off + 8:off + 16]
         else:
-            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.fwd_hdr,
-                          flow.fwd_ipd, flow.fwd_l4d)
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
+                          hdrs[:len(hdrs) >> 1], ipd, l4d)
             t = flow.backend.inbound
             if p.proto == TCP:
                 flow.peer_c = data[off + 8:off + 16]
         self.table.touch(flow, now)
-        if flow.reclaim is not None:
-            flow.reclaim.move_to_end(flow)
+        if flow.state in _RECLAIMABLE and flow.backend.owner.pool is not None:
+            _reclaim_touch(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -668,19 +688,21 @@ class Engine:
                              port, now)
         backend.started(flow)
         if port:
-            _track_port(flow, state)
+            _track_port(flow, None, state, True)
         return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
-        was = flow.state is _ESTABLISHED
+        old = flow.state
+        was = old is _ESTABLISHED
         if was is not (state is _ESTABLISHED):  # established <-> inactive, as ipvsadm counts
             rt = flow.backend
             d = -1 if was else 1
             rt.established += d
             rt.inactive -= d
         self.table.set_state(flow, state)
-        if flow.snat_port:
-            _track_port(flow, state)
+        if flow.backend.owner.pool is not None and (old in _RECLAIMABLE
+                                                    or state in _RECLAIMABLE):
+            _track_port(flow, old, state)
 
     def _close(self, flow: Flow, now: float) -> None:
         self.table.remove(flow)
@@ -688,10 +710,10 @@ class Engine:
 
     def _retire(self, flow: Flow, now: float) -> None:
         """A flow left the table: its service takes back what it held and accounts it."""
-        if flow.reclaim is not None:
-            del flow.reclaim[flow]
-            flow.reclaim = None
-        flow.service.flow_ended(flow, now, flow.state is _ESTABLISHED)
+        svc = flow.backend.owner
+        if svc.pool is not None and flow.state in _RECLAIMABLE:
+            _track_port(flow, flow.state, None)
+        svc.flow_ended(flow, now, flow.state is _ESTABLISHED)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy
@@ -710,7 +732,7 @@ class Engine:
             return 0
         service = owner.name  # (a removed backend leaves with its last flow)
         n = 0
-        for flow in list(rt.flows):
+        for flow in self.table.of_backend(rt):
             if flow.proto == TCP:
                 table = self.table.by_proto[TCP]
                 client_ack, backend_ack = flow.peer_c, flow.peer_b  # what each expects next
@@ -842,19 +864,38 @@ class Engine:
         return format_stats(self.stats())
 
 
-def _track_port(flow: Flow, state: TcpState) -> None:
-    """Keep a flow that holds a fullnat port on its backend's reclaim list for ``state``
-    (closed, half-open; none for any other state)."""
-    pool = flow.service.pool
-    closed = state in CLOSED_STATES
-    want = (pool.reclaim_list(flow.backend.endpoint, closed)
-            if pool is not None and (closed or state in HALF_OPEN) else None)
-    if want is not flow.reclaim:
-        if flow.reclaim is not None:
-            del flow.reclaim[flow]
-        flow.reclaim = want  # type: ignore[assignment]
-        if want is not None:
-            want[flow] = None
+def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
+                held: bool | None = None) -> None:
+    """A flow of a fullnat service moves from state ``old`` to ``new`` (None: into, out of
+    the table): from the reclaim list of its backend for ``old`` to that for ``new`` (closed,
+    half-open; none for any other state). It is on one only if it holds a port (``held``,
+    when the caller knows). A flow knows no list of its own: its state says which."""
+    pool = flow.backend.owner.pool
+    if pool is None:
+        return
+    was = old in CLOSED_STATES if old in _RECLAIMABLE else None
+    want = new in CLOSED_STATES if new in _RECLAIMABLE else None
+    if was is want:
+        return
+    endpoint = flow.backend.endpoint
+    if was is not None:
+        held = pool.reclaim_list(endpoint, was).pop(flow, _NOT_ON) is None
+    if want is not None and (flow.snat_port != 0 if held is None else held):
+        pool.reclaim_list(endpoint, want)[flow] = None
+
+
+#: (``_track_port``: what popping a flow that is not on a reclaim list returns)
+_NOT_ON = object()
+
+
+def _reclaim_touch(flow: Flow) -> None:
+    """A packet of a flow in a state whose fullnat flows are on a reclaim list: to its end
+    (least recently used first)."""
+    pool = flow.backend.owner.pool
+    if pool is not None:
+        flows = pool.reclaim_list(flow.backend.endpoint, flow.state in CLOSED_STATES)
+        if flow in flows:
+            flows.move_to_end(flow)
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

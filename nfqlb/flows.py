@@ -58,7 +58,6 @@ from nfqlb.config import Timeouts
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from collections import OrderedDict
 
     from nfqlb.policies import FlowKey, Policy
     from nfqlb.services import BackendRuntime, ServiceRuntime
@@ -139,30 +138,29 @@ def timeouts_by_state(t: Timeouts) -> tuple[float, ...]:
 
 class Flow:
     """One balanced connection, both directions in its own slots (per flow, never per
-    packet). It is the value of both of its keys in the table."""
+    packet). It is the value of both of its keys in the table.
+
+    What a direction's packets need and the other direction's can be worked out from
+    (``rev_key``, the reverse deltas, the fullnat port) is not stored: see the module's
+    docstring for what a flow costs."""
 
     __slots__ = (
-        "service", "backend", "state", "last", "fwd_key", "rev_key", "fwd_hdr", "rev_hdr",
-        "fwd_ipd", "fwd_l4d", "rev_ipd", "rev_l4d", "snat_port", "peer_c", "peer_b", "ws",
-        "prev", "next", "placed", "reclaim",
+        "backend", "state", "last", "fwd_key", "hdrs", "ipd", "l4d", "peer_c", "peer_b", "ws",
+        "prev", "next", "placed",
     )
 
-    service: ServiceRuntime
-    backend: BackendRuntime  # its backend at run time (figures, state)
+    backend: BackendRuntime  # its backend at run time (figures, state; its service: owner)
     state: TcpState
     last: float
     fwd_key: bytes
-    rev_key: bytes
-    #: the new ``src addr | dst addr | src port | dst port`` of each direction's packets
-    fwd_hdr: bytes
-    rev_hdr: bytes
-    #: each direction's RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP checksum
-    fwd_ipd: int
-    fwd_l4d: int
-    rev_ipd: int
-    rev_l4d: int
-    #: fullnat: the pool port it holds (0: none)
-    snat_port: int
+    #: the new ``src addr | dst addr | src port | dst port`` of the client's packets
+    #: (``fwd_hdr``) then of the replies (``rev_hdr``), in one bytes object: 24 bytes (IPv4),
+    #: 72 (IPv6)
+    hdrs: bytes
+    #: the client's packets' RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP
+    #: checksum; the replies' are their negation (``rev_delta``)
+    ipd: int
+    l4d: int
     #: TCP: the bytes ack..window (8) of the last segment of the client (``peer_c``) and of
     #: the backend (``peer_b``), empty until seen: what the RST window check needs
     peer_c: bytes
@@ -178,37 +176,80 @@ class Flow:
     #: returned), to tell it when the flow ends; None when no policy placed it or the policy
     #: does not ask (it has no ``on_flow_closed``)
     placed: tuple[Policy, FlowKey, Backend] | None
-    #: its backend's list of port-holding flows that may give their port (closed, half-open)
-    reclaim: OrderedDict[Flow, None] | None
 
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                  state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
                  snat_port: int = 0) -> None:
-        """A flow with no rewrite yet (empty headers, zero deltas): ``FlowTable.build`` fills
-        them in. Its protocol is in its state (UDP flows are in state UDP)."""
+        """A flow with no rewrite yet (``FlowTable.build`` makes flows with theirs): its
+        headers are its keys turned around, as if nothing were rewritten; ``rev_key`` and
+        ``snat_port`` then follow from them. Its protocol is in its state (UDP flows are in
+        state UDP); its service is its backend's (``BackendRuntime.owner``)."""
         assert (proto == UDP) is (state is TcpState.UDP), "a UDP flow is in state UDP"
-        self.service = service
         self.backend = backend
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
-        self.rev_key = rev_key
-        self.fwd_hdr = self.rev_hdr = b""
-        self.fwd_ipd = self.fwd_l4d = self.rev_ipd = self.rev_l4d = 0
-        self.snat_port = snat_port
+        n = len(fwd_key) // 2 - 2
+        hdr = _turned(rev_key, n)
+        if snat_port:
+            hdr = hdr[:2 * n] + snat_port.to_bytes(2, "big") + hdr[-2:]
+        self.hdrs = hdr + _turned(fwd_key, n)
+        self.ipd = self.l4d = 0
         self.peer_c = self.peer_b = b""
         self.ws = 0
         self.prev = None
         self.placed = None
-        self.reclaim = None
 
     @property
     def proto(self) -> int:
         return UDP if self.state is TcpState.UDP else TCP
 
     @property
+    def service(self) -> ServiceRuntime:
+        return self.backend.owner
+
+    @property
     def in_table(self) -> bool:
         return self.prev is not None
+
+    @property
+    def fwd_hdr(self) -> bytes:
+        return self.hdrs[:len(self.hdrs) // 2]
+
+    @property
+    def rev_hdr(self) -> bytes:
+        return self.hdrs[len(self.hdrs) // 2:]
+
+    @property
+    def rev_key(self) -> bytes:
+        """The key of the replies: the client's packets' new header turned around."""
+        return _turned(self.fwd_hdr, (len(self.hdrs) - 8) >> 2)
+
+    @property
+    def fwd_ipd(self) -> int:
+        return self.ipd
+
+    @property
+    def fwd_l4d(self) -> int:
+        return self.l4d
+
+    @property
+    def rev_ipd(self) -> int:
+        return rev_delta(self.ipd) if self.ipd else 0
+
+    @property
+    def rev_l4d(self) -> int:
+        return rev_delta(self.l4d)
+
+    @property
+    def snat_port(self) -> int:
+        """fullnat: the pool port it holds, the source port of its packets to the backend
+        (0: none; its packets then leave from the client's address and port)."""
+        n = len(self.fwd_key) // 2 - 2
+        key, hdrs = self.fwd_key, self.hdrs
+        if hdrs[:n] == key[:n] and hdrs[2 * n:2 * n + 2] == key[-4:-2]:
+            return 0
+        return hdrs[2 * n] << 8 | hdrs[2 * n + 1]
 
     def wscale(self, backend: bool) -> int:
         """The window scale shift the backend's (else the client's) SYN announced, -1 for
@@ -224,9 +265,25 @@ class Flow:
     def side(self, reply: bool) -> tuple[bytes, int, int]:
         """(header, IPv4 header delta, TCP/UDP delta) of one direction (the general path's
         and tools'; the fast path reads the slots)."""
+        h = self.hdrs
+        n = len(h) >> 1
         if reply:
-            return self.rev_hdr, self.rev_ipd, self.rev_l4d
-        return self.fwd_hdr, self.fwd_ipd, self.fwd_l4d
+            ipd = self.ipd
+            return h[n:], _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[0xFFFF - self.l4d
+                                                                           or 0xFFFF]
+        return h[:n], self.ipd, self.l4d
+
+
+def _turned(key: bytes, n: int) -> bytes:
+    """``src addr | dst addr | src port | dst port`` (addresses of ``n`` bytes) with source
+    and destination swapped: a packet's key as its answer carries it."""
+    return key[n:2 * n] + key[:n] + key[-2:] + key[-4:-2]
+
+
+def rev_delta(d: int) -> int:
+    """The delta that undoes the delta ``d`` (in 1..0xFFFF, ``res_delta``): its negation,
+    ``res_delta(-diff)`` for ``d = res_delta(diff)``, in 1..0xFFFF too."""
+    return _INT[0xFFFF - d or 0xFFFF]
 
 
 #: Both SYNs unseen, taken as the widest scale (14, RFC 7323): how adopted flows judge RSTs.
@@ -284,32 +341,27 @@ class FlowTable:
         (``reply_key``), with both directions' rewrites; not in the table (see ``add``)."""
         alen = len(baddr)
         flow = _new_flow(Flow)  # every slot set once, here (Flow.__init__ sets them twice)
-        flow.service = service
         flow.backend = backend
         flow.state = state
         flow.last = now
         flow.fwd_key = key
-        flow.rev_key = rev_key
-        flow.snat_port = snat_port
         flow.peer_c = flow.peer_b = b""
         flow.ws = 0
-        flow.prev = flow.placed = flow.reclaim = None
+        flow.prev = flow.placed = None
         vip = key[alen:2 * alen]
-        fwd_hdr = flow.fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
-        flow.rev_hdr = vip + key[:alen] + key[-2:] + key[-4:-2]
+        fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
+        flow.hdrs = fwd_hdr + vip + key[:alen] + key[-2:] + key[-4:-2]
         # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
         # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
-        # new words swapped), so its deltas are the forward ones negated
+        # new words swapped), so its deltas are the forward ones negated (``rev_delta``)
         new, old = int.from_bytes(fwd_hdr, "big"), int.from_bytes(key, "big")
         diff = new - old
-        flow.fwd_l4d = _INT[diff % 0xFFFF or 0xFFFF]
-        flow.rev_l4d = _INT[-diff % 0xFFFF or 0xFFFF]
+        flow.l4d = _INT[diff % 0xFFFF or 0xFFFF]
         if alen == 4:
             diff = (new >> 32) - (old >> 32)
-            flow.fwd_ipd = _INT[diff % 0xFFFF or 0xFFFF]
-            flow.rev_ipd = _INT[-diff % 0xFFFF or 0xFFFF]
+            flow.ipd = _INT[diff % 0xFFFF or 0xFFFF]
         else:
-            flow.fwd_ipd = flow.rev_ipd = 0
+            flow.ipd = 0
         return flow
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
@@ -319,13 +371,15 @@ class FlowTable:
         and checked that ``rev_key`` is free."""
         flow = self.build(service, backend, proto, state, key, rev_key, src, sport, baddr,
                           snat_port, now)
-        self.add(flow)
+        self.add(flow, rev_key)
         return flow
 
-    def add(self, flow: Flow) -> None:
+    def add(self, flow: Flow, rev_key: bytes | None = None) -> None:
+        """Put ``flow`` in the table under both of its keys (``rev_key``: its reply key, when
+        the caller has it at hand)."""
         table = self.by_proto[flow.proto]
         table[flow.fwd_key] = flow
-        table[flow.rev_key] = flow
+        table[flow.rev_key if rev_key is None else rev_key] = flow
         self.active += 1
         head = self.rings[flow.state]
         tail = head.prev
@@ -339,8 +393,9 @@ class FlowTable:
         table = self.by_proto[flow.proto]
         if table.get(flow.fwd_key) is flow:
             del table[flow.fwd_key]
-        if table.get(flow.rev_key) is flow:
-            del table[flow.rev_key]
+        rev_key = flow.rev_key
+        if table.get(rev_key) is flow:
+            del table[rev_key]
         prev = flow.prev
         if prev is not None:
             nxt = flow.next
@@ -459,3 +514,9 @@ class FlowTable:
         if flow is None:
             return None
         return flow.fwd_hdr if key == flow.fwd_key else flow.rev_hdr
+
+    def of_backend(self, backend: BackendRuntime) -> list[Flow]:
+        """The flows of ``backend`` (a walk of the table, as ``flows``: the rare events that
+        need them, a backend's reset, a reload, a tool's listing; no flow carries a place
+        in a per-backend set)."""
+        return [flow for flow in self.flows() if flow.backend is backend]

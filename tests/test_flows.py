@@ -321,7 +321,7 @@ def test_table_remove_and_expire_order() -> None:
 
 def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     table, (old,) = _table_with(1, Timeouts())
-    svc = old.service
+    svc = parse_config({"service": [service("dnat")]}).services[0]
     new = Flow(svc, BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
                b"other-key-00", old.rev_key)
     table.add(new)
