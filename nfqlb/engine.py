@@ -120,6 +120,7 @@ class Engine:
         self.services.table_flows = self.table.flows  # (reloads, listings: a walk)
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
+        self._rings = self.table.rings
         self._established = self.table.rings[TcpState.ESTABLISHED]
         self._udp_ring = self.table.rings[TcpState.UDP]
         self._released: list[tuple[int, Final]] = []
@@ -166,7 +167,7 @@ class Engine:
                             t = flow.backend.inbound
                         else:  # (a reply's deltas: the flow's negated, rev_delta)
                             flow.peer_b = data[28:36]
-                            hdr = flow.hdrs[12:]
+                            hdr = flow.hdrs[12:24]
                             ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + (
                                 0xFFFF - flow.ipd or 0xFFFF)
                             l4_sum = ((data[36] << 8 | data[37]) ^ 0xFFFF) + (
@@ -204,7 +205,7 @@ class Engine:
                             hdr, ipd, l4d = flow.hdrs[:12], flow.ipd, flow.l4d
                             t = flow.backend.inbound
                         else:
-                            hdr, ipd, l4d = (flow.hdrs[12:], 0xFFFF - flow.ipd or 0xFFFF,
+                            hdr, ipd, l4d = (flow.hdrs[12:24], 0xFFFF - flow.ipd or 0xFFFF,
                                              0xFFFF - flow.l4d or 0xFFFF)
                             t = flow.backend.outbound
                         t.packets += 1
@@ -246,7 +247,7 @@ class Engine:
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[48:56]
-                            hdr, l4d = flow.hdrs[36:], 0xFFFF - flow.l4d or 0xFFFF
+                            hdr, l4d = flow.hdrs[36:72], 0xFFFF - flow.l4d or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
@@ -279,7 +280,7 @@ class Engine:
                             hdr, l4d = flow.hdrs[:36], flow.l4d
                             t = flow.backend.inbound
                         else:
-                            hdr, l4d = flow.hdrs[36:], 0xFFFF - flow.l4d or 0xFFFF
+                            hdr, l4d = flow.hdrs[36:72], 0xFFFF - flow.l4d or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
@@ -321,7 +322,7 @@ class Engine:
         backend = flow.backend
         l4d = flow.l4d
         if reply:
-            hdr = flow.hdrs[36 if v6 else 12:]
+            hdr = flow.hdrs[36:72] if v6 else flow.hdrs[12:24]
             l4d = 0xFFFF - l4d or 0xFFFF  # (a reply's deltas: the flow's negated, rev_delta)
             flow.peer_b = data[off + 8:off + 16]
             t = backend.outbound
@@ -329,9 +330,24 @@ class Engine:
             hdr = flow.hdrs[:36 if v6 else 12]
             flow.peer_c = data[off + 8:off + 16]
             t = backend.inbound
-        self.table.touch(flow, now)
-        if flow.state in _RECLAIMABLE and backend.owner.pool is not None:
-            _reclaim_touch(flow)
+        flow.last = now  # (FlowTable.touch, inline)
+        prev = flow.prev
+        if prev is not None:
+            head = self._rings[flow.state]
+            nxt = flow.next
+            if nxt is not head:
+                prev.next = nxt
+                nxt.prev = prev
+                tail = head.prev
+                tail.next = flow  # type: ignore[union-attr]
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
+        lists = backend.reclaim
+        if lists is not None and flow.state in _RECLAIMABLE:  # fullnat: to the end of its
+            flows = lists[flow.state in CLOSED_STATES]  # reclaim list (see _track_port)
+            if flow in flows:
+                flows.move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
@@ -449,22 +465,38 @@ class Engine:
         """Rewrite a TCP/UDP packet (or first fragment) of ``flow`` and account it."""
         off = p.off
         hdrs, ipd, l4d = flow.hdrs, flow.ipd, flow.l4d
+        n = len(hdrs) >> 1
         if reply:
             out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
-                          hdrs[len(hdrs) >> 1:], 0xFFFF - ipd or 0xFFFF if ipd else 0,
+                          hdrs[n:2 * n], 0xFFFF - ipd or 0xFFFF if ipd else 0,
                           0xFFFF - l4d or 0xFFFF)
             t = flow.backend.outbound
             if p.proto == TCP:
                 flow.peer_b = data[off + 8:off + 16]
         else:
             out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
-                          hdrs[:len(hdrs) >> 1], ipd, l4d)
+                          hdrs[:n], ipd, l4d)
             t = flow.backend.inbound
             if p.proto == TCP:
                 flow.peer_c = data[off + 8:off + 16]
-        self.table.touch(flow, now)
-        if flow.state in _RECLAIMABLE and flow.backend.owner.pool is not None:
-            _reclaim_touch(flow)
+        flow.last = now  # (FlowTable.touch, inline)
+        prev = flow.prev
+        if prev is not None:
+            head = self._rings[flow.state]
+            nxt = flow.next
+            if nxt is not head:
+                prev.next = nxt
+                nxt.prev = prev
+                tail = head.prev
+                tail.next = flow  # type: ignore[union-attr]
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
+        lists = flow.backend.reclaim
+        if lists is not None and flow.state in _RECLAIMABLE:  # fullnat: to the end of its
+            flows = lists[flow.state in CLOSED_STATES]  # reclaim list (see _track_port)
+            if flow in flows:
+                flows.move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -688,7 +720,7 @@ class Engine:
                              port, now)
         backend.started(flow)
         if port:
-            _track_port(flow, None, state, True)
+            _track_port(flow, None, state)
         return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
@@ -699,9 +731,20 @@ class Engine:
             d = -1 if was else 1
             rt.established += d
             rt.inactive -= d
-        self.table.set_state(flow, state)
-        if flow.backend.owner.pool is not None and (old in _RECLAIMABLE
-                                                    or state in _RECLAIMABLE):
+        flow.state = state  # (FlowTable.set_state, inline: to the end of that state's list)
+        prev = flow.prev
+        if prev is not None:
+            nxt = flow.next
+            prev.next = nxt
+            nxt.prev = prev
+            head = self._rings[state]
+            tail = head.prev
+            tail.next = flow  # type: ignore[union-attr]
+            flow.prev = tail
+            flow.next = head
+            head.prev = flow
+        if flow.backend.reclaim is not None and (old in _RECLAIMABLE
+                                                 or state in _RECLAIMABLE):
             _track_port(flow, old, state)
 
     def _close(self, flow: Flow, now: float) -> None:
@@ -710,10 +753,9 @@ class Engine:
 
     def _retire(self, flow: Flow, now: float) -> None:
         """A flow left the table: its service takes back what it held and accounts it."""
-        svc = flow.backend.owner
-        if svc.pool is not None and flow.state in _RECLAIMABLE:
+        if flow.backend.reclaim is not None and flow.state in _RECLAIMABLE:
             _track_port(flow, flow.state, None)
-        svc.flow_ended(flow, now, flow.state is _ESTABLISHED)
+        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy
@@ -864,38 +906,22 @@ class Engine:
         return format_stats(self.stats())
 
 
-def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
-                held: bool | None = None) -> None:
+def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None) -> None:
     """A flow of a fullnat service moves from state ``old`` to ``new`` (None: into, out of
-    the table): from the reclaim list of its backend for ``old`` to that for ``new`` (closed,
-    half-open; none for any other state). It is on one only if it holds a port (``held``,
-    when the caller knows). A flow knows no list of its own: its state says which."""
-    pool = flow.backend.owner.pool
-    if pool is None:
+    the table): from its backend's reclaim list for ``old`` to that for ``new`` (closed,
+    half-open; none for any other state), if it holds a port. A flow knows no list of its
+    own: its state says which."""
+    lists = flow.backend.reclaim
+    if lists is None:
         return
-    was = old in CLOSED_STATES if old in _RECLAIMABLE else None
-    want = new in CLOSED_STATES if new in _RECLAIMABLE else None
+    was = lists[old in CLOSED_STATES] if old in _RECLAIMABLE else None
+    want = lists[new in CLOSED_STATES] if new in _RECLAIMABLE else None
     if was is want:
         return
-    endpoint = flow.backend.endpoint
     if was is not None:
-        held = pool.reclaim_list(endpoint, was).pop(flow, _NOT_ON) is None
-    if want is not None and (flow.snat_port != 0 if held is None else held):
-        pool.reclaim_list(endpoint, want)[flow] = None
-
-
-#: (``_track_port``: what popping a flow that is not on a reclaim list returns)
-_NOT_ON = object()
-
-
-def _reclaim_touch(flow: Flow) -> None:
-    """A packet of a flow in a state whose fullnat flows are on a reclaim list: to its end
-    (least recently used first)."""
-    pool = flow.backend.owner.pool
-    if pool is not None:
-        flows = pool.reclaim_list(flow.backend.endpoint, flow.state in CLOSED_STATES)
-        if flow in flows:
-            flows.move_to_end(flow)
+        was.pop(flow, None)
+    if want is not None and len(flow.hdrs) & 1:  # (it holds a port: Flow.snat_port)
+        want[flow] = None
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

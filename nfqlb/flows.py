@@ -155,7 +155,8 @@ class Flow:
     fwd_key: bytes
     #: the new ``src addr | dst addr | src port | dst port`` of the client's packets
     #: (``fwd_hdr``) then of the replies (``rev_hdr``), in one bytes object: 24 bytes (IPv4),
-    #: 72 (IPv6)
+    #: 72 (IPv6), and one more (``PORT_HELD``) when the flow holds a fullnat pool port (the
+    #: source port of its packets to the backend, ``snat_port``)
     hdrs: bytes
     #: the client's packets' RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP
     #: checksum; the replies' are their negation (``rev_delta``)
@@ -193,7 +194,7 @@ class Flow:
         hdr = _turned(rev_key, n)
         if snat_port:
             hdr = hdr[:2 * n] + snat_port.to_bytes(2, "big") + hdr[-2:]
-        self.hdrs = hdr + _turned(fwd_key, n)
+        self.hdrs = hdr + _turned(fwd_key, n) + (PORT_HELD if snat_port else b"")
         self.ipd = self.l4d = 0
         self.peer_c = self.peer_b = b""
         self.ws = 0
@@ -214,11 +215,12 @@ class Flow:
 
     @property
     def fwd_hdr(self) -> bytes:
-        return self.hdrs[:len(self.hdrs) // 2]
+        return self.hdrs[:len(self.hdrs) >> 1]
 
     @property
     def rev_hdr(self) -> bytes:
-        return self.hdrs[len(self.hdrs) // 2:]
+        n = len(self.hdrs) >> 1
+        return self.hdrs[n:2 * n]
 
     @property
     def rev_key(self) -> bytes:
@@ -244,12 +246,12 @@ class Flow:
     @property
     def snat_port(self) -> int:
         """fullnat: the pool port it holds, the source port of its packets to the backend
-        (0: none; its packets then leave from the client's address and port)."""
-        n = len(self.fwd_key) // 2 - 2
-        key, hdrs = self.fwd_key, self.hdrs
-        if hdrs[:n] == key[:n] and hdrs[2 * n:2 * n + 2] == key[-4:-2]:
+        (0: none)."""
+        hdrs = self.hdrs
+        if not len(hdrs) & 1:
             return 0
-        return hdrs[2 * n] << 8 | hdrs[2 * n + 1]
+        p = (len(hdrs) >> 1) - 4  # (where the source port is in the forward header)
+        return hdrs[p] << 8 | hdrs[p + 1]
 
     def wscale(self, backend: bool) -> int:
         """The window scale shift the backend's (else the client's) SYN announced, -1 for
@@ -269,9 +271,13 @@ class Flow:
         n = len(h) >> 1
         if reply:
             ipd = self.ipd
-            return h[n:], _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[0xFFFF - self.l4d
+            return h[n:2 * n], _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[0xFFFF - self.l4d
                                                                            or 0xFFFF]
         return h[:n], self.ipd, self.l4d
+
+
+#: The byte that ends a flow's headers when it holds a fullnat port (``Flow.hdrs``).
+PORT_HELD = b"\x01"
 
 
 def _turned(key: bytes, n: int) -> bytes:
@@ -350,7 +356,8 @@ class FlowTable:
         flow.prev = flow.placed = None
         vip = key[alen:2 * alen]
         fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
-        flow.hdrs = fwd_hdr + vip + key[:alen] + key[-2:] + key[-4:-2]
+        flow.hdrs = (fwd_hdr + vip + key[:alen] + key[-2:] + key[-4:-2]
+                     + (PORT_HELD if snat_port else b""))
         # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
         # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
         # new words swapped), so its deltas are the forward ones negated (``rev_delta``)

@@ -41,6 +41,7 @@ from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
+    from collections import OrderedDict
     from collections.abc import Callable, Iterator
 
     from nfqlb.flows import Flow
@@ -68,7 +69,8 @@ class BackendRuntime:
 
     __slots__ = ("backend", "name", "address", "port", "endpoint", "weight", "healthy",
                  "drained", "drain_deadline", "removed", "check", "latency", "inbound",
-                 "outbound", "flows_total", "established", "inactive", "owner", "_samples")
+                 "outbound", "flows_total", "established", "inactive", "owner", "reclaim",
+                 "_samples")
 
     def __init__(self, backend: Backend, vip: Any, service_port: int) -> None:
         self.backend = backend  # the configured value (name, address, port, weight)
@@ -90,6 +92,9 @@ class BackendRuntime:
         self.flows_total = 0
         self.established = 0  # TCP flows established now (ipvsadm ActiveConn)
         self.inactive = 0  # any other flow now: half-open, closing, UDP (InActConn)
+        #: fullnat: its service's pool's lists of its flows that may give their port back,
+        #: (half-open, closed) (see nfqlb.snat); None without a pool
+        self.reclaim: tuple[OrderedDict[object, None], OrderedDict[object, None]] | None = None
         #: (time, flows_total) about once a second (``sample``), the last RATE_WINDOW_S s:
         #: new flows per second come from these, at no cost per flow
         self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_S + 1)
@@ -213,6 +218,9 @@ class ServiceRuntime:
                 removed.append(rt)
                 keep[f"{name} (removed)"] = rt
         self.backends = keep
+        for rt in keep.values():
+            rt.reclaim = None if pool is None else (pool.reclaim_list(rt.endpoint, False),
+                                                    pool.reclaim_list(rt.endpoint, True))
         if old is None or (old.policy, old.policy_options, old.policy_fallback) != \
                 (service.policy, service.policy_options, service.policy_fallback):
             # each policy gets its own RNG seeded from the engine's, so that a service's
