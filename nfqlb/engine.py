@@ -62,7 +62,7 @@ from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
 from nfqlb.values import Backend, Mode
 from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
-from nfqlb.wire.checksum import U16, apply
+from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
 from nfqlb.wire.tcp import build_rst, build_rst_to, tcp_wscale
@@ -162,25 +162,21 @@ class Engine:
                         if k == flow.fwd_key:
                             flow.peer_c = data[28:36]
                             hdr = flow.hdrs[:12]
-                            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + flow.ipd
-                            l4_sum = ((data[36] << 8 | data[37]) ^ 0xFFFF) + flow.l4d
+                            # checksum.apply_sub; a reply's (its deltas negated): apply_neg
+                            ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
+                            l4c = ((data[36] << 8 | data[37]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
-                        else:  # (a reply's deltas: the flow's negated, rev_delta)
+                        else:
                             flow.peer_b = data[28:36]
                             hdr = flow.hdrs[12:24]
-                            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + (
-                                0xFFFF - flow.ipd or 0xFFFF)
-                            l4_sum = ((data[36] << 8 | data[37]) ^ 0xFFFF) + (
-                                0xFFFF - flow.l4d or 0xFFFF)
+                            ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
+                            l4c = ((data[36] << 8 | data[37]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
-                        # checksum.apply, inline: ~(~old + delta), the sum folded once
                         return b"".join((
-                            data[:10], U16[(ip_sum & 0xFFFF) + (ip_sum >> 16) ^ 0xFFFF], hdr,
-                            data[24:36], U16[(l4_sum & 0xFFFF) + (l4_sum >> 16) ^ 0xFFFF],
-                            data[38:],
+                            data[:10], U16[ipc], hdr, data[24:36], U16[l4c], data[38:],
                         ))
                 elif proto == UDP:
                     k = data[12:24]
@@ -201,22 +197,24 @@ class Engine:
                             flow.prev = tail
                             flow.next = head
                             head.prev = flow
+                        c = data[26] << 8 | data[27]  # (0: no checksum, kept)
                         if k == flow.fwd_key:
-                            hdr, ipd, l4d = flow.hdrs[:12], flow.ipd, flow.l4d
+                            hdr = flow.hdrs[:12]
+                            ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
+                            if c:
+                                c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr, ipd, l4d = (flow.hdrs[12:24], 0xFFFF - flow.ipd or 0xFFFF,
-                                             0xFFFF - flow.l4d or 0xFFFF)
+                            hdr = flow.hdrs[12:24]
+                            ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
+                            if c:
+                                c = (c + flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
-                        c = data[26] << 8 | data[27]
-                        if c:
-                            c = apply(c, l4d) or 0xFFFF
                         return b"".join((
-                            data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:26], U16[c], data[28:],
+                            data[:10], U16[ipc], hdr, data[24:26], U16[c], data[28:],
                         ))
             elif b0 & 0xF0 == 0x60 and (data[4] << 8 | data[5]) == n - 40:
                 proto = data[6]
@@ -243,18 +241,19 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[48:56]
-                            hdr, l4d = flow.hdrs[:36], flow.l4d
+                            hdr = flow.hdrs[:36]
+                            l4c = ((data[56] << 8 | data[57]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[48:56]
-                            hdr, l4d = flow.hdrs[36:72], 0xFFFF - flow.l4d or 0xFFFF
+                            hdr = flow.hdrs[36:72]
+                            l4c = ((data[56] << 8 | data[57]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:56],
-                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:],
+                            data[:8], hdr, data[44:56], U16[l4c], data[58:],
                         ))
                 elif proto == UDP:
                     k = data[8:44]
@@ -277,16 +276,18 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            hdr, l4d = flow.hdrs[:36], flow.l4d
+                            hdr = flow.hdrs[:36]
+                            c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr, l4d = flow.hdrs[36:72], 0xFFFF - flow.l4d or 0xFFFF
+                            hdr = flow.hdrs[36:72]
+                            c = (c + flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:46], U16[apply(c, l4d) or 0xFFFF], data[48:],
+                            data[:8], hdr, data[44:46], U16[c], data[48:],
                         ))
             self.counters.packets += 1
             return self._general(data, now)
@@ -320,14 +321,18 @@ class Engine:
             if new is not state:
                 self._set_state(flow, new)
         backend = flow.backend
-        l4d = flow.l4d
-        if reply:
+        l4c = data[off + 16] << 8 | data[off + 17]
+        ipc = data[10] << 8 | data[11]  # (IPv6: not a checksum, unused)
+        if reply:  # (checksum.apply_neg; the client's packets: apply_sub)
             hdr = flow.hdrs[36:72] if v6 else flow.hdrs[12:24]
-            l4d = 0xFFFF - l4d or 0xFFFF  # (a reply's deltas: the flow's negated, rev_delta)
+            l4c = (l4c + flow.l4d) % 0xFFFF
+            ipc = (ipc + flow.ipd) % 0xFFFF
             flow.peer_b = data[off + 8:off + 16]
             t = backend.outbound
         else:
             hdr = flow.hdrs[:36 if v6 else 12]
+            l4c = (l4c - flow.l4d) % 0xFFFF
+            ipc = (ipc - flow.ipd) % 0xFFFF
             flow.peer_c = data[off + 8:off + 16]
             t = backend.inbound
         flow.last = now  # (FlowTable.touch, inline)
@@ -351,17 +356,10 @@ class Engine:
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
-        # checksum.apply, inline (as in handle)
-        l4_sum = ((data[off + 16] << 8 | data[off + 17]) ^ 0xFFFF) + l4d
-        l4c = U16[(l4_sum & 0xFFFF) + (l4_sum >> 16) ^ 0xFFFF]
         if v6:
-            out = b"".join((data[:8], hdr, data[44:56], l4c, data[58:]))
+            out = b"".join((data[:8], hdr, data[44:56], U16[l4c], data[58:]))
         else:
-            ipd = flow.ipd
-            ip_sum = ((data[10] << 8 | data[11]) ^ 0xFFFF) + (0xFFFF - ipd or 0xFFFF if reply
-                                                              else ipd)
-            out = b"".join((data[:10], U16[(ip_sum & 0xFFFF) + (ip_sum >> 16) ^ 0xFFFF], hdr,
-                            data[24:36], l4c, data[38:]))
+            out = b"".join((data[:10], U16[ipc], hdr, data[24:36], U16[l4c], data[38:]))
         if flags & 0x02:  # a SYN-ACK
             if reply:
                 flow.set_wscale(True, tcp_wscale(data, off))
