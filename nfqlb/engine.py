@@ -101,6 +101,12 @@ CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 #: States whose fullnat flows are on one of their backend's reclaim lists (``_track_port``).
 _RECLAIMABLE = CLOSED_STATES | HALF_OPEN
 
+#: ``_MOVES_LIST[old][new]``: whether a fullnat flow changes reclaim list (or goes on or off
+#: one) when it moves from state ``old`` to ``new``.
+_MOVES_LIST: tuple[tuple[bool, ...], ...] = tuple(
+    tuple((a in _RECLAIMABLE, a in CLOSED_STATES) != (b in _RECLAIMABLE, b in CLOSED_STATES)
+          for b in TcpState) for a in TcpState)
+
 
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
@@ -161,14 +167,14 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[28:36]
-                            hdr = flow.hdrs[:12]
+                            h = flow.rev_key  # (the new header: the reply key turned)
                             # checksum.apply_sub; a reply's (its deltas negated): apply_neg
                             ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
                             l4c = ((data[36] << 8 | data[37]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[28:36]
-                            hdr = flow.hdrs[12:24]
+                            h = flow.fwd_key
                             ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
                             l4c = ((data[36] << 8 | data[37]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
@@ -176,7 +182,8 @@ class Engine:
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:10], U16[ipc], hdr, data[24:36], U16[l4c], data[38:],
+                            data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                            U16[l4c], data[38:],
                         ))
                 elif proto == UDP:
                     k = data[12:24]
@@ -199,13 +206,13 @@ class Engine:
                             head.prev = flow
                         c = data[26] << 8 | data[27]  # (0: no checksum, kept)
                         if k == flow.fwd_key:
-                            hdr = flow.hdrs[:12]
+                            h = flow.rev_key
                             ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
                             if c:
                                 c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr = flow.hdrs[12:24]
+                            h = flow.fwd_key
                             ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
                             if c:
                                 c = (c + flow.l4d) % 0xFFFF or 0xFFFF
@@ -214,7 +221,8 @@ class Engine:
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:10], U16[ipc], hdr, data[24:26], U16[c], data[28:],
+                            data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:26],
+                            U16[c], data[28:],
                         ))
             elif b0 & 0xF0 == 0x60 and (data[4] << 8 | data[5]) == n - 40:
                 proto = data[6]
@@ -241,19 +249,20 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[48:56]
-                            hdr = flow.hdrs[:36]
+                            h = flow.rev_key
                             l4c = ((data[56] << 8 | data[57]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[48:56]
-                            hdr = flow.hdrs[36:72]
+                            h = flow.fwd_key
                             l4c = ((data[56] << 8 | data[57]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:56], U16[l4c], data[58:],
+                            data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56], U16[l4c],
+                            data[58:],
                         ))
                 elif proto == UDP:
                     k = data[8:44]
@@ -276,18 +285,19 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            hdr = flow.hdrs[:36]
+                            h = flow.rev_key
                             c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr = flow.hdrs[36:72]
+                            h = flow.fwd_key
                             c = (c + flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:46], U16[c], data[48:],
+                            data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:46], U16[c],
+                            data[48:],
                         ))
             self.counters.packets += 1
             return self._general(data, now)
@@ -324,13 +334,13 @@ class Engine:
         l4c = data[off + 16] << 8 | data[off + 17]
         ipc = data[10] << 8 | data[11]  # (IPv6: not a checksum, unused)
         if reply:  # (checksum.apply_neg; the client's packets: apply_sub)
-            hdr = flow.hdrs[36:72] if v6 else flow.hdrs[12:24]
+            h = flow.fwd_key  # (the new header: the other key turned, as in handle)
             l4c = (l4c + flow.l4d) % 0xFFFF
             ipc = (ipc + flow.ipd) % 0xFFFF
             flow.peer_b = data[off + 8:off + 16]
             t = backend.outbound
         else:
-            hdr = flow.hdrs[:36 if v6 else 12]
+            h = flow.rev_key
             l4c = (l4c - flow.l4d) % 0xFFFF
             ipc = (ipc - flow.ipd) % 0xFFFF
             flow.peer_c = data[off + 8:off + 16]
@@ -357,9 +367,11 @@ class Engine:
         t.bytes += len(data)
         self.counters.fast += 1
         if v6:
-            out = b"".join((data[:8], hdr, data[44:56], U16[l4c], data[58:]))
+            out = b"".join((data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56],
+                            U16[l4c], data[58:]))
         else:
-            out = b"".join((data[:10], U16[ipc], hdr, data[24:36], U16[l4c], data[38:]))
+            out = b"".join((data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                            U16[l4c], data[38:]))
         if flags & 0x02:  # a SYN-ACK
             if reply:
                 flow.set_wscale(True, tcp_wscale(data, off))
@@ -462,18 +474,17 @@ class Engine:
     def _rewrite(self, data: bytes, p: Parsed, flow: Flow, reply: bool, now: float) -> bytes:
         """Rewrite a TCP/UDP packet (or first fragment) of ``flow`` and account it."""
         off = p.off
-        hdrs, ipd, l4d = flow.hdrs, flow.ipd, flow.l4d
-        n = len(hdrs) >> 1
+        ipd, l4d = flow.ipd, flow.l4d
         if reply:
             out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
-                          hdrs[n:2 * n], 0xFFFF - ipd or 0xFFFF if ipd else 0,
+                          flow.rev_hdr, 0xFFFF - ipd or 0xFFFF if ipd else 0,
                           0xFFFF - l4d or 0xFFFF)
             t = flow.backend.outbound
             if p.proto == TCP:
                 flow.peer_b = data[off + 8:off + 16]
         else:
             out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
-                          hdrs[:n], ipd, l4d)
+                          flow.fwd_hdr, ipd, l4d)
             t = flow.backend.inbound
             if p.proto == TCP:
                 flow.peer_c = data[off + 8:off + 16]
@@ -718,7 +729,7 @@ class Engine:
                              port, now)
         backend.started(flow)
         if port:
-            _track_port(flow, None, state)
+            _track_port(flow, None, state, True)
         return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
@@ -741,8 +752,7 @@ class Engine:
             flow.prev = tail
             flow.next = head
             head.prev = flow
-        if flow.backend.reclaim is not None and (old in _RECLAIMABLE
-                                                 or state in _RECLAIMABLE):
+        if flow.backend.reclaim is not None and _MOVES_LIST[old][state]:
             _track_port(flow, old, state)
 
     def _close(self, flow: Flow, now: float) -> None:
@@ -904,11 +914,12 @@ class Engine:
         return format_stats(self.stats())
 
 
-def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None) -> None:
+def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
+                held: bool = False) -> None:
     """A flow of a fullnat service moves from state ``old`` to ``new`` (None: into, out of
     the table): from its backend's reclaim list for ``old`` to that for ``new`` (closed,
-    half-open; none for any other state), if it holds a port. A flow knows no list of its
-    own: its state says which."""
+    half-open; none for any other state), if it holds a port (``held``: the caller knows it
+    does). A flow knows no list of its own: its state says which."""
     lists = flow.backend.reclaim
     if lists is None:
         return
@@ -917,9 +928,15 @@ def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None) -> None:
     if was is want:
         return
     if was is not None:
-        was.pop(flow, None)
-    if want is not None and len(flow.hdrs) & 1:  # (it holds a port: Flow.snat_port)
+        held = was.pop(flow, _NOT_ON) is None
+    # (Flow.snat_port, its first test: the source port toward the backend is not the client's)
+    if want is not None and (held or flow.rev_key[-2:] != flow.fwd_key[-4:-2]
+                             or flow.snat_port):
         want[flow] = None
+
+
+#: (``_track_port``: what popping a flow that is not on a reclaim list gives)
+_NOT_ON = object()
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

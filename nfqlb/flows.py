@@ -158,19 +158,17 @@ class Flow:
     docstring for what a flow costs."""
 
     __slots__ = (
-        "backend", "state", "last", "fwd_key", "hdrs", "ipd", "l4d", "peer_c", "peer_b", "ws",
+        "backend", "state", "last", "fwd_key", "rev_key", "ipd", "l4d", "peer_c", "peer_b", "ws",
         "prev", "next", "placed",
     )
 
     backend: BackendRuntime  # its backend at run time (figures, state; its service: owner)
     state: TcpState
     last: float
+    #: its keys (the dict's own objects): the client's packets' and the replies'; each
+    #: direction's new header is the other's key turned around (``fwd_hdr``, ``rev_hdr``)
     fwd_key: bytes
-    #: the new ``src addr | dst addr | src port | dst port`` of the client's packets
-    #: (``fwd_hdr``) then of the replies (``rev_hdr``), in one bytes object: 24 bytes (IPv4),
-    #: 72 (IPv6), and one more (``PORT_HELD``) when the flow holds a fullnat pool port (the
-    #: source port of its packets to the backend, ``snat_port``)
-    hdrs: bytes
+    rev_key: bytes
     #: the client's packets' RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP
     #: checksum; the replies' are their negation (``rev_delta``)
     ipd: int
@@ -194,20 +192,16 @@ class Flow:
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                  state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
                  snat_port: int = 0) -> None:
-        """A flow with no rewrite yet (``FlowTable.build`` makes flows with theirs): its
-        headers are its keys turned around, as if nothing were rewritten; ``rev_key`` and
-        ``snat_port`` then follow from them. Its protocol is in its state (UDP flows are in
-        state UDP); its service is its backend's (``BackendRuntime.owner``)."""
+        """A flow with zero deltas (``FlowTable.build`` makes flows with their rewrite): its
+        headers are its keys turned around. Its protocol is in its state (UDP flows are in
+        state UDP); its service is its backend's (``BackendRuntime.owner``); ``snat_port``
+        follows from its keys."""
         assert (proto == UDP) is (state is TcpState.UDP), "a UDP flow is in state UDP"
         self.backend = backend
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
-        n = len(fwd_key) // 2 - 2
-        hdr = _turned(rev_key, n)
-        if snat_port:
-            hdr = hdr[:2 * n] + snat_port.to_bytes(2, "big") + hdr[-2:]
-        self.hdrs = hdr + _turned(fwd_key, n) + (PORT_HELD if snat_port else b"")
+        self.rev_key = rev_key
         self.ipd = self.l4d = 0
         self.peer_c = self.peer_b = b""
         self.ws = 0
@@ -228,17 +222,16 @@ class Flow:
 
     @property
     def fwd_hdr(self) -> bytes:
-        return self.hdrs[:len(self.hdrs) >> 1]
+        """The new ``src addr | dst addr | src port | dst port`` of the client's packets: the
+        key of the replies turned around (a packet's answer swaps source and destination)."""
+        k = self.rev_key
+        return _turned(k, len(k) - 4 >> 1)
 
     @property
     def rev_hdr(self) -> bytes:
-        n = len(self.hdrs) >> 1
-        return self.hdrs[n:2 * n]
-
-    @property
-    def rev_key(self) -> bytes:
-        """The key of the replies: the client's packets' new header turned around."""
-        return _turned(self.fwd_hdr, (len(self.hdrs) - 8) >> 2)
+        """The replies' new header: the client's key turned around."""
+        k = self.fwd_key
+        return _turned(k, len(k) - 4 >> 1)
 
     @property
     def fwd_ipd(self) -> int:
@@ -259,12 +252,12 @@ class Flow:
     @property
     def snat_port(self) -> int:
         """fullnat: the pool port it holds, the source port of its packets to the backend
-        (0: none)."""
-        hdrs = self.hdrs
-        if not len(hdrs) & 1:
+        (0: none, they leave from the client's address and port)."""
+        fk, rk = self.fwd_key, self.rev_key  # (the new source: the reply's destination)
+        n = len(fk) - 4 >> 1
+        if rk[-2:] == fk[-4:-2] and rk[n:2 * n] == fk[:n]:
             return 0
-        p = (len(hdrs) >> 1) - 4  # (where the source port is in the forward header)
-        return hdrs[p] << 8 | hdrs[p + 1]
+        return rk[-2] << 8 | rk[-1]
 
     def wscale(self, backend: bool) -> int:
         """The window scale shift the backend's (else the client's) SYN announced, -1 for
@@ -280,17 +273,11 @@ class Flow:
     def side(self, reply: bool) -> tuple[bytes, int, int]:
         """(header, IPv4 header delta, TCP/UDP delta) of one direction (the general path's
         and tools'; the fast path reads the slots)."""
-        h = self.hdrs
-        n = len(h) >> 1
         if reply:
             ipd = self.ipd
-            return h[n:2 * n], _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[0xFFFF - self.l4d
-                                                                           or 0xFFFF]
-        return h[:n], self.ipd, self.l4d
-
-
-#: The byte that ends a flow's headers when it holds a fullnat port (``Flow.hdrs``).
-PORT_HELD = b"\x01"
+            return self.rev_hdr, _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[
+                0xFFFF - self.l4d or 0xFFFF]
+        return self.fwd_hdr, self.ipd, self.l4d
 
 
 def _turned(key: bytes, n: int) -> bytes:
@@ -364,13 +351,11 @@ class FlowTable:
         flow.state = state
         flow.last = now
         flow.fwd_key = key
+        flow.rev_key = rev_key
         flow.peer_c = flow.peer_b = b""
         flow.ws = 0
         flow.prev = flow.placed = None
-        vip = key[alen:2 * alen]
         fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
-        flow.hdrs = (fwd_hdr + vip + key[:alen] + key[-2:] + key[-4:-2]
-                     + (PORT_HELD if snat_port else b""))
         # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
         # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
         # new words swapped), so its deltas are the forward ones negated (``rev_delta``)
@@ -391,15 +376,13 @@ class FlowTable:
         and checked that ``rev_key`` is free."""
         flow = self.build(service, backend, proto, state, key, rev_key, src, sport, baddr,
                           snat_port, now)
-        self.add(flow, rev_key)
+        self.add(flow)
         return flow
 
-    def add(self, flow: Flow, rev_key: bytes | None = None) -> None:
-        """Put ``flow`` in the table under both of its keys (``rev_key``: its reply key, when
-        the caller has it at hand)."""
+    def add(self, flow: Flow) -> None:
         table = self.by_proto[flow.proto]
         table[flow.fwd_key] = flow
-        table[flow.rev_key if rev_key is None else rev_key] = flow
+        table[flow.rev_key] = flow
         self.active += 1
         head = self.rings[flow.state]
         tail = head.prev
@@ -413,9 +396,8 @@ class FlowTable:
         table = self.by_proto[flow.proto]
         if table.get(flow.fwd_key) is flow:
             del table[flow.fwd_key]
-        rev_key = flow.rev_key
-        if table.get(rev_key) is flow:
-            del table[rev_key]
+        if table.get(flow.rev_key) is flow:
+            del table[flow.rev_key]
         prev = flow.prev
         if prev is not None:
             nxt = flow.next
