@@ -101,6 +101,11 @@ CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 #: States whose fullnat flows are on one of their backend's reclaim lists (``_track_port``).
 _RECLAIMABLE = CLOSED_STATES | HALF_OPEN
 
+#: ``_LIST_OF[state]``: the reclaim list (0: half-open, 1: closed) a fullnat flow holding a
+#: port is on in ``state``, None for none.
+_LIST_OF: tuple[int | None, ...] = tuple(
+    (1 if s in CLOSED_STATES else 0) if s in _RECLAIMABLE else None for s in TcpState)
+
 #: ``_MOVES_LIST[old][new]``: whether a fullnat flow changes reclaim list (or goes on or off
 #: one) when it moves from state ``old`` to ``new``.
 _MOVES_LIST: tuple[tuple[bool, ...], ...] = tuple(
@@ -359,10 +364,10 @@ class Engine:
                 flow.next = head
                 head.prev = flow
         lists = backend.reclaim
-        if lists is not None and flow.state in _RECLAIMABLE:  # fullnat: to the end of its
-            flows = lists[flow.state in CLOSED_STATES]  # reclaim list (see _track_port)
-            if flow in flows:
-                flows.move_to_end(flow)
+        if lists is not None:  # fullnat: to the end of its reclaim list, if on one
+            i = _LIST_OF[flow.state]
+            if i is not None and flow in lists[i]:
+                lists[i].move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
@@ -502,10 +507,10 @@ class Engine:
                 flow.next = head
                 head.prev = flow
         lists = flow.backend.reclaim
-        if lists is not None and flow.state in _RECLAIMABLE:  # fullnat: to the end of its
-            flows = lists[flow.state in CLOSED_STATES]  # reclaim list (see _track_port)
-            if flow in flows:
-                flows.move_to_end(flow)
+        if lists is not None:  # fullnat: to the end of its reclaim list, if on one
+            i = _LIST_OF[flow.state]
+            if i is not None and flow in lists[i]:
+                lists[i].move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1

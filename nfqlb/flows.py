@@ -4,28 +4,29 @@ Keys are the raw 12 bytes ``src addr | dst addr | src port | dst port`` of an IP
 it arrives (36 bytes for IPv6), one dict per transport protocol. A flow is stored twice: under
 the key of the client's packets (``fwd_key``) and under the key of the replies as they reach
 us (``rev_key``); both entries' value is the :class:`Flow` itself, and a packet is a reply when
-its key is not ``fwd_key``. The flow holds what the per-packet path needs, computed when it is
-installed: both directions' new ``src addr | dst addr | src port | dst port`` in one bytes
-object (``hdrs``: the forward header, then the reply header; the fast path slices its half)
-and the RFC 1624 differences from the client's key to the forward header, for the IPv4 header
-checksum (0 for IPv6, which has none) and the TCP/UDP checksum (the pseudo-header's addresses
-and the ports). The deltas come from integer arithmetic (``_res``), not word sums, and are
-shared int objects. What follows from those is not stored: a reply's deltas are the forward
-ones negated (``rev_delta``; the reply rewrite undoes the forward one), the reply key is the
-forward header turned around (a packet's answer swaps its source and destination), a
-fullnat flow's pool port is the forward header's source port (marked by one more byte,
-``PORT_HELD``), its service is its backend's (``BackendRuntime.owner``), the reclaim list it
-is on follows from its state, and its backend keeps no set of its flows (the rare operations
-that need them walk the table: ``of_backend``).
+its key is not ``fwd_key``. Each direction's new ``src addr | dst addr | src port | dst port``
+is the other direction's key turned around (a packet's answer swaps source and destination:
+the client's packets leave as the replies will come back, turned; the replies leave as the
+client's packets came, turned), so the flow keeps its two keys (the dict's own objects) and
+no header; the packet path joins four slices of the key. The flow also holds the RFC 1624
+differences from the client's key to its packets' new header, for the IPv4 header checksum
+(0 for IPv6, which has none) and the TCP/UDP checksum (the pseudo-header's addresses and the
+ports), computed when it is installed by integer arithmetic (``_res``), not word sums, as
+shared int objects; the replies' are their negation (``rev_delta``: the reply rewrite undoes
+the forward one), applied in one step (``checksum.apply_sub`` / ``apply_neg``). What follows
+from the keys and the state is not stored either: a fullnat flow's pool port (the reply
+key's destination port when it is not the client's port), its service (its backend's,
+``BackendRuntime.owner``), the reclaim list it is on; and its backend keeps no set of its
+flows (the rare operations that need them walk the table: ``of_backend``).
 
 What an established IPv4 TCP flow costs at 1,000,000 flows (bench/flow_memory_bench.py,
 tracemalloc, CPython 3.11): its two keys (2 x 45 bytes) and their two entries in the dict
 (about 84 with the dict's slack), its object (136: 13 slots and the object and GC headers),
-its headers (57), each side's last segment for the RST window check (2 x 41) and its last-use
-time (24, a float): about 470 bytes. Each of the bytes objects and the float is an object of
-its own (33 and 24 bytes of header); fewer of them would take per-packet work on the fast
-path (deriving the headers from the keys; packing the segments) or columns in place of
-objects (arrays indexed by a flow number).
+each side's last segment for the RST window check (2 x 41) and its last-use time (24, a
+float): about 416 bytes. Each bytes object and the float is an object of its own (33 and 24
+bytes of header); fewer of them would take per-packet work on the fast path (both sides'
+segments packed into one object) or columns in place of objects (arrays indexed by a flow
+number).
 
 TCP states follow the table below (h11 style: one table, documented here; an event is a
 packet's flags and direction, ``tcp_event``):
