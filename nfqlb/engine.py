@@ -62,7 +62,7 @@ from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
 from nfqlb.values import Backend, Mode
 from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
-from nfqlb.wire.checksum import U16, apply
+from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
 from nfqlb.wire.tcp import build_rst, build_rst_to, tcp_wscale
@@ -98,6 +98,20 @@ EXPIRE_SLICE = 1000
 #: connection is over, the flow only lingers for retransmissions (see nfqlb.snat).
 CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 
+#: States whose fullnat flows are on one of their backend's reclaim lists (``_track_port``).
+_RECLAIMABLE = CLOSED_STATES | HALF_OPEN
+
+#: ``_LIST_OF[state]``: the reclaim list (0: half-open, 1: closed) a fullnat flow holding a
+#: port is on in ``state``, None for none.
+_LIST_OF: tuple[int | None, ...] = tuple(
+    (1 if s in CLOSED_STATES else 0) if s in _RECLAIMABLE else None for s in TcpState)
+
+#: ``_MOVES_LIST[old][new]``: whether a fullnat flow changes reclaim list (or goes on or off
+#: one) when it moves from state ``old`` to ``new``.
+_MOVES_LIST: tuple[tuple[bool, ...], ...] = tuple(
+    tuple((a in _RECLAIMABLE, a in CLOSED_STATES) != (b in _RECLAIMABLE, b in CLOSED_STATES)
+          for b in TcpState) for a in TcpState)
+
 
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
@@ -114,8 +128,10 @@ class Engine:
         self.frags = FragmentTracker(config.daemon.max_fragments, config.timeouts.frag,
                                      config.daemon.max_fragments_per_source)
         self.mss_clamp = config.daemon.mss_clamp
+        self.services.table_flows = self.table.flows  # (reloads, listings: a walk)
         self._tcp = self.table.by_proto[TCP]
         self._udp = self.table.by_proto[UDP]
+        self._rings = self.table.rings
         self._established = self.table.rings[TcpState.ESTABLISHED]
         self._udp_ring = self.table.rings[TcpState.UDP]
         self._released: list[tuple[int, Final]] = []
@@ -156,19 +172,23 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[28:36]
-                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            h = flow.rev_key  # (the new header: the reply key turned)
+                            # checksum.apply_sub; a reply's (its deltas negated): apply_neg
+                            ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
+                            l4c = ((data[36] << 8 | data[37]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[28:36]
-                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            h = flow.fwd_key
+                            ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
+                            l4c = ((data[36] << 8 | data[37]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
-                            data[38:],
+                            data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                            U16[l4c], data[38:],
                         ))
                 elif proto == UDP:
                     k = data[12:24]
@@ -189,21 +209,25 @@ class Engine:
                             flow.prev = tail
                             flow.next = head
                             head.prev = flow
+                        c = data[26] << 8 | data[27]  # (0: no checksum, kept)
                         if k == flow.fwd_key:
-                            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+                            h = flow.rev_key
+                            ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
+                            if c:
+                                c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+                            h = flow.fwd_key
+                            ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
+                            if c:
+                                c = (c + flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
-                        c = data[26] << 8 | data[27]
-                        if c:
-                            c = apply(c, l4d) or 0xFFFF
                         return b"".join((
-                            data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:26], U16[c], data[28:],
+                            data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:26],
+                            U16[c], data[28:],
                         ))
             elif b0 & 0xF0 == 0x60 and (data[4] << 8 | data[5]) == n - 40:
                 proto = data[6]
@@ -230,18 +254,20 @@ class Engine:
                             head.prev = flow
                         if k == flow.fwd_key:
                             flow.peer_c = data[48:56]
-                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            h = flow.rev_key
+                            l4c = ((data[56] << 8 | data[57]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
                             flow.peer_b = data[48:56]
-                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            h = flow.fwd_key
+                            l4c = ((data[56] << 8 | data[57]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:56],
-                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:],
+                            data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56], U16[l4c],
+                            data[58:],
                         ))
                 elif proto == UDP:
                     k = data[8:44]
@@ -264,16 +290,19 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            hdr, l4d = flow.fwd_hdr, flow.fwd_l4d
+                            h = flow.rev_key
+                            c = (c - flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            hdr, l4d = flow.rev_hdr, flow.rev_l4d
+                            h = flow.fwd_key
+                            c = (c + flow.l4d) % 0xFFFF or 0xFFFF
                             t = flow.backend.outbound
                         t.packets += 1
                         t.bytes += n
                         self.counters.fast += 1
                         return b"".join((
-                            data[:8], hdr, data[44:46], U16[apply(c, l4d) or 0xFFFF], data[48:],
+                            data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:46], U16[c],
+                            data[48:],
                         ))
             self.counters.packets += 1
             return self._general(data, now)
@@ -307,27 +336,47 @@ class Engine:
             if new is not state:
                 self._set_state(flow, new)
         backend = flow.backend
-        if reply:
-            hdr, ipd, l4d = flow.rev_hdr, flow.rev_ipd, flow.rev_l4d
+        l4c = data[off + 16] << 8 | data[off + 17]
+        ipc = data[10] << 8 | data[11]  # (IPv6: not a checksum, unused)
+        if reply:  # (checksum.apply_neg; the client's packets: apply_sub)
+            h = flow.fwd_key  # (the new header: the other key turned, as in handle)
+            l4c = (l4c + flow.l4d) % 0xFFFF
+            ipc = (ipc + flow.ipd) % 0xFFFF
             flow.peer_b = data[off + 8:off + 16]
             t = backend.outbound
         else:
-            hdr, ipd, l4d = flow.fwd_hdr, flow.fwd_ipd, flow.fwd_l4d
+            h = flow.rev_key
+            l4c = (l4c - flow.l4d) % 0xFFFF
+            ipc = (ipc - flow.ipd) % 0xFFFF
             flow.peer_c = data[off + 8:off + 16]
             t = backend.inbound
-        self.table.touch(flow, now)
-        if flow.reclaim is not None:
-            flow.reclaim.move_to_end(flow)
+        flow.last = now  # (FlowTable.touch, inline)
+        prev = flow.prev
+        if prev is not None:
+            head = self._rings[flow.state]
+            nxt = flow.next
+            if nxt is not head:
+                prev.next = nxt
+                nxt.prev = prev
+                tail = head.prev
+                tail.next = flow  # type: ignore[union-attr]
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
+        lists = backend.reclaim
+        if lists is not None:  # fullnat: to the end of its reclaim list, if on one
+            i = _LIST_OF[flow.state]
+            if i is not None and flow in lists[i]:
+                lists[i].move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
         if v6:
-            out = b"".join((data[:8], hdr, data[44:56],
-                            U16[apply(data[56] << 8 | data[57], l4d)], data[58:]))
+            out = b"".join((data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56],
+                            U16[l4c], data[58:]))
         else:
-            out = b"".join((data[:10], U16[apply(data[10] << 8 | data[11], ipd)], hdr,
-                            data[24:36], U16[apply(data[36] << 8 | data[37], l4d)],
-                            data[38:]))
+            out = b"".join((data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                            U16[l4c], data[38:]))
         if flags & 0x02:  # a SYN-ACK
             if reply:
                 flow.set_wscale(True, tcp_wscale(data, off))
@@ -430,21 +479,38 @@ class Engine:
     def _rewrite(self, data: bytes, p: Parsed, flow: Flow, reply: bool, now: float) -> bytes:
         """Rewrite a TCP/UDP packet (or first fragment) of ``flow`` and account it."""
         off = p.off
+        ipd, l4d = flow.ipd, flow.l4d
         if reply:
-            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.rev_hdr,
-                          flow.rev_ipd, flow.rev_l4d)
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
+                          flow.rev_hdr, 0xFFFF - ipd or 0xFFFF if ipd else 0,
+                          0xFFFF - l4d or 0xFFFF)
             t = flow.backend.outbound
             if p.proto == TCP:
                 flow.peer_b = data[off + 8:off + 16]
         else:
-            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None, flow.fwd_hdr,
-                          flow.fwd_ipd, flow.fwd_l4d)
+            out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
+                          flow.fwd_hdr, ipd, l4d)
             t = flow.backend.inbound
             if p.proto == TCP:
                 flow.peer_c = data[off + 8:off + 16]
-        self.table.touch(flow, now)
-        if flow.reclaim is not None:
-            flow.reclaim.move_to_end(flow)
+        flow.last = now  # (FlowTable.touch, inline)
+        prev = flow.prev
+        if prev is not None:
+            head = self._rings[flow.state]
+            nxt = flow.next
+            if nxt is not head:
+                prev.next = nxt
+                nxt.prev = prev
+                tail = head.prev
+                tail.next = flow  # type: ignore[union-attr]
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
+        lists = flow.backend.reclaim
+        if lists is not None:  # fullnat: to the end of its reclaim list, if on one
+            i = _LIST_OF[flow.state]
+            if i is not None and flow in lists[i]:
+                lists[i].move_to_end(flow)
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -670,19 +736,31 @@ class Engine:
                              port, now)
         backend.started(flow)
         if port:
-            _track_port(flow, state)
+            _track_port(flow, None, state, True)
         return flow
 
     def _set_state(self, flow: Flow, state: TcpState) -> None:
-        was = flow.state is _ESTABLISHED
+        old = flow.state
+        was = old is _ESTABLISHED
         if was is not (state is _ESTABLISHED):  # established <-> inactive, as ipvsadm counts
             rt = flow.backend
             d = -1 if was else 1
             rt.established += d
             rt.inactive -= d
-        self.table.set_state(flow, state)
-        if flow.snat_port:
-            _track_port(flow, state)
+        flow.state = state  # (FlowTable.set_state, inline: to the end of that state's list)
+        prev = flow.prev
+        if prev is not None:
+            nxt = flow.next
+            prev.next = nxt
+            nxt.prev = prev
+            head = self._rings[state]
+            tail = head.prev
+            tail.next = flow  # type: ignore[union-attr]
+            flow.prev = tail
+            flow.next = head
+            head.prev = flow
+        if flow.backend.reclaim is not None and _MOVES_LIST[old][state]:
+            _track_port(flow, old, state)
 
     def _close(self, flow: Flow, now: float) -> None:
         self.table.remove(flow)
@@ -690,10 +768,9 @@ class Engine:
 
     def _retire(self, flow: Flow, now: float) -> None:
         """A flow left the table: its service takes back what it held and accounts it."""
-        if flow.reclaim is not None:
-            del flow.reclaim[flow]
-            flow.reclaim = None
-        flow.service.flow_ended(flow, now, flow.state is _ESTABLISHED)
+        if flow.backend.reclaim is not None and flow.state in _RECLAIMABLE:
+            _track_port(flow, flow.state, None)
+        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy
@@ -712,7 +789,7 @@ class Engine:
             return 0
         service = owner.name  # (a removed backend leaves with its last flow)
         n = 0
-        for flow in list(rt.flows):
+        for flow in self.table.of_backend(rt):
             if flow.proto == TCP:
                 table = self.table.by_proto[TCP]
                 client_ack, backend_ack = flow.peer_c, flow.peer_b  # what each expects next
@@ -844,19 +921,29 @@ class Engine:
         return format_stats(self.stats())
 
 
-def _track_port(flow: Flow, state: TcpState) -> None:
-    """Keep a flow that holds a fullnat port on its backend's reclaim list for ``state``
-    (closed, half-open; none for any other state)."""
-    pool = flow.service.pool
-    closed = state in CLOSED_STATES
-    want = (pool.reclaim_list(flow.backend.endpoint, closed)
-            if pool is not None and (closed or state in HALF_OPEN) else None)
-    if want is not flow.reclaim:
-        if flow.reclaim is not None:
-            del flow.reclaim[flow]
-        flow.reclaim = want  # type: ignore[assignment]
-        if want is not None:
-            want[flow] = None
+def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
+                held: bool = False) -> None:
+    """A flow of a fullnat service moves from state ``old`` to ``new`` (None: into, out of
+    the table): from its backend's reclaim list for ``old`` to that for ``new`` (closed,
+    half-open; none for any other state), if it holds a port (``held``: the caller knows it
+    does). A flow knows no list of its own: its state says which."""
+    lists = flow.backend.reclaim
+    if lists is None:
+        return
+    was = lists[old in CLOSED_STATES] if old in _RECLAIMABLE else None
+    want = lists[new in CLOSED_STATES] if new in _RECLAIMABLE else None
+    if was is want:
+        return
+    if was is not None:
+        held = was.pop(flow, _NOT_ON) is None
+    # (Flow.snat_port, its first test: the source port toward the backend is not the client's)
+    if want is not None and (held or flow.rev_key[-2:] != flow.fwd_key[-4:-2]
+                             or flow.snat_port):
+        want[flow] = None
+
+
+#: (``_track_port``: what popping a flow that is not on a reclaim list gives)
+_NOT_ON = object()
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

@@ -4,15 +4,29 @@ Keys are the raw 12 bytes ``src addr | dst addr | src port | dst port`` of an IP
 it arrives (36 bytes for IPv6), one dict per transport protocol. A flow is stored twice: under
 the key of the client's packets (``fwd_key``) and under the key of the replies as they reach
 us (``rev_key``); both entries' value is the :class:`Flow` itself, and a packet is a reply when
-its key is not ``fwd_key``. The flow holds, in its own slots, everything the per-packet path
-needs for each direction, precomputed when it is installed: the header (the new
-``src addr | dst addr`` (IPv4: 8 bytes; IPv6: 32) followed by the new ``src port | dst
-port``) and the RFC 1624 differences from the old key to that header for the IPv4 header
-checksum (0 for IPv6, which has none) and the TCP/UDP checksum (the pseudo-header's addresses
-and the ports). The deltas come from integer arithmetic (``_res``), not word sums, and are
-shared int objects; a flow costs its object, its two keys and their entries in the dict, its
-two headers, its last-use time, the last segment of each side and its place in its backend's
-set of flows (about 600 bytes for IPv4 TCP: bench/flow_memory_bench.py).
+its key is not ``fwd_key``. Each direction's new ``src addr | dst addr | src port | dst port``
+is the other direction's key turned around (a packet's answer swaps source and destination:
+the client's packets leave as the replies will come back, turned; the replies leave as the
+client's packets came, turned), so the flow keeps its two keys (the dict's own objects) and
+no header; the packet path joins four slices of the key. The flow also holds the RFC 1624
+differences from the client's key to its packets' new header, for the IPv4 header checksum
+(0 for IPv6, which has none) and the TCP/UDP checksum (the pseudo-header's addresses and the
+ports), computed when it is installed by integer arithmetic (``_res``), not word sums, as
+shared int objects; the replies' are their negation (``rev_delta``: the reply rewrite undoes
+the forward one), applied in one step (``checksum.apply_sub`` / ``apply_neg``). What follows
+from the keys and the state is not stored either: a fullnat flow's pool port (the reply
+key's destination port when it is not the client's port), its service (its backend's,
+``BackendRuntime.owner``), the reclaim list it is on; and its backend keeps no set of its
+flows (the rare operations that need them walk the table: ``of_backend``).
+
+What an established IPv4 TCP flow costs at 1,000,000 flows (bench/flow_memory_bench.py,
+tracemalloc, CPython 3.11): its two keys (2 x 45 bytes) and their two entries in the dict
+(about 84 with the dict's slack), its object (136: 13 slots and the object and GC headers),
+each side's last segment for the RST window check (2 x 41) and its last-use time (24, a
+float): about 416 bytes. Each bytes object and the float is an object of its own (33 and 24
+bytes of header); fewer of them would take per-packet work on the fast path (both sides'
+segments packed into one object) or columns in place of objects (arrays indexed by a flow
+number).
 
 TCP states follow the table below (h11 style: one table, documented here; an event is a
 packet's flags and direction, ``tcp_event``):
@@ -58,7 +72,6 @@ from nfqlb.config import Timeouts
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
-    from collections import OrderedDict
 
     from nfqlb.policies import FlowKey, Policy
     from nfqlb.services import BackendRuntime, ServiceRuntime
@@ -139,30 +152,28 @@ def timeouts_by_state(t: Timeouts) -> tuple[float, ...]:
 
 class Flow:
     """One balanced connection, both directions in its own slots (per flow, never per
-    packet). It is the value of both of its keys in the table."""
+    packet). It is the value of both of its keys in the table.
+
+    What a direction's packets need and the other direction's can be worked out from
+    (``rev_key``, the reverse deltas, the fullnat port) is not stored: see the module's
+    docstring for what a flow costs."""
 
     __slots__ = (
-        "service", "backend", "state", "last", "fwd_key", "rev_key", "fwd_hdr", "rev_hdr",
-        "fwd_ipd", "fwd_l4d", "rev_ipd", "rev_l4d", "snat_port", "peer_c", "peer_b", "ws",
-        "prev", "next", "placed", "reclaim",
+        "backend", "state", "last", "fwd_key", "rev_key", "ipd", "l4d", "peer_c", "peer_b", "ws",
+        "prev", "next", "placed",
     )
 
-    service: ServiceRuntime
-    backend: BackendRuntime  # its backend at run time (figures, state)
+    backend: BackendRuntime  # its backend at run time (figures, state; its service: owner)
     state: TcpState
     last: float
+    #: its keys (the dict's own objects): the client's packets' and the replies'; each
+    #: direction's new header is the other's key turned around (``fwd_hdr``, ``rev_hdr``)
     fwd_key: bytes
     rev_key: bytes
-    #: the new ``src addr | dst addr | src port | dst port`` of each direction's packets
-    fwd_hdr: bytes
-    rev_hdr: bytes
-    #: each direction's RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP checksum
-    fwd_ipd: int
-    fwd_l4d: int
-    rev_ipd: int
-    rev_l4d: int
-    #: fullnat: the pool port it holds (0: none)
-    snat_port: int
+    #: the client's packets' RFC 1624 deltas: IPv4 header checksum (0 for IPv6), TCP/UDP
+    #: checksum; the replies' are their negation (``rev_delta``)
+    ipd: int
+    l4d: int
     #: TCP: the bytes ack..window (8) of the last segment of the client (``peer_c``) and of
     #: the backend (``peer_b``), empty until seen: what the RST window check needs
     peer_c: bytes
@@ -178,37 +189,76 @@ class Flow:
     #: returned), to tell it when the flow ends; None when no policy placed it or the policy
     #: does not ask (it has no ``on_flow_closed``)
     placed: tuple[Policy, FlowKey, Backend] | None
-    #: its backend's list of port-holding flows that may give their port (closed, half-open)
-    reclaim: OrderedDict[Flow, None] | None
 
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                  state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
                  snat_port: int = 0) -> None:
-        """A flow with no rewrite yet (empty headers, zero deltas): ``FlowTable.build`` fills
-        them in. Its protocol is in its state (UDP flows are in state UDP)."""
+        """A flow with zero deltas (``FlowTable.build`` makes flows with their rewrite): its
+        headers are its keys turned around. Its protocol is in its state (UDP flows are in
+        state UDP); its service is its backend's (``BackendRuntime.owner``); ``snat_port``
+        follows from its keys."""
         assert (proto == UDP) is (state is TcpState.UDP), "a UDP flow is in state UDP"
-        self.service = service
         self.backend = backend
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
         self.rev_key = rev_key
-        self.fwd_hdr = self.rev_hdr = b""
-        self.fwd_ipd = self.fwd_l4d = self.rev_ipd = self.rev_l4d = 0
-        self.snat_port = snat_port
+        self.ipd = self.l4d = 0
         self.peer_c = self.peer_b = b""
         self.ws = 0
         self.prev = None
         self.placed = None
-        self.reclaim = None
 
     @property
     def proto(self) -> int:
         return UDP if self.state is TcpState.UDP else TCP
 
     @property
+    def service(self) -> ServiceRuntime:
+        return self.backend.owner
+
+    @property
     def in_table(self) -> bool:
         return self.prev is not None
+
+    @property
+    def fwd_hdr(self) -> bytes:
+        """The new ``src addr | dst addr | src port | dst port`` of the client's packets: the
+        key of the replies turned around (a packet's answer swaps source and destination)."""
+        k = self.rev_key
+        return _turned(k, len(k) - 4 >> 1)
+
+    @property
+    def rev_hdr(self) -> bytes:
+        """The replies' new header: the client's key turned around."""
+        k = self.fwd_key
+        return _turned(k, len(k) - 4 >> 1)
+
+    @property
+    def fwd_ipd(self) -> int:
+        return self.ipd
+
+    @property
+    def fwd_l4d(self) -> int:
+        return self.l4d
+
+    @property
+    def rev_ipd(self) -> int:
+        return rev_delta(self.ipd) if self.ipd else 0
+
+    @property
+    def rev_l4d(self) -> int:
+        return rev_delta(self.l4d)
+
+    @property
+    def snat_port(self) -> int:
+        """fullnat: the pool port it holds, the source port of its packets to the backend
+        (0: none, they leave from the client's address and port)."""
+        fk, rk = self.fwd_key, self.rev_key  # (the new source: the reply's destination)
+        n = len(fk) - 4 >> 1
+        if rk[-2:] == fk[-4:-2] and rk[n:2 * n] == fk[:n]:
+            return 0
+        return rk[-2] << 8 | rk[-1]
 
     def wscale(self, backend: bool) -> int:
         """The window scale shift the backend's (else the client's) SYN announced, -1 for
@@ -225,8 +275,22 @@ class Flow:
         """(header, IPv4 header delta, TCP/UDP delta) of one direction (the general path's
         and tools'; the fast path reads the slots)."""
         if reply:
-            return self.rev_hdr, self.rev_ipd, self.rev_l4d
-        return self.fwd_hdr, self.fwd_ipd, self.fwd_l4d
+            ipd = self.ipd
+            return self.rev_hdr, _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[
+                0xFFFF - self.l4d or 0xFFFF]
+        return self.fwd_hdr, self.ipd, self.l4d
+
+
+def _turned(key: bytes, n: int) -> bytes:
+    """``src addr | dst addr | src port | dst port`` (addresses of ``n`` bytes) with source
+    and destination swapped: a packet's key as its answer carries it."""
+    return key[n:2 * n] + key[:n] + key[-2:] + key[-4:-2]
+
+
+def rev_delta(d: int) -> int:
+    """The delta that undoes the delta ``d`` (in 1..0xFFFF, ``res_delta``): its negation,
+    ``res_delta(-diff)`` for ``d = res_delta(diff)``, in 1..0xFFFF too."""
+    return _INT[0xFFFF - d or 0xFFFF]
 
 
 #: Both SYNs unseen, taken as the widest scale (14, RFC 7323): how adopted flows judge RSTs.
@@ -284,32 +348,26 @@ class FlowTable:
         (``reply_key``), with both directions' rewrites; not in the table (see ``add``)."""
         alen = len(baddr)
         flow = _new_flow(Flow)  # every slot set once, here (Flow.__init__ sets them twice)
-        flow.service = service
         flow.backend = backend
         flow.state = state
         flow.last = now
         flow.fwd_key = key
         flow.rev_key = rev_key
-        flow.snat_port = snat_port
         flow.peer_c = flow.peer_b = b""
         flow.ws = 0
-        flow.prev = flow.placed = flow.reclaim = None
-        vip = key[alen:2 * alen]
-        fwd_hdr = flow.fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
-        flow.rev_hdr = vip + key[:alen] + key[-2:] + key[-4:-2]
+        flow.prev = flow.placed = None
+        fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
         # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
         # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
-        # new words swapped), so its deltas are the forward ones negated
+        # new words swapped), so its deltas are the forward ones negated (``rev_delta``)
         new, old = int.from_bytes(fwd_hdr, "big"), int.from_bytes(key, "big")
         diff = new - old
-        flow.fwd_l4d = _INT[diff % 0xFFFF or 0xFFFF]
-        flow.rev_l4d = _INT[-diff % 0xFFFF or 0xFFFF]
+        flow.l4d = _INT[diff % 0xFFFF or 0xFFFF]
         if alen == 4:
             diff = (new >> 32) - (old >> 32)
-            flow.fwd_ipd = _INT[diff % 0xFFFF or 0xFFFF]
-            flow.rev_ipd = _INT[-diff % 0xFFFF or 0xFFFF]
+            flow.ipd = _INT[diff % 0xFFFF or 0xFFFF]
         else:
-            flow.fwd_ipd = flow.rev_ipd = 0
+            flow.ipd = 0
         return flow
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
@@ -459,3 +517,9 @@ class FlowTable:
         if flow is None:
             return None
         return flow.fwd_hdr if key == flow.fwd_key else flow.rev_hdr
+
+    def of_backend(self, backend: BackendRuntime) -> list[Flow]:
+        """The flows of ``backend`` (a walk of the table, as ``flows``: the rare events that
+        need them, a backend's reset, a reload, a tool's listing; no flow carries a place
+        in a per-backend set)."""
+        return [flow for flow in self.flows() if flow.backend is backend]

@@ -49,6 +49,7 @@ from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
+    from collections import OrderedDict
     from collections.abc import Callable, Iterator
 
     from nfqlb.flows import Flow
@@ -76,7 +77,8 @@ class BackendRuntime:
 
     __slots__ = ("backend", "name", "address", "port", "endpoint", "weight", "healthy",
                  "drained", "drain_deadline", "removed", "check", "latency", "inbound",
-                 "outbound", "flows_total", "established", "inactive", "flows", "_samples")
+                 "outbound", "flows_total", "established", "inactive", "owner", "reclaim",
+                 "_samples")
 
     def __init__(self, backend: Backend, vip: Any, service_port: int) -> None:
         self.backend = backend  # the configured value (name, address, port, weight)
@@ -98,7 +100,9 @@ class BackendRuntime:
         self.flows_total = 0
         self.established = 0  # TCP flows established now (ipvsadm ActiveConn)
         self.inactive = 0  # any other flow now: half-open, closing, UDP (InActConn)
-        self.flows: dict[Flow, None] = {}  # its flows now
+        #: fullnat: its service's pool's lists of its flows that may give their port back,
+        #: (half-open, closed) (see nfqlb.snat); None without a pool
+        self.reclaim: tuple[OrderedDict[object, None], OrderedDict[object, None]] | None = None
         #: (time, flows_total) about once a second (``sample``), the last RATE_WINDOW_S s:
         #: new flows per second come from these, at no cost per flow
         self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_S + 1)
@@ -118,10 +122,17 @@ class BackendRuntime:
         """May take new flows."""
         return self.healthy and not self.drained and not self.removed and self.weight > 0
 
+    #: the service it belongs to (its flows' service; set by ``ServiceRuntime.apply``)
+    owner: ServiceRuntime
+
+    @property
+    def open_flows(self) -> int:
+        """Its flows now (the table holds them; ``FlowTable.of_backend`` finds them)."""
+        return self.established + self.inactive
+
     def started(self, flow: Flow) -> None:
         self.flows_total += 1
         self.inactive += 1  # a new flow is never established yet
-        self.flows[flow] = None
 
     def sample(self, now: float) -> None:
         """Note the flows placed so far (the engine's timer, about once a second)."""
@@ -201,6 +212,7 @@ class ServiceRuntime:
             rt = self.backends.get(b.name)
             if rt is None or rt.removed or (rt.address, rt.port) != (b.address, b.port):
                 rt = BackendRuntime(b, service.vip, service.port)
+                rt.owner = self
             else:
                 weight_changed = rt.backend.weight != b.weight
                 rt.backend = b
@@ -209,13 +221,16 @@ class ServiceRuntime:
             keep[b.name] = rt
         for name, rt in self.backends.items():
             if rt.removed:
-                if rt.flows:
+                if rt.open_flows:
                     keep[name] = rt  # still draining out from an earlier reload
-            elif keep.get(name) is not rt and rt.flows:
+            elif keep.get(name) is not rt and rt.open_flows:
                 rt.removed = True
                 removed.append(rt)
                 keep[f"{name} (removed)"] = rt
         self.backends = keep
+        for rt in keep.values():
+            rt.reclaim = None if pool is None else (pool.reclaim_list(rt.endpoint, False),
+                                                    pool.reclaim_list(rt.endpoint, True))
         if old is None or (old.policy, old.policy_options, old.policy_fallback) != \
                 (service.policy, service.policy_options, service.policy_fallback):
             # each policy gets its own RNG seeded from the engine's, so that a service's
@@ -417,12 +432,11 @@ class ServiceRuntime:
         if flow.snat_port and self.pool is not None:
             self.pool.give(flow.snat_port, flow.backend.endpoint)
         rt = flow.backend
-        rt.flows.pop(flow, None)
         if established:
             rt.established -= 1
         else:
             rt.inactive -= 1
-        if rt.removed and not rt.flows:  # the last flow of a removed backend
+        if rt.removed and not rt.open_flows:  # the last flow of a removed backend
             self.backends = {k: v for k, v in self.backends.items() if v is not rt}
         if flow.placed is not None:
             placer, fkey, chosen = flow.placed
@@ -512,6 +526,9 @@ class Services:
         self._log = log
         self._clock = clock
         self._all: list[ServiceRuntime] = []
+        #: every flow of the table (the engine's ``FlowTable.flows``): no backend keeps a set
+        #: of its flows, the few that need them walk the table
+        self.table_flows: Callable[[], list[Flow]] = list
         self._pools: dict[tuple[Any, ...], PortPool] = {}
         self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
         self.by_backend: dict[int, dict[bytes, list[ServiceRuntime]]] = {TCP: {}, UDP: {}}
@@ -560,13 +577,18 @@ class Services:
         """Per backend endpoint, ports of ``svc``'s snat address and protocol held by live
         flows of any pool (a new pool on the same address must not hand them out again)."""
         used: dict[bytes, set[int]] = {}
+        held: dict[BackendRuntime, bytes] = {}
         for rt in self._all:
             if (rt.service.snat_address == svc.snat_address and rt.pool is not None
                     and rt.service.protocol == svc.protocol):
                 for b in rt.backends.values():
-                    ports = {f.snat_port for f in b.flows if f.snat_port}
-                    if ports:
-                        used.setdefault(b.endpoint, set()).update(ports)
+                    if b.open_flows:
+                        held[b] = b.endpoint
+        if held:
+            for f in self.table_flows():
+                where = held.get(f.backend)
+                if where is not None and f.snat_port:
+                    used.setdefault(where, set()).add(f.snat_port)
         return used
 
     def __iter__(self) -> Iterator[ServiceRuntime]:
@@ -607,7 +629,8 @@ class Services:
         """Per service, the backends a reload removed that still have flows."""
         out: dict[str, tuple[Backend, ...]] = {}
         for svc in self._all:
-            gone = tuple(rt.backend for rt in svc.backends.values() if rt.removed and rt.flows)
+            gone = tuple(rt.backend for rt in svc.backends.values()
+                         if rt.removed and rt.open_flows)
             if gone:
                 out[svc.name] = gone
         return out
@@ -619,11 +642,14 @@ class Services:
         -Lnc`` shows them (a walk of those flows: for operators, not per packet)."""
         out: list[dict[str, Any]] = []
         services = [self.named(service)] if service is not None else self._all
+        of_backend: dict[BackendRuntime, list[Flow]] = {}
+        for flow in self.table_flows():
+            of_backend.setdefault(flow.backend, []).append(flow)
         for svc in services:
             for rt in svc.backends.values():
                 if backend is not None and rt.name != backend:
                     continue
-                for flow in rt.flows:
+                for flow in of_backend.get(rt, ()):
                     if len(out) >= limit:
                         return out
                     key = flow.fwd_key

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -9,7 +10,16 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from scapy.utils import checksum as scapy_checksum
 
-from nfqlb.wire.checksum import U16, apply, delta, full, update16, update32
+from nfqlb.wire.checksum import (
+    U16,
+    apply,
+    apply_neg,
+    apply_sub,
+    delta,
+    full,
+    update16,
+    update32,
+)
 
 FAST = settings(max_examples=300, deadline=None, derandomize=True)
 
@@ -127,3 +137,18 @@ def test_flow_deltas_by_integer_arithmetic_equal_delta(pair: tuple[bytes, bytes]
     w = int.from_bytes
     assert res_delta(w(new, "big") - w(old, "big")) == delta(old, new)
     assert res_delta(w(old, "big") - w(new, "big")) == delta(new, old)
+
+
+def test_one_step_updates_equal_apply() -> None:
+    """``apply_sub`` and ``apply_neg`` (what the packet path computes, inline) give what
+    ``apply`` gives with the delta and with its negation (``nfqlb.flows.rev_delta``): every
+    checksum value against the edge deltas and some others, every delta against the edge
+    checksum values (0 and 0xFFFF, both representations of zero, among them)."""
+    from nfqlb.flows import rev_delta
+
+    rng = random.Random(10)
+    deltas = [1, 2, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF] + rng.sample(range(1, 0x10000), 6)
+    pairs = [(c, d) for d in deltas for c in range(0x10000)]
+    pairs += [(c, d) for c in (0, 1, 0x8000, 0xFFFE, 0xFFFF) for d in range(1, 0x10000)]
+    assert [(c, d) for c, d in pairs if apply_sub(c, d) != apply(c, d)] == []
+    assert [(c, d) for c, d in pairs if apply_neg(c, d) != apply(c, rev_delta(d))] == []

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
+import types
 
 import pytest
 from helpers import CLIENT, VIP, Conversation, engine, service, tcp
@@ -20,6 +22,7 @@ from nfqlb.flows import (
     timeouts_by_state,
 )
 from nfqlb.services import BackendRuntime
+from nfqlb.wire.checksum import delta
 
 S, E = TcpState, TcpEvent
 OPEN = {S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED, S.ADOPTED, S.ADOPTED_REPLY}
@@ -321,7 +324,7 @@ def test_table_remove_and_expire_order() -> None:
 
 def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     table, (old,) = _table_with(1, Timeouts())
-    svc = old.service
+    svc = parse_config({"service": [service("dnat")]}).services[0]
     new = Flow(svc, BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
                b"other-key-00", old.rev_key)
     table.add(new)
@@ -464,6 +467,51 @@ def test_both_keys_hold_the_flow_itself() -> None:
     flow = table[_key(*c.fwd)]
     assert type(flow) is Flow and table[_key(*c.back)] is flow  # type: ignore[misc]
     assert flow.fwd_key == _key(*c.fwd) and flow.rev_key == _key(*c.back)  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("mode", ["local", "dnat", "fullnat"])
+def test_what_a_flow_does_not_store_is_worked_out_exactly(mode: str) -> None:
+    """A flow stores one header object for both directions and its client's deltas; its
+    reply key and header, the replies' deltas, its fullnat port and its service are worked
+    out from those, and agree with the packets and with the checksum module's own
+    ``delta`` of the old and new bytes."""
+    eng = engine(service(mode), **TIMEOUTS)
+    c = Conversation(eng)
+    c.handshake()
+    flow = _flow(eng, c)
+    assert c.back is not None
+    out = c.server("A", b"x")
+    assert isinstance(out, bytes)
+    rev_key, key = _key(*c.back), _key(*c.fwd)
+    assert flow.rev_key == rev_key and flow.rev_hdr == out[12:24]
+    assert flow.fwd_hdr == rev_key[4:8] + rev_key[:4] + rev_key[10:] + rev_key[8:10]
+    assert (flow.fwd_ipd, flow.fwd_l4d) == (delta(key[:8], flow.fwd_hdr[:8]),
+                                            delta(key, flow.fwd_hdr))
+    assert (flow.rev_ipd, flow.rev_l4d) == (delta(rev_key[:8], flow.rev_hdr[:8]),
+                                            delta(rev_key, flow.rev_hdr))
+    assert flow.side(True) == (flow.rev_hdr, flow.rev_ipd, flow.rev_l4d)
+    assert flow.snat_port == (c.back[3] if mode == "fullnat" else 0)
+    assert flow.service is eng.services.named(f"{mode}-tcp")
+
+
+def test_a_flow_is_held_by_the_table_alone() -> None:
+    """Nothing per backend holds a flow (its backend's flows are found by a walk of the
+    table): an established flow is referred to by the table's dict (its two keys) and its
+    two neighbours in its least-recently-used list, nothing else."""
+    eng = engine(service("fullnat"), **TIMEOUTS)
+    convs = [Conversation(eng, sport=1000 + i) for i in range(3)]
+    for c in convs:
+        c.handshake()
+    flow = _flow(eng, convs[1])
+    assert flow.state is S.ESTABLISHED
+    held_by = [r for r in gc.get_referrers(flow) if not isinstance(r, types.FrameType)]
+    assert sorted(type(r).__name__ for r in held_by) == ["Flow", "Flow", "dict"]
+    assert held_by[[type(r) for r in held_by].index(dict)] is eng.table.by_proto[6]
+    assert {id(r) for r in held_by if type(r) is Flow} == {id(flow.prev), id(flow.next)}
+    backend = flow.backend
+    assert eng.table.of_backend(backend) == [f for f in eng.table.flows()
+                                             if f.backend is backend]
+    assert backend.open_flows == len(eng.table.of_backend(backend))
 
 
 def test_deltas_are_shared_objects() -> None:

@@ -185,6 +185,31 @@ def test_reload_with_a_new_pool_range_never_hands_a_live_port_out() -> None:
     assert SNAT
 
 
+def test_a_flow_from_before_fullnat_holds_no_port_of_the_new_pool() -> None:
+    """A reload that turns a dnat service into fullnat keeps its flows: they hold no port of
+    the new pool (their headers say so), so they never go on its reclaim lists and give none
+    back when they end."""
+    from nfqlb.engine import Engine
+    from nfqlb.flows import TcpState
+
+    eng = Engine(_config([B1], "dnat"))
+    c = Conversation(eng, sport=45000)
+    c.handshake(now=1.0)
+    eng.reconfigure(_config([B1], "fullnat", snat_ports="20000-20001"), 2.0)
+    (flow,) = eng.table.flows()
+    assert flow.snat_port == 0
+    for side in (c.client, c.server):
+        assert isinstance(side("FA", now=3.0), bytes)
+    assert flow.state is TcpState.CLOSING
+    assert flow.backend.reclaim is not None
+    half_open, closed = flow.backend.reclaim
+    assert not half_open and not closed
+    pool = eng.services.named("fullnat-tcp").pool
+    assert pool is not None and pool.available(flow.backend.endpoint) == 2
+    eng.handle_timer(1000.0)
+    assert eng.table.active == 0 and pool.available(flow.backend.endpoint) == 2
+
+
 def test_reload_reset_ends_a_removed_backends_flows() -> None:
     from nfqlb.engine import Engine
 

@@ -115,6 +115,21 @@ def apply(csum: int, d: int) -> int:
     return ~s & 0xFFFF
 
 
+def apply_sub(csum: int, d: int) -> int:
+    """``apply(csum, d)`` in one step, for a delta ``d`` in 1..0xFFFF (``res_delta``'s): with
+    ``~csum = 0xFFFF - csum``, the sum ``0xFFFF - csum + d`` folds to ``d - csum`` when
+    ``d > csum`` (so HC' is ``csum - d + 0xFFFF``) and stays itself otherwise (HC' is
+    ``csum - d``): ``(csum - d) mod 0xFFFF`` either way. The packet path inlines it."""
+    return (csum - d) % 0xFFFF
+
+
+def apply_neg(csum: int, d: int) -> int:
+    """``apply(csum, D)`` for ``D`` the negation of ``d`` (``0xFFFF - d``, or 0xFFFF when
+    ``d`` is 0xFFFF: the delta that undoes ``d``), in one step: ``(csum + d) mod 0xFFFF``,
+    as ``apply_sub`` with ``-d``. The packet path inlines it for replies."""
+    return (csum + d) % 0xFFFF
+
+
 def update16(csum: int, old: int, new: int) -> int:
     """Update ``csum`` for one 16-bit word changing from ``old`` to ``new``."""
     return apply(csum, fold((~old & 0xFFFF) + new))
