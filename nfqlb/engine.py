@@ -65,7 +65,7 @@ from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
 from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import ICMP, ICMPV6, TCP, UDP, Parsed, parse_ip
 from nfqlb.wire.rewrite import clamp_mss, rewrite, rewrite_addresses
-from nfqlb.wire.tcp import build_rst, build_rst_to, tcp_wscale
+from nfqlb.wire.tcp import build_rst, build_rst_to, syn_options, tcp_wscale
 
 if TYPE_CHECKING:
     from nfqlb.frags import Outcome
@@ -113,6 +113,20 @@ _MOVES_LIST: tuple[tuple[bool, ...], ...] = tuple(
           for b in TcpState) for a in TcpState)
 
 
+def _clamped(data: bytes, off: int, mss: int, clamp: int, l4c: int) -> tuple[int, bytes]:
+    """(the TCP checksum ``l4c`` updated, the bytes of ``data`` from its TCP checksum's end on)
+    with the MSS value at ``mss`` lowered to ``clamp`` (``clamp_mss``, inside the caller's
+    join). The checksum's words start at the TCP header: an MSS at an odd offset counts 256
+    times its value in the sum."""
+    old = data[mss] << 8 | data[mss + 1]
+    l4c = (l4c - ((clamp - old) << ((mss - off & 1) << 3))) % 0xFFFF
+    return l4c, b"".join((data[off + 18:mss], U16[clamp], data[mss + 2:]))
+
+
+def _shortest_timeout(config: Config) -> float:
+    return min(min(timeouts_by_state(config.timeouts)), config.timeouts.frag)
+
+
 class Engine:
     def __init__(self, config: Config, rng: random.Random | None = None,
                  log: logging.Logger | None = None,
@@ -139,6 +153,9 @@ class Engine:
         #: offload backends whose flows are to end (see kernel_flows_to_reset)
         self._kernel_resets: list[tuple[ServiceRuntime, BackendRuntime, str]] = []
         self._sampled = float("-inf")  # when the backends last noted their flows placed
+        #: the shortest idle timeout of flows and fragments: no packet makes ``get_timer``
+        #: sooner than the packet's ``now`` plus this
+        self.shortest_timeout = _shortest_timeout(config)
 
     # ---------------------------------------------------------------- per packet
 
@@ -155,6 +172,8 @@ class Engine:
                     if n >= 40 and 20 <= (data[32] >> 4) * 4 <= n - 20:
                         if flow is None:  # a new flow, or not ours: no need to parse again
                             self.counters.packets += 1
+                            if data[33] & 0x17 == 0x02:  # a bare SYN
+                                return self._syn(data, k, False, now)
                             return self._transport(data, _TCP4, now)[0]
                         if flow.state is not _ESTABLISHED or data[33] & 0x07:
                             return self._known_tcp(data, flow, k != flow.fwd_key, False, now)
@@ -237,6 +256,8 @@ class Engine:
                     if n >= 60 and 20 <= (data[52] >> 4) * 4 <= n - 40:
                         if flow is None:
                             self.counters.packets += 1
+                            if data[53] & 0x17 == 0x02:
+                                return self._syn(data, k, True, now)
                             return self._transport(data, _TCP6, now)[0]
                         if flow.state is not _ESTABLISHED or data[53] & 0x07:
                             return self._known_tcp(data, flow, k != flow.fwd_key, True, now)
@@ -314,6 +335,42 @@ class Engine:
             self.log.exception("internal error handling a packet; dropped")
             return self.counters.drop("internal_error")
 
+    def _syn(self, data: bytes, key: bytes, v6: bool, now: float) -> Verdict:
+        """A bare SYN (no ACK, FIN or RST) of no known flow, its IP and TCP headers checked as
+        the fast path checks them: to a service with a backend up, the flow is opened and the
+        SYN rewritten in one pass (its MSS clamped in the same join); anything else takes
+        ``_transport``."""
+        if v6:
+            off, p = 40, _TCP6
+            svc = self.services.by_vip[TCP].get(data[24:40] + data[42:44])
+        else:
+            off, p = 20, _TCP4
+            svc = self.services.by_vip[TCP].get(data[16:20] + data[22:24])
+        if svc is None or not svc.any_live:
+            return self._transport(data, p, now)[0]
+        flow = self._open(svc, data, p, key, TcpState.SYN_SENT, now)
+        if flow is None:
+            return DROP
+        ws, mss = syn_options(data, off)
+        flow.ws = ws + 1  # the client's; the backend's is unseen
+        flow.peer_c = data[off + 8:off + 16]
+        l4c = ((data[off + 16] << 8 | data[off + 17]) - flow.l4d) % 0xFFFF  # (apply_sub)
+        if mss >= 0 and (data[mss] << 8 | data[mss + 1]) > self.mss_clamp:
+            l4c, rest = _clamped(data, off, mss, self.mss_clamp, l4c)
+        else:
+            rest = data[off + 18:]
+        h = flow.rev_key  # (the new header: the reply key turned, as in handle)
+        t = flow.backend.inbound
+        t.packets += 1
+        t.bytes += len(data)
+        self.counters.rewritten += 1
+        if v6:
+            return b"".join((data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56],
+                             U16[l4c], rest))
+        ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
+        return b"".join((data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                         U16[l4c], rest))
+
     def _known_tcp(self, data: bytes, flow: Flow, reply: bool, v6: bool,
                    now: float) -> Verdict:
         """A segment of a known TCP flow that is not the plain established case (the
@@ -371,17 +428,23 @@ class Engine:
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
-        if v6:
-            out = b"".join((data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56],
-                            U16[l4c], data[58:]))
-        else:
-            out = b"".join((data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
-                            U16[l4c], data[38:]))
-        if flags & 0x02:  # a SYN-ACK
+        rest = data[off + 18:]
+        if flags & 0x02:  # a SYN-ACK (a client's SYN took _transport above)
+            ws, mss = syn_options(data, off)
             if reply:
-                flow.set_wscale(True, tcp_wscale(data, off))
-            out = clamp_mss(out, off, self.mss_clamp)
-        return out
+                flow.set_wscale(True, ws)
+            if mss >= 0 and (data[mss] << 8 | data[mss + 1]) > self.mss_clamp:
+                l4c, rest = _clamped(data, off, mss, self.mss_clamp, l4c)
+        if v6:
+            return b"".join((data[:8], h[16:32], h[:16], h[34:], h[32:34], data[44:56],
+                             U16[l4c], rest))
+        return b"".join((data[:10], U16[ipc], h[4:8], h[:4], h[10:], h[8:10], data[24:36],
+                         U16[l4c], rest))
+
+    def output_pending(self) -> bool:
+        """Whether ``released_verdicts``, ``packets_to_send`` or ``kernel_flows_to_reset``
+        have anything (one cheap test the daemon makes after each wakeup)."""
+        return bool(self._released or self._outbound or self._kernel_resets)
 
     def packets_to_send(self) -> list[bytes]:
         """IP packets nfqlb sends of its own accord since the last call: the RSTs that end
@@ -850,6 +913,7 @@ class Engine:
         self.frags.max_held = config.daemon.max_fragments
         self.frags.max_per_source = config.daemon.max_fragments_per_source
         self.frags.timeout = config.timeouts.frag
+        self.shortest_timeout = _shortest_timeout(config)
         for rt in gone_backends:
             if self.services.owner(rt).service.on_backend_down is OnBackendDown.RESET:
                 self._reset_flows(rt, now, "removed")

@@ -308,11 +308,12 @@ class ServiceRuntime:
 
     def flow_key(self, key: bytes) -> FlowKey:
         """What a policy sees of the flow ``key`` (``client | VIP | client port | port``, as
-        the client sends it): the VIP's address object is the service's own, only the
-        client's is built."""
+        the client sends it): the VIP's address object is the service's own, the client's
+        address stays packed (``FlowKey.src`` builds its object when a policy asks)."""
         alen = len(key) // 2 - 2
-        return FlowKey(self.proto, self.address_type(key[:alen]),
-                       key[-4] << 8 | key[-3], self.service.vip, self.service.port)
+        s = self.service
+        return _new_tuple(FlowKey, (self.proto, key[:alen], key[-4] << 8 | key[-3], s.vip,
+                                    s.port))
 
     def choose(self, fkey: FlowKey, now: float
                ) -> tuple[BackendRuntime | None, Policy | None, Backend | None, str]:
@@ -499,6 +500,9 @@ def adoption_warnings(config: Config) -> list[str]:
                    "and the connections it moves break; for several nodes use maglev, "
                    "source_hash or flow_hash")
     return out
+
+
+_new_tuple = tuple.__new__  # (FlowKey's fields as they are: no conversion to check)
 
 
 def endpoint(address: bytes, port: int) -> bytes:

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv6Address
 from typing import Any, Protocol, runtime_checkable
 
 from nfqlb.errors import PolicyError
@@ -50,15 +50,54 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, slots=True)
-class FlowKey:
-    """What a policy knows of a new flow, as the client sent it."""
+class FlowKey(tuple[int, bytes, int, IPAddress, int]):
+    """What a policy knows of a new flow, as the client sent it: ``protocol`` (an IANA
+    protocol number: nfqlb.values.Protocol.TCP or .UDP), ``src`` (the client's address),
+    ``sport``, ``dst`` (the VIP) and ``dport``; read-only, hashable, equal when the five are.
 
-    protocol: int  # an IANA protocol number: nfqlb.values.Protocol.TCP or .UDP
-    src: IPAddress
-    sport: int
-    dst: IPAddress  # the VIP
-    dport: int
+    It is made for every new flow, so it is a tuple and holds the client's address packed:
+    ``src`` builds the address object when a policy asks for it (each time it asks: keep it
+    in a local), ``src_packed`` gives the bytes as they are."""
+
+    __slots__ = ()
+
+    def __new__(cls, protocol: int, src: IPAddress | bytes, sport: int, dst: IPAddress,
+                dport: int) -> FlowKey:
+        return tuple.__new__(cls, (protocol, src if src.__class__ is bytes
+                                   else src.packed, sport, dst, dport))  # type: ignore[union-attr]
+
+    @property
+    def protocol(self) -> int:
+        return self[0]
+
+    @property
+    def src(self) -> IPAddress:
+        packed = self[1]
+        return IPv4Address(packed) if len(packed) == 4 else IPv6Address(packed)
+
+    @property
+    def src_packed(self) -> bytes:
+        """The client's address as 4 or 16 bytes (``src.packed``, without building ``src``)."""
+        return self[1]
+
+    @property
+    def sport(self) -> int:
+        return self[2]
+
+    @property
+    def dst(self) -> IPAddress:
+        return self[3]
+
+    @property
+    def dport(self) -> int:
+        return self[4]
+
+    def __getnewargs__(self) -> tuple[int, bytes, int, IPAddress, int]:  # (pickle, copy)
+        return tuple(self)  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (f"FlowKey(protocol={self[0]}, src={self.src!r}, sport={self[2]}, "
+                f"dst={self[3]!r}, dport={self[4]})")
 
 
 @runtime_checkable

@@ -19,7 +19,7 @@ from nfqlb.values import Backend
 
 
 def flow_bytes(flow: FlowKey) -> bytes:
-    return (bytes((flow.protocol,)) + flow.src.packed + flow.sport.to_bytes(2, "big")
+    return (bytes((flow.protocol,)) + flow.src_packed + flow.sport.to_bytes(2, "big")
             + flow.dst.packed + flow.dport.to_bytes(2, "big"))
 
 

@@ -51,6 +51,24 @@ def tcp_wscale(data: bytes, off: int) -> int:
     return -1 if pos < 0 else min(data[pos], 14)
 
 
+#: Linux's options on a SYN and SYN-ACK when every one is on: MSS, SACK permitted, timestamps,
+#: NOP, window scale (40-byte header); what ``syn_options`` recognises without a scan.
+_LINUX_SACK_TS = b"\x04\x02\x08\x0a"
+_LINUX_NOP_WS = b"\x01\x03\x03"
+
+
+def syn_options(data: bytes, off: int) -> tuple[int, int]:
+    """(window scale shift as ``tcp_wscale``, offset of the MSS value or -1) of the SYN or
+    SYN-ACK whose TCP header is at ``off``: Linux's usual layout is read in place, any other
+    is scanned (``tcp_option``)."""
+    if (data[off + 12] >> 4 == 10 and data[off + 20] == 2 and data[off + 21] == 4
+            and data[off + 24:off + 28] == _LINUX_SACK_TS
+            and data[off + 36:off + 39] == _LINUX_NOP_WS):
+        ws = data[off + 39]
+        return (ws if ws < 14 else 14), off + 22
+    return tcp_wscale(data, off), tcp_mss_offset(data, off)
+
+
 def build_rst(data: bytes, off: int, v6: bool) -> bytes:
     """A RST from the packet's destination back to its source (RFC 9293 3.10.7.1)."""
     sport, dport, seq, ack, doff_byte, flags = struct.unpack_from("!HHIIBB", data, off)
