@@ -51,6 +51,10 @@ class FakeServer:
         self.loaded_at = 1_700_000_100.0
         self.reload_result: tuple[bool, str] = (True, "reloaded: 1 service")
         self.reloads = 0
+        self.timer_checks = 0
+
+    def timer_changed(self) -> None:
+        self.timer_checks += 1
 
     def clock(self) -> float:
         return self.now

@@ -78,6 +78,7 @@ def test_drain_with_a_timeout_resets_the_flows_when_it_runs_out(tmp_path: Path) 
         answer = ask(path, cmd="drain", service="dnat-tcp", backend="b1", timeout=5)
     assert answer["message"] == "dnat-tcp/b1: draining (flows reset after 5 s) (now draining)"
     assert srv.engine.get_timer() == pytest.approx(srv.now + 5)
+    assert srv.timer_checks == 1  # the server looks whether its timer must come sooner
 
 
 @pytest.mark.parametrize("message, error", [

@@ -1,5 +1,7 @@
 """The server's loop timer: re-armed after a read only when the engine's deadline moved
-earlier than the armed one, never after every read (a fake loop counts the ``call_at``s)."""
+earlier than the armed one, never after every read (a fake loop counts the ``call_at``s);
+with no timeout under TIMER_MAX_S a read does not even ask; the engine's output is fetched
+only when it has some."""
 
 from __future__ import annotations
 
@@ -37,11 +39,20 @@ class FakeLoop:
 class FakeEngine:
     def __init__(self) -> None:
         self.deadline: float | None = None
+        self.shortest_timeout = 0.1  # under TIMER_MAX_S: reads ask get_timer
+        self.asked = 0
+        self.pending = False
+        self.fetched = 0
 
     def get_timer(self) -> float | None:
+        self.asked += 1
         return self.deadline
 
+    def output_pending(self) -> bool:
+        return self.pending
+
     def released_verdicts(self) -> list[tuple[int, object]]:
+        self.fetched += 1
         return []
 
     def packets_to_send(self) -> list[bytes]:
@@ -115,3 +126,43 @@ def test_the_timer_rearms_itself_after_it_fires() -> None:
     assert fired == [clock[0]]
     assert loop.calls[-1] == loop.now + daemon.TIMER_MAX_S
     assert len(loop.calls) == 2
+
+
+def test_with_no_timeout_under_timer_max_reads_do_not_ask_for_the_deadline() -> None:
+    server, loop, engine, adapter, clock = make_server()
+    engine.shortest_timeout = daemon.TIMER_MAX_S
+    server._arm_timer()
+    asked = engine.asked
+    for _ in range(5):
+        server._on_readable(adapter)  # type: ignore[arg-type]
+    assert adapter.reads == 5
+    assert engine.asked == asked and len(loop.calls) == 1
+
+
+def test_the_engines_output_is_fetched_only_when_it_has_some() -> None:
+    server, loop, engine, adapter, clock = make_server()
+    server._arm_timer()
+    server._on_readable(adapter)  # type: ignore[arg-type]
+    assert engine.fetched == 0
+    engine.pending = True
+    server._on_readable(adapter)  # type: ignore[arg-type]
+    assert engine.fetched == 1
+
+
+def test_no_packet_sets_a_deadline_sooner_than_the_shortest_timeout() -> None:
+    """What lets reads skip ``get_timer``: whatever a packet at ``now`` does to a flow (opens
+    it, moves it to its shortest state), the engine's next deadline is not before ``now``
+    plus ``shortest_timeout``."""
+    from helpers import B1, VIP, engine, service, tcp
+
+    eng = engine(service("dnat"), timeouts={"tcp_close": 2.0, "syn": 3.0})
+    assert eng.shortest_timeout == 2.0
+    now = 50.0
+    for flags in ("S",):
+        assert isinstance(eng.handle(tcp("198.18.0.2", VIP, 40000, 80, flags), now), bytes)
+    due = eng.get_timer()
+    assert due is not None and due >= now + eng.shortest_timeout
+    now += 0.5
+    eng.handle(tcp(B1, "198.18.0.2", 8080, 40000, "R"), now)  # to CLOSED: tcp_close, 2 s
+    due = eng.get_timer()
+    assert due is not None and due == now + 2.0 >= now + eng.shortest_timeout

@@ -258,6 +258,9 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
         if timeout is not None and not 0 <= timeout <= 1e7:
             raise BadRequest(f"drain: timeout must be 0-10000000 s, not {timeout}")
         engine.drain(service, backend, now, None if timeout is None else float(timeout))
+        timer_changed = getattr(server, "timer_changed", None)
+        if timer_changed is not None:  # the drain's deadline may come before the timer
+            timer_changed()
         limit = f" (flows reset after {timeout:g} s)" if timeout else ""
         message = f"{service}/{backend}: draining{limit}"
     elif cmd == "enable":

@@ -326,14 +326,24 @@ class Server:
                 self.log.error("could not update the rules: %s", exc)
 
     def _on_readable(self, adapter: Adapter) -> None:
+        engine = self.engine
         try:
             adapter.on_readable()
-            self.held.release()
-            self.flush_outbound()
+            if engine.output_pending():
+                self.held.release()
+                self.flush_outbound()
         except BaseException as exc:  # noqa: B036 - recv failed: stop, and let finally clean up
             self.crash = exc
             self.loop.stop()
             return
+        # The timer is never more than TIMER_MAX_S away, and a packet at ``now`` sets no
+        # deadline before ``now + shortest_timeout``: only shorter timeouts need a look.
+        if engine.shortest_timeout < TIMER_MAX_S:
+            self.timer_changed()
+
+    def timer_changed(self) -> None:
+        """Arm the timer sooner if the engine's next deadline now comes before it (after
+        packets, with a timeout under TIMER_MAX_S; after a drain with a timeout)."""
         deadline = self.engine.get_timer()
         if deadline is not None and deadline < self._timer_deadline:
             self._arm_timer()
