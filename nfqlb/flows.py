@@ -21,12 +21,14 @@ flows (the rare operations that need them walk the table: ``of_backend``).
 
 What an established IPv4 TCP flow costs at 1,000,000 flows (bench/flow_memory_bench.py,
 tracemalloc, CPython 3.11): its two keys (2 x 45 bytes) and their two entries in the dict
-(about 84 with the dict's slack), its object (136: 13 slots and the object and GC headers),
-each side's last segment for the RST window check (2 x 41) and its last-use time (24, a
-float): about 416 bytes. Each bytes object and the float is an object of its own (33 and 24
-bytes of header); fewer of them would take per-packet work on the fast path (both sides'
-segments packed into one object) or columns in place of objects (arrays indexed by a flow
-number).
+(about 84 with the dict's slack), its object (136: 13 slots and the object and GC headers)
+and each side's last segment for the RST window check (2 x 41): about 392 bytes. Its
+last-use time costs nothing of its own: ``last`` is the ``now`` it was given, and the
+daemon's clock (:mod:`nfqlb.io.clock`) hands out one float object per 10 ms tick, shared by
+every flow touched in that tick (a float of each flow's own was 24 more bytes). Each bytes
+object is an object of its own (33 bytes of header); fewer of them would take per-packet
+work on the fast path (both sides' segments packed into one object) or columns in place of
+objects (arrays indexed by a flow number).
 
 TCP states follow the table below (h11 style: one table, documented here; an event is a
 packet's flags and direction, ``tcp_event``):
@@ -165,7 +167,7 @@ class Flow:
 
     backend: BackendRuntime  # its backend at run time (figures, state; its service: owner)
     state: TcpState
-    last: float
+    last: float  # the `now` of its last packet, the object given (the daemon shares one a tick)
     #: its keys (the dict's own objects): the client's packets' and the replies'; each
     #: direction's new header is the other's key turned around (``fwd_hdr``, ``rev_hdr``)
     fwd_key: bytes

@@ -53,6 +53,7 @@ from nfqlb.config import Binding, Config, for_worker, load_config, with_workers
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
+from nfqlb.io.clock import RESOLUTION_S
 from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
@@ -364,6 +365,11 @@ class Server:
         deadline = self.engine.get_timer()
         delay = TIMER_MAX_S if deadline is None else min(max(deadline - now, 0.0), TIMER_MAX_S)
         self._timer_deadline = now + delay
+        if 0.0 < delay < RESOLUTION_S:
+            # not due yet: within this tick of the coarse clock (nfqlb.io.clock) a sooner
+            # firing reads the same now and finds the deadline still ahead; a tick later,
+            # now has moved on by a tick at least
+            delay = RESOLUTION_S
         self._timer = self.loop.call_at(self.loop.time() + delay, self._on_timer)
 
     def _on_timer(self) -> None:

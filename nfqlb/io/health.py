@@ -30,7 +30,9 @@ Measured latency (connect for tcp; until the response's headers for http; the pr
 time for a command) goes to the engine with each result and, after a success, to the
 service's policy when it has ``observe(backend, seconds, now)``
 (``examples/policies/least_latency.py``); a policy that raises there is contained and logged
-at a rate limit. ``now`` and the latency come from ``clock``, the packets' clock.
+at a rate limit. ``now`` comes from ``clock``, the packets' clock; the latency from
+``time.perf_counter``, since the packets' clock is coarse (10 ms ticks: :mod:`nfqlb.io.clock`)
+and a check on a LAN takes well under a tick.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import signal
 import socket
 import struct
 import subprocess
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -244,7 +247,7 @@ class HealthChecker:
 
     async def check(self, target: Target) -> CheckResult:
         """One probe of ``target``, bounded by its timeout; never raises (but CancelledError)."""
-        began = self.clock()
+        began = time.perf_counter()
         try:
             async with asyncio.timeout(target.check.timeout):
                 reason = await self._probe(target)
@@ -252,7 +255,7 @@ class HealthChecker:
             raise
         except Exception as exc:
             return CheckResult(False, reason_of(exc))
-        return CheckResult(True, reason, max(self.clock() - began, 0.0))
+        return CheckResult(True, reason, time.perf_counter() - began)
 
     async def _probe(self, target: Target) -> str:
         kind = target.check.kind

@@ -89,6 +89,7 @@ import time
 from collections.abc import Callable
 
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.clock import MONOTONIC
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
@@ -267,7 +268,7 @@ class NetlinkQueueAdapter:
     """One queue bound over a netlink socket of our own, feeding ``handle(payload, now)``."""
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic, *, purpose: str = "",
+                 clock: Callable[[], float] = MONOTONIC, *, purpose: str = "",
                  fail_open: bool = False, gso: bool = False,
                  on_hold: OnHold | None = None, copy_range: int = COPY_RANGE) -> None:
         self.queue = queue

@@ -5,13 +5,14 @@ The binding's own ``run(block=False)`` would read until the socket is empty, whi
 sustained load is never: timers and signals (SIGTERM!) would wait for the load to stop. So we
 feed ``run_socket`` a socket wrapper that reports EAGAIN after ``BUDGET`` packets; the loop
 then runs its timers and signal handlers and comes straight back, since the socket is still
-readable. The clock is read once per wakeup, not per packet. The binding leaves a packet
-without a verdict if the callback raises, so the callback catches everything, counts it and
-drops the packet. A receive buffer overrun (ENOBUFS, which the binding's ``run_socket`` would
-swallow) is counted as ``enobufs`` and reading goes on; the kernel's own drop counters for the
-queue (:mod:`nfqlb.io.kstats`) are printed with the adapter's. Verdicts are carried out by
-:func:`nfqlb.io.verdicts.give`, as in :mod:`nfqlb.io.netlink`: a handler result that is no
-verdict drops the packet and is counted.
+readable. The clock is read once per wakeup, not per packet (by default the coarse one of
+:mod:`nfqlb.io.clock`: the wakeups of one 10 ms tick get the same ``now`` object). The
+binding leaves a packet without a verdict if the callback raises, so the callback catches
+everything, counts it and drops the packet. A receive buffer overrun (ENOBUFS, which the
+binding's ``run_socket`` would swallow) is counted as ``enobufs`` and reading goes on; the
+kernel's own drop counters for the queue (:mod:`nfqlb.io.kstats`) are printed with the
+adapter's. Verdicts are carried out by :func:`nfqlb.io.verdicts.give`, as in
+:mod:`nfqlb.io.netlink`: a handler result that is no verdict drops the packet and is counted.
 
 Limits of the binding to keep in mind: one verdict per packet under the GIL, no batching, and
 packets over 4016 bytes (over 3960 with every attribute the kernel may add) never reach the
@@ -24,11 +25,11 @@ import errno
 import functools
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any
 
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.clock import MONOTONIC
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
@@ -95,7 +96,7 @@ class QueueAdapter:
     """One bound queue feeding ``handle(payload, now)``."""
 
     def __init__(self, handle: Handle, queue: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic,
+                 clock: Callable[[], float] = MONOTONIC,
                  on_hold: OnHold | None = None) -> None:
         self.queue = queue
         self.on_hold = on_hold  # told how to give a held packet its verdict later

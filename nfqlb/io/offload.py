@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import logging
 import socket
-import time
 from collections.abc import Callable
 from typing import Any, cast
 
 from nfqlb.errors import SystemSetupError
+from nfqlb.io.clock import MONOTONIC
 from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.netlink import (
     BE32,
@@ -52,7 +52,7 @@ class OffloadQueueAdapter:
     lean = True  # the daemon's reader calls on_readable and nothing else (see Server)
 
     def __init__(self, decider: OffloadDecider, queue: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = MONOTONIC) -> None:
         self.decider = decider
         self.queue = queue
         self.log = log
@@ -174,7 +174,7 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
     the verdict header."""
 
     def __init__(self, decider: OffloadDecider, queue: int, log: logging.Logger,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = MONOTONIC) -> None:
         # the decider's int verdicts (marks) are read by this class's own _on_packet
         # the headers only (COPY_RANGE), and GSO packets whole: nothing here is given back
         # rewritten but a RST built afresh, so the kernel need not complete a partial
