@@ -242,6 +242,10 @@ class _Engine:
     def __init__(self, deadline: float) -> None:
         self.deadline: float | None = deadline
         self.fired: list[float] = []
+        self.shortest_timeout = 0.001  # under TIMER_MAX_S: a read asks for the deadline
+
+    def output_pending(self) -> bool:
+        return False
 
     def get_timer(self) -> float | None:
         return self.deadline
