@@ -777,7 +777,13 @@ class Engine:
         if port is None:
             self.counters.drop("snat_exhausted")
             return None
-        src, sport, dest, rev_key = self._addresses(svc, key, backend, port)
+        if port:  # (_addresses, inline)
+            src, sport = svc.snat_address, U16[port]
+        else:
+            alen = len(key) // 2 - 2
+            src, sport = key[:alen], key[-4:-2]
+        dest = backend.endpoint
+        rev_key = dest[:-2] + src + dest[-2:] + sport  # (reply_key)
         table = self.table
         clash = table.by_proto[proto].get(rev_key)
         if clash is not None:

@@ -379,7 +379,17 @@ class FlowTable:
         and checked that ``rev_key`` is free."""
         flow = self.build(service, backend, proto, state, key, rev_key, src, sport, baddr,
                           snat_port, now)
-        self.add(flow)
+        table = self.by_proto[proto]  # (add, inline: the protocol is known here)
+        table[key] = flow
+        table[rev_key] = flow
+        self.active += 1
+        head = self.rings[state]
+        tail = head.prev
+        assert tail is not None
+        tail.next = flow
+        flow.prev = tail
+        flow.next = head
+        head.prev = flow
         return flow
 
     def add(self, flow: Flow) -> None:
