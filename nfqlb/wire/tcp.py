@@ -14,6 +14,7 @@ _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 MSS = 2  # option kinds (RFC 9293, RFC 7323)
 WSCALE = 3
+TIMESTAMP = 8
 
 
 def tcp_option(data: bytes, off: int, kind: int, length: int) -> int:
@@ -49,6 +50,18 @@ def tcp_wscale(data: bytes, off: int) -> int:
     2.3), or -1 when there is none."""
     pos = tcp_option(data, off, WSCALE, 3)
     return -1 if pos < 0 else min(data[pos], 14)
+
+
+def tcp_tsval(data: bytes, off: int) -> int:
+    """The TSval of the timestamp option (RFC 7323) in the TCP header at ``off``, or -1 when
+    there is none."""
+    if data[off + 20:off + 24] == b"\x01\x01\x08\x0a" and (data[off + 12] >> 4) >= 8:
+        pos = off + 24  # (NOP, NOP, timestamps: where Linux puts it after the handshake)
+    else:
+        pos = tcp_option(data, off, TIMESTAMP, 10)
+        if pos < 0:
+            return -1
+    return data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
 
 
 def build_rst(data: bytes, off: int, v6: bool) -> bytes:
