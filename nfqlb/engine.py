@@ -955,7 +955,7 @@ def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
     if want is not None and (held or flow.rev_key[-2:] != flow.fwd_key[-4:-2]
                              or flow.snat_port):
         want[flow] = None
-    return noted if isinstance(noted, TimeWait) else None
+    return noted if noted.__class__ is tuple else None
 
 
 #: (``_track_port``: what popping a flow that is not on a reclaim list gives)

@@ -63,7 +63,6 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from itertools import islice
-from typing import NamedTuple
 
 from nfqlb.wire.tcp import tcp_tsval
 
@@ -76,20 +75,11 @@ TIME_WAIT = 60.0
 CANDIDATES = 32
 
 
-class TimeWait(NamedTuple):
-    """What a backend in TIME_WAIT compares a new SYN on the same 4-tuple with: when it
-    entered TIME_WAIT (nfqlb's clock), the last TSval the client sent (``ts_recent``; -1: the
-    connection had no timestamps) and the sequence number after the client's FIN
-    (``rcv_nxt``)."""
-
-    since: float
-    ts_recent: int
-    rcv_nxt: int
-
-
-def _s32(x: int) -> int:
-    x &= 0xFFFFFFFF
-    return x - 0x1_0000_0000 if x & 0x8000_0000 else x
+#: What a backend in TIME_WAIT compares a new SYN on the same 4-tuple with: ``(since,
+#: ts_recent, rcv_nxt)``, when it entered TIME_WAIT (nfqlb's clock), the last TSval the
+#: client sent (-1: the connection had no timestamps) and the sequence number after the
+#: client's FIN. (A plain tuple: one is made per connection the backend closes.)
+TimeWait = tuple[float, int, int]
 
 
 def timewait_allows(tw: TimeWait, tsval: int, seq: int) -> bool:
@@ -97,22 +87,23 @@ def timewait_allows(tw: TimeWait, tsval: int, seq: int) -> bool:
     sequence number ``seq`` as a new connection (``tcp_timewait_state_process``): with
     timestamps on both, an older TSval is refused (PAWS), a newer one taken, an equal one
     taken if ``seq`` is past ``rcv_nxt``; without them (the old connection's or the SYN's),
-    only ``seq`` past ``rcv_nxt`` is taken."""
-    if tw.ts_recent >= 0 and tsval >= 0:
-        d = _s32(tw.ts_recent - tsval)
-        if d < 0:
+    only ``seq`` past ``rcv_nxt`` is taken. (mod 2**32: ``d`` below 2**31 is "ahead".)"""
+    _, ts_recent, rcv_nxt = tw
+    if ts_recent >= 0 and tsval >= 0:
+        d = (tsval - ts_recent) & 0xFFFFFFFF
+        if 0 < d < 0x8000_0000:  # newer
             return True
-        if d > 0 and tw.ts_recent:  # (PAWS never rejects against a ts_recent of 0)
+        if d and ts_recent:  # older: PAWS (which never rejects against a ts_recent of 0)
             return False
-    return _s32(seq - tw.rcv_nxt) > 0
+    return 0 < (seq - rcv_nxt) & 0xFFFFFFFF < 0x8000_0000
 
 
 def timewait_of(data: bytes, off: int, now: float) -> TimeWait:
     """The TIME_WAIT a backend enters on the client's FIN at ``off`` (its last TSval, the
     sequence number after the FIN and its data)."""
-    seq = data[off + 4] << 24 | data[off + 5] << 16 | data[off + 6] << 8 | data[off + 7]
-    length = len(data) - off - (data[off + 12] >> 4) * 4
-    return TimeWait(now, tcp_tsval(data, off), (seq + length + 1) & 0xFFFFFFFF)
+    end = int.from_bytes(data[off + 4:off + 8], "big") + len(data) - off \
+        - (data[off + 12] >> 4) * 4 + 1
+    return (now, tcp_tsval(data, off), end & 0xFFFFFFFF)
 
 
 class _EndpointPorts:
@@ -169,14 +160,9 @@ class PortPool:
         skipped = sum(1 for p in ports.skip if p >= ports.next)
         return fresh - skipped + len(ports.free)
 
-    def take(self, endpoint: bytes, now: float = 0.0,
-             syn: tuple[bytes, int] | None = None) -> int | None:
-        """A port no live flow to ``endpoint`` holds, or None (counted in ``exhausted``).
-
-        With ``syn`` (the new flow's SYN and its TCP header's offset), a port given back is
-        taken only if the backend's TIME_WAIT for it (if any) lets this SYN in: the first
-        such of the oldest :data:`CANDIDATES`; None (not counted) when none does, although
-        ports are free (``take(endpoint)`` then takes the oldest)."""
+    def take(self, endpoint: bytes) -> int | None:
+        """A port no live flow to ``endpoint`` holds (the oldest free: no SYN to judge the
+        backend's TIME_WAIT by, see :meth:`choose`), or None (counted in ``exhausted``)."""
         ports = self._ports(endpoint)
         hi = self.hi
         while ports.next <= hi:
@@ -184,24 +170,10 @@ class PortPool:
             ports.next = port + 1
             if port not in ports.skip:
                 return port
-        free = ports.free
-        if free:
-            timewait = ports.timewait
-            if not timewait:
-                return free.popleft()
-            if syn is None:
-                port = free.popleft()
-                timewait.pop(port, None)
-                return port
-            data, off = syn
-            tsval, seq = tcp_tsval(data, off), _be32(data, off + 4)
-            for i, port in enumerate(islice(free, CANDIDATES)):
-                tw = timewait.get(port)
-                if tw is None or now - tw.since >= TIME_WAIT or timewait_allows(tw, tsval, seq):
-                    del free[i]
-                    timewait.pop(port, None)
-                    return port
-            return None
+        if ports.free:
+            port = ports.free.popleft()
+            ports.timewait.pop(port, None)
+            return port
         self.exhausted += 1
         return None
 
@@ -258,24 +230,40 @@ class PortPool:
         oldest port given back; the least recently used closed flow; the least recently
         used half-open one. ``clash``: what it hands out is one whose TIME_WAIT the backend
         is expected to refuse ``syn`` on (the client's retry gets through)."""
-        port = self.take(endpoint, now, syn)
-        if port is not None:
-            return port, None, False
         ports = self._ports(endpoint)
-        closed = ports.closed
-        if syn is not None and closed:
-            data, off = syn
-            tsval, seq = tcp_tsval(data, off), _be32(data, off + 4)
-            for flow, tw in islice(closed.items(), CANDIDATES):
-                if tw is None or now - tw.since >= TIME_WAIT or timewait_allows(tw, tsval, seq):
-                    return 0, flow, False
-        if ports.free:  # each one's TIME_WAIT refuses this SYN: the oldest
-            port = ports.free.popleft()
-            ports.timewait.pop(port, None)
+        hi = self.hi
+        while ports.next <= hi:
+            port = ports.next
+            ports.next = port + 1
+            if port not in ports.skip:
+                return port, None, False
+        free, timewait, closed = ports.free, ports.timewait, ports.closed
+        if not free:
+            self.exhausted += 1
+        if syn is None or not (timewait or closed):  # no TIME_WAIT to judge
+            if free:
+                port = free.popleft()
+                timewait.pop(port, None)
+                return port, None, False
+            return 0, self.victim(endpoint), False
+        data, off = syn
+        tsval, seq = tcp_tsval(data, off), int.from_bytes(data[off + 4:off + 8], "big")
+        horizon = now - TIME_WAIT
+        if free:
+            for i, port in enumerate(islice(free, CANDIDATES)):
+                tw = timewait.get(port)
+                if tw is None or tw[0] <= horizon or timewait_allows(tw, tsval, seq):
+                    del free[i]
+                    if tw is not None:
+                        del timewait[port]
+                    return port, None, False
+        for flow, tw in islice(closed.items(), CANDIDATES):
+            if tw is None or tw[0] <= horizon or timewait_allows(tw, tsval, seq):
+                return 0, flow, False
+        if free:  # each one's TIME_WAIT refuses this SYN: the oldest
+            port = free.popleft()
+            timewait.pop(port, None)
             return port, None, True
         victim = self.victim(endpoint)
-        return 0, victim, syn is not None and victim is not None and victim in closed
+        return 0, victim, victim is not None and victim in closed
 
-
-def _be32(data: bytes, i: int) -> int:
-    return data[i] << 24 | data[i + 1] << 16 | data[i + 2] << 8 | data[i + 3]

@@ -4,7 +4,7 @@ oldest first), ports of an earlier pool skipped until their flows give them."""
 
 from __future__ import annotations
 
-from nfqlb.snat import PortPool, TimeWait, timewait_allows
+from nfqlb.snat import PortPool, timewait_allows
 
 A, B = b"\xc6\x12\x01\x02\x1f\x90", b"\xc6\x12\x01\x03\x1f\x90"  # 198.18.1.2/.3 port 8080
 
@@ -94,22 +94,23 @@ def test_timewait_allows_as_tcp_timewait_state_process() -> None:
         ((0, 50), (0x90000000, 60), True),
     ]
     for (ts_recent, rcv_nxt), (tsval, seq), want in rows:
-        assert timewait_allows(TimeWait(0.0, ts_recent, rcv_nxt), tsval, seq) is want, \
+        assert timewait_allows((0.0, ts_recent, rcv_nxt), tsval, seq) is want, \
             (ts_recent, rcv_nxt, tsval, seq)
 
 
-def test_take_with_a_syn_skips_ports_whose_timewait_refuses_it() -> None:
+def test_choose_skips_ports_whose_timewait_refuses_the_syn() -> None:
     pool = PortPool(10, 13)
     assert [pool.take(A) for _ in range(4)] == [10, 11, 12, 13]
-    pool.give(10, A, TimeWait(0.0, 5000, 1))  # refuses TSvals up to 5000
-    pool.give(11, A, TimeWait(0.0, 100, 1))
+    pool.give(10, A, (0.0, 5000, 1))  # refuses TSvals up to 5000
+    pool.give(11, A, (0.0, 100, 1))
     pool.give(12, A)  # no TIME_WAIT (a RST, or the client closed first)
-    assert pool.take(A, 1.0, _syn(1000)) == 11
-    assert pool.take(A, 1.0, _syn(1000)) == 12
-    assert pool.take(A, 1.0, _syn(1000)) is None and pool.exhausted == 0  # only 10 is left
-    assert pool.take(A, 60.0, _syn(1000)) == 10  # its TIME_WAIT is over
-    pool.give(10, A, TimeWait(0.0, 5000, 1))
-    assert pool.take(A) == 10  # no SYN to judge: the oldest, as before
+    assert pool.choose(A, 1.0, _syn(1000)) == (11, None, False)
+    assert pool.choose(A, 1.0, _syn(1000)) == (12, None, False)
+    assert pool.choose(A, 60.0, _syn(1000)) == (10, None, False)  # its TIME_WAIT is over
+    pool.give(10, A, (0.0, 5000, 1))
+    assert pool.choose(A, 1.0, None) == (10, None, False)  # not a SYN: the oldest, as before
+    pool.give(10, A, (0.0, 5000, 1))
+    assert pool.take(A) == 10
 
 
 def test_choose_prefers_what_the_backend_takes_then_the_oldest() -> None:
@@ -117,14 +118,14 @@ def test_choose_prefers_what_the_backend_takes_then_the_oldest() -> None:
     pool.take(A)
     pool.take(A)
     closed = pool.reclaim_list(A, closed=True)
-    closed["old"] = TimeWait(0.0, 5000, 1)  # the least recently used: refuses
-    closed["new"] = TimeWait(0.0, 100, 1)
+    closed["old"] = (0.0, 5000, 1)  # the least recently used: refuses
+    closed["new"] = (0.0, 100, 1)
     assert pool.choose(A, 1.0, _syn(1000)) == (0, "new", False)
     assert pool.choose(A, 1.0, _syn(10)) == (0, "old", True)  # both refuse: the oldest
     assert pool.choose(A, 1.0, None) == (0, "old", False)  # not a SYN: nothing to judge
     del closed["old"], closed["new"]
-    pool.give(11, A, TimeWait(0.0, 5000, 1))  # a free port the backend refuses ...
-    closed["c"] = TimeWait(0.0, 100, 1)  # ... and a closed flow it takes: the flow
+    pool.give(11, A, (0.0, 5000, 1))  # a free port the backend refuses ...
+    closed["c"] = (0.0, 100, 1)  # ... and a closed flow it takes: the flow
     assert pool.choose(A, 1.0, _syn(1000)) == (0, "c", False)
     del closed["c"]
     assert pool.choose(A, 1.0, _syn(1000)) == (11, None, True)  # refused, but free

@@ -55,8 +55,12 @@ def tcp_wscale(data: bytes, off: int) -> int:
 def tcp_tsval(data: bytes, off: int) -> int:
     """The TSval of the timestamp option (RFC 7323) in the TCP header at ``off``, or -1 when
     there is none."""
-    if data[off + 20:off + 24] == b"\x01\x01\x08\x0a" and (data[off + 12] >> 4) >= 8:
+    head = data[off + 20:off + 24]
+    if head == b"\x01\x01\x08\x0a" and (data[off + 12] >> 4) >= 8:
         pos = off + 24  # (NOP, NOP, timestamps: where Linux puts it after the handshake)
+    elif head[:2] == b"\x02\x04" and data[off + 24:off + 28] == b"\x04\x02\x08\x0a" \
+            and (data[off + 12] >> 4) >= 10:
+        pos = off + 28  # (MSS, SACK permitted, timestamps: a Linux SYN's)
     else:
         pos = tcp_option(data, off, TIMESTAMP, 10)
         if pos < 0:
