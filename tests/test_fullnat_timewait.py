@@ -19,8 +19,10 @@ from __future__ import annotations
 import random
 import struct
 
+from dual_stack import B6, C6, SNAT6, VIP6
 from helpers import B1, SNAT, VIP, engine, service
 from scapy.layers.inet import IP, TCP
+from scapy.layers.inet6 import IPv6
 
 from nfqlb.wire.tcp import tcp_tsval
 
@@ -215,3 +217,26 @@ def test_tcp_tsval_reads_the_timestamp_option() -> None:
     ):
         data = bytes(IP(src="198.18.0.2", dst=VIP) / TCP(options=options))
         assert tcp_tsval(data, 20) == want, options
+
+
+def test_ipv6_the_same() -> None:
+    """IPv6 (40-byte header): the client's FIN is read at its own offset, and so is the SYN."""
+    eng = engine({"name": "v6", "vip": VIP6, "port": 80, "protocol": "tcp", "mode": "fullnat",
+                  "snat_address": SNAT6, "snat_ports": "20000-20001",
+                  "backend": [{"name": "b1", "address": B6[0], "port": 8080}]})
+
+    def seg(src: str, dst: str, sport: int, dport: int, flags: str, seq: int, ack: int,
+            tsval: int) -> bytes:
+        return bytes(IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags,
+                                                  seq=seq, ack=ack,
+                                                  options=[("Timestamp", (tsval, 0))]))
+
+    for sport, tsval in ((41000, 5000), (41001, 100)):
+        out = eng.handle(seg(C6, VIP6, sport, 80, "S", 10, 0, tsval - 2), 0.0)
+        assert isinstance(out, bytes)
+        port = IPv6(out)[TCP].sport
+        eng.handle(seg(B6[0], SNAT6, 8080, port, "SA", 500, 11, 1), 0.0)
+        eng.handle(seg(B6[0], SNAT6, 8080, port, "FA", 501, 11, 1), 0.0)
+        eng.handle(seg(C6, VIP6, sport, 80, "FA", 11, 502, tsval), 0.0)
+    out = eng.handle(seg("2001:db8::3", VIP6, 42000, 80, "S", 10, 0, 1000), 1.0)
+    assert isinstance(out, bytes) and IPv6(out)[TCP].sport == 20001  # 100 < 1000 <= 5000
