@@ -9,6 +9,9 @@ and measures, after a 1 s wrk warm-up, in this order:
   iperf3         one TCP stream for a few seconds, client -> server and -R (server -> client)
   new conn/s     wrk with "Connection: close" (one TCP connection per request), last: what
                  it leaves behind (TIME_WAIT, a fullnat pool in its linger) weighs on nothing
+  refusals       a note under the path's line when the backends answered SYNs from TIME_WAIT
+                 (TcpExtPAWSTimewait) or the client sent SYNs again (TcpExtTCPSynRetrans)
+                 during a wrk run: connections kept waiting, not the balancer's CPU
   CPU            user + system time of the balancer's processes during each wrk run (the queue
                  workers, or HAProxy), % of one core and per packet queued to them (the queue
                  counters of /proc/net/netfilter/nfnetlink_queue); per worker with several
@@ -425,6 +428,26 @@ def measured(lab: Lab, stage: Stage, run: Callable[[], lr.WrkRun]
     return result, cpu_use(before, after) if stage.pids else None
 
 
+#: Kernel counters that show connections kept waiting: a backend answering a SYN on a 4-tuple
+#: it holds in TIME_WAIT with the old connection's ACK (the SYN's TSval older: PAWS), and the
+#: client sending a SYN again.
+REFUSALS = {"backends": "TcpExtPAWSTimewait", "client": "TcpExtTCPSynRetrans"}
+
+
+def tcp_refusals(lab: Lab) -> dict[str, int]:
+    """"<host> <counter>" -> its value now, for REFUSALS (nstat, absolute)."""
+    out: dict[str, int] = {}
+    for where, name in REFUSALS.items():
+        hosts = lab.backends if where == "backends" else [lab.client]
+        total = 0
+        for host in hosts:
+            text = lab.exec(host, ["nstat", "-asz", name], check=False).stdout.decode()
+            total += sum(int(p[1]) for p in (line.split() for line in text.splitlines())
+                         if len(p) >= 2 and p[0] == name and p[1].isdigit())
+        out[f"{where} {name}"] = total
+    return out
+
+
 def check_answers(lab: Lab, stage: Stage, tries: int = 4) -> None:
     """The service answers, from the expected backends (retried for up to 5 s: a proxy may
     still be starting)."""
@@ -464,8 +487,13 @@ def measure_round(lab: Lab, path: BenchPath, round_no: int, args: argparse.Names
                     setattr(sample, step,
                             iperf3(lab, stage, args.iperf_seconds, step == "download"))
                     continue
+                before = tcp_refusals(lab)
                 run, cpu = measured(lab, stage, functools.partial(
                     wrk, lab, stage, args, args.seconds, step == "close"))
+                refused = {k: v - before.get(k, 0) for k, v in tcp_refusals(lab).items()}
+                if any(refused.values()):
+                    stage.notes.append(f"wrk {step}: " + ", ".join(
+                        f"{k} {v}" for k, v in refused.items() if v))
             except (LabError, lr.ParseError) as exc:
                 problems.append(f"{'iperf3' if step in ('upload', 'download') else 'wrk'} "
                                 f"{step}: {exc}")

@@ -79,6 +79,10 @@ EVENTS: dict[str, str] = {
                    "drain_timeout)",
     "reclaimed": "fullnat flows ended early to give their port to a new flow to the same "
                  "backend (its ports all taken): closed ones lingering first, then half-open",
+    "timewait_reused": "fullnat ports given to a new flow although the backend still holds "
+                       "the port's last connection in TIME_WAIT and will refuse the SYN once "
+                       "(none of the oldest ports and closed flows was one it would take; the "
+                       "client's retry gets through)",
     "rst_out_of_window": "RSTs outside the receiver's window: passed on, the flow kept",
     "hash_passed": "FIN/RST of no flow passed on by unknown_flow \"hash\", no flow created",
     "policy_slow": "policy calls (choose, choose_consistent, on_flow_closed) that took 1 ms or "

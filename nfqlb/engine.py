@@ -60,6 +60,7 @@ from nfqlb.frags import FragmentTracker
 from nfqlb.policies import Policy
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.services import BackendRuntime, ServiceRuntime, Services
+from nfqlb.snat import TimeWait, timewait_of
 from nfqlb.values import Backend, Mode
 from nfqlb.verdict import ACCEPT, DROP, Final, Held, Verdict
 from nfqlb.wire.checksum import U16
@@ -425,6 +426,8 @@ class Engine:
             i = _LIST_OF[flow.state]
             if i is not None and flow in lists[i]:
                 lists[i].move_to_end(flow)
+                if i and flags & 0x01 and not reply:  # the client's FIN, the backend's first
+                    lists[1][flow] = timewait_of(data, off, now)
         t.packets += 1
         t.bytes += len(data)
         self.counters.fast += 1
@@ -574,6 +577,8 @@ class Engine:
             i = _LIST_OF[flow.state]
             if i is not None and flow in lists[i]:
                 lists[i].move_to_end(flow)
+                if i and data[off + 13] & 0x01 and not reply:  # as in _known_tcp
+                    lists[1][flow] = timewait_of(data, off, now)
         t.packets += 1
         t.bytes += len(data)
         self.counters.rewritten += 1
@@ -719,7 +724,8 @@ class Engine:
             self.counters.drop(reason)
             return None
         assert placer is not None and chosen is not None
-        flow = self._install(svc, key, p.proto, state, backend, now)
+        flow = self._install(svc, key, p.proto, state, backend, now,
+                             (data, p.off) if state is TcpState.SYN_SENT else None)
         if flow is None:  # refused after all: the policy hears at once that it ended
             svc.tell_closed(placer, fkey, chosen, now)
         elif getattr(placer, "on_flow_closed", None) is not None:
@@ -750,30 +756,34 @@ class Engine:
         dest = backend.endpoint
         return src, sport, dest, reply_key(dest, src, sport)
 
-    def _take_port(self, svc: ServiceRuntime, backend: BackendRuntime,
-                   now: float) -> int | None:
-        """A pool port for a new fullnat flow to ``backend`` (unique per backend); when none
-        is free, a flow of that backend holding one gives it back: the least recently used
-        closed one, else the least recently used half-open one (nfqlb.snat)."""
-        port = svc.take_port(backend)
-        if port is None:
-            pool = svc.pool
-            assert pool is not None
-            victim = pool.victim(backend.endpoint)
-            if victim is not None:
-                assert isinstance(victim, Flow)
-                self._close(victim, now)
-                self.counters.event("reclaimed")
-                port = pool.take(backend.endpoint)
-            if port is None:
-                svc.refuse_no_port(now)
+    def _take_port(self, svc: ServiceRuntime, backend: BackendRuntime, now: float,
+                   syn: tuple[bytes, int] | None) -> int | None:
+        """A pool port for a new fullnat flow to ``backend`` (unique per backend), chosen so
+        that the backend's TIME_WAIT of the port's last connection, if any, lets ``syn``
+        in; when none is free, a flow of that backend holding one gives it back: a closed
+        one, else the least recently used half-open one (nfqlb.snat)."""
+        pool = svc.pool
+        assert pool is not None
+        port, victim, clash = pool.choose(backend.endpoint, now, syn)
+        if victim is not None:
+            assert isinstance(victim, Flow)
+            self._close(victim, now)
+            self.counters.event("reclaimed")
+            port = pool.take_given(backend.endpoint)
+        if not port:
+            svc.refuse_no_port(now)
+            return None
+        if clash:
+            self.counters.event("timewait_reused")
         return port
 
     def _install(self, svc: ServiceRuntime, key: bytes, proto: int, state: TcpState,
-                 backend: BackendRuntime, now: float) -> Flow | None:
+                 backend: BackendRuntime, now: float,
+                 syn: tuple[bytes, int] | None = None) -> Flow | None:
         """Put a flow on ``backend`` in the table, both directions; None if refused (counted):
-        no pool port, or the reply key belongs to another live flow."""
-        port = 0 if svc.pool is None else self._take_port(svc, backend, now)
+        no pool port, or the reply key belongs to another live flow. ``syn``: the SYN that
+        opens it and its TCP header's offset (a fullnat port's TIME_WAIT is judged by it)."""
+        port = 0 if svc.pool is None else self._take_port(svc, backend, now, syn)
         if port is None:
             self.counters.drop("snat_exhausted")
             return None
@@ -836,10 +846,12 @@ class Engine:
         self._retire(flow, now)
 
     def _retire(self, flow: Flow, now: float) -> None:
-        """A flow left the table: its service takes back what it held and accounts it."""
+        """A flow left the table: its service takes back what it held (a fullnat port with
+        the TIME_WAIT its backend holds for it) and accounts it."""
+        timewait = None
         if flow.backend.reclaim is not None and flow.state in _RECLAIMABLE:
-            _track_port(flow, flow.state, None)
-        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED)
+            timewait = _track_port(flow, flow.state, None)
+        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED, timewait)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy
@@ -992,24 +1004,28 @@ class Engine:
 
 
 def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
-                held: bool = False) -> None:
+                held: bool = False) -> TimeWait | None:
     """A flow of a fullnat service moves from state ``old`` to ``new`` (None: into, out of
     the table): from its backend's reclaim list for ``old`` to that for ``new`` (closed,
     half-open; none for any other state), if it holds a port (``held``: the caller knows it
-    does). A flow knows no list of its own: its state says which."""
+    does). A flow knows no list of its own: its state says which. Returns the TIME_WAIT
+    noted for it on the closed list it leaves, if any."""
     lists = flow.backend.reclaim
     if lists is None:
-        return
+        return None
     was = lists[old in CLOSED_STATES] if old in _RECLAIMABLE else None
     want = lists[new in CLOSED_STATES] if new in _RECLAIMABLE else None
     if was is want:
-        return
+        return None
+    noted = None
     if was is not None:
-        held = was.pop(flow, _NOT_ON) is None
+        noted = was.pop(flow, _NOT_ON)
+        held = noted is not _NOT_ON
     # (Flow.snat_port, its first test: the source port toward the backend is not the client's)
     if want is not None and (held or flow.rev_key[-2:] != flow.fwd_key[-4:-2]
                              or flow.snat_port):
         want[flow] = None
+    return noted if noted.__class__ is tuple else None
 
 
 #: (``_track_port``: what popping a flow that is not on a reclaim list gives)

@@ -43,7 +43,7 @@ from nfqlb.policies import (
 )
 from nfqlb.policies import DROP as POLICY_DROP
 from nfqlb.ratelog import RateLimitedLog
-from nfqlb.snat import PortPool
+from nfqlb.snat import PortPool, TimeWait
 from nfqlb.values import Backend, Mode
 from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
@@ -102,7 +102,8 @@ class BackendRuntime:
         self.inactive = 0  # any other flow now: half-open, closing, UDP (InActConn)
         #: fullnat: its service's pool's lists of its flows that may give their port back,
         #: (half-open, closed) (see nfqlb.snat); None without a pool
-        self.reclaim: tuple[OrderedDict[object, None], OrderedDict[object, None]] | None = None
+        self.reclaim: tuple[OrderedDict[object, TimeWait | None],
+                            OrderedDict[object, TimeWait | None]] | None = None
         #: (time, flows_total) about once a second (``sample``), the last RATE_WINDOW_S s:
         #: new flows per second come from these, at no cost per flow
         self._samples: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW_S + 1)
@@ -412,11 +413,6 @@ class ServiceRuntime:
                                 if i + 1 < len(adopters) else "adopted by the rendezvous hash")
         return self._runtime(hash_choice(fkey, self.offered))
 
-    def take_port(self, backend: BackendRuntime) -> int | None:
-        """A source port for a new fullnat flow to ``backend`` (0 when the service does not
-        rewrite the source); None when no port is free for that backend."""
-        return 0 if self.pool is None else self.pool.take(backend.endpoint)
-
     def refuse_no_port(self, now: float) -> None:
         """Count and log (at a rate limit) a flow refused for an empty port pool."""
         assert self.pool is not None
@@ -427,11 +423,12 @@ class ServiceRuntime:
 
     # ------------------------------------------------------------ flows that end
 
-    def flow_ended(self, flow: Flow, now: float, established: bool) -> None:
-        """A flow left the table: give back its pool port, count it off its backend, tell
-        its policy."""
+    def flow_ended(self, flow: Flow, now: float, established: bool,
+                   timewait: TimeWait | None = None) -> None:
+        """A flow left the table: give back its pool port (with the TIME_WAIT its backend
+        holds for it, if any), count it off its backend, tell its policy."""
         if flow.snat_port and self.pool is not None:
-            self.pool.give(flow.snat_port, flow.backend.endpoint)
+            self.pool.give(flow.snat_port, flow.backend.endpoint, timewait)
         rt = flow.backend
         if established:
             rt.established -= 1

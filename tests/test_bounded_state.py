@@ -225,10 +225,20 @@ def test_syn_flood_does_not_lock_fullnat_out() -> None:
 
 
 def test_pool_ports_unique_per_backend_among_live_flows() -> None:
+    """Random opens, handshakes, resets and closes through a 5-port pool per backend. Every
+    segment here has sequence number 1000 and no timestamps, so a backend that closed first
+    (FIN, then the client's FIN) holds a TIME_WAIT that refuses the next SYN on that port for
+    60 s (its rcv_nxt is 1001; tests/test_fullnat_timewait.py has the rule): a new flow takes
+    a port without one if there is any (free, or a closed flow's), else the oldest."""
     rng = random.Random(7)
     eng = _fullnat("20000-20004", backends=2, timeouts={"syn": 3.0, "tcp_close": 1.0})
     convs: dict[int, Conversation] = {}  # client port -> its conversation
-    now, next_sport, exhausted, reclaimed = 0.0, 30000, 0, 0
+    timewait: dict[tuple[str, int], float] = {}  # (backend, port) -> when the backend closed
+    now, next_sport, exhausted, reclaimed, clashes = 0.0, 30000, 0, 0, 0
+
+    def refuses(b: str, port: int) -> bool:
+        return now - timewait.get((b, port), -100.0) < 60
+
     for _ in range(400):
         now += rng.choice([0.0, 0.1, 0.5, 2.0])
         eng.handle_timer(now)
@@ -244,6 +254,7 @@ def test_pool_ports_unique_per_backend_among_live_flows() -> None:
                 c = convs[_client_port(flow)]
                 c.server("FA", now=now)
                 c.client("FA", now=now)
+                timewait[(b, port)] = now
             continue
         half_open = [f for f in flows if f.state in HALF_OPEN]
         if roll < 0.6 and half_open:  # complete a half-open flow's handshake
@@ -261,15 +272,23 @@ def test_pool_ports_unique_per_backend_among_live_flows() -> None:
         to, port = IP(out).dst, IP(out)[TCP].sport
         assert 20000 <= port <= 20004
         mine = [f for f in flows if str(f.backend.address) == to]
-        if (to, port) in live:  # taken back: the backend had none free
-            assert len(mine) == 5
+        closed = [f for f in mine if f.state in (TcpState.CLOSING, TcpState.CLOSED)]
+        taking = [f for f in closed if not refuses(to, f.snat_port)]
+        free = {p for p in range(20000, 20005)} - {f.snat_port for f in mine}
+        if (to, port) in live:  # taken back: a closed flow the backend takes the SYN for
             victim = live[(to, port)]
-            closed = [f for f in mine if f.state in (TcpState.CLOSING, TcpState.CLOSED)]
-            pool = closed or [f for f in mine if f.state in HALF_OPEN]
+            if not taking:  # none: the backend had no port free at all
+                assert len(mine) == 5
+            pool = taking or closed or [f for f in mine if f.state in HALF_OPEN]
             assert victim in pool and victim.last == min(f.last for f in pool)
             reclaimed += 1
+        elif refuses(to, port):  # a free port the backend refuses: there was no better one
+            assert not taking and all(refuses(to, p) for p in free)
+            clashes += 1
+        timewait.pop((to, port), None)
     assert exhausted and eng.counters.drops["snat_exhausted"] == exhausted
     assert reclaimed and eng.counters.events["reclaimed"] == reclaimed
+    assert eng.counters.events.get("timewait_reused", 0) >= clashes
 
 
 def _client_port(flow: Any) -> int:

@@ -4,7 +4,7 @@ oldest first), ports of an earlier pool skipped until their flows give them."""
 
 from __future__ import annotations
 
-from nfqlb.snat import PortPool
+from nfqlb.snat import PortPool, timewait_allows
 
 A, B = b"\xc6\x12\x01\x02\x1f\x90", b"\xc6\x12\x01\x03\x1f\x90"  # 198.18.1.2/.3 port 8080
 
@@ -62,3 +62,73 @@ def test_victim_order_closed_before_half_open() -> None:
     del closed["c1"]
     half.move_to_end("h1")
     assert pool.victim(A) == "h2"
+
+
+# ---------------------------------------------------------------- TIME_WAIT at the backend
+
+def _syn(tsval: int | None, seq: int = 1) -> tuple[bytes, int]:
+    """A SYN's TCP header as the pool reads it (at offset 0): sequence number, timestamps."""
+    opts = b"" if tsval is None else b"\x01\x01\x08\x0a" + tsval.to_bytes(4, "big") + bytes(4)
+    doff = (20 + len(opts)) // 4
+    return (bytes(4) + seq.to_bytes(4, "big") + bytes(4) + bytes([doff << 4, 0x02])
+            + bytes(6) + opts, 0)
+
+
+def test_timewait_allows_as_tcp_timewait_state_process() -> None:
+    """(ts_recent, rcv_nxt) of the old connection, (TSval, seq) of the SYN -> taken? Each
+    row worked out by hand from the kernel's rule: PAWS refuses an older TSval, a newer one
+    is taken, an equal one (or no timestamps on either side) leaves it to the sequence
+    number, which must be past rcv_nxt (all mod 2**32)."""
+    rows = [
+        ((1000, 50), (2000, 10), True),  # newer TSval, whatever the sequence number
+        ((1000, 50), (999, 10**6), False),  # older TSval: PAWS, whatever the sequence number
+        ((1000, 50), (1000, 51), True),  # equal TSval: sequence number past rcv_nxt
+        ((1000, 50), (1000, 50), False),  # ... and not past it
+        ((0xFFFFFFF0, 50), (5, 10), True),  # newer across the wrap
+        ((5, 50), (0xFFFFFFF0, 10**6), False),  # older across the wrap
+        ((-1, 50), (2000, 51), True),  # the old connection had no timestamps: seq decides
+        ((-1, 50), (2000, 49), False),
+        ((1000, 50), (-1, 51), True),  # the SYN has none: seq decides
+        ((1000, 50), (-1, 0xFFFFFFF0), False),  # seq before rcv_nxt across the wrap
+        ((0, 50), (0x90000000, 10), False),  # ts_recent 0 never rejects; then seq decides
+        ((0, 50), (0x90000000, 60), True),
+    ]
+    for (ts_recent, rcv_nxt), (tsval, seq), want in rows:
+        assert timewait_allows((0.0, ts_recent, rcv_nxt), tsval, seq) is want, \
+            (ts_recent, rcv_nxt, tsval, seq)
+
+
+def test_choose_skips_ports_whose_timewait_refuses_the_syn() -> None:
+    pool = PortPool(10, 13)
+    assert [pool.take(A) for _ in range(4)] == [10, 11, 12, 13]
+    pool.give(10, A, (0.0, 5000, 1))  # refuses TSvals up to 5000
+    pool.give(11, A, (0.0, 100, 1))
+    pool.give(12, A)  # no TIME_WAIT (a RST, or the client closed first)
+    assert pool.choose(A, 1.0, _syn(1000)) == (11, None, False)
+    assert pool.choose(A, 1.0, _syn(1000)) == (12, None, False)
+    assert pool.choose(A, 60.0, _syn(1000)) == (10, None, False)  # its TIME_WAIT is over
+    pool.give(10, A, (0.0, 5000, 1))
+    assert pool.choose(A, 1.0, None) == (10, None, False)  # not a SYN: the oldest, as before
+    pool.give(10, A, (0.0, 5000, 1))
+    assert pool.take(A) == 10
+
+
+def test_choose_prefers_what_the_backend_takes_then_the_oldest() -> None:
+    pool = PortPool(10, 11)
+    pool.take(A)
+    pool.take(A)
+    closed = pool.reclaim_list(A, closed=True)
+    closed["old"] = (0.0, 5000, 1)  # the least recently used: refuses
+    closed["new"] = (0.0, 100, 1)
+    assert pool.choose(A, 1.0, _syn(1000)) == (0, "new", False)
+    assert pool.choose(A, 1.0, _syn(10)) == (0, "old", True)  # both refuse: the oldest
+    assert pool.choose(A, 1.0, None) == (0, "old", False)  # not a SYN: nothing to judge
+    del closed["old"], closed["new"]
+    pool.give(11, A, (0.0, 5000, 1))  # a free port the backend refuses ...
+    closed["c"] = (0.0, 100, 1)  # ... and a closed flow it takes: the flow
+    assert pool.choose(A, 1.0, _syn(1000)) == (0, "c", False)
+    del closed["c"]
+    assert pool.choose(A, 1.0, _syn(1000)) == (11, None, True)  # refused, but free
+    exhausted = pool.exhausted
+    assert pool.choose(A, 1.0, _syn(1000)) == (0, None, False)  # nothing left at all
+    assert pool.exhausted == exhausted + 1

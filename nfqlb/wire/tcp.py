@@ -14,6 +14,7 @@ _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 MSS = 2  # option kinds (RFC 9293, RFC 7323)
 WSCALE = 3
+TIMESTAMP = 8
 
 
 def tcp_option(data: bytes, off: int, kind: int, length: int) -> int:
@@ -67,6 +68,22 @@ def syn_options(data: bytes, off: int) -> tuple[int, int]:
         ws = data[off + 39]
         return (ws if ws < 14 else 14), off + 22
     return tcp_wscale(data, off), tcp_mss_offset(data, off)
+
+
+def tcp_tsval(data: bytes, off: int) -> int:
+    """The TSval of the timestamp option (RFC 7323) in the TCP header at ``off``, or -1 when
+    there is none."""
+    head = data[off + 20:off + 24]
+    if head == b"\x01\x01\x08\x0a" and (data[off + 12] >> 4) >= 8:
+        pos = off + 24  # (NOP, NOP, timestamps: where Linux puts it after the handshake)
+    elif head[:2] == b"\x02\x04" and data[off + 24:off + 28] == b"\x04\x02\x08\x0a" \
+            and (data[off + 12] >> 4) >= 10:
+        pos = off + 28  # (MSS, SACK permitted, timestamps: a Linux SYN's)
+    else:
+        pos = tcp_option(data, off, TIMESTAMP, 10)
+        if pos < 0:
+            return -1
+    return data[pos] << 24 | data[pos + 1] << 16 | data[pos + 2] << 8 | data[pos + 3]
 
 
 def build_rst(data: bytes, off: int, v6: bool) -> bytes:
