@@ -35,8 +35,9 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
                   route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
                   offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
-  nfqlb-dnat-netlink  dnat with ``[daemon] binding = "netlink"`` (nfqlb's own netlink client
-                  on the main queue in place of NetfilterQueue)
+  nfqlb-dnat-nfq  dnat with ``[daemon] binding = "netfilterqueue"`` (the NetfilterQueue
+                  binding on the main queue in place of nfqlb's own netlink client, the
+                  default)
 
 HTTP goes to VIP:80 (the backends' nginx on 8080, both backends). iperf3 needs its control
 and data connections on the same server, so every path forwards VIP:5201 to backend-1's
@@ -759,9 +760,9 @@ def _nfqlb_paths() -> list[BenchPath]:
             paths.append(BenchPath(f"nfqlb-{mode}{suffix}", f"nfqlb {mode}{label}", nfqlb,
                                    mode=mode, workers=workers,
                                    floor=None if mode == "offload" else floor))
-    # nfqlb's own netlink client on the main queue, against the NetfilterQueue floor
-    paths.insert(1, BenchPath("nfqlb-dnat-netlink", "nfqlb dnat, own netlink binding", nfqlb,
-                              mode="dnat", floor="nfq-accept", binding="netlink"))
+    # the NetfilterQueue binding on the main queue (the default is nfqlb's netlink client)
+    paths.insert(1, BenchPath("nfqlb-dnat-nfq", "nfqlb dnat, NetfilterQueue binding", nfqlb,
+                              mode="dnat", floor="nfq-accept", binding="netfilterqueue"))
     return paths
 
 

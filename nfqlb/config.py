@@ -154,7 +154,7 @@ class DaemonConfig:
     offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
     offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
     workers: int = 1  # worker processes; worker i serves queue + i and large_queue + i
-    binding: Binding = Binding.NETFILTERQUEUE  # what serves the main queue
+    binding: Binding = Binding.NETLINK  # what serves the main queue
     ecmp: bool = False  # one of several nodes behind a router's ECMP: bypass defaults to false
     withdraw_wait: float = 0.0  # s served after SIGTERM while nfqlb health fails (0: stop now)
 
@@ -579,7 +579,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         offload_mark_mask=d.integer("offload_mark_mask", OFFLOAD_MARK_MASK, 1, 0xFFFFFFFF),
         offload_binding=d.text("offload_binding", "netlink"),
         workers=d.integer("workers", 1, 1, MAX_WORKERS),
-        binding=d.choice("binding", Binding, "netfilterqueue"),
+        binding=d.choice("binding", Binding, "netlink"),
         ecmp=ecmp,
         withdraw_wait=d.number("withdraw_wait", 0.0, 0.0, 3600.0),
     )

@@ -49,7 +49,7 @@ def test_settings_within_bounds_are_kept() -> None:
 
 
 def test_binding_chooses_what_serves_the_main_queue() -> None:
-    assert config().daemon.binding is Binding.NETFILTERQUEUE
+    assert config().daemon.binding is Binding.NETLINK  # nfqlb's own client (issue 10)
     assert config(binding="netlink").daemon.binding is Binding.NETLINK
     assert config(binding="NetfilterQueue").daemon.binding is Binding.NETFILTERQUEUE
 

@@ -271,6 +271,16 @@ def test_rules_are_removed_when_the_loop_crashes(ns: str, tmp_path: Path, config
         "def boom(self):\n"
         "    raise OSError(105, 'recv failed (simulated)')\n"
         "q.QueueAdapter.on_readable = boom\n"
+        # nfqlb's netlink client reads its socket while it binds: it fails once bound
+        "import nfqlb.io.netlink as n\n"
+        "bound, bind, read = set(), n.NetlinkQueueAdapter.bind, n.NetlinkQueueAdapter.on_readable\n"
+        "def bind_then_fail(self, *a, **k):\n"
+        "    bind(self, *a, **k)\n"
+        "    bound.add(id(self))\n"
+        "def failing(self):\n"
+        "    return boom(self) if id(self) in bound else read(self)\n"
+        "n.NetlinkQueueAdapter.bind = bind_then_fail\n"
+        "n.NetlinkQueueAdapter.on_readable = failing\n"
         "from nfqlb.cli import main\n"
         f"raise SystemExit(main(['run', '--config', {str(config)!r}]))\n")
     before = saved(ns)

@@ -223,8 +223,8 @@ def test_the_paths_table() -> None:
         assert needed in names
     nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS if p.is_nfqlb and not p.binding}
     assert nfqlb == {(m, w) for m in ("dnat", "fullnat", "local", "offload") for w in (1, 2)}
-    netlink = next(p for p in lab_bench.PATHS if p.binding == "netlink")
-    assert lab_bench.nfqlb_daemon_keys(netlink) == {"binding": "netlink"}
+    nfq = next(p for p in lab_bench.PATHS if p.is_nfqlb and p.binding == "netfilterqueue")
+    assert lab_bench.nfqlb_daemon_keys(nfq) == {"binding": "netfilterqueue"}
     for p in lab_bench.PATHS:
         if p.is_nfqlb:
             # each rewrite mode is compared with the floor of as many workers

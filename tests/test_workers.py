@@ -270,7 +270,7 @@ OFFLOAD = {"name": "web", "vip": "198.18.100.1", "port": 80, "mode": "offload",
 @pytest.mark.parametrize(("started", "reloaded", "key"), [
     (OFFLOAD, {"daemon": {"offload_queue": 30001}, "service": OFFLOAD}, "daemon.offload_queue"),
     ({**OFFLOAD, "mode": "dnat"}, {"service": OFFLOAD}, "service"),
-    (OFFLOAD, {"daemon": {"binding": "netlink"}, "service": OFFLOAD}, "daemon.binding"),
+    (OFFLOAD, {"daemon": {"binding": "netfilterqueue"}, "service": OFFLOAD}, "daemon.binding"),
     (OFFLOAD, {"daemon": {"large_queue": 30001}, "service": OFFLOAD}, "daemon.large_queue"),
 ])
 def test_supervisor_refuses_a_reload_a_single_daemon_refuses(
