@@ -22,6 +22,7 @@ import struct
 import time
 from collections.abc import Callable
 
+from nfqlb import native
 from nfqlb.config import parse_config
 from nfqlb.engine import Engine
 from nfqlb.wire import checksum
@@ -238,7 +239,8 @@ def main() -> None:
     ap.add_argument("--payload", type=int, default=100, help="TCP payload bytes per packet")
     a = ap.parse_args()
     print(f"engine benchmark: {a.flows} established flows, {a.packets} packets/round, "
-          f"payload {a.payload} B, median of {a.rounds} rounds, pid {os.getpid()}")
+          f"payload {a.payload} B, median of {a.rounds} rounds, pid {os.getpid()}; "
+          f"engine: {native.STATE}")
     results = {}
     for mode in ("local", "dnat", "fullnat"):
         results[mode] = bench_engine(mode, a.flows, a.packets, a.payload, a.rounds)

@@ -136,8 +136,10 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child[0], a.flows, a.child[1])))
         return
+    from nfqlb import native
+
     print(f"flow memory benchmark: {a.flows:,} established IPv4 TCP flows per run, "
-          f"python {sys.version.split()[0]}")
+          f"python {sys.version.split()[0]}, engine: {native.STATE}")
     for mode in a.modes.split(","):
         got = {}
         for how in ("tracemalloc", "rss"):

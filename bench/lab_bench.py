@@ -92,6 +92,8 @@ from lab import (  # noqa: E402
     LabError,
 )
 
+from nfqlb import native  # noqa: E402
+
 URL = f"http://{VIP}:80/"
 IPERF_PORT = 5201  # the service port, and backend-1's iperf3 server
 # The client's connections leave from several addresses (SNAT in the client's namespace, the
@@ -367,6 +369,7 @@ def machine_heading(args: argparse.Namespace) -> list[str]:
         f"Machine: {model}, {os.cpu_count()} cores, kernel {platform.release()}, "
         f"Python {platform.python_version()}; load average {os.getloadavg()[0]:.1f} before the "
         "run. Client, balancer and two nginx backends are network namespaces on these cores.",
+        f"nfqlb's engine: {native.STATE}.",
         f"Load: wrk -t{args.threads} -c{args.connections} -d{args.seconds}s --latency "
         f"(new connections: \"Connection: close\"){iperf}; rounds: {args.rounds}, each path "
         "once per round, in alternating order; medians.",
@@ -671,6 +674,10 @@ def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
                 p.wait(5)
 
 
+#: How long a backend keeps a connection in TIME_WAIT (Linux's TCP_TIMEWAIT_LEN), and a margin.
+TIME_WAIT_S = 62.0
+
+
 def snat_ports(use: int) -> str:
     """The fullnat pool of a use (``pool_use``): 7,500 ports, another range each use (four in
     turn: fullnat with one worker and with two in one round, then the next round's two),
@@ -691,6 +698,20 @@ def pool_use(round_no: int, workers: int) -> int:
     within a minute of each other, so each has its own (a shared one collapsed the second
     run's new connections from about 6,400/s to 75/s, the same PAWS rejects)."""
     return 2 * round_no + (workers - 1)
+
+
+#: When each fullnat pool (``snat_ports``' four) was last given up (time.monotonic()).
+_POOL_USED: dict[int, float] = {}
+
+
+def pool_rested(pool: int) -> None:
+    """Wait until the backends' TIME_WAIT of a pool's last run (60 s) is over: with few paths
+    a round is shorter than a minute, and the third round's pool is the first's."""
+    left = _POOL_USED.get(pool, -1e9) + TIME_WAIT_S - time.monotonic()
+    if left > 0:
+        print(f"    (waiting {left:.0f} s: the backends still hold this fullnat pool's "
+              "TIME_WAIT from its last run)", flush=True)
+        time.sleep(left)
 
 
 def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]]:
@@ -738,7 +759,10 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
         elif mode == "local":
             stack.enter_context(vip_on_lo(lab))
             stage = Stage(labels=frozenset({lab.lb.label}), iperf_server="lb")
-        daemon = lab.nfqlb(*nfqlb_services(lab, mode, pool_use(round_no, path.workers)),
+        use = pool_use(round_no, path.workers)
+        if mode == "fullnat":
+            pool_rested(use % 4)
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, use),
                            daemon=nfqlb_daemon_keys(path)).start()
         assert daemon.proc is not None
         stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid
@@ -746,6 +770,8 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
             yield stage
         finally:
             rc = daemon.stop()
+            if mode == "fullnat":
+                _POOL_USED[use % 4] = time.monotonic()
             if rc != 0 or "Traceback" in daemon.stderr:
                 stage.notes.append(f"nfqlb exit {rc}\n{daemon.report()}")
             else:

@@ -6,3 +6,7 @@ a clock or an event loop lives in ``nfqlb.io`` and ``nfqlb.cli``.
 """
 
 __version__ = "0.1.0"
+
+from nfqlb import native as _native
+
+_native.activate(__path__)

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from nfqlb import __version__
+from nfqlb import __version__, native
 from nfqlb.config import Config, config_warnings, find_config, load_config, with_workers
 from nfqlb.errors import ConfigError, NfqlbError, PolicyError, SystemSetupError
 from nfqlb.io import logs
@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", help="log debug details")
 
     parser = _Parser(prog=PROG, description="A layer-4 load balancer on Linux NFQUEUE.")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--version", action="version",
+                        version=f"{PROG} {__version__} ({native.STATE})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 

@@ -68,7 +68,7 @@ whoever owns it: the table returns the flows it removed, and the engine retires 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from nfqlb.config import Timeouts
 from nfqlb.wire.ip import TCP, UDP
@@ -194,18 +194,19 @@ class Flow:
 
     def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                  state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
-                 snat_port: int = 0) -> None:
-        """A flow with zero deltas (``FlowTable.build`` makes flows with their rewrite): its
-        headers are its keys turned around. Its protocol is in its state (UDP flows are in
-        state UDP); its service is its backend's (``BackendRuntime.owner``); ``snat_port``
-        follows from its keys."""
+                 snat_port: int = 0, ipd: int = 0, l4d: int = 0) -> None:
+        """A flow with deltas ``ipd``, ``l4d`` (zero: its headers are its keys turned around;
+        ``FlowTable.build`` makes flows with their rewrite), not in the table. Its protocol
+        is in its state (UDP flows are in state UDP); its service is its backend's
+        (``BackendRuntime.owner``); ``snat_port`` follows from its keys."""
         assert (proto == UDP) is (state is TcpState.UDP), "a UDP flow is in state UDP"
         self.backend = backend
         self.state = state
         self.last = now
         self.fwd_key = fwd_key
         self.rev_key = rev_key
-        self.ipd = self.l4d = 0
+        self.ipd = ipd
+        self.l4d = l4d
         self.peer_c = self.peer_b = b""
         self.ws = 0
         self.prev = None
@@ -299,12 +300,11 @@ def rev_delta(d: int) -> int:
 WSCALE_UNSEEN = 15 | 15 << 4
 
 
-_new_flow = object.__new__
-
-
 def _ring() -> Flow:
-    """The sentinel of a least-recently-used list: an empty ring."""
-    head = Flow.__new__(Flow)
+    """The sentinel of a least-recently-used list: an empty ring (no flow: its backend and
+    service are never read)."""
+    head = Flow(cast("ServiceRuntime", None), cast("BackendRuntime", None), TCP, TcpState.CLOSED,
+                0.0, b"", b"")
     head.prev = head.next = head
     return head
 
@@ -349,28 +349,19 @@ class FlowTable:
         packets leaving from ``src``:``sport``, its replies arriving as ``rev_key``
         (``reply_key``), with both directions' rewrites; not in the table (see ``add``)."""
         alen = len(baddr)
-        flow = _new_flow(Flow)  # every slot set once, here (Flow.__init__ sets them twice)
-        flow.backend = backend
-        flow.state = state
-        flow.last = now
-        flow.fwd_key = key
-        flow.rev_key = rev_key
-        flow.peer_c = flow.peer_b = b""
-        flow.ws = 0
-        flow.prev = flow.placed = None
         fwd_hdr = src + rev_key[:alen] + sport + rev_key[-4:-2]
         # (see res_delta) the TCP/UDP delta covers all twelve bytes, the IPv4 header's the
         # addresses, its first eight; the reverse rewrite undoes the forward one (its old and
         # new words swapped), so its deltas are the forward ones negated (``rev_delta``)
         new, old = int.from_bytes(fwd_hdr, "big"), int.from_bytes(key, "big")
         diff = new - old
-        flow.l4d = _INT[diff % 0xFFFF or 0xFFFF]
+        l4d = _INT[diff % 0xFFFF or 0xFFFF]
         if alen == 4:
             diff = (new >> 32) - (old >> 32)
-            flow.ipd = _INT[diff % 0xFFFF or 0xFFFF]
+            ipd = _INT[diff % 0xFFFF or 0xFFFF]
         else:
-            flow.ipd = 0
-        return flow
+            ipd = 0
+        return Flow(service, backend, proto, state, now, key, rev_key, snat_port, ipd, l4d)
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                 state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,

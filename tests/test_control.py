@@ -259,10 +259,17 @@ def test_client_errors_are_one_line(tmp_path: Path) -> None:
 def test_handle_never_raises_on_a_broken_engine() -> None:
     srv = FakeServer()
 
-    def broken(now: float) -> None:
-        raise RuntimeError("boom")
+    class Broken:  # the engine, but its status raises (a compiled Engine takes no patches)
+        def __init__(self, engine: object) -> None:
+            self._engine = engine
 
-    srv.engine.status = broken  # type: ignore[method-assign]
+        def __getattr__(self, name: str) -> object:
+            return getattr(self._engine, name)
+
+        def status(self, now: float) -> None:
+            raise RuntimeError("boom")
+
+    srv.engine = Broken(srv.engine)  # type: ignore[assignment]
     answer = control.handle(srv, {"cmd": "status"}, LOG)
     assert answer == {"ok": False, "error": "internal error: RuntimeError('boom')"}
 

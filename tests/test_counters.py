@@ -7,6 +7,7 @@ registry name is counted somewhere, and the README's counter list is the registr
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 
@@ -78,6 +79,16 @@ def test_stats_use_registry_names() -> None:
     assert stats["packets"] == 3 and stats["rewritten"] == 0
 
 
+def _fields(obj: object) -> dict[str, object]:
+    """An object's own attributes: its __dict__, or compiled (mypyc), the attribute
+    descriptors of its classes."""
+    try:
+        return dict(vars(obj))
+    except TypeError:
+        return {k: getattr(obj, k) for c in type(obj).__mro__ for k, v in vars(c).items()
+                if inspect.isgetsetdescriptor(v) and hasattr(obj, k)}
+
+
 def test_adapters_count_under_registry_names() -> None:
     import logging
 
@@ -87,7 +98,7 @@ def test_adapters_count_under_registry_names() -> None:
     log = logging.getLogger("test")
     for adapter in (QueueAdapter(lambda d, n: DROP, 1, log),
                     NetlinkQueueAdapter(lambda d, n: DROP, 1, log)):
-        ints = {k for k, v in vars(adapter).items() if isinstance(v, int)
+        ints = {k for k, v in _fields(adapter).items() if isinstance(v, int)
                 and not isinstance(v, bool) and not k.startswith("_")} - {"queue"}
         assert ints and ints <= set(counters.QUEUE), ints - set(counters.QUEUE)
 

@@ -30,6 +30,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.utils import checksum as scapy_checksum
 
+from nfqlb import native
 from nfqlb.io import netlink
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.wire import checksum
@@ -161,10 +162,11 @@ def test_sum_words_of_a_gso_packet_is_the_vector_sum_when_numpy_is_there(
     monkeypatch.setattr(checksum, "sum_words_vector", counted)
     assert sum_words(data) == word_sum(data)
     assert sum_words(data[:checksum.VECTOR_FROM - 1]) == word_sum(data[:checksum.VECTOR_FROM - 1])
-    assert calls == [len(data)]  # the long one only
+    # (compiled, the module calls its own function directly: the patch does not see it)
+    assert calls == ([] if native.NATIVE else [len(data)])  # the long one only
     monkeypatch.setattr(checksum, "numpy", None)  # without numpy: the big-integer sum
     assert sum_words(data) == word_sum(data)
-    assert calls == [len(data)]
+    assert calls == ([] if native.NATIVE else [len(data)])
 
 
 # -- the two rewrites of the field -----------------------------------------------------------

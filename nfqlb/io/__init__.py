@@ -4,3 +4,7 @@
 restores the kernel settings the modes need; ``nfqueue`` binds a queue and feeds its packets
 to the engine; ``daemon`` puts them together behind ``nfqlb run``.
 """
+
+from nfqlb import native as _native
+
+_native.subpackage_path("io", __path__)

@@ -48,7 +48,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from nfqlb import rules
+from nfqlb import native, rules
 from nfqlb.config import Binding, Config, for_worker, load_config, with_workers
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
@@ -578,6 +578,7 @@ def _serve_bound(config: Config, queue: int, large: int,
             server.node.rules = True
             chains = rulesets[0].chains
             n = len(config.services)
+            log.info("engine: %s", native.STATE)
             log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
                      "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET, n,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)

@@ -404,7 +404,7 @@ class NetlinkQueueAdapter:
         self._ack = None
         sock.send(message)
         deadline = time.monotonic() + timeout
-        while self._ack is None:
+        while (ack := self._answer()) is None:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise OSError(errno.ETIMEDOUT, f"no answer from the kernel in {timeout} s")
@@ -412,6 +412,11 @@ class NetlinkQueueAdapter:
             if readable:
                 self.on_readable()
         self._ack_seq = -1
+        return ack
+
+    def _answer(self) -> int | None:
+        """The answer ``_on_error`` noted (read through a call: compiled, a read of the
+        attribute right after setting it to None is taken to be None)."""
         return self._ack
 
     # ------------------------------------------------------------------ packets

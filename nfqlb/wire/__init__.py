@@ -2,3 +2,7 @@
 
 Nothing here allocates per-packet objects beyond the bytes it returns.
 """
+
+from nfqlb import native as _native
+
+_native.subpackage_path("wire", __path__)
