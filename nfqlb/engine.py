@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import random
+import typing
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -73,43 +74,44 @@ if TYPE_CHECKING:
 
 __all__ = ["ACCEPT", "DROP", "Engine", "Held", "Verdict", "backend_of"]
 
-_ESTABLISHED = TcpState.ESTABLISHED
+_ESTABLISHED: typing.Final = TcpState.ESTABLISHED
 
 #: What ``parse_ip`` says of a TCP segment or UDP datagram the fast path checked (IPv4
 #: without options, IPv6 without extension headers, not a fragment).
-_TCP4 = Parsed(False, 20, TCP, None, True)
-_TCP6 = Parsed(True, 40, TCP, None, True)
-_UDP4 = Parsed(False, 20, UDP, None, True)
-_UDP6 = Parsed(True, 40, UDP, None, True)
+_TCP4: typing.Final = Parsed(False, 20, TCP, None, True)
+_TCP6: typing.Final = Parsed(True, 40, TCP, None, True)
+_UDP4: typing.Final = Parsed(False, 20, UDP, None, True)
+_UDP6: typing.Final = Parsed(True, 40, UDP, None, True)
 
 #: ``TRANSITIONS`` as the packet path reads it: ``_NEXT[state][event]``, the new state (the
 #: same state where the table lists none).
-_NEXT: tuple[tuple[TcpState, ...], ...] = tuple(
+_NEXT: typing.Final[tuple[tuple[TcpState, ...], ...]] = tuple(
     tuple(TRANSITIONS.get((s, e), s) for e in TcpEvent) for s in TcpState)
 
 #: ``tcp_event`` as the packet path reads it: ``_EVENT[flags & 0x17 | is_reply << 5]``.
-_EVENT: tuple[TcpEvent, ...] = tuple(tcp_event(i & 0x17, bool(i >> 5)) for i in range(64))
+_EVENT: typing.Final[tuple[TcpEvent, ...]] = tuple(
+    tcp_event(i & 0x17, bool(i >> 5)) for i in range(64))
 
 #: Flows expired per handle_timer call at most: a million flows coming due at once are
 #: expired a slice per event-loop turn, with the queue read in between (get_timer says when
 #: more are due: at once).
-EXPIRE_SLICE = 1000
+EXPIRE_SLICE: typing.Final = 1000
 
 #: States whose flows give their fullnat port first when their backend's ports run out: the
 #: connection is over, the flow only lingers for retransmissions (see nfqlb.snat).
-CLOSED_STATES = frozenset({TcpState.CLOSING, TcpState.CLOSED})
+CLOSED_STATES: typing.Final = frozenset({TcpState.CLOSING, TcpState.CLOSED})
 
 #: States whose fullnat flows are on one of their backend's reclaim lists (``_track_port``).
-_RECLAIMABLE = CLOSED_STATES | HALF_OPEN
+_RECLAIMABLE: typing.Final = CLOSED_STATES | HALF_OPEN
 
 #: ``_LIST_OF[state]``: the reclaim list (0: half-open, 1: closed) a fullnat flow holding a
 #: port is on in ``state``, None for none.
-_LIST_OF: tuple[int | None, ...] = tuple(
+_LIST_OF: typing.Final[tuple[int | None, ...]] = tuple(
     (1 if s in CLOSED_STATES else 0) if s in _RECLAIMABLE else None for s in TcpState)
 
 #: ``_MOVES_LIST[old][new]``: whether a fullnat flow changes reclaim list (or goes on or off
 #: one) when it moves from state ``old`` to ``new``.
-_MOVES_LIST: tuple[tuple[bool, ...], ...] = tuple(
+_MOVES_LIST: typing.Final[tuple[tuple[bool, ...], ...]] = tuple(
     tuple((a in _RECLAIMABLE, a in CLOSED_STATES) != (b in _RECLAIMABLE, b in CLOSED_STATES)
           for b in TcpState) for a in TcpState)
 
@@ -1029,7 +1031,7 @@ def _track_port(flow: Flow, old: TcpState | None, new: TcpState | None,
 
 
 #: (``_track_port``: what popping a flow that is not on a reclaim list gives)
-_NOT_ON = object()
+_NOT_ON: typing.Final = object()
 
 
 def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:

@@ -68,16 +68,17 @@ whoever owns it: the table returns the flows it removed, and the engine retires 
 from __future__ import annotations
 
 import enum
-from typing import TYPE_CHECKING, cast
+import ipaddress
+from typing import TYPE_CHECKING, Final
 
 from nfqlb.config import Timeouts
+from nfqlb.values import Backend
 from nfqlb.wire.ip import TCP, UDP
 
 if TYPE_CHECKING:
 
     from nfqlb.policies import FlowKey, Policy
     from nfqlb.services import BackendRuntime, ServiceRuntime
-    from nfqlb.values import Backend
 
 
 class TcpState(enum.IntEnum):
@@ -104,10 +105,10 @@ class TcpEvent(enum.IntEnum):
 
 
 S, E = TcpState, TcpEvent
-_OPEN = (S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED, S.ADOPTED, S.ADOPTED_REPLY)
+_OPEN: Final = (S.SYN_SENT, S.SYN_RECV, S.ESTABLISHED, S.ADOPTED, S.ADOPTED_REPLY)
 
 #: (state, event) -> new state; pairs not listed keep their state.
-TRANSITIONS: dict[tuple[TcpState, TcpEvent], TcpState] = {
+TRANSITIONS: Final[dict[tuple[TcpState, TcpEvent], TcpState]] = {
     (S.SYN_SENT, E.SYNACK): S.SYN_RECV,
     (S.SYN_RECV, E.ACK): S.ESTABLISHED,
     (S.SYN_RECV, E.REPLY): S.ESTABLISHED,
@@ -122,10 +123,10 @@ TRANSITIONS: dict[tuple[TcpState, TcpEvent], TcpState] = {
 
 #: States in which a client SYN starts a new flow instead of being a retransmission: the
 #: flow is closing in some way (one FIN, both, a RST).
-REUSABLE = frozenset({S.FIN_CLIENT, S.FIN_SERVER, S.CLOSING, S.CLOSED})
+REUSABLE: Final = frozenset({S.FIN_CLIENT, S.FIN_SERVER, S.CLOSING, S.CLOSED})
 
 #: Half-open flows: when a fullnat port pool runs dry, those holding its ports go first.
-HALF_OPEN = frozenset({S.SYN_SENT, S.SYN_RECV})
+HALF_OPEN: Final = frozenset({S.SYN_SENT, S.SYN_RECV})
 
 
 def tcp_event(flags: int, is_reply: bool) -> TcpEvent:
@@ -192,9 +193,9 @@ class Flow:
     #: does not ask (it has no ``on_flow_closed``)
     placed: tuple[Policy, FlowKey, Backend] | None
 
-    def __init__(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
-                 state: TcpState, now: float, fwd_key: bytes, rev_key: bytes,
-                 snat_port: int = 0, ipd: int = 0, l4d: int = 0) -> None:
+    def __init__(self, backend: BackendRuntime, proto: int, state: TcpState, now: float,
+                 fwd_key: bytes, rev_key: bytes, snat_port: int = 0, ipd: int = 0,
+                 l4d: int = 0) -> None:
         """A flow with deltas ``ipd``, ``l4d`` (zero: its headers are its keys turned around;
         ``FlowTable.build`` makes flows with their rewrite), not in the table. Its protocol
         is in its state (UDP flows are in state UDP); its service is its backend's
@@ -297,21 +298,23 @@ def rev_delta(d: int) -> int:
 
 
 #: Both SYNs unseen, taken as the widest scale (14, RFC 7323): how adopted flows judge RSTs.
-WSCALE_UNSEEN = 15 | 15 << 4
+WSCALE_UNSEEN: Final = 15 | 15 << 4
 
 
 def _ring() -> Flow:
-    """The sentinel of a least-recently-used list: an empty ring (no flow: its backend and
-    service are never read)."""
-    head = Flow(cast("ServiceRuntime", None), cast("BackendRuntime", None), TCP, TcpState.CLOSED,
-                0.0, b"", b"")
+    """The sentinel of a least-recently-used list: an empty ring (no flow: its backend, of no
+    service, is never read; compiled, a flow's backend must be one)."""
+    from nfqlb.services import BackendRuntime
+
+    nobody = BackendRuntime(Backend("(ring)", None, 0, 0), ipaddress.IPv4Address(0), 0)
+    head = Flow(nobody, TCP, TcpState.CLOSED, 0.0, b"", b"")
     head.prev = head.next = head
     return head
 
 
 #: Every 16-bit value as one shared int object: a flow's four deltas cost no memory of their
 #: own (an int above 256 is a 28-byte object in CPython).
-_INT: tuple[int, ...] = tuple(range(0x10000))
+_INT: Final[tuple[int, ...]] = tuple(range(0x10000))
 
 
 def res_delta(diff: int) -> int:
@@ -361,7 +364,7 @@ class FlowTable:
             ipd = _INT[diff % 0xFFFF or 0xFFFF]
         else:
             ipd = 0
-        return Flow(service, backend, proto, state, now, key, rev_key, snat_port, ipd, l4d)
+        return Flow(backend, proto, state, now, key, rev_key, snat_port, ipd, l4d)
 
     def install(self, service: ServiceRuntime, backend: BackendRuntime, proto: int,
                 state: TcpState, key: bytes, rev_key: bytes, src: bytes, sport: bytes,

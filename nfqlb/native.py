@@ -45,6 +45,13 @@ MODULES = (
     "nfqlb/engine.py",
     "nfqlb/offload.py",
     "nfqlb/counters.py",
+    "nfqlb/services.py",
+    "nfqlb/policies/hashing.py",
+    "nfqlb/policies/least_conn.py",
+    "nfqlb/policies/power_of_two.py",
+    "nfqlb/policies/round_robin.py",
+    "nfqlb/policies/source_hash.py",
+    "nfqlb/policies/weighted_round_robin.py",
     "nfqlb/io/netlink.py",
     "nfqlb/io/offload.py",
 )

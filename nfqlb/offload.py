@@ -28,7 +28,7 @@ the adapter asks the kernel for the first bytes of each packet only.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Final
 
 from nfqlb.config import Config, OnBackendDown, UnknownFlow, offload_marks
 from nfqlb.counters import Counters
@@ -43,9 +43,9 @@ OffloadVerdict = int | bytes | Action
 
 #: Bytes of each packet the adapter asks for: IPv6 (40) with a few extension headers and a
 #: TCP header with options (60) fit; a packet whose headers do not is parsed in full.
-COPY_RANGE = 256
+COPY_RANGE: Final = 256
 
-_EXTENSIONS = (0, 43, 60)  # IPv6 hop-by-hop, routing, destination options (8-byte units)
+_EXTENSIONS: Final = (0, 43, 60)  # IPv6 hop-by-hop, routing, destination options (8-byte units)
 
 
 class OffloadDecider:

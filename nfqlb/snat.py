@@ -63,16 +63,17 @@ from __future__ import annotations
 from collections import OrderedDict, deque
 from collections.abc import Mapping
 from itertools import islice
+from typing import Final
 
 from nfqlb.wire.tcp import tcp_tsval
 
 #: How long a backend keeps a connection it closed first in TIME_WAIT (Linux's
 #: TCP_TIMEWAIT_LEN, seconds): a record older than that guards nothing.
-TIME_WAIT = 60.0
+TIME_WAIT: Final = 60.0
 
 #: Ports (then closed flows) looked at for one that the backend's TIME_WAIT lets a new SYN
 #: take, before taking the oldest anyway.
-CANDIDATES = 32
+CANDIDATES: Final = 32
 
 
 #: What a backend in TIME_WAIT compares a new SYN on the same 4-tuple with: ``(since,

@@ -303,7 +303,7 @@ def _table_with(n: int, timeouts: Timeouts):  # type: ignore[no-untyped-def]
     for i in range(n):
         fwd, rev = b"f%011d" % i, b"r%011d" % i
         backend = BackendRuntime(svc.backends[0], svc.vip, svc.port)
-        flow = Flow(svc, backend, 6, S.ESTABLISHED, float(i), fwd, rev)
+        flow = Flow(backend, 6, S.ESTABLISHED, float(i), fwd, rev)
         table.add(flow)
         flows.append(flow)
     return table, flows
@@ -326,7 +326,7 @@ def test_table_remove_and_expire_order() -> None:
 def test_remove_leaves_a_newer_flow_on_the_same_key() -> None:
     table, (old,) = _table_with(1, Timeouts())
     svc = parse_config({"service": [service("dnat")]}).services[0]
-    new = Flow(svc, BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
+    new = Flow(BackendRuntime(svc.backends[1], svc.vip, svc.port), 6, S.SYN_SENT, 5.0,
                b"other-key-00", old.rev_key)
     table.add(new)
     table.remove(old)

@@ -85,7 +85,9 @@ import os
 import select
 import socket
 import struct
+import sys
 import time
+import typing
 from collections.abc import Callable
 
 from nfqlb.errors import SystemSetupError
@@ -101,69 +103,74 @@ Handle = Callable[[bytes, float], Verdict]
 
 # --- constants from the kernel uapi ------------------------------------------------------------
 
-NETLINK_NETFILTER = 12  # linux/netlink.h
-SOL_NETLINK = 270  # linux/socket.h
-NETLINK_CAP_ACK = 10  # error messages carry only the header of the request, not its payload
-NLM_F_REQUEST = 0x01
-NLM_F_ACK = 0x04
+NETLINK_NETFILTER: typing.Final = 12  # linux/netlink.h
+SOL_NETLINK: typing.Final = 270  # linux/socket.h
+#: error messages carry only the header of the request, not its payload
+NETLINK_CAP_ACK: typing.Final = 10
+NLM_F_REQUEST: typing.Final = 0x01
+NLM_F_ACK: typing.Final = 0x04
 NLMSG_NOOP, NLMSG_ERROR, NLMSG_DONE, NLMSG_OVERRUN = 1, 2, 3, 4
-NLA_TYPE_MASK = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
+NLA_TYPE_MASK: typing.Final = 0x3FFF  # ~(NLA_F_NESTED | NLA_F_NET_BYTEORDER)
 
-NFNL_SUBSYS_QUEUE = 3  # linux/netfilter/nfnetlink.h
-NFNETLINK_V0 = 0
+NFNL_SUBSYS_QUEUE: typing.Final = 3  # linux/netfilter/nfnetlink.h
+NFNETLINK_V0: typing.Final = 0
 
 NFQNL_MSG_PACKET, NFQNL_MSG_VERDICT, NFQNL_MSG_CONFIG = 0, 1, 2  # nfnetlink_queue.h
-NFQA_PACKET_HDR = 1
-NFQA_VERDICT_HDR = 2
-NFQA_PAYLOAD = 10
-NFQA_CAP_LEN = 13
-NFQA_SKB_INFO = 14
+NFQA_PACKET_HDR: typing.Final = 1
+NFQA_VERDICT_HDR: typing.Final = 2
+NFQA_PAYLOAD: typing.Final = 10
+NFQA_CAP_LEN: typing.Final = 13
+NFQA_SKB_INFO: typing.Final = 14
 NFQA_SKB_CSUMNOTREADY, NFQA_SKB_GSO, NFQA_SKB_CSUM_NOTVERIFIED = 1 << 0, 1 << 1, 1 << 2
 NFQA_CFG_CMD, NFQA_CFG_PARAMS, NFQA_CFG_QUEUE_MAXLEN, NFQA_CFG_MASK, NFQA_CFG_FLAGS = 1, 2, 3, 4, 5
 NFQNL_CFG_CMD_BIND, NFQNL_CFG_CMD_UNBIND, NFQNL_CFG_CMD_PF_BIND = 1, 2, 3
-NFQNL_COPY_PACKET = 2
-NFQA_CFG_F_FAIL_OPEN = 1 << 0
-NFQA_CFG_F_GSO = 1 << 2
+NFQNL_COPY_PACKET: typing.Final = 2
+NFQA_CFG_F_FAIL_OPEN: typing.Final = 1 << 0
+NFQA_CFG_F_GSO: typing.Final = 1 << 2
 
 NF_DROP, NF_ACCEPT = 0, 1  # linux/netfilter.h (the engine's ACCEPT/DROP are 0/1 the other way)
 
-PACKET_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET
-VERDICT_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT
-CONFIG_TYPE = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG
+PACKET_TYPE: typing.Final = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_PACKET
+VERDICT_TYPE: typing.Final = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_VERDICT
+CONFIG_TYPE: typing.Final = NFNL_SUBSYS_QUEUE << 8 | NFQNL_MSG_CONFIG
 
-COPY_RANGE = 0xFFFF  # asked for; the kernel clamps it to 0xFFFF - 4
-MAX_PAYLOAD = 0xFFFF - 4  # the most a verdict's NFQA_PAYLOAD (u16 length with header) holds
+COPY_RANGE: typing.Final = 0xFFFF  # asked for; the kernel clamps it to 0xFFFF - 4
+#: the most a verdict's NFQA_PAYLOAD (u16 length with header) holds
+MAX_PAYLOAD: typing.Final = 0xFFFF - 4
 
 # --- sizes and budgets -------------------------------------------------------------------------
 
-BUDGET = 256  # messages per wakeup before the event loop gets a turn (as in nfqueue.py)
-RECV_SIZE = 1 << 17  # > the largest packet message (65531 B payload + ~150 B of attributes)
-RCVBUF = 8 << 20  # socket receive buffer: about 128 queued 64 KiB packets
-SNDBUF = 1 << 20
-FLUSH_BYTES = 1 << 17  # send the pending verdicts once they hold this much
-FLUSH_PARTS = 900  # ... or this many buffers (sendmsg takes at most 1024)
-ACK_TIMEOUT_S = 5.0
-LOCAL_CACHE_S = 10.0  # how long an answer of is_local_address is used
-LOCAL_CACHE_MAX = 65536  # destinations remembered at most (then the cache starts again)
-LOG_EVERY_S = 10.0
+#: messages per wakeup before the event loop gets a turn (as in nfqueue.py)
+BUDGET: typing.Final = 256
+#: > the largest packet message (65531 B payload + ~150 B of attributes)
+RECV_SIZE: typing.Final = 1 << 17
+RCVBUF: typing.Final = 8 << 20  # socket receive buffer: about 128 queued 64 KiB packets
+SNDBUF: typing.Final = 1 << 20
+FLUSH_BYTES: typing.Final = 1 << 17  # send the pending verdicts once they hold this much
+FLUSH_PARTS: typing.Final = 900  # ... or this many buffers (sendmsg takes at most 1024)
+ACK_TIMEOUT_S: typing.Final = 5.0
+LOCAL_CACHE_S: typing.Final = 10.0  # how long an answer of is_local_address is used
+#: destinations remembered at most (then the cache starts again)
+LOCAL_CACHE_MAX: typing.Final = 65536
+LOG_EVERY_S: typing.Final = 10.0
 
 # --- precompiled layouts -----------------------------------------------------------------------
 
-NLMSGHDR = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
-NFGENMSG = struct.Struct("!BBH")  # family, version, res_id (network order)
-NLATTR = struct.Struct("=HH")  # len, type (host order)
-BE32 = struct.Struct("!I")
-NLMSGERR = struct.Struct("=i")  # negative errno, 0 for an ack
-VERDICT_HDR = struct.Struct("!II")  # verdict, packet id
-CFG_CMD = struct.Struct("!BxH")  # command, pad, pf
-CFG_PARAMS = struct.Struct("!IB")  # copy_range, copy_mode (packed: 5 bytes)
-_HDR_LEN = NLMSGHDR.size + NFGENMSG.size  # 20: where the attributes start
+NLMSGHDR: typing.Final = struct.Struct("=IHHII")  # len, type, flags, seq, portid (host order)
+NFGENMSG: typing.Final = struct.Struct("!BBH")  # family, version, res_id (network order)
+NLATTR: typing.Final = struct.Struct("=HH")  # len, type (host order)
+BE32: typing.Final = struct.Struct("!I")
+NLMSGERR: typing.Final = struct.Struct("=i")  # negative errno, 0 for an ack
+VERDICT_HDR: typing.Final = struct.Struct("!II")  # verdict, packet id
+CFG_CMD: typing.Final = struct.Struct("!BxH")  # command, pad, pf
+CFG_PARAMS: typing.Final = struct.Struct("!IB")  # copy_range, copy_mode (packed: 5 bytes)
+_HDR_LEN: typing.Final = NLMSGHDR.size + NFGENMSG.size  # 20: where the attributes start
 #: A payload verdict up to its payload: nlmsghdr (host order), nfgenmsg + verdict header
 #: attribute + verdict (12 bytes, fixed per queue), packet id (4 bytes, network order),
 #: payload attribute header (host order).
-REWRITE_HEAD = struct.Struct("=IHHII12s4sHH")
-_REWRITE_LEN = REWRITE_HEAD.size  # 36
-_PADS = (b"", b"\0", b"\0\0", b"\0\0\0")
+REWRITE_HEAD: typing.Final = struct.Struct("=IHHII12s4sHH")
+_REWRITE_LEN: typing.Final = REWRITE_HEAD.size  # 36
+_PADS: typing.Final = (b"", b"\0", b"\0\0", b"\0\0\0")
 
 
 def _align(n: int) -> int:
@@ -231,6 +238,12 @@ def _build_payload_verdict(queue: int, packet_id: int, verdict: int,
     return [head, payload, bytes(pad)] if pad else [head, payload]
 
 
+#: The first bytes of a packet message read by index for its attributes (they all come before
+#: the payload, the last one, and fit in about 100 bytes); a longer walk copies the rest.
+_HEAD_MAX: typing.Final = 256
+_LITTLE: typing.Final = sys.byteorder == "little"  # (netlink's headers are in host order)
+
+
 def parse_packet(buf: bytes | bytearray | memoryview, start: int,
                  end: int) -> tuple[bytes | None, bytes | None, int | None, int]:
     """(packet id, payload, cap_len, skb info) of the packet message in ``buf[start:end]``.
@@ -238,28 +251,38 @@ def parse_packet(buf: bytes | bytearray | memoryview, start: int,
     The packet id is kept as its 4 bytes in network order, as a verdict carries it back. A
     field is None when its attribute is missing; ``cap_len`` is set only when the kernel cut
     the payload short; skb info is 0 when absent (NFQA_SKB_* flags). A malformed attribute
-    ends the walk. Given a memoryview, the payload is copied once (a bytearray slice would
-    copy twice: 64 KiB each for a GSO packet).
+    ends the walk. The attributes are read by index from one small copy of the message's
+    head; the payload is copied once from ``buf`` (a memoryview slice: once, 64 KiB for a GSO
+    packet, where a bytearray slice would copy twice).
     """
     packet_id = payload = cap_len = None
     info = 0
-    a = start + _HDR_LEN
-    unpack_attr = NLATTR.unpack_from
-    while a + 4 <= end:
-        alen, atype = unpack_attr(buf, a)
-        if alen < 4 or a + alen > end:
+    n = end - start
+    head = bytes(buf[start:start + min(n, _HEAD_MAX)])
+    a = _HDR_LEN
+    while a + 4 <= n:
+        if a + 8 > len(head):  # (attributes past the usual head: read the whole message)
+            head = bytes(buf[start:end])
+        if _LITTLE:
+            alen = head[a] | head[a + 1] << 8
+            atype = (head[a + 2] | head[a + 3] << 8) & NLA_TYPE_MASK
+        else:
+            alen = head[a] << 8 | head[a + 1]
+            atype = (head[a + 2] << 8 | head[a + 3]) & NLA_TYPE_MASK
+        if alen < 4 or a + alen > n:
             break
-        atype &= NLA_TYPE_MASK
         if atype == NFQA_PAYLOAD:
-            payload = bytes(buf[a + 4:a + alen])
-        elif atype == NFQA_PACKET_HDR:
-            if alen >= 8:
-                packet_id = bytes(buf[a + 4:a + 8])
-        elif atype == NFQA_SKB_INFO:
-            if alen >= 8:
-                info = BE32.unpack_from(buf, a + 4)[0]
-        elif atype == NFQA_CAP_LEN and alen >= 8:
-            cap_len = BE32.unpack_from(buf, a + 4)[0]
+            payload = bytes(buf[start + a + 4:start + a + alen])
+        elif alen >= 8 and (atype == NFQA_PACKET_HDR or atype == NFQA_SKB_INFO
+                            or atype == NFQA_CAP_LEN):
+            if atype == NFQA_PACKET_HDR:
+                packet_id = head[a + 4:a + 8]
+            else:
+                value = head[a + 4] << 24 | head[a + 5] << 16 | head[a + 6] << 8 | head[a + 7]
+                if atype == NFQA_SKB_INFO:
+                    info = value
+                else:
+                    cap_len = value
         a += (alen + 3) & ~3
     return packet_id, payload, cap_len, info
 

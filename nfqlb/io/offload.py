@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Callable
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from nfqlb.errors import SystemSetupError
 from nfqlb.io.clock import MONOTONIC
@@ -165,7 +165,7 @@ class OffloadQueueAdapter:
 
 # --- the same queue on nfqlb's own netlink client, verdicts sent in batches --------------------
 
-NFQA_MARK = 3  # linux/netfilter/nfnetlink_queue.h: the packet mark, be32, in a verdict too
+NFQA_MARK: Final = 3  # linux/netfilter/nfnetlink_queue.h: the packet mark, be32, in a verdict too
 
 
 class OffloadNetlinkAdapter(NetlinkQueueAdapter):

@@ -30,7 +30,11 @@ Writing one (``policy = "file:policies/first.py"`` in the service)::
 
 from __future__ import annotations
 
-from nfqlb.policies.base import (
+from nfqlb import native as _native
+
+_native.subpackage_path("policies", __path__)  # (before the compiled built-ins import)
+
+from nfqlb.policies.base import (  # noqa: E402
     FIELDS,
     Backend,
     ChoosesConsistently,
@@ -44,9 +48,9 @@ from nfqlb.policies.base import (
     consistent_chooser,
     live,
 )
-from nfqlb.policies.hashing import hash_choice
-from nfqlb.policies.plugins import describe_failure, resolve_spec
-from nfqlb.policies.registry import (
+from nfqlb.policies.hashing import hash_choice  # noqa: E402
+from nfqlb.policies.plugins import describe_failure, resolve_spec  # noqa: E402
+from nfqlb.policies.registry import (  # noqa: E402
     ALIASES,
     BUILTINS,
     DROP,

@@ -12,24 +12,24 @@ Hop-by-hop, routing and destination options are ``(len + 1) * 8`` bytes long, AH
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from nfqlb.errors import PacketError
 
 # IANA protocol numbers: the one definition in nfqlb (``values.Protocol`` and the rest use these)
-TCP = 6
-UDP = 17
-ICMP = 1
-ICMPV6 = 58
+TCP: Final = 6
+UDP: Final = 17
+ICMP: Final = 1
+ICMPV6: Final = 58
 
 # IPv6 extension headers (IANA protocol numbers too)
-HOPOPT = 0
-IPV6_ROUTE = 43
-IPV6_FRAG = 44
-AH = 51
-IPV6_OPTS = 60
-_V6_EXT = frozenset({HOPOPT, IPV6_ROUTE, IPV6_OPTS})  # (len + 1) * 8 bytes
-_V6_MAX_HEADERS = 7  # a longer chain is refused: the walk is bounded
+HOPOPT: Final = 0
+IPV6_ROUTE: Final = 43
+IPV6_FRAG: Final = 44
+AH: Final = 51
+IPV6_OPTS: Final = 60
+_V6_EXT: Final = frozenset({HOPOPT, IPV6_ROUTE, IPV6_OPTS})  # (len + 1) * 8 bytes
+_V6_MAX_HEADERS: Final = 7  # a longer chain is refused: the walk is bounded
 
 
 class V6Reasons(NamedTuple):
@@ -42,7 +42,7 @@ class V6Reasons(NamedTuple):
 
 #: What ``parse_ip`` raises: a routing header with segments left is refused, since the final
 #: destination (and with it the TCP/UDP pseudo-header) would change on the way.
-PACKET_REASONS = V6Reasons("truncated", "ipv6_too_many_headers", "ipv6_routing_header")
+PACKET_REASONS: Final = V6Reasons("truncated", "ipv6_too_many_headers", "ipv6_routing_header")
 
 
 class Parsed(NamedTuple):

@@ -4,17 +4,18 @@ RST answering a packet of a flow it does not know)."""
 from __future__ import annotations
 
 import struct
+from typing import Final
 
 from nfqlb.wire.checksum import full
 from nfqlb.wire.ip import TCP
 
-_TCP = struct.Struct("!HHIIBBHHH")
+_TCP: Final = struct.Struct("!HHIIBBHHH")
 _FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
 
 
-MSS = 2  # option kinds (RFC 9293, RFC 7323)
-WSCALE = 3
-TIMESTAMP = 8
+MSS: Final = 2  # option kinds (RFC 9293, RFC 7323)
+WSCALE: Final = 3
+TIMESTAMP: Final = 8
 
 
 def tcp_option(data: bytes, off: int, kind: int, length: int) -> int:
@@ -54,8 +55,8 @@ def tcp_wscale(data: bytes, off: int) -> int:
 
 #: Linux's options on a SYN and SYN-ACK when every one is on: MSS, SACK permitted, timestamps,
 #: NOP, window scale (40-byte header); what ``syn_options`` recognises without a scan.
-_LINUX_SACK_TS = b"\x04\x02\x08\x0a"
-_LINUX_NOP_WS = b"\x01\x03\x03"
+_LINUX_SACK_TS: Final = b"\x04\x02\x08\x0a"
+_LINUX_NOP_WS: Final = b"\x01\x03\x03"
 
 
 def syn_options(data: bytes, off: int) -> tuple[int, int]:
