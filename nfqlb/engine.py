@@ -766,12 +766,20 @@ class Engine:
         one, else the least recently used half-open one (nfqlb.snat)."""
         pool = svc.pool
         assert pool is not None
-        port, victim, clash = pool.choose(backend.endpoint, now, syn)
-        if victim is not None:
+        while True:
+            port, victim, clash = pool.choose(backend.endpoint, now, syn)
+            if victim is None:
+                break
             assert isinstance(victim, Flow)
-            self._close(victim, now)
+            self.table.remove(victim)
             self.counters.event("reclaimed")
-            port = pool.take_given(backend.endpoint)
+            vport = victim.snat_port
+            if pool.lo <= vport <= pool.hi:  # its port passes straight to the new flow
+                self._retire(victim, now, keep_port=True)
+                port = vport
+                break
+            # (a port of an earlier range, after a reload: not this pool's, gone with it)
+            self._retire(victim, now)
         if not port:
             svc.refuse_no_port(now)
             return None
@@ -847,13 +855,15 @@ class Engine:
         self.table.remove(flow)
         self._retire(flow, now)
 
-    def _retire(self, flow: Flow, now: float) -> None:
+    def _retire(self, flow: Flow, now: float, keep_port: bool = False) -> None:
         """A flow left the table: its service takes back what it held (a fullnat port with
-        the TIME_WAIT its backend holds for it) and accounts it."""
+        the TIME_WAIT its backend holds for it, unless ``keep_port``: the caller hands the
+        port to a new flow) and accounts it."""
         timewait = None
         if flow.backend.reclaim is not None and flow.state in _RECLAIMABLE:
             timewait = _track_port(flow, flow.state, None)
-        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED, timewait)
+        flow.backend.owner.flow_ended(flow, now, flow.state is _ESTABLISHED, timewait,
+                                      give_port=not keep_port)
 
     def policy(self, service: str) -> Policy:
         """The policy object of the service named ``service``, for whatever feeds it (a policy

@@ -424,10 +424,11 @@ class ServiceRuntime:
     # ------------------------------------------------------------ flows that end
 
     def flow_ended(self, flow: Flow, now: float, established: bool,
-                   timewait: TimeWait | None = None) -> None:
+                   timewait: TimeWait | None = None, give_port: bool = True) -> None:
         """A flow left the table: give back its pool port (with the TIME_WAIT its backend
-        holds for it, if any), count it off its backend, tell its policy."""
-        if flow.snat_port and self.pool is not None:
+        holds for it, if any; not if ``give_port`` is false: a new flow takes it over),
+        count it off its backend, tell its policy."""
+        if give_port and self.pool is not None and flow.snat_port:
             self.pool.give(flow.snat_port, flow.backend.endpoint, timewait)
         rt = flow.backend
         if established:

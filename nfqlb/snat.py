@@ -178,13 +178,6 @@ class PortPool:
         self.exhausted += 1
         return None
 
-    def take_given(self, endpoint: bytes) -> int:
-        """The port given back last (a flow just taken back: :meth:`victim`)."""
-        ports = self._ports(endpoint)
-        port = ports.free.pop()
-        ports.timewait.pop(port, None)
-        return port
-
     def give(self, port: int, endpoint: bytes, timewait: TimeWait | None = None) -> None:
         """``port`` of a flow to ``endpoint`` is free again; ``timewait``: the TIME_WAIT the
         backend holds for its connection, if any."""
@@ -223,8 +216,8 @@ class PortPool:
                syn: tuple[bytes, int] | None) -> tuple[int, object | None, bool]:
         """Where a new flow to ``endpoint`` gets its port, ``syn`` its SYN and the offset of
         its TCP header (None: not a SYN, no TIME_WAIT to judge): ``(port, None, clash)`` a
-        port, or ``(0, flow, clash)`` a flow to take back (the caller ends it, then takes
-        :meth:`take_given`), or ``(0, None, False)`` none (counted in ``exhausted``).
+        port, or ``(0, flow, clash)`` a flow to take back (the caller ends it and hands its
+        port to the new flow), or ``(0, None, False)`` none (counted in ``exhausted``).
 
         In order: a port never handed out; one given back, or a closed flow, whose backend's
         TIME_WAIT lets ``syn`` in (the first of the oldest :data:`CANDIDATES` of each); the

@@ -185,6 +185,33 @@ def test_reload_with_a_new_pool_range_never_hands_a_live_port_out() -> None:
     assert SNAT
 
 
+def test_a_closed_flow_of_an_earlier_pool_range_is_reclaimed_for_no_port_of_it() -> None:
+    """After a reload to another range, a closed flow holding a port of the old range can be
+    the one taken back when the new pool runs out: it ends, and the new flow gets a port of
+    the new range (the next closed flow's), never the old port nor an error."""
+    from nfqlb.engine import Engine
+
+    eng = Engine(_config([B1], "fullnat", snat_ports="20000-20001"))
+    old = [Conversation(eng, sport=46000 + i) for i in range(2)]
+    for c in old:
+        c.handshake(now=1.0)
+    assert {f.snat_port for f in eng.table.flows()} == {20000, 20001}
+    eng.reconfigure(_config([B1], "fullnat", snat_ports="30000-30000"), 2.0)
+    for c in old:  # closed after the reload: on the new pool's list of closed flows
+        c.server("FA", now=2.5)
+        c.client("FA", now=2.5)
+    first = Conversation(eng, sport=47000)
+    first.handshake(now=3.0)  # the new range's one port
+    first.server("FA", now=3.0)
+    first.client("FA", now=3.0)  # closed: the one flow of the new range to take back
+    out = eng.handle(tcp(CLIENT, VIP, 47001, 80, "S"), 4.0)
+    assert isinstance(out, bytes), out
+    assert IP(out)[TCP].sport == 30000
+    assert not eng.stats()["dropped"]
+    # both old flows went before the closed new one was reached (least recently used first)
+    assert {f.snat_port for f in eng.table.flows()} == {30000}
+
+
 def test_a_flow_from_before_fullnat_holds_no_port_of_the_new_pool() -> None:
     """A reload that turns a dnat service into fullnat keeps its flows: they hold no port of
     the new pool (their headers say so), so they never go on its reclaim lists and give none
