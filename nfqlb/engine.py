@@ -53,6 +53,7 @@ from nfqlb.flows import (
     FlowTable,
     TcpEvent,
     TcpState,
+    peer_of,
     reply_key,
     tcp_event,
     timeouts_by_state,
@@ -193,14 +194,14 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            flow.peer_c = data[28:36]
+                            flow.peer_c = peer_of(data, 28)
                             h = flow.rev_key  # (the new header: the reply key turned)
                             # checksum.apply_sub; a reply's (its deltas negated): apply_neg
                             ipc = ((data[10] << 8 | data[11]) - flow.ipd) % 0xFFFF
                             l4c = ((data[36] << 8 | data[37]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            flow.peer_b = data[28:36]
+                            flow.peer_b = peer_of(data, 28)
                             h = flow.fwd_key
                             ipc = ((data[10] << 8 | data[11]) + flow.ipd) % 0xFFFF
                             l4c = ((data[36] << 8 | data[37]) + flow.l4d) % 0xFFFF
@@ -277,12 +278,12 @@ class Engine:
                             flow.next = head
                             head.prev = flow
                         if k == flow.fwd_key:
-                            flow.peer_c = data[48:56]
+                            flow.peer_c = peer_of(data, 48)
                             h = flow.rev_key
                             l4c = ((data[56] << 8 | data[57]) - flow.l4d) % 0xFFFF
                             t = flow.backend.inbound
                         else:
-                            flow.peer_b = data[48:56]
+                            flow.peer_b = peer_of(data, 48)
                             h = flow.fwd_key
                             l4c = ((data[56] << 8 | data[57]) + flow.l4d) % 0xFFFF
                             t = flow.backend.outbound
@@ -356,7 +357,7 @@ class Engine:
             return DROP
         ws, mss = syn_options(data, off)
         flow.ws = ws + 1  # the client's; the backend's is unseen
-        flow.peer_c = data[off + 8:off + 16]
+        flow.peer_c = peer_of(data, off + 8)
         l4c = ((data[off + 16] << 8 | data[off + 17]) - flow.l4d) % 0xFFFF  # (apply_sub)
         if mss >= 0 and (data[mss] << 8 | data[mss + 1]) > self.mss_clamp:
             l4c, rest = _clamped(data, off, mss, self.mss_clamp, l4c)
@@ -402,13 +403,13 @@ class Engine:
             h = flow.fwd_key  # (the new header: the other key turned, as in handle)
             l4c = (l4c + flow.l4d) % 0xFFFF
             ipc = (ipc + flow.ipd) % 0xFFFF
-            flow.peer_b = data[off + 8:off + 16]
+            flow.peer_b = peer_of(data, off + 8)
             t = backend.outbound
         else:
             h = flow.rev_key
             l4c = (l4c - flow.l4d) % 0xFFFF
             ipc = (ipc - flow.ipd) % 0xFFFF
-            flow.peer_c = data[off + 8:off + 16]
+            flow.peer_c = peer_of(data, off + 8)
             t = backend.inbound
         flow.last = now  # (FlowTable.touch, inline)
         prev = flow.prev
@@ -554,13 +555,13 @@ class Engine:
                           0xFFFF - l4d or 0xFFFF)
             t = flow.backend.outbound
             if p.proto == TCP:
-                flow.peer_b = data[off + 8:off + 16]
+                flow.peer_b = peer_of(data, off + 8)
         else:
             out = rewrite(data, p.v6, off, p.proto, p.frag_key is not None,
                           flow.fwd_hdr, ipd, l4d)
             t = flow.backend.inbound
             if p.proto == TCP:
-                flow.peer_c = data[off + 8:off + 16]
+                flow.peer_c = peer_of(data, off + 8)
         flow.last = now  # (FlowTable.touch, inline)
         prev = flow.prev
         if prev is not None:
@@ -885,13 +886,13 @@ class Engine:
         for flow in self.table.of_backend(rt):
             if flow.proto == TCP:
                 table = self.table.by_proto[TCP]
-                client_ack, backend_ack = flow.peer_c, flow.peer_b  # what each expects next
-                if table.get(flow.rev_key) is flow and len(client_ack) >= 4:
+                client_seen, backend_seen = flow.peer_c, flow.peer_b  # what each expects next
+                if table.get(flow.rev_key) is flow and client_seen >= 0:
                     # to the client, as the VIP
-                    self._outbound.append(build_rst_to(flow.rev_hdr, _be32(client_ack)))
-                if table.get(flow.fwd_key) is flow and len(backend_ack) >= 4:
+                    self._outbound.append(build_rst_to(flow.rev_hdr, client_seen >> 24))
+                if table.get(flow.fwd_key) is flow and backend_seen >= 0:
                     # to the backend, as the client
-                    self._outbound.append(build_rst_to(flow.fwd_hdr, _be32(backend_ack)))
+                    self._outbound.append(build_rst_to(flow.fwd_hdr, backend_seen >> 24))
             self._close(flow, now)
             n += 1
         if n:
@@ -1049,21 +1050,17 @@ def rst_in_window(flow: Flow, data: bytes, off: int, reply: bool) -> bool:
     as the receiver's last segment announced it: ``0 <= seq - ack <= window`` (mod 2**32),
     the window scaled when both SYNs carried a scale. With nothing seen from the receiver
     (or no ACK in it), the RST is taken as it is."""
-    # ack(4) offset/flags(2) window(2) of the receiver's last segment
+    # ack, flags, window of the receiver's last segment (peer_of)
     seen = flow.peer_c if reply else flow.peer_b
-    if len(seen) < 8 or not seen[5] & 0x10:
+    if seen < 0 or not seen >> 16 & 0x10:
         return True
-    ack = seen[0] << 24 | seen[1] << 16 | seen[2] << 8 | seen[3]
-    window = seen[6] << 8 | seen[7]
+    ack = seen >> 24
+    window = seen & 0xFFFF
     ws = flow.ws
-    if ws & 15 and ws >> 4 and not seen[5] & 0x02:  # a SYN's window is never scaled
+    if ws & 15 and ws >> 4 and not seen >> 16 & 0x02:  # a SYN's window is never scaled
         window <<= flow.wscale(not reply)
     seq = data[off + 4] << 24 | data[off + 5] << 16 | data[off + 6] << 8 | data[off + 7]
     return (seq - ack) & 0xFFFFFFFF <= max(window, 1)
-
-
-def _be32(b: bytes) -> int:
-    return b[0] << 24 | b[1] << 16 | b[2] << 8 | b[3]
 
 
 def backend_of(engine: Engine, data: bytes) -> Backend | None:

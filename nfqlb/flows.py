@@ -21,14 +21,14 @@ flows (the rare operations that need them walk the table: ``of_backend``).
 
 What an established IPv4 TCP flow costs at 1,000,000 flows (bench/flow_memory_bench.py,
 tracemalloc, CPython 3.11): its two keys (2 x 45 bytes) and their two entries in the dict
-(about 84 with the dict's slack), its object (136: 13 slots and the object and GC headers)
-and each side's last segment for the RST window check (2 x 41): about 392 bytes. Its
-last-use time costs nothing of its own: ``last`` is the ``now`` it was given, and the
+(about 84 with the dict's slack) and its object (136 bytes as plain Python: 13 slots and the
+object and GC headers; a few more compiled, :mod:`nfqlb.native`). What it keeps of each
+side's last segment for the RST window check is one integer each (``peer_of``: ack, flags,
+window in 56 bits), a C integer in the compiled object and no object of its own (a bytes
+object of the segment's 8 bytes, as before, was 48 bytes each). As plain Python, its
+last-use time costs nothing of its own either: ``last`` is the ``now`` it was given, and the
 daemon's clock (:mod:`nfqlb.io.clock`) hands out one float object per 10 ms tick, shared by
-every flow touched in that tick (a float of each flow's own was 24 more bytes). Each bytes
-object is an object of its own (33 bytes of header); fewer of them would take per-packet
-work on the fast path (both sides' segments packed into one object) or columns in place of
-objects (arrays indexed by a flow number).
+every flow touched in that tick (compiled, it is a C double in the object).
 
 TCP states follow the table below (h11 style: one table, documented here; an event is a
 packet's flags and direction, ``tcp_event``):
@@ -177,10 +177,11 @@ class Flow:
     #: checksum; the replies' are their negation (``rev_delta``)
     ipd: int
     l4d: int
-    #: TCP: the bytes ack..window (8) of the last segment of the client (``peer_c``) and of
-    #: the backend (``peer_b``), empty until seen: what the RST window check needs
-    peer_c: bytes
-    peer_b: bytes
+    #: TCP: ack, flags and window of the last segment of the client (``peer_c``) and of the
+    #: backend (``peer_b``) as ``peer_of`` packs them, -1 until seen: what the RST window
+    #: check and a reset's sequence numbers need
+    peer_c: int
+    peer_b: int
     #: TCP: the window scale shifts both SYNs announced, ``(client + 1) | (backend + 1) << 4``
     #: (0: neither announced one); see ``wscale``
     ws: int
@@ -208,7 +209,7 @@ class Flow:
         self.rev_key = rev_key
         self.ipd = ipd
         self.l4d = l4d
-        self.peer_c = self.peer_b = b""
+        self.peer_c = self.peer_b = -1
         self.ws = 0
         self.prev = None
         self.placed = None
@@ -283,6 +284,14 @@ class Flow:
             return self.rev_hdr, _INT[0xFFFF - ipd or 0xFFFF] if ipd else 0, _INT[
                 0xFFFF - self.l4d or 0xFFFF]
         return self.fwd_hdr, self.ipd, self.l4d
+
+
+def peer_of(data: bytes, i: int) -> int:
+    """The TCP header's ack (32 bits), flags (8) and window (16) at ``data[i:i + 8]`` (its
+    bytes 8-15: ack, data offset, flags, window) as one integer, ``ack << 24 | flags << 16 |
+    window``: 56 bits, a C integer in a compiled flow (Flow.peer_c, peer_b)."""
+    return (data[i] << 48 | data[i + 1] << 40 | data[i + 2] << 32 | data[i + 3] << 24
+            | data[i + 5] << 16 | data[i + 6] << 8 | data[i + 7])
 
 
 def _turned(key: bytes, n: int) -> bytes:

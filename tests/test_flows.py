@@ -542,3 +542,22 @@ def test_a_flow_keeps_its_placement_only_for_a_policy_that_asks(policy: str, kee
     assert (flow.placed is not None) is keeps
     if keeps:
         assert flow.placed[0] is eng.policy("dnat-tcp") and flow.placed[2] is flow.backend.backend
+
+
+def test_peer_of_packs_ack_flags_and_window_in_56_bits() -> None:
+    """What a flow keeps of a side's last segment: ack, flags and window, no data offset, in
+    an integer below 2**56 (a C integer when compiled, whatever the ack)."""
+    import random
+    import struct
+
+    from nfqlb.flows import peer_of
+
+    rng = random.Random(7)
+    for _ in range(2000):
+        ack, off, flags, window = (rng.getrandbits(32), rng.getrandbits(8), rng.getrandbits(8),
+                                   rng.getrandbits(16))
+        data = bytes(rng.getrandbits(8) for _ in range(28)) + struct.pack("!IBBH", ack, off,
+                                                                           flags, window)
+        v = peer_of(data, 28)
+        assert 0 <= v < 1 << 56
+        assert (v >> 24, v >> 16 & 0xFF, v & 0xFFFF) == (ack, flags, window)
