@@ -54,7 +54,6 @@ MODULES = (
     "nfqlb/policies/weighted_round_robin.py",
     "nfqlb/io/netlink.py",
     "nfqlb/io/offload.py",
-    "nfqlb/io/nfqueue.py",
 )
 
 #: Where builds go: one directory per tag.

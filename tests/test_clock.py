@@ -138,9 +138,7 @@ def test_two_nfqueue_wakeups_within_a_tick_hand_the_same_now(frozen: Source) -> 
     finally:
         sock.close()
     assert len(seen) == 3 and adapter.wakeups == 3
-    assert seen[0] == seen[1] and seen[2] != seen[1]
-    if not native.NATIVE:  # (compiled, the adapter holds `now` as a C double)
-        assert seen[0] is seen[1]
+    assert seen[0] is seen[1] and seen[2] is not seen[1]
 
 
 def _packet_message(packet_id: int, data: bytes) -> bytes:
