@@ -1,11 +1,12 @@
 """The hot modules compiled to C with mypyc, used when a build matches the sources.
 
 nfqlb is written and type-checked as Python; mypyc (the compiler of the mypy project, which
-also compiles mypy and black) turns the modules a packet goes through (:data:`MODULES`: the
-engine, the flow table, the wire helpers, the snat pool, the offload decider, the queue
-adapters' netlink client) into C extensions from the same source, with the same behaviour:
-the engine costs about half the CPU per packet (``bench/engine_bench.py`` prints which one it
-measured).
+also compiles mypy and black) turns the modules a packet goes through into C extensions from
+the same source, with the same behaviour (:data:`MODULES`: the engine, the flow table, the
+wire helpers, the snat pool, services and the built-in policies but maglev, the counters,
+the offload decider, nfqlb's netlink client and its offload adapter; not the NetfilterQueue
+adapter, whose cost is the binding's own calls): the engine takes a quarter to a half of the
+CPU per packet (``bench/engine_bench.py`` prints which one it measured).
 
 A build is never in the way of the source:
 
