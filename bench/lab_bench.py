@@ -32,6 +32,11 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfq-accept-w2   the same with two such workers (--queue-balance over two queues)
   nl-accept       the same floor on nfqlb's own netlink client (nfqlb.io.netlink), every
                   packet accepted: what that binding itself costs, beside NetfilterQueue's
+  c-mark          offload's floor: a worker in C (libnetfilter_queue, compiled by the script)
+                  given only conntrack NEW packets to the VIP, as nfqlb's offload queue is,
+                  that accepts each with the next backend's mark (round robin, no other
+                  work); kernel DNAT by mark (the "C balancer on NFQUEUE" of issue 10)
+  c-mark-w2       the same with two such workers (--queue-balance over two queues)
   nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
                   route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
                   offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
@@ -51,7 +56,7 @@ iperf3 server on 5202). Before the rounds, each nfqlb path's configuration goes 
                               [--verbose]
 
 A quick look (two paths, no iperf3) takes about a minute with ``--rounds 3 --skip-iperf``;
-all fourteen paths with the defaults about eight minutes (about 11.5 s per path and round).
+all seventeen paths with the defaults about ten minutes (about 11.5 s per path and round).
 
 The report is a Markdown block (the machine, the date, two tables) to paste into the README;
 the arithmetic is in ``bench/lab_results.py``. Needs root, iproute2, iptables, nginx and the
@@ -93,6 +98,7 @@ from lab import (  # noqa: E402
 )
 
 from nfqlb import native  # noqa: E402
+from nfqlb.offload import COPY_RANGE  # noqa: E402
 
 URL = f"http://{VIP}:80/"
 IPERF_PORT = 5201  # the service port, and backend-1's iperf3 server
@@ -140,6 +146,55 @@ while True:
     sel.select()
     adapter.on_readable()
 '''
+
+# offload's floor: conntrack NEW packets come to this C worker, which accepts each with the
+# next of the marks given (round robin), one verdict per packet as libnetfilter_queue users
+# write it; the headers only (COPY_RANGE, as nfqlb's offload queue) and GSO packets whole.
+_C_MARK_WORKER = r'''
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <linux/netfilter.h>
+#include <libnetfilter_queue/libnetfilter_queue.h>
+
+static unsigned int marks[16];
+static unsigned int n_marks, next_mark;
+
+static int on_packet(struct nfq_q_handle *qh, struct nfgenmsg *msg, struct nfq_data *nfa,
+                     void *data) {
+    struct nfqnl_msg_packet_hdr *ph = nfq_get_msg_packet_hdr(nfa);
+    unsigned int mark = marks[next_mark++ %% n_marks];
+    return nfq_set_verdict2(qh, ntohl(ph->packet_id), NF_ACCEPT, mark, 0, NULL);
+}
+
+int main(int argc, char **argv) {
+    static char buf[65536] __attribute__((aligned(8)));
+    if (argc < 4 || argc > 19) return 2;
+    for (int i = 3; i < argc; i++) marks[n_marks++] = strtoul(argv[i], NULL, 0);
+    struct nfq_handle *h = nfq_open();
+    if (!h) { perror("nfq_open"); return 1; }
+    struct nfq_q_handle *qh = nfq_create_queue(h, atoi(argv[1]), &on_packet, NULL);
+    if (!qh) { perror("nfq_create_queue"); return 1; }
+    if (nfq_set_mode(qh, NFQNL_COPY_PACKET, %(copy_range)d) < 0 ||
+        nfq_set_queue_maxlen(qh, 1024) < 0 ||
+        nfq_set_queue_flags(qh, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO) < 0) {
+        perror("queue setup"); return 1;
+    }
+    FILE *ready = fopen(argv[2], "w");
+    if (ready) fclose(ready);
+    int fd = nfq_fd(h);
+    for (;;) {
+        int n = recv(fd, buf, sizeof buf, 0);
+        if (n >= 0) nfq_handle_packet(h, buf, n);
+        else if (errno != ENOBUFS && errno != EINTR) { perror("recv"); return 1; }
+    }
+}
+'''
+C_MARK_QUEUE = 4  # the C workers' first queue (the accept-only workers use 2 and 3)
+C_MARKS = (0x100, 0x200)  # one per backend, DNAT by mark in the nat table
 
 # wrk against the backends themselves: thread i connects to backend i (wrk.lookup resolves
 # the literal address), so the direct path loads both nginx servers as the balancers do.
@@ -674,6 +729,57 @@ def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
                 p.wait(5)
 
 
+def c_mark_binary(lab: Lab) -> Path:
+    """The C worker of ``c-mark``, compiled into the lab's directory (once per run)."""
+    binary = lab.dir / "c_mark_worker"
+    if binary.exists():
+        return binary
+    source = lab.dir / "c_mark_worker.c"
+    source.write_text(_C_MARK_WORKER % {"copy_range": COPY_RANGE})
+    proc = subprocess.run(["gcc", "-O2", "-Wall", "-o", str(binary), str(source),
+                           "-lnetfilter_queue"], capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise LabError(f"cannot compile the C worker (gcc and libnetfilter-queue-dev, as "
+                       f"scripts/install-deps.sh installs them):\n{proc.stderr}")
+    return binary
+
+
+@contextlib.contextmanager
+def c_mark(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
+    binary = c_mark_binary(lab)
+    queues = list(range(C_MARK_QUEUE, C_MARK_QUEUE + path.workers))
+    target = (["--queue-num", str(queues[0])] if len(queues) == 1 else
+              ["--queue-balance", f"{queues[0]}:{queues[-1]}"])
+    new = ["-d", VIP, "-p", "tcp", "-m", "multiport", "--dports", f"80,{IPERF_PORT}",
+           "-m", "conntrack", "--ctstate", "NEW", "-j", "NFQUEUE", *target, "--queue-bypass"]
+    http = ["-d", VIP, "-p", "tcp", "--dport", "80"]
+    marks = C_MARKS[:len(lab.backends)]
+    nat = [[*http, "-m", "mark", "--mark", hex(mark), "-j", "DNAT", "--to-destination",
+            f"{b.address}:{HTTP_PORT}"] for mark, b in zip(marks, lab.backends, strict=True)]
+    nat.append(["-d", VIP, "-p", "tcp", "--dport", str(IPERF_PORT), "-j", "DNAT",
+                "--to-destination", f"{lab.backends[0].address}:{IPERF_PORT}"])
+    procs = []
+    with sysctl(lab, "net.ipv4.ip_forward", "1"), rules(lab, "nat", "PREROUTING", nat):
+        try:
+            for q in queues:
+                ready = lab.dir / f"c-mark-{q}.ready"
+                ready.unlink(missing_ok=True)
+                log = lab.dir / f"c-mark-{q}.out"
+                procs.append(lab.spawn(lab.lb, [str(binary), str(q), str(ready),
+                                                *(hex(m) for m in marks)], log=log))
+                deadline = time.monotonic() + 10
+                while not ready.exists():
+                    if procs[-1].poll() is not None or time.monotonic() > deadline:
+                        raise LabError(f"the C worker did not start:\n{log.read_text()}")
+                    time.sleep(0.02)
+            with rules(lab, "mangle", "PREROUTING", [new]):
+                yield Stage(pids=[p.pid for p in procs], labels=backend_labels(lab))
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(5)
+
+
 #: How long a backend keeps a connection in TIME_WAIT (Linux's TCP_TIMEWAIT_LEN), and a margin.
 TIME_WAIT_S = 62.0
 
@@ -781,11 +887,12 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
 def _nfqlb_paths() -> list[BenchPath]:
     paths = []
     for workers, suffix, floor in ((1, "", "nfq-accept"), (2, "-w2", "nfq-accept-w2")):
+        c_floor = "c-mark" + suffix
         label = "" if workers == 1 else f", {workers} workers"
         for mode in ("dnat", "fullnat", "local", "offload"):
             paths.append(BenchPath(f"nfqlb-{mode}{suffix}", f"nfqlb {mode}{label}", nfqlb,
                                    mode=mode, workers=workers,
-                                   floor=None if mode == "offload" else floor))
+                                   floor=c_floor if mode == "offload" else floor))
     # the NetfilterQueue binding on the main queue (the default is nfqlb's netlink client)
     paths.insert(1, BenchPath("nfqlb-dnat-nfq", "nfqlb dnat, NetfilterQueue binding", nfqlb,
                               mode="dnat", floor="nfq-accept", binding="netfilterqueue"))
@@ -801,6 +908,10 @@ PATHS: list[BenchPath] = [
               workers=2),
     BenchPath("nl-accept", "accept-only Python worker, nfqlb's netlink binding", nfq_accept,
               binding="netlink"),
+    BenchPath("c-mark", "C worker marking new flows, kernel DNAT by mark (offload's floor)",
+              c_mark),
+    BenchPath("c-mark-w2", "C workers marking new flows, 2 (offload's floor)", c_mark,
+              workers=2),
     *_nfqlb_paths(),
 ]
 

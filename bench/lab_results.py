@@ -319,7 +319,9 @@ def report(results: Sequence[PathResult], reference: str, heading: Sequence[str]
     lines.append(
         "Medians of the rounds. \"x kernel\": a path's median over kernel iptables DNAT's; "
         "\"x floor\": nfqlb's rewrite modes over the accept-only floor with as many workers "
-        "(kernel DNAT plus Python NetfilterQueue workers that only accept). Balancer "
+        "(kernel DNAT plus Python NetfilterQueue workers that only accept), and offload "
+        "over its own floor (a C worker that marks each new flow for the next backend, "
+        "kernel DNAT by mark). Balancer "
         "CPU: user + system time of the balancer's processes (the queue workers, or HAProxy) "
         "in % of one core; per queued packet: that time over the packets queued to them (with "
         "several workers, the total and in brackets each worker's own).")

@@ -228,9 +228,12 @@ def test_the_paths_table() -> None:
     for p in lab_bench.PATHS:
         if p.is_nfqlb:
             # each rewrite mode is compared with the floor of as many workers
-            floor = next(f for f in lab_bench.PATHS if f.name == p.floor) if p.floor else None
-            assert (floor is None) == (p.mode == "offload")
-            assert floor is None or floor.workers == p.workers
+            floor = next(f for f in lab_bench.PATHS if f.name == p.floor)
+            assert floor.workers == p.workers
+            # offload against the C worker that marks new flows, the others against the
+            # accept-only Python worker
+            assert floor.setup is (lab_bench.c_mark if p.mode == "offload" else
+                                   lab_bench.nfq_accept)
             if not p.binding:
                 assert lab_bench.nfqlb_daemon_keys(p) == ({} if p.workers == 1
                                                           else {"workers": p.workers})
