@@ -10,6 +10,13 @@ SIGUSR1-style stats are printed (to /dev/null) a few times. Printed: the flows e
 timer slices, and the longest gap between two reads during the expiry and around the stats,
 next to the median gap (the writer's own pace).
 
+Before that, what Python's cyclic garbage collector costs with the table full: the longest
+of its automatic full collections while the table filled (one comes each time the objects
+that outlived the young collections have grown by a quarter, and stops the worker for its
+whole walk) and the time of one full collection with the table full. Compiled, flows are
+not tracked by the collector (``nfqlb.flows.Flow``); as plain Python (``NFQLB_PURE=1``) the
+walk grows with the table.
+
     python bench/stall_bench.py [--flows 1000000]
 """
 
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import logging
 import os
 import socket
@@ -25,7 +33,10 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import Any
 
+from nfqlb import native
 from nfqlb.config import parse_config
 from nfqlb.engine import Engine
 from nfqlb.io.daemon import HeldPackets, Server, _new_loop
@@ -79,6 +90,18 @@ class StandInQueue:
         return f"stand-in queue: {len(self.reads)} reads"
 
 
+class _TimerCounted:
+    """The engine as the Server sees it, with its timer calls going through ``on_timer``
+    (a compiled engine's methods cannot be replaced on the instance)."""
+
+    def __init__(self, engine: Engine, on_timer: Callable[[float], None]) -> None:
+        self._engine = engine
+        self.handle_timer = on_timer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
 def longest_gap(reads: list[float], start: float, end: float) -> float:
     """The longest time without a read between ``start`` and ``end`` (edges included)."""
     window = [start, *(t for t in reads if start < t < end), end]
@@ -90,15 +113,34 @@ def main() -> None:
     ap.add_argument("--flows", type=int, default=1_000_000)
     ap.add_argument("--stats", type=int, default=5, help="stats printouts")
     a = ap.parse_args()
+    full_pauses: list[float] = []
+    started = [0.0]
+
+    def on_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            started[0] = time.perf_counter()
+        elif info["generation"] == 2:
+            full_pauses.append(time.perf_counter() - started[0])
+
+    gc.collect()
+    gc.callbacks.append(on_gc)
     t0 = time.perf_counter()
     engine = build(a.flows)
+    gc.callbacks.remove(on_gc)
     print(f"stall benchmark: {a.flows:,} UDP flows built in {time.perf_counter() - t0:.1f} s, "
-          f"pid {os.getpid()}")
+          f"pid {os.getpid()}, engine: {native.STATE}")
+    t1 = time.perf_counter()
+    gc.collect()
+    full = time.perf_counter() - t1
+    longest = f"{max(full_pauses) * 1e3:.2f} ms" if full_pauses else "none came"
+    print(f"  automatic full garbage collections while the table filled: {len(full_pauses)}, "
+          f"the longest {longest}")
+    print(f"  one full garbage collection with the table full: {full * 1e3:9.2f} ms "
+          f"({len(gc.get_objects()):,} objects tracked)")
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
     queue = StandInQueue(ours, clock_offset=10.0 - time.monotonic())  # nothing due yet
     loop = _new_loop()
-    server = Server(loop, engine, [queue], HeldPackets(engine), logging.getLogger("bench"))
     # a packet every millisecond, bounded in count (at most 120 s) and by the run
     feed = ("import socket, sys, time\n"
             "s = socket.socket(fileno=int(sys.argv[1]))\n"
@@ -122,7 +164,8 @@ def main() -> None:
             marks["expired"] = time.perf_counter()
             loop.call_later(0.2, loop.stop)
 
-    engine.handle_timer = counted  # type: ignore[method-assign]
+    server = Server(loop, _TimerCounted(engine, counted),  # type: ignore[arg-type]
+                    [queue], HeldPackets(engine), logging.getLogger("bench"))
 
     def print_stats() -> None:
         marks["stats_start"] = time.perf_counter()

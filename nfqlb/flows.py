@@ -71,6 +71,8 @@ import enum
 import ipaddress
 from typing import TYPE_CHECKING, Final
 
+from mypy_extensions import mypyc_attr
+
 from nfqlb.config import Timeouts
 from nfqlb.values import Backend
 from nfqlb.wire.ip import TCP, UDP
@@ -152,14 +154,21 @@ def timeouts_by_state(t: Timeouts) -> tuple[float, ...]:
     return tuple(by[s] for s in TcpState)
 
 
-
+@mypyc_attr(acyclic=True)
 class Flow:
     """One balanced connection, both directions in its own slots (per flow, never per
     packet). It is the value of both of its keys in the table.
 
     What a direction's packets need and the other direction's can be worked out from
     (``rev_key``, the reverse deltas, the fullnat port) is not stored: see the module's
-    docstring for what a flow costs."""
+    docstring for what a flow costs.
+
+    Compiled, a flow is no object of the cyclic garbage collector (``acyclic``): a full
+    collection, which comes every time the objects that outlived the young ones have grown
+    by a quarter, would otherwise walk every flow of the table, in one pause of the worker
+    (about 200 ms at a million flows; ``bench/stall_bench.py``). The only cycles among
+    flows are their rings' links, which the table undoes as flows leave it and when it is
+    dropped (``FlowTable.__del__``); nothing a flow refers to refers back to it."""
 
     __slots__ = (
         "backend", "state", "last", "fwd_key", "rev_key", "ipd", "l4d", "peer_c", "peer_b", "ws",
@@ -321,6 +330,9 @@ def _ring() -> Flow:
     return head
 
 
+#: Where a dropped table's ring sentinels point (``FlowTable.__del__``): an empty ring.
+_UNLINKED: Final = _ring()
+
 #: Every 16-bit value as one shared int object: a flow's four deltas cost no memory of their
 #: own (an int above 256 is a 28-byte object in CPython).
 _INT: Final[tuple[int, ...]] = tuple(range(0x10000))
@@ -352,6 +364,21 @@ class FlowTable:
 
     def __len__(self) -> int:
         return self.active
+
+    def __del__(self) -> None:
+        """Undo every ring: compiled, flows are not tracked by the garbage collector (see
+        ``Flow``), so the cycles of a ring's links would keep a dropped table's flows alive
+        for good. Each flow is left pointing at its ring's sentinel only, so freeing them
+        is no chain of a million nested deallocations either."""
+        for head in self.rings:
+            flow = head.next
+            while flow is not head:
+                nxt = flow.next
+                flow.prev = None
+                flow.next = head
+                flow = nxt
+            head.prev = None
+            head.next = _UNLINKED
 
     @staticmethod
     def build(service: ServiceRuntime, backend: BackendRuntime, proto: int, state: TcpState,
@@ -420,6 +447,9 @@ class FlowTable:
             prev.next = nxt
             nxt.prev = prev
             flow.prev = None  # marks it gone
+            # and holds no neighbour: a flow gone but still referred to (a fragment's
+            # outcome, a held packet) keeps no chain of other gone flows alive behind it
+            flow.next = _UNLINKED
             self.active -= 1
 
     def touch(self, flow: Flow, now: float) -> None:
