@@ -21,7 +21,10 @@ The loop has three kinds of sources: the two queue sockets (``add_reader`` -> th
 (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
 and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGHUP reloads). Signal
 handlers are installed before anything is changed, so a SIGTERM at any point after that leads
-through the clean-up. With ``daemon.withdraw_wait`` a stop signal first makes ``nfqlb health``
+through the clean-up: one that comes while nfqlb starts is noted and acted on as soon as the
+loop runs (uvloop's own handlers, ``add_signal_handler``, only note a signal until the loop
+runs, where nothing read that note before a later signal: such a SIGTERM was lost, and the
+daemon served on). With ``daemon.withdraw_wait`` a stop signal first makes ``nfqlb health``
 fail (the node is withdrawing, :mod:`nfqlb.io.node`) and the loop serves that long before it
 stops, so that a BGP speaker withdraws the VIP while flows are still served; a second signal
 stops at once.
@@ -39,11 +42,13 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import logging
 import os
 import signal
 import time
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -135,6 +140,10 @@ class HeldPackets:
         self._give.clear()
 
 
+#: What ``signal.signal`` takes and returns.
+_Handler = Callable[[int, types.FrameType | None], object] | int | signal.Handlers | None
+
+
 class Server:
     """The event loop around one engine and its bound queues (the first one's clock rules)."""
 
@@ -163,13 +172,47 @@ class Server:
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
         self.node = NodeState()  # what nfqlb health answers: drained, withdrawing, rules
+        self._signal_actions: dict[int, Callable[[], object]] = {}
+        self._noted_signals: list[int] = []  # caught, not acted on yet
+        self._previous_handlers: dict[int, _Handler] = {}
+        self._serving = False  # the loop runs serve()'s callbacks
 
     def install_signal_handlers(self) -> None:
+        """Catch the stop, stats and reload signals from now on. Python runs the handler in
+        the main thread between two bytecodes; in the loop that is at once (the loop wakes on
+        the signal through its self-pipe and lets Python run it), and the action comes in a
+        callback of its own. A signal caught before the loop runs is acted on when it starts;
+        one caught after it stopped (during the clean-up) is not."""
+        actions: dict[int, Callable[[], object]] = {}
         # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
         for sig in (signal.SIGINT, signal.SIGTERM) if self.role is None else (signal.SIGTERM,):
-            self.loop.add_signal_handler(sig, self._on_stop_signal, sig)
-        self.loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
-        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+            actions[sig] = functools.partial(self._on_stop_signal, sig)
+        actions[signal.SIGUSR1] = self.print_stats
+        actions[signal.SIGHUP] = self.reload
+        self._signal_actions = actions
+        for signum in actions:
+            self._previous_handlers[signum] = signal.signal(signum, self._caught)
+            signal.siginterrupt(signum, False)  # system calls restart (SA_RESTART)
+
+    def restore_signal_handlers(self) -> None:
+        """The handlers from before ``install_signal_handlers`` (after the clean-up)."""
+        for sig, handler in self._previous_handlers.items():
+            signal.signal(sig, handler)
+        self._previous_handlers.clear()
+
+    def _caught(self, signum: int, _frame: types.FrameType | None) -> None:
+        self._noted_signals.append(signum)
+        if self._serving:
+            self.loop.call_soon_threadsafe(self._act_on_signals)
+
+    def _act_on_signals(self) -> None:
+        noted, self._noted_signals = self._noted_signals, []
+        for signum in noted:
+            self._signal_actions[signum]()
+
+    def _start_serving(self) -> None:
+        self._serving = True
+        self._act_on_signals()  # those caught while nfqlb started
 
     def flush_outbound(self) -> None:
         """Send the packets the engine made of its own accord (RSTs of flows it ended)."""
@@ -279,9 +322,11 @@ class Server:
             stats = self.loop.call_later(self.stats_interval, self._periodic_stats)
         if self.health is not None:
             self.health.start()
+        self.loop.call_soon(self._start_serving)
         try:
             self.loop.run_forever()
         finally:
+            self._serving = False
             if self.health is not None:
                 self.health.stop()
             for fd in fds:
@@ -543,6 +588,7 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         if server.kernel_flows is not None:
             server.kernel_flows.close()
         loop.close()
+        server.restore_signal_handlers()
     return 0 if clean else 1
 
 
