@@ -751,7 +751,8 @@ def c_mark(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
     target = (["--queue-num", str(queues[0])] if len(queues) == 1 else
               ["--queue-balance", f"{queues[0]}:{queues[-1]}"])
     new = ["-d", VIP, "-p", "tcp", "-m", "multiport", "--dports", f"80,{IPERF_PORT}",
-           "-m", "conntrack", "--ctstate", "NEW", "-j", "NFQUEUE", *target, "--queue-bypass"]
+           "-m", "conntrack", "--ctstate", "NEW", "!", "--ctstatus", "CONFIRMED",
+           "-j", "NFQUEUE", *target, "--queue-bypass"]  # (as nfqlb's offload-jumps.rules)
     http = ["-d", VIP, "-p", "tcp", "--dport", "80"]
     marks = C_MARKS[:len(lab.backends)]
     nat = [[*http, "-m", "mark", "--mark", hex(mark), "-j", "DNAT", "--to-destination",

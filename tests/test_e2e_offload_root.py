@@ -184,6 +184,32 @@ def test_tcp_flows_spread_over_both_backends_and_only_first_packets_reach_nfqlb(
         assert lab.iptables_save(lab.lb) == before  # every rule gone, tables too
 
 
+def test_a_retransmitted_syn_is_not_decided_again() -> None:
+    """A SYN sent again (no answer came back through the balancer) is still NEW to
+    conntrack, but its flow is placed already (the entry confirmed, its DNAT done): it takes
+    that translation without going to nfqlb, so the policy is asked once per connection and
+    the counters count one flow (were it queued again, round robin would move on, and the
+    mark given would change nothing)."""
+    with Lab(2) as lab:
+        # each backend loses the first SYN it is sent: the client sends it again after 1 s
+        drop = ["-p", "tcp", "--syn", "-m", "statistic", "--mode", "nth", "--every",
+                "1000000", "--packet", "0", "-j", "DROP"]
+        for b in lab.backends:
+            lab.exec(b, ["iptables", "-A", "INPUT", *drop])
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web")))
+        with d:
+            t0 = time.monotonic()
+            first = lab.curl(lab.client, f"http://{VIP}/").decode().strip()
+            took = time.monotonic() - t0
+            queued = offload_packets(d)
+            backends = status(d)["services"]["web"]["backends"]
+        assert took >= 0.9, f"no SYN was sent again ({took:.2f} s): the test proves nothing"
+        assert first in {"backend-1", "backend-2"}
+        assert queued == 1, d.report()
+        assert {name: b["flows"] for name, b in backends.items()} == {
+            "backend-1": int(first == "backend-1"), "backend-2": int(first == "backend-2")}
+
+
 @pytest.mark.parametrize("family", [4, 6])
 def test_udp_flows_spread_over_both_backends(family: int) -> None:
     with Lab(2, ipv6=family == 6) as lab:
@@ -199,6 +225,9 @@ def test_udp_flows_spread_over_both_backends(family: int) -> None:
             [large] = lab.udp_exchange(lab.client, vip, UDP_PORT, [b"L" * 1200])
             queued = offload_packets(d)
         assert all(r is not None for r in replies), d.report()
+        # eight flows: eight source ports (a port used again would be the earlier flow's,
+        # its conntrack entry still there, and take no decision)
+        assert len({r.client_port for r in replies if r is not None}) == REQUESTS
         got = collections.Counter(r.label for r in replies if r is not None)
         assert got == {"backend-1": REQUESTS // 2, "backend-2": REQUESTS // 2}
         # the reply comes from the VIP's port (conntrack undid the DNAT)

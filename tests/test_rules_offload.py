@@ -32,8 +32,9 @@ V6 = {
     "snat_address": "2001:db8:1::1",
     "backend": [{"address": "2001:db8:1::10", "port": 5353}],
 }
-MANGLE_JUMPS = [("mangle", "-I PREROUTING -m conntrack --ctstate NEW -j NFQLB-NEW-1"),
-                ("mangle", "-I OUTPUT -m conntrack --ctstate NEW -j NFQLB-NEW-1")]
+FIRST = "-m conntrack --ctstate NEW ! --ctstatus CONFIRMED"  # a flow's first packet
+MANGLE_JUMPS = [("mangle", f"-I PREROUTING {FIRST} -j NFQLB-NEW-1"),
+                ("mangle", f"-I OUTPUT {FIRST} -j NFQLB-NEW-1")]
 NAT_JUMPS = [("nat", "-I PREROUTING -j NFQLB-DNAT-1"), ("nat", "-I OUTPUT -j NFQLB-DNAT-1"),
              ("nat", "-I POSTROUTING -j NFQLB-SNAT-1")]
 
@@ -95,8 +96,8 @@ def test_a_mixed_config_keeps_other_modes_in_raw_and_offload_out_of_it() -> None
 def test_restore_text_adds_only_missing_jumps_and_removes_offload_chains_when_gone() -> None:
     [rs] = rules.render(make_config(OFFLOAD))
     dump = ("*mangle\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:NFQLB-NEW-1 - [0:0]\n"
-            "-A PREROUTING -m conntrack --ctstate NEW -j NFQLB-NEW-1\n"
-            "-A OUTPUT -m conntrack --ctstate NEW -j NFQLB-NEW-1\nCOMMIT\n"
+            "-A PREROUTING -m conntrack --ctstate NEW ! --ctstatus CONFIRMED -j NFQLB-NEW-1\n"
+            "-A OUTPUT -m conntrack --ctstate NEW ! --ctstatus CONFIRMED -j NFQLB-NEW-1\nCOMMIT\n"
             "*nat\n:PREROUTING ACCEPT [0:0]\n:NFQLB-DNAT-1 - [0:0]\n:NFQLB-SNAT-1 - [0:0]\n"
             "-A PREROUTING -j NFQLB-DNAT-1\nCOMMIT\n")
     text = rules.format_offload(rs, dump)
@@ -107,8 +108,8 @@ def test_restore_text_adds_only_missing_jumps_and_removes_offload_chains_when_go
     [plain] = rules.render(make_config(DNAT))
     removal = rules.format_offload(plain, dump)
     assert removal.splitlines() == [
-        "*mangle", "-D PREROUTING -m conntrack --ctstate NEW -j NFQLB-NEW-1",
-        "-D OUTPUT -m conntrack --ctstate NEW -j NFQLB-NEW-1", "-F NFQLB-NEW-1",
+        "*mangle", f"-D PREROUTING {FIRST} -j NFQLB-NEW-1",
+        f"-D OUTPUT {FIRST} -j NFQLB-NEW-1", "-F NFQLB-NEW-1",
         "-X NFQLB-NEW-1", "COMMIT", "*nat", "-D PREROUTING -j NFQLB-DNAT-1", "-F NFQLB-DNAT-1",
         "-F NFQLB-SNAT-1", "-X NFQLB-DNAT-1", "-X NFQLB-SNAT-1", "COMMIT"]
     assert rules.plan_delete_offload(2, dump) is None  # another queue's: not ours

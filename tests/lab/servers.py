@@ -66,14 +66,17 @@ import json, socket, sys, time
 args = json.loads(sys.argv[1])
 results = []
 sock = None
+# new_socket_each: every socket stays open to the end, so that no two of them get the same
+# ephemeral port (a closed socket's port can come again, and its datagram then belongs to
+# the earlier flow, whose conntrack entry is still there: no new flow)
+opened = []
 deadline = time.monotonic() + args["budget"]
 for i, payload in enumerate(args["payloads"]):
     if sock is None or args["new_socket_each"]:
-        if sock is not None:
-            sock.close()
         family = socket.AF_INET6 if ":" in args["dst"] else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         sock.settimeout(args["timeout"])
+        opened.append(sock)
     data = bytes.fromhex(payload)
     sock.sendto(data, (args["dst"], args["port"]))
     answer = None
@@ -86,6 +89,8 @@ for i, payload in enumerate(args["payloads"]):
             answer = {"reply": reply.hex(), "peer": list(peer), "port": sock.getsockname()[1]}
             break
     results.append(answer)
+for s in opened:
+    s.close()
 print(json.dumps(results))
 '''
 
