@@ -21,6 +21,7 @@ from nfqlb.config import parse_config
 from nfqlb.engine import Engine
 from nfqlb.io import daemon
 from nfqlb.io.clock import MONOTONIC
+from nfqlb.io.signals import LoopSignals
 
 GUARD_S = 5.0  # the loop is stopped by the test after this long, if no signal stopped it
 
@@ -111,4 +112,31 @@ def test_a_signal_after_the_loop_stopped_is_only_noted(server: daemon.Server) ->
     assert not guarded
     os.kill(os.getpid(), signal.SIGTERM)  # the clean-up would run now: still alive
     time.sleep(0.01)
-    assert server._noted_signals == [signal.SIGTERM]
+    assert server.signals is not None and server.signals.noted == [signal.SIGTERM]
+
+
+def test_loop_signals_act_in_order_once_the_loop_runs() -> None:
+    """nfqlb.io.signals alone (the supervisor of several workers uses it too): signals
+    caught before the loop runs wait for it, then run in the order they came; the handlers
+    from before come back with restore()."""
+    loop = daemon._new_loop()
+    done: list[str] = []
+    signals = LoopSignals(loop, {signal.SIGUSR1: lambda: done.append("usr1"),
+                                 signal.SIGHUP: lambda: done.append("hup"),
+                                 signal.SIGTERM: lambda: (done.append("term"), loop.stop())})
+    before = {s: signal.getsignal(s) for s in signals.actions}
+    signals.install()
+    try:
+        for sig in (signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM):
+            os.kill(os.getpid(), sig)
+        assert done == [] and signals.noted == [signal.SIGUSR1, signal.SIGHUP, signal.SIGTERM]
+        loop.call_soon(signals.serving)
+        loop.call_later(GUARD_S, loop.stop)
+        t0 = time.monotonic()
+        loop.run_forever()
+        assert done == ["usr1", "hup", "term"]
+        assert time.monotonic() - t0 < GUARD_S / 2
+    finally:
+        signals.restore()
+        loop.close()
+    assert {s: signal.getsignal(s) for s in before} == before

@@ -21,13 +21,11 @@ The loop has three kinds of sources: the two queue sockets (``add_reader`` -> th
 (re-armed with ``call_at`` from ``engine.get_timer()``, at least once a second, aioquic style)
 and signals (SIGINT/SIGTERM stop, SIGUSR1 prints the counters, SIGHUP reloads). Signal
 handlers are installed before anything is changed, so a SIGTERM at any point after that leads
-through the clean-up: one that comes while nfqlb starts is noted and acted on as soon as the
-loop runs (uvloop's own handlers, ``add_signal_handler``, only note a signal until the loop
-runs, where nothing read that note before a later signal: such a SIGTERM was lost, and the
-daemon served on). With ``daemon.withdraw_wait`` a stop signal first makes ``nfqlb health``
-fail (the node is withdrawing, :mod:`nfqlb.io.node`) and the loop serves that long before it
-stops, so that a BGP speaker withdraws the VIP while flows are still served; a second signal
-stops at once.
+through the clean-up: one that comes while nfqlb starts is acted on as soon as the loop runs
+(:mod:`nfqlb.io.signals`: uvloop's own handlers lost it). With ``daemon.withdraw_wait`` a
+stop signal first makes ``nfqlb health`` fail (the node is withdrawing,
+:mod:`nfqlb.io.node`) and the loop serves that long before it stops, so that a BGP speaker
+withdraws the VIP while flows are still served; a second signal stops at once.
 
 A reload (SIGHUP, ``nfqlb ctl reload``) reads the configuration file again; one that fails
 ``check`` is refused (one line, logged) and the running one keeps serving. Otherwise the
@@ -48,7 +46,6 @@ import logging
 import os
 import signal
 import time
-import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,6 +63,7 @@ from nfqlb.io.nfqueue import QueueAdapter
 from nfqlb.io.node import NodeState, RulesWatch, missing_jump
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
+from nfqlb.io.signals import LoopSignals
 from nfqlb.offload import OffloadDecider
 from nfqlb.values import Backend, Mode
 from nfqlb.verdict import DROP, Final
@@ -140,10 +138,6 @@ class HeldPackets:
         self._give.clear()
 
 
-#: What ``signal.signal`` takes and returns.
-_Handler = Callable[[int, types.FrameType | None], object] | int | signal.Handlers | None
-
-
 class Server:
     """The event loop around one engine and its bound queues (the first one's clock rules)."""
 
@@ -172,47 +166,24 @@ class Server:
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
         self.node = NodeState()  # what nfqlb health answers: drained, withdrawing, rules
-        self._signal_actions: dict[int, Callable[[], object]] = {}
-        self._noted_signals: list[int] = []  # caught, not acted on yet
-        self._previous_handlers: dict[int, _Handler] = {}
-        self._serving = False  # the loop runs serve()'s callbacks
+        self.signals: LoopSignals | None = None  # install_signal_handlers
 
     def install_signal_handlers(self) -> None:
-        """Catch the stop, stats and reload signals from now on. Python runs the handler in
-        the main thread between two bytecodes; in the loop that is at once (the loop wakes on
-        the signal through its self-pipe and lets Python run it), and the action comes in a
-        callback of its own. A signal caught before the loop runs is acted on when it starts;
-        one caught after it stopped (during the clean-up) is not."""
+        """Catch the stop, stats and reload signals from now on; they are acted on from the
+        loop, those that come before it runs as soon as it does (nfqlb.io.signals)."""
         actions: dict[int, Callable[[], object]] = {}
         # a supervisor's worker stops on SIGTERM only (the supervisor sends it)
         for sig in (signal.SIGINT, signal.SIGTERM) if self.role is None else (signal.SIGTERM,):
             actions[sig] = functools.partial(self._on_stop_signal, sig)
         actions[signal.SIGUSR1] = self.print_stats
         actions[signal.SIGHUP] = self.reload
-        self._signal_actions = actions
-        for signum in actions:
-            self._previous_handlers[signum] = signal.signal(signum, self._caught)
-            signal.siginterrupt(signum, False)  # system calls restart (SA_RESTART)
+        self.signals = LoopSignals(self.loop, actions)
+        self.signals.install()
 
     def restore_signal_handlers(self) -> None:
         """The handlers from before ``install_signal_handlers`` (after the clean-up)."""
-        for sig, handler in self._previous_handlers.items():
-            signal.signal(sig, handler)
-        self._previous_handlers.clear()
-
-    def _caught(self, signum: int, _frame: types.FrameType | None) -> None:
-        self._noted_signals.append(signum)
-        if self._serving:
-            self.loop.call_soon_threadsafe(self._act_on_signals)
-
-    def _act_on_signals(self) -> None:
-        noted, self._noted_signals = self._noted_signals, []
-        for signum in noted:
-            self._signal_actions[signum]()
-
-    def _start_serving(self) -> None:
-        self._serving = True
-        self._act_on_signals()  # those caught while nfqlb started
+        if self.signals is not None:
+            self.signals.restore()
 
     def flush_outbound(self) -> None:
         """Send the packets the engine made of its own accord (RSTs of flows it ended)."""
@@ -322,11 +293,13 @@ class Server:
             stats = self.loop.call_later(self.stats_interval, self._periodic_stats)
         if self.health is not None:
             self.health.start()
-        self.loop.call_soon(self._start_serving)
+        if self.signals is not None:
+            self.loop.call_soon(self.signals.serving)
         try:
             self.loop.run_forever()
         finally:
-            self._serving = False
+            if self.signals is not None:
+                self.signals.stopped()
             if self.health is not None:
                 self.health.stop()
             for fd in fds:

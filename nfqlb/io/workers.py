@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -54,6 +55,7 @@ from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, node, sysctl
 from nfqlb.io.health import HealthChecker
+from nfqlb.io.signals import LoopSignals
 from nfqlb.values import Backend, Mode
 
 STOP_TIMEOUT = 10.0  # s the workers have to stop after SIGTERM before SIGKILL
@@ -175,7 +177,11 @@ class Supervisor:
                     signal.signal(sig, handler)
         if not ready:
             return 0 if stop_early else 1  # a stop signal while starting is a clean stop
-        return self._serve(stop_early)
+        try:
+            return self._serve(stop_early)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _fork(self, index: int) -> None:
         from nfqlb.io import daemon
@@ -288,11 +294,16 @@ class Supervisor:
         self.sysctls = sysctls = sysctl.Sysctls(self.log)
         clean = True
         watch = node.RulesWatch(self.node, lambda: node.missing_jump(self.rulesets, self.tools))
+        # from here the loop's actions, those of signals before it runs as soon as it does
+        # (nfqlb.io.signals: uvloop's add_signal_handler lost a SIGTERM in that time)
+        signals = LoopSignals(loop, {signal.SIGINT: functools.partial(self._on_stop,
+                                                                      signal.SIGINT),
+                                     signal.SIGTERM: functools.partial(self._on_stop,
+                                                                       signal.SIGTERM),
+                                     signal.SIGHUP: self.reload,
+                                     signal.SIGUSR1: self.print_stats})
         try:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, self._on_stop, sig)
-            loop.add_signal_handler(signal.SIGHUP, self.reload)
-            loop.add_signal_handler(signal.SIGUSR1, self.print_stats)
+            signals.install()
             pidfds = []
             for w in self.workers:
                 loop.add_reader(w.channel, w.read)
@@ -326,7 +337,11 @@ class Supervisor:
                     loop.call_later(1.0, self._poll_children)
                     watch.start()
                     if not self.stopping:
-                        loop.run_forever()
+                        loop.call_soon(signals.serving)
+                        try:
+                            loop.run_forever()
+                        finally:
+                            signals.stopped()
                 finally:
                     watch.stop()
                     if self.health is not None:
