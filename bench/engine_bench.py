@@ -25,6 +25,7 @@ from collections.abc import Callable
 from nfqlb import native
 from nfqlb.config import parse_config
 from nfqlb.engine import Engine
+from nfqlb.offload import OffloadDecider
 from nfqlb.wire import checksum
 from nfqlb.wire.rewrite import complete_checksum
 
@@ -122,6 +123,24 @@ def bench_new_flows(mode: str, count: int, rounds: int) -> float:
         for p in syns:
             engine.handle(p, 0.0)
         assert engine.counters.flows_total == count
+        return count
+
+    return rate(run, rounds)
+
+
+def bench_offload(count: int, rounds: int) -> float:
+    """Mode "offload": ``OffloadDecider.handle`` over first packets (SYNs), each answered
+    with a backend's mark; nothing is kept per flow."""
+    syns = [tcp_packet(*_sv(i), 0x02, b"") for i in range(count)]
+    cfg = parse_config(config("offload"))
+    engine = Engine(cfg)
+    decider = OffloadDecider(cfg, engine.services, engine.counters)
+    handle = decider.handle
+
+    def run() -> int:
+        for p in syns:
+            if handle(p, 0.0).__class__ is not int:
+                raise AssertionError("a first packet was not given a mark")
         return count
 
     return rate(run, rounds)
@@ -250,6 +269,9 @@ def main() -> None:
     for mode in ("dnat", "fullnat"):
         nf = bench_new_flows(mode, min(20_000, a.packets // 10), a.rounds)
         print(f"  new flows  {mode:<8}  {nf:>12,.0f} flows/s per core (SYN in, rewritten)")
+    off = bench_offload(min(20_000, a.packets // 10), a.rounds)
+    print(f"  new flows  offload   {off:>12,.0f} flows/s per core (first packet in, a mark "
+          "out)")
     for mode in ("dnat", "fullnat"):
         cps = bench_connections(mode, min(10_000, a.packets // 20), a.rounds)
         print(f"  connections {mode:<8} {cps:>11,.0f} /s per core, {1e6 / cps:6.1f} us each "

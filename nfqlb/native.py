@@ -4,8 +4,8 @@ nfqlb is written and type-checked as Python; mypyc (the compiler of the mypy pro
 also compiles mypy and black) turns the modules a packet goes through into C extensions from
 the same source, with the same behaviour (:data:`MODULES`: the engine, the flow table, the
 wire helpers, the snat pool, services and the built-in policies but maglev, the counters,
-the offload decider, nfqlb's netlink client and its offload adapter; not the NetfilterQueue
-adapter, whose cost is the binding's own calls): the engine takes a quarter to a half of the
+the offload decider, nfqlb's netlink client and its offload adapter, the packets' clock;
+not the NetfilterQueue adapter, whose cost is the binding's own calls): the engine takes a quarter to a half of the
 CPU per packet (``bench/engine_bench.py`` prints which one it measured).
 
 A build is never in the way of the source:
@@ -46,6 +46,7 @@ MODULES = (
     "nfqlb/engine.py",
     "nfqlb/offload.py",
     "nfqlb/counters.py",
+    "nfqlb/io/clock.py",
     "nfqlb/services.py",
     "nfqlb/policies/hashing.py",
     "nfqlb/policies/least_conn.py",

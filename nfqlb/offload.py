@@ -48,6 +48,12 @@ COPY_RANGE: Final = 256
 _EXTENSIONS: Final = (0, 43, 60)  # IPv6 hop-by-hop, routing, destination options (8-byte units)
 
 
+def _v4_key(proto: int, vip_port: bytes) -> int:
+    """The key of :attr:`OffloadDecider._v4`: protocol, IPv4 VIP and port (6 bytes) in one
+    int, as :meth:`OffloadDecider.handle` reads them from a packet."""
+    return proto << 48 | int.from_bytes(vip_port, "big")
+
+
 class OffloadDecider:
     """The offload services of an engine's :class:`Services`, indexed for the NEW packet."""
 
@@ -59,6 +65,7 @@ class OffloadDecider:
         self.marks: dict[BackendRuntime, int] = {}
         self._owner: dict[BackendRuntime, ServiceRuntime] = {}
         self.by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
+        self._v4: dict[int, ServiceRuntime] = {}  # by_vip's IPv4 services by _v4_key
         self.reconfigure(config)
 
     def reconfigure(self, config: Config) -> list[tuple[ServiceRuntime, BackendRuntime]]:
@@ -81,6 +88,8 @@ class OffloadDecider:
                     marks[rt] = mark
         self.marks = marks
         self.by_vip = by_vip
+        self._v4 = {_v4_key(proto, vip_port): svc for proto, index in by_vip.items()
+                    for vip_port, svc in index.items() if len(vip_port) == 6}
         self._owner = {rt: svc for svc in self.offload_services() for rt in svc.backends.values()
                        if rt in marks}
         kept = set(self.offload_services())  # (a removed service's flows: Engine.reconfigure)
@@ -97,10 +106,12 @@ class OffloadDecider:
         self.packets += 1
         try:
             b0 = data[0]
-            if b0 >> 4 == 4:
+            if b0 >> 4 == 4:  # (IPv4: the service by one int, nothing built)
                 off = (b0 & 0x0F) * 4
                 proto = data[9]
                 a, alen, v6 = 12, 4, False
+                svc = self._v4.get(proto << 48 | data[16] << 40 | data[17] << 32 | data[18] << 24
+                                   | data[19] << 16 | data[off + 2] << 8 | data[off + 3])
             else:
                 proto = data[6]
                 a, alen, v6, off = 8, 16, True, 40
@@ -108,20 +119,18 @@ class OffloadDecider:
                     if proto not in _EXTENSIONS:
                         break
                     proto, off = data[off], off + (data[off + 1] + 1) * 8
-            index = self.by_vip.get(proto)
-            if index is None:
-                return self._pass()
-            svc = index.get(data[a + alen:a + 2 * alen] + data[off + 2:off + 4])
+                index = self.by_vip.get(proto)
+                svc = None if index is None else index.get(data[24:40] + data[off + 2:off + 4])
             if svc is None:
                 return self._pass()
-            key = data[a:a + 2 * alen] + data[off:off + 4]
             if proto == TCP:
                 flags = data[off + 13]
                 if flags & 0x17 != 0x02:  # only a bare SYN opens a TCP flow
-                    return self._unknown_flow(svc, data, off, v6, key, flags, now)
+                    return self._unknown_flow(svc, data, a, alen, off, v6, flags, now)
             if not svc.any_live:
                 return self._no_backend_up(svc, data, off, v6, proto)
-            backend, _placer, _chosen, reason = svc.choose(svc.flow_key(key), now)
+            backend, _placer, _chosen, reason = svc.choose(svc.flow_key_of(data, a, alen, off),
+                                                           now)
             if backend is None:
                 svc.refused += 1
                 return self.counters.drop(reason)
@@ -138,8 +147,8 @@ class OffloadDecider:
         self.counters.flows_total += 1
         return self.marks[backend]
 
-    def _unknown_flow(self, svc: ServiceRuntime, data: bytes, off: int, v6: bool,
-                      key: bytes, flags: int, now: float) -> OffloadVerdict:
+    def _unknown_flow(self, svc: ServiceRuntime, data: bytes, a: int, alen: int, off: int,
+                      v6: bool, flags: int, now: float) -> OffloadVerdict:
         how = svc.service.unknown_flow
         if how is UnknownFlow.RESET:
             if flags & 0x04:
@@ -147,7 +156,7 @@ class OffloadDecider:
             self.counters.event("reset_sent")
             return build_rst(data[:off + (data[off + 12] >> 4) * 4], off, v6)
         if how is UnknownFlow.HASH:
-            backend = svc.adopt_choice(svc.flow_key(key), now)
+            backend = svc.adopt_choice(svc.flow_key_of(data, a, alen, off), now)
             if backend is not None:
                 self.counters.event("flow_adopted")
                 return self._placed(backend)

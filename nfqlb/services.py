@@ -316,6 +316,13 @@ class ServiceRuntime:
         return _new_tuple(FlowKey, (self.proto, key[:alen], key[-4] << 8 | key[-3], s.vip,
                                     s.port))
 
+    def flow_key_of(self, data: bytes, a: int, alen: int, off: int) -> FlowKey:
+        """:meth:`flow_key` of a packet read in place: the client's address at ``data[a:a +
+        alen]``, its port at ``data[off:off + 2]`` (the offload queue's first packets)."""
+        s = self.service
+        return _new_tuple(FlowKey, (self.proto, data[a:a + alen], data[off] << 8 | data[off + 1],
+                                    s.vip, s.port))
+
     def choose(self, fkey: FlowKey, now: float
                ) -> tuple[BackendRuntime | None, Policy | None, Backend | None, str]:
         """(backend, the policy that chose it, the value it returned, drop reason if none). A

@@ -6,11 +6,12 @@ number them), ACCEPT, DROP or a RST, checked against scapy's own reading.
 
 from __future__ import annotations
 
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
 from helpers import B2, CLIENT, OTHER, VIP, checksums_ok, service, tcp, udp
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, IPOption_NOP
 from scapy.layers.inet6 import TCP as TCP6
 from scapy.layers.inet6 import IPv6, IPv6ExtHdrDestOpt
 
@@ -101,6 +102,33 @@ def test_udp_and_ipv6_with_an_extension_header() -> None:
     packet = bytes(IPv6(src="2001:db8::2", dst="2001:db8:100::1") / IPv6ExtHdrDestOpt()
                    / TCP6(sport=4000, dport=80, flags="S"))
     assert d.handle(packet, 0.0) == 0x00300000
+
+
+def test_the_service_is_the_packets_protocol_vip_and_port_even_after_ip_options() -> None:
+    udp_svc = {**offload(proto="udp", port=80), "name": "u",
+               "backend": [{"name": "u1", "address": "198.18.1.9", "port": 53}]}
+    _, d = decider(offload(), offload(name="p", port=8443), udp_svc)
+    m_tcp, m_8443, m_udp = 0x00100000, 0x00300000, 0x00500000  # (two backends each, one)
+    assert d.handle(syn(dport=80), 0.0) == m_tcp
+    assert d.handle(syn(dport=8443), 0.0) == m_8443
+    assert d.handle(udp(CLIENT, VIP, 5000, 80), 0.0) == m_udp  # same VIP and port, UDP
+    with_options = bytes(IP(src=CLIENT, dst=VIP, options=[IPOption_NOP()] * 4)
+                         / TCP(sport=40001, dport=8443, flags="S"))
+    assert with_options[0] == 0x46  # a 24-byte IP header
+    assert d.handle(with_options, 0.0) == m_8443 + 0x00100000  # round robin: its second
+    assert d.handle(syn(dport=8444), 0.0) is ACCEPT
+    assert d.handle(syn(dst="198.18.100.2"), 0.0) is ACCEPT
+
+
+def test_the_policy_sees_the_same_flow_as_in_the_other_modes() -> None:
+    eng, d = decider(offload(policy="source_hash"))
+    packet = syn(sport=40123)
+    svc = d.offload_services()[0]
+    key = svc.flow_key_of(packet, 12, 4, 20)
+    assert key == svc.flow_key(packet[12:20] + packet[20:24])
+    assert (key.src, key[2]) == (ip_address(CLIENT), 40123)
+    v6 = bytes(IPv6(src="2001:db8::2", dst="2001:db8:100::1") / TCP6(sport=4000, dport=80))
+    assert svc.flow_key_of(v6, 8, 16, 40) == svc.flow_key(v6[8:40] + v6[40:44])
 
 
 def test_a_packet_of_no_offload_service_passes_unmarked() -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["MONOTONIC", "RESOLUTION_S", "CoarseClock"]
 
@@ -44,11 +45,13 @@ class CoarseClock:
                  resolution: float = RESOLUTION_S) -> None:
         self.source = source
         self.resolution = resolution
-        self._now = source()
+        # (Any, here and below: compiled, a float-typed value is unboxed and a new object
+        # made at every return; Any keeps the one object)
+        self._now: Any = source()
 
-    def __call__(self) -> float:
-        t = self.source()
-        now = self._now
+    def __call__(self) -> Any:
+        t: Any = self.source()
+        now: Any = self._now
         if 0.0 <= t - now < self.resolution:
             return now
         self._now = t

@@ -189,9 +189,10 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
         self._mark_prefix = NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + \
             head[NLMSGHDR.size:]
         self._mark_attr = NLATTR.pack(NLATTR.size + BE32.size, NFQA_MARK)
+        self._mark_tails: dict[int, bytes] = {}  # mark -> its NFQA_MARK attribute
 
     def _on_packet(self, start: int, end: int) -> None:
-        packet_id, payload, _cap_len, _info = parse_packet(self._buf, start, end)
+        packet_id, payload, _cap_len, _info = parse_packet(self._view, start, end)
         if packet_id is None:
             self.malformed += 1
             return
@@ -208,9 +209,11 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
 
     def _give_marked(self, packet_id: bytes, mark: int) -> None:
         """ACCEPT with ``mark``, queued with the wakeup's other verdicts (see _give_accept)."""
+        tail = self._mark_tails.get(mark)
+        if tail is None:
+            tail = self._mark_tails[mark] = self._mark_attr + BE32.pack(mark)
         pending = self._pending
-        pending.append(b"".join((self._mark_prefix, packet_id, self._mark_attr,
-                                 BE32.pack(mark))))
+        pending.append(b"".join((self._mark_prefix, packet_id, tail)))
         self._pending_bytes += 40
         if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
             self._flush()
