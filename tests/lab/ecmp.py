@@ -346,6 +346,7 @@ class EcmpLab:
         self.dir = Path(tempfile.mkdtemp(prefix="nfqlb-ecmp-"))
         self.namespaces: list[str] = []
         self.procs: list[subprocess.Popen[bytes]] = []
+        self.backends: dict[int, subprocess.Popen[bytes]] = {}
         self.nodes: list[EcmpNode] = []
         self.router = self.ns("router")
         self.client = self.ns("client")
@@ -427,10 +428,7 @@ class EcmpLab:
             self.sh(r, f"ip link set rb{i} master brb; ip link set rb{i} up")
             self.sh(b, f"ip addr add {backend_addr(i)}/24 dev eth0; ip link set eth0 up\n"
                        f"ip route add default via {ROUTER_BACKENDS}")
-            server = self.dir / "echo_server.py"
-            server.write_text(ECHO_SERVER)
-            self.spawn(b, [sys.executable, str(server), f"backend-{i}", backend_addr(i),
-                           str(PORT)], f"backend-{i}.log")
+            self._start_backend(i)
         for i in range(1, self.n_nodes + 1):
             n = self._netns(f"node-{i}")
             self._veth(n, "eth0", r, f"rn{i}")
@@ -452,12 +450,34 @@ class EcmpLab:
             node.start_nfqlb()
             node.start_speaker()
 
-    def _wait_backends(self, timeout: float = 10.0) -> None:
+    def _start_backend(self, i: int) -> None:
+        server = self.dir / "echo_server.py"
+        if not server.exists():
+            server.write_text(ECHO_SERVER)
+        self.backends[i] = self.spawn(self.ns(f"backend-{i}"), [
+            sys.executable, str(server), f"backend-{i}", backend_addr(i), str(PORT)],
+            f"backend-{i}.log")
+
+    def _wait_backends(self, timeout: float = 30.0, restarts: int = 2) -> None:
+        """Wait for every echo server's "ready"; one that exited before it is started again
+        (at most ``restarts`` times: ``ip netns exec`` can fail transiently on a loaded
+        host) and the error, if it comes to one, carries the server's own output."""
         deadline = time.monotonic() + timeout
         for i in range(1, self.n_backends + 1):
-            while b"ready" not in (self.dir / f"backend-{i}.log").read_bytes():
-                if time.monotonic() > deadline:
-                    raise LabError(f"backend-{i}'s echo server did not start")
+            log = self.dir / f"backend-{i}.log"
+            while b"ready" not in log.read_bytes():
+                status = self.backends[i].poll()
+                if status is not None and restarts > 0:
+                    restarts -= 1
+                    with open(log, "ab") as out:
+                        out.write(f"[lab] exited with status {status}; started again\n".encode())
+                    self._start_backend(i)
+                elif status is not None or time.monotonic() > deadline:
+                    why = (f"exited with status {status}" if status is not None
+                           else f"not ready after {timeout:.0f} s")
+                    output = log.read_bytes().decode(errors="replace")[-2000:]
+                    raise LabError(f"backend-{i}'s echo server did not start ({why}); "
+                                   f"its output:\n{output}")
                 time.sleep(0.05)
 
     def node_config(self, node: EcmpNode) -> str:
