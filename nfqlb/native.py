@@ -5,8 +5,8 @@ also compiles mypy and black) turns the modules a packet goes through into C ext
 the same source, with the same behaviour (:data:`MODULES`: the engine, the flow table, the
 wire helpers, the snat pool, services and the built-in policies but maglev, the counters,
 the offload decider, nfqlb's netlink client and its offload adapter, the packets' clock;
-not the NetfilterQueue adapter, whose cost is the binding's own calls): the engine takes a quarter to a half of the
-CPU per packet (``bench/engine_bench.py`` prints which one it measured).
+not the NetfilterQueue adapter, whose cost is the binding's own calls): the engine takes a
+quarter to a half of the CPU per packet (``bench/engine_bench.py`` prints which one it measured).
 
 A build is never in the way of the source:
 

@@ -41,7 +41,7 @@ Accepted unchanged it stays so. Given back rewritten, the kernel marks it ``CHEC
 delivered locally whole, or is not GSO, the field is then checked as a full checksum. A GSO
 packet to another host is segmented on its way out: TCP segmentation then rebuilds the
 pseudo-header sum itself, UDP segmentation derives each datagram's checksum from the field as
-a pseudo-header sum. So the adapter (:meth:`NetlinkQueueAdapter._fix_partial`) leaves the
+a pseudo-header sum. So the adapter (:meth:`NetlinkQueueAdapter._checksum_fix`) leaves the
 field partial, the pseudo-header sum of the new addresses
 (:func:`nfqlb.wire.rewrite.partial_checksum`), for a TCP or UDP GSO packet to an address that
 is not this host's, and computes it in full (:func:`nfqlb.wire.rewrite.complete_checksum`) for
@@ -96,8 +96,9 @@ from nfqlb.io.kstats import KernelQueueStats
 from nfqlb.io.verdicts import OnHold, Sink, give
 from nfqlb.ratelog import RateLimitedLog
 from nfqlb.verdict import ACCEPT, Final, Held, Verdict
+from nfqlb.wire.checksum import U16
 from nfqlb.wire.ip import TCP, UDP
-from nfqlb.wire.rewrite import complete_checksum, partial_checksum
+from nfqlb.wire.rewrite import checksum_fix
 
 Handle = Callable[[bytes, float], Verdict]
 
@@ -321,7 +322,7 @@ class NetlinkQueueAdapter:
         self._sock: socket.socket | None = None
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
-        self._pending: list[bytes] = []
+        self._pending: list[bytes | memoryview] = []  # (views: see _give_patched)
         self._pending_bytes = 0
         self._seq = 0
         self._ack_seq = -1  # the seq of the config request waiting for its answer
@@ -498,13 +499,14 @@ class NetlinkQueueAdapter:
                                cap_len, self.truncated)
             self._give_drop(packet_id)
             return
+        fix = -1
         try:
             r = self._handle(payload, self.now)
             if info:
                 if info & NFQA_SKB_GSO:
                     self.gso_packets += 1
                 if info & NFQA_SKB_CSUMNOTREADY and r.__class__ is bytes:
-                    r = self._fix_partial(r, info)
+                    fix = self._checksum_fix(r, info)
         except BaseException as exc:  # noqa: B036 - every packet gets a verdict, always
             self.errors += 1
             self._give_drop(packet_id)
@@ -513,14 +515,18 @@ class NetlinkQueueAdapter:
             return
         # the three common verdicts here, the rest (held, no verdict) through give()
         if r.__class__ is bytes:
-            self._give_rewritten(packet_id, r)
+            if fix < 0:
+                self._give_rewritten(packet_id, r)
+            else:
+                self._give_patched(packet_id, r, fix)
         elif r is ACCEPT:
             self._give_accept(packet_id)
         elif not give(r, packet_id, self._sink):
             self._bad_verdict(r)
 
-    def _fix_partial(self, data: bytes, info: int) -> bytes:
-        """The checksum of a rewritten packet the kernel queued with it partial. Left partial
+    def _checksum_fix(self, data: bytes, info: int) -> int:
+        """The checksum of a rewritten packet the kernel queued with it partial, as
+        :func:`nfqlb.wire.rewrite.checksum_fix` gives it (-1: nothing to change). Left partial
         (the pseudo-header sum of its new addresses) for a TCP or UDP GSO packet on its way to
         another host: the kernel segments it on the way out, TCP segmentation rebuilding the
         sum itself, UDP segmentation deriving each datagram's checksum from it. Computed in
@@ -535,9 +541,9 @@ class NetlinkQueueAdapter:
                     local = self._learn_local(dst)
                 if not local:
                     self.csum_partial += 1
-                    return partial_checksum(data)
+                    return checksum_fix(data, False)
         self.csum_completed += 1
-        return complete_checksum(data)
+        return checksum_fix(data, True)
 
     def _learn_local(self, dst: bytes) -> bool:
         """Whether ``dst`` is an address of this host (a packet to it is delivered whole, not
@@ -568,6 +574,30 @@ class NetlinkQueueAdapter:
                                          0, 0, self._rewrite_mid, packet_id, 4 + plen,
                                          NFQA_PAYLOAD))
         pending.append(data)
+        if pad:
+            pending.append(_PADS[pad])
+        self._pending_bytes += _REWRITE_LEN + plen
+        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
+            self._flush()
+
+    def _give_patched(self, packet_id: bytes, data: bytes, fix: int) -> None:
+        """:meth:`_give_rewritten` of ``data`` with the 16-bit field ``fix`` names (``offset
+        << 16 | value``) set, sent as three pieces: the packet before the field, the field,
+        and a view of the rest (a 64 KiB GSO packet is not copied again for two bytes)."""
+        plen = len(data)
+        if plen > MAX_PAYLOAD:
+            self._give_drop(packet_id)
+            self._bad_verdict(data)
+            return
+        co = fix >> 16
+        pad = -plen & 3
+        pending = self._pending
+        pending.append(REWRITE_HEAD.pack(_REWRITE_LEN + plen + pad, VERDICT_TYPE, NLM_F_REQUEST,
+                                         0, 0, self._rewrite_mid, packet_id, 4 + plen,
+                                         NFQA_PAYLOAD))
+        pending.append(data[:co])
+        pending.append(U16[fix & 0xFFFF])
+        pending.append(memoryview(data)[co + 2:])
         if pad:
             pending.append(_PADS[pad])
         self._pending_bytes += _REWRITE_LEN + plen
@@ -669,9 +699,9 @@ def is_local_address(packed: bytes) -> bool:
     return True
 
 
-def _split_messages(parts: list[bytes]) -> list[list[bytes]]:
+def _split_messages(parts: list[bytes | memoryview]) -> list[list[bytes | memoryview]]:
     """Group buffers back into messages: each message starts with its nlmsghdr length."""
-    messages: list[list[bytes]] = []
+    messages: list[list[bytes | memoryview]] = []
     want = 0
     for part in parts:
         if want <= 0:

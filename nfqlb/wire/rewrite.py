@@ -93,21 +93,7 @@ def complete_checksum(data: bytes) -> bytes:
     unchanged: the kernel leaves only TCP and UDP checksums partial, and never a fragment's.
     A UDP checksum that comes out as 0 is sent as 0xFFFF (RFC 768).
     """
-    found = _l4(data)
-    if found is None:
-        return data
-    addresses, off, proto = found
-    co = off + (16 if proto == TCP else 6)
-    length = len(data) - off
-    old = data[co] << 8 | data[co + 1]
-    view = memoryview(data)  # slices without copies: the join copies the packet once
-    # the segment's sum with its checksum field taken out (one's complement: add ~field)
-    s = (sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto
-         + sum_words(view[off:]) + (~old & 0xFFFF))
-    c = ~fold(s) & 0xFFFF
-    if proto == UDP and not c:
-        c = 0xFFFF
-    return b"".join((view[:co], U16[c], view[co + 2:]))
+    return patch_u16(data, checksum_fix(data, True))
 
 
 def partial_checksum(data: bytes) -> bytes:
@@ -120,14 +106,43 @@ def partial_checksum(data: bytes) -> bytes:
 
     Anything else comes back unchanged, as in :func:`complete_checksum`.
     """
+    return patch_u16(data, checksum_fix(data, False))
+
+
+def checksum_fix(data: bytes, complete: bool) -> int:
+    """Where the transport checksum of ``data`` goes and what it becomes, as
+    ``offset << 16 | value``: the full checksum if ``complete`` (as
+    :func:`complete_checksum`), else the pseudo-header's partial sum (as
+    :func:`partial_checksum`); -1 for a packet that is not TCP or UDP, or a fragment.
+
+    Apart so that a caller can send a 64 KiB packet with its two bytes changed as three
+    pieces (before, the new field, a view of the rest), not as a copy of the packet.
+    """
     found = _l4(data)
     if found is None:
-        return data
+        return -1
     addresses, off, proto = found
     co = off + (16 if proto == TCP else 6)
     length = len(data) - off
-    c = fold(sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto)
-    return b"".join((data[:co], U16[c], data[co + 2:]))
+    s = sum_words(addresses) + (length >> 16) + (length & 0xFFFF) + proto
+    if not complete:
+        return co << 16 | fold(s)
+    old = data[co] << 8 | data[co + 1]
+    # the segment's sum with its checksum field taken out (one's complement: add ~field)
+    c = ~fold(s + sum_words(memoryview(data)[off:]) + (~old & 0xFFFF)) & 0xFFFF
+    if proto == UDP and not c:
+        c = 0xFFFF
+    return co << 16 | c
+
+
+def patch_u16(data: bytes, fix: int) -> bytes:
+    """``data`` with the 16-bit field ``fix`` names (``offset << 16 | value``, as from
+    :func:`checksum_fix`) set; unchanged for -1. One copy of the packet."""
+    if fix < 0:
+        return data
+    co = fix >> 16
+    view = memoryview(data)
+    return b"".join((view[:co], U16[fix & 0xFFFF], view[co + 2:]))
 
 
 def _l4(data: bytes) -> tuple[bytes, int, int] | None:
