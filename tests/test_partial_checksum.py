@@ -412,3 +412,52 @@ def test_a_partial_gso_packet_is_sent_back_without_another_copy() -> None:
     out = verdict[36:36 + struct.unpack_from("=H", verdict, 32)[0] - 4]
     assert IP(out).dst in (B1, B2) and kernel_completes(out) == scapy_l4_checksum(out)
     assert out[40:] == data[40:]
+
+
+def _ip(data: bytes) -> IP | IPv6:
+    return IP(data) if data[0] >> 4 == 4 else IPv6(data)
+
+
+@pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+@pytest.mark.parametrize("n", [100, 20_000])
+def test_the_fast_path_rewrites_short_and_long_packets_alike(v6: bool, proto: str,
+                                                             n: int) -> None:
+    """Each fast path (IPv4 and IPv6, TCP and UDP) on a short packet and on a long one (whose
+    rest is joined through a view): the addresses and ports of the flow, the payload as it
+    came, the checksum scapy computes for the output."""
+    client, vip = (CLIENT6, VIP6) if v6 else (CLIENT, VIP)
+    backends = [{"address": B1_6, "port": 8080}] if v6 else None
+    svc = service("dnat", proto=proto, vip=vip, **({"backend": backends} if v6 else {}))
+    eng = engine(svc)
+    port = 80 if proto == "tcp" else 53
+    layer = TCP if proto == "tcp" else UDP
+
+    def packet(src: str, dst: str, sport: int, dport: int, size: int,
+               flags: str = "A") -> bytes:
+        l4 = (TCP(sport=sport, dport=dport, flags=flags, seq=1, ack=1) if proto == "tcp"
+              else UDP(sport=sport, dport=dport))
+        return bytes((IPv6(src=src, dst=dst) if v6 else IP(src=src, dst=dst)) / l4
+                     / payload(size))
+
+    first = eng.handle(packet(client, vip, 40000, port, 0, "S"), 0.0)
+    assert isinstance(first, bytes)
+    backend, bport = _ip(first).dst, _ip(first)[layer].dport
+    if proto == "tcp":
+        assert isinstance(eng.handle(packet(backend, client, bport, 40000, 0, "SA"), 0.0), bytes)
+        assert isinstance(eng.handle(packet(client, vip, 40000, port, 0), 0.0), bytes)
+    fast = eng.counters.fast
+    data = packet(client, vip, 40000, port, n)
+    out = eng.handle(data, 0.0)
+    assert eng.counters.fast == fast + 1
+    assert isinstance(out, bytes) and len(out) == len(data)
+    pkt = _ip(out)
+    assert (pkt.src, pkt.dst, pkt[layer].sport, pkt[layer].dport) == (client, backend, 40000,
+                                                                     bport)
+    assert bytes(pkt[layer].payload) == payload(n)
+    assert field(out) == scapy_l4_checksum(out)
+    back = eng.handle(packet(backend, client, bport, 40000, n), 0.0)
+    assert isinstance(back, bytes) and eng.counters.fast == fast + 2
+    pkt = _ip(back)
+    assert (pkt.src, pkt.dst, pkt[layer].sport, pkt[layer].dport) == (vip, client, port, 40000)
+    assert bytes(pkt[layer].payload) == payload(n) and field(back) == scapy_l4_checksum(back)

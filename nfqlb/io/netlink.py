@@ -322,7 +322,7 @@ class NetlinkQueueAdapter:
         self._sock: socket.socket | None = None
         self._buf = bytearray(RECV_SIZE)
         self._view = memoryview(self._buf)
-        self._pending: list[bytes | memoryview] = []  # (views: see _give_patched)
+        self._pending: list[bytes | memoryview] = []  # (views: see _give_rewritten)
         self._pending_bytes = 0
         self._seq = 0
         self._ack_seq = -1  # the seq of the config request waiting for its answer
@@ -515,10 +515,7 @@ class NetlinkQueueAdapter:
             return
         # the three common verdicts here, the rest (held, no verdict) through give()
         if r.__class__ is bytes:
-            if fix < 0:
-                self._give_rewritten(packet_id, r)
-            else:
-                self._give_patched(packet_id, r, fix)
+            self._give_rewritten(packet_id, r, fix)
         elif r is ACCEPT:
             self._give_accept(packet_id)
         elif not give(r, packet_id, self._sink):
@@ -562,7 +559,11 @@ class NetlinkQueueAdapter:
 
     # the Sink: how verdicts are carried out here (queued, sent at the end of the wakeup)
 
-    def _give_rewritten(self, packet_id: bytes, data: bytes) -> None:
+    def _give_rewritten(self, packet_id: bytes, data: bytes, fix: int = -1) -> None:
+        """Accept the packet as ``data``; with ``fix`` (``offset << 16 | value``, from
+        :meth:`_checksum_fix`), with that 16-bit field set: the packet is then sent as three
+        pieces, before the field, the field and a view of the rest (a 64 KiB GSO packet is
+        not copied again for two bytes)."""
         plen = len(data)
         if plen > MAX_PAYLOAD:  # cannot be carried back: no verdict
             self._give_drop(packet_id)
@@ -573,31 +574,13 @@ class NetlinkQueueAdapter:
         pending.append(REWRITE_HEAD.pack(_REWRITE_LEN + plen + pad, VERDICT_TYPE, NLM_F_REQUEST,
                                          0, 0, self._rewrite_mid, packet_id, 4 + plen,
                                          NFQA_PAYLOAD))
-        pending.append(data)
-        if pad:
-            pending.append(_PADS[pad])
-        self._pending_bytes += _REWRITE_LEN + plen
-        if self._pending_bytes >= FLUSH_BYTES or len(pending) >= FLUSH_PARTS:
-            self._flush()
-
-    def _give_patched(self, packet_id: bytes, data: bytes, fix: int) -> None:
-        """:meth:`_give_rewritten` of ``data`` with the 16-bit field ``fix`` names (``offset
-        << 16 | value``) set, sent as three pieces: the packet before the field, the field,
-        and a view of the rest (a 64 KiB GSO packet is not copied again for two bytes)."""
-        plen = len(data)
-        if plen > MAX_PAYLOAD:
-            self._give_drop(packet_id)
-            self._bad_verdict(data)
-            return
-        co = fix >> 16
-        pad = -plen & 3
-        pending = self._pending
-        pending.append(REWRITE_HEAD.pack(_REWRITE_LEN + plen + pad, VERDICT_TYPE, NLM_F_REQUEST,
-                                         0, 0, self._rewrite_mid, packet_id, 4 + plen,
-                                         NFQA_PAYLOAD))
-        pending.append(data[:co])
-        pending.append(U16[fix & 0xFFFF])
-        pending.append(memoryview(data)[co + 2:])
+        if fix < 0:
+            pending.append(data)
+        else:
+            co = fix >> 16
+            pending.append(data[:co])
+            pending.append(U16[fix & 0xFFFF])
+            pending.append(memoryview(data)[co + 2:])
         if pad:
             pending.append(_PADS[pad])
         self._pending_bytes += _REWRITE_LEN + plen
