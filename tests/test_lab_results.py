@@ -306,3 +306,11 @@ def test_client_sources_give_every_worker_a_share(workers: int) -> None:
     lab_addresses = {lab_bench.LB_CLIENT_ADDR, "198.18.0.2"}
     assert not set(lab_bench.CLIENT_SOURCES) & set(lab_bench.DIRECT_SOURCES)
     assert not (set(lab_bench.CLIENT_SOURCES) | set(lab_bench.DIRECT_SOURCES)) & lab_addresses
+
+
+def test_a_probe_runs_only_when_named() -> None:
+    probes = [p.name for p in lab_bench.PATHS if p.probe]
+    assert probes == ["headers-probe"]
+    assert not set(probes) & {p.name for p in lab_bench.pick_paths(None)}
+    picked = [p.name for p in lab_bench.pick_paths("headers-probe,nfqlb-dnat")]
+    assert picked == ["kernel-dnat", "nfqlb-dnat", "headers-probe"]
