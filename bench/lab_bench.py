@@ -137,14 +137,9 @@ open(sys.argv[2], "w").close()
 nfq.run()
 '''
 
-# The same floor on nfqlb's own netlink client (nfqlb.io.netlink: the receive loop, the
-# attribute walk, verdicts sent in one sendmsg when the socket runs dry), every packet accepted
-_NETLINK_ACCEPT_WORKER = r'''
-import logging, selectors, sys
-from nfqlb.io.netlink import NetlinkQueueAdapter
-from nfqlb.verdict import ACCEPT
-adapter = NetlinkQueueAdapter(lambda payload, now: ACCEPT, int(sys.argv[1]),
-                              logging.getLogger("accept"))
+# The end of a worker script on nfqlb's netlink client: bind ``adapter`` to queue argv[1], say
+# ready in the file argv[2], serve until killed.
+_SERVE_ADAPTER = r'''
 adapter.bind(max_len=1024)
 sel = selectors.DefaultSelector()
 sel.register(adapter.fileno(), selectors.EVENT_READ)
@@ -153,6 +148,16 @@ while True:
     sel.select()
     adapter.on_readable()
 '''
+
+# The same floor on nfqlb's own netlink client (nfqlb.io.netlink: the receive loop, the
+# attribute walk, verdicts sent in one sendmsg when the socket runs dry), every packet accepted
+_NETLINK_ACCEPT_WORKER = r'''
+import logging, selectors, sys
+from nfqlb.io.netlink import NetlinkQueueAdapter
+from nfqlb.verdict import ACCEPT
+adapter = NetlinkQueueAdapter(lambda payload, now: ACCEPT, int(sys.argv[1]),
+                              logging.getLogger("accept"))
+''' + _SERVE_ADAPTER
 
 # offload's floor: conntrack NEW packets come to this C worker, which accepts each with the
 # next of the marks given (round robin), one verdict per packet as libnetfilter_queue users
@@ -764,14 +769,7 @@ class Marks:
             flows[key] = mark
         return mark
 adapter = OffloadNetlinkAdapter(Marks(), int(sys.argv[1]), logging.getLogger("headers"))
-adapter.bind(max_len=1024)
-sel = selectors.DefaultSelector()
-sel.register(adapter.fileno(), selectors.EVENT_READ)
-open(sys.argv[2], "w").close()
-while True:
-    sel.select()
-    adapter.on_readable()
-'''
+''' + _SERVE_ADAPTER
 
 _HEADERS_NFT = """table ip nfqlb_headers_probe {{
   chain rewrite {{
