@@ -131,6 +131,20 @@ OFFLOAD_MARK_MASK = 0x0FF00000
 backends in (255 of them), away from the bits kube-proxy (0x4000, 0x8000) and most hosts use."""
 
 
+BULK_MARK_MASK = 0x00000FF0
+"""The default of daemon.bulk_mark_mask: the packet mark bits of the headers route
+(daemon.bulk = "headers"), away from offload's (OFFLOAD_MARK_MASK) and kube-proxy's (0x4000,
+0x8000). A mark lives only from the headers queue's verdict to nfqlb's nftables chain at
+priority -250 of the same hook, which clears these bits again."""
+
+BULK_ROUTES = ("headers", "whole")
+"""daemon.bulk: how TCP packets over 3960 bytes (GSO packets, jumbo frames) of dnat and local
+services are rewritten. "headers": the kernel copies only their headers to nfqlb, which
+answers with a mark, and an nftables chain rewrites by that mark (nothing of the payload is
+copied); "whole": the packet goes to user space and back (the large-packet queue), as every
+other packet."""
+
+
 OFFLOAD_BINDINGS = ("netlink", "netfilterqueue")
 """How the offload queue is served: nfqlb's own netlink client (verdicts of a wakeup in one
 sendmsg; the default, a little less CPU per new flow in the lab) or the NetfilterQueue
@@ -157,6 +171,9 @@ class DaemonConfig:
     binding: Binding = Binding.NETLINK  # what serves the main queue
     ecmp: bool = False  # one of several nodes behind a router's ECMP: bypass defaults to false
     withdraw_wait: float = 0.0  # s served after SIGTERM while nfqlb health fails (0: stop now)
+    bulk: str = "headers"  # BULK_ROUTES: how large TCP packets of dnat/local flows go
+    headers_queue: int | None = None  # the headers route's queue (default: queue + 30000)
+    bulk_mark_mask: int = BULK_MARK_MASK  # the packet mark bits the headers route may use
 
     @property
     def large_queue_number(self) -> int:
@@ -166,6 +183,11 @@ class DaemonConfig:
     def offload_queue_number(self) -> int:
         return (self.offload_queue if self.offload_queue is not None
                 else (self.queue + 20000) % 65536)
+
+    @property
+    def headers_queue_number(self) -> int:
+        return (self.headers_queue if self.headers_queue is not None
+                else (self.queue + 30000) % 65536)
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,6 +241,7 @@ _DAEMON_KEYS = {
     "queue", "bypass", "mss_clamp", "sysctls", "max_flows", "max_fragments", "large_queue",
     "icmp_echo", "max_fragments_per_source", "queue_maxlen", "offload_queue",
     "offload_mark_mask", "offload_binding", "workers", "binding", "ecmp", "withdraw_wait",
+    "bulk", "headers_queue", "bulk_mark_mask",
 }
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
@@ -582,7 +605,14 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         binding=d.choice("binding", Binding, "netlink"),
         ecmp=ecmp,
         withdraw_wait=d.number("withdraw_wait", 0.0, 0.0, 3600.0),
+        bulk=d.text("bulk", "headers"),
+        headers_queue=d.integer("headers_queue", None, 0, 65535) if d.has("headers_queue")
+        else None,
+        bulk_mark_mask=d.integer("bulk_mark_mask", BULK_MARK_MASK, 1, 0xFFFFFFFF),
     )
+    if daemon.bulk not in BULK_ROUTES:
+        raise d.fail("bulk", f"{daemon.bulk!r} is not one of "
+                     f"{', '.join(map(repr, BULK_ROUTES))}")
     if daemon.offload_binding not in OFFLOAD_BINDINGS:
         raise d.fail("offload_binding", f"{daemon.offload_binding!r} is not one of "
                      f"{', '.join(map(repr, OFFLOAD_BINDINGS))}")
@@ -591,11 +621,20 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     if daemon.offload_queue_number in (daemon.queue, daemon.large_queue_number):
         raise d.fail("offload_queue", f"{daemon.offload_queue_number} must differ from queue "
                      f"({daemon.queue}) and large_queue ({daemon.large_queue_number})")
-    mask = daemon.offload_mark_mask
-    low = mask & -mask
-    if (mask + low) & mask:
-        raise d.fail("offload_mark_mask", f"{mask:#x} is not one run of bits (like "
-                     f"{OFFLOAD_MARK_MASK:#010x}): offload numbers its backends within it")
+    if daemon.headers_queue_number in (daemon.queue, daemon.large_queue_number,
+                                       daemon.offload_queue_number):
+        raise d.fail("headers_queue", f"{daemon.headers_queue_number} must differ from queue "
+                     f"({daemon.queue}), large_queue ({daemon.large_queue_number}) and "
+                     f"offload_queue ({daemon.offload_queue_number})")
+    for key, mask, example, what in (
+            ("offload_mark_mask", daemon.offload_mark_mask, OFFLOAD_MARK_MASK,
+             "offload numbers its backends within it"),
+            ("bulk_mark_mask", daemon.bulk_mark_mask, BULK_MARK_MASK,
+             "the headers route numbers its backends within it")):
+        low = mask & -mask
+        if (mask + low) & mask:
+            raise d.fail(key, f"{mask:#x} is not one run of bits (like {example:#010x}): "
+                         f"{what}")
     _check_queue_room(d, daemon)
     t = _Checker(source, "timeouts", data.get("timeouts", {}), set(Timeouts.__slots__))
     base = Timeouts()
@@ -621,6 +660,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
                     metrics=_metrics(source, data.get("metrics")))
     check_workers(config, "daemon.workers")
     _check_offload_marks(source, daemon, services)
+    _check_bulk_marks(source, daemon, services)
     return config
 
 
@@ -664,6 +704,14 @@ def check_workers(config: Config, key: str) -> None:
                               f"the offload queues {o}-{o + n - 1} of {n} workers overlap the "
                               f"queues {q}-{q + n - 1} or {large}-{large + n - 1}, or pass "
                               f"65535")
+    if d.bulk == "headers":
+        h = d.headers_queue_number
+        others = (q, large, d.offload_queue_number)
+        if h + n - 1 > 65535 or any(h <= x + n - 1 and x <= h + n - 1 for x in others):
+            raise ConfigError(config.source, "daemon.headers_queue",
+                              f"the headers queues {h}-{h + n - 1} of {n} workers overlap the "
+                              f"queues {q}-{q + n - 1}, {large}-{large + n - 1} or the offload "
+                              f"queues, or pass 65535")
     for i, svc in enumerate(config.services):
         if svc.snat_ports is not None and svc.snat_ports[1] - svc.snat_ports[0] + 1 < n:
             raise ConfigError(config.source, f"service[{i}].snat_ports",
@@ -728,6 +776,44 @@ def _check_offload_marks(source: str, daemon: DaemonConfig, services: list[Servi
         raise ConfigError(source, "daemon.offload_mark_mask",
                           f"{mask:#x} numbers at most {room} offload backends, the services "
                           f"have {n}: use a wider mask")
+
+
+def bulk_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]
+               ) -> dict[tuple[str, str], tuple[int, int]]:
+    """The headers route's marks (daemon.bulk = "headers") of each backend of a TCP dnat or
+    local service, by (service name, backend name): (toward the backend, its replies), 2 and
+    3, 4 and 5... shifted into daemon.bulk_mark_mask, in configuration order; 1 is
+    :func:`bulk_whole`. Empty with daemon.bulk = "whole". The nftables chain rewrites a
+    packet of each mark as the engine would (rules.py renders it from these numbers)."""
+    if daemon.bulk != "headers":
+        return {}
+    mask = daemon.bulk_mark_mask
+    shift = (mask & -mask).bit_length() - 1
+    marks: dict[tuple[str, str], tuple[int, int]] = {}
+    for svc in services:
+        if svc.protocol is Protocol.TCP and svc.mode in (Mode.DNAT, Mode.LOCAL):
+            for b in svc.backends:
+                n = 2 * len(marks) + 2
+                marks[(svc.name, b.name)] = (n << shift, (n + 1) << shift)
+    return marks
+
+
+def bulk_whole(daemon: DaemonConfig) -> int:
+    """The mark of a packet the headers route sends on whole (``NF_REPEAT``: the rules then
+    queue it to the large-packet queue): the lowest of daemon.bulk_mark_mask's numbers."""
+    mask = daemon.bulk_mark_mask
+    return mask & -mask
+
+
+def _check_bulk_marks(source: str, daemon: DaemonConfig, services: list[Service]) -> None:
+    mask = daemon.bulk_mark_mask
+    room = mask >> ((mask & -mask).bit_length() - 1)
+    n = 2 * len(bulk_marks(daemon, services)) + 1
+    if n > room:
+        raise ConfigError(source, "daemon.bulk_mark_mask",
+                          f"{mask:#x} numbers at most {room} marks, the headers route needs "
+                          f"{n} (two per backend of a TCP dnat or local service, and one): "
+                          "use a wider mask, or daemon.bulk = \"whole\"")
 
 
 QUEUE_ROOM = 4

@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from nfqlb import icmp
-from nfqlb.config import Config, OnBackendDown, UnknownFlow
+from nfqlb.config import Config, OnBackendDown, UnknownFlow, bulk_marks, bulk_whole
 from nfqlb.counters import Counters, format_stats
 from nfqlb.errors import PacketError
 from nfqlb.flows import (
@@ -173,8 +173,82 @@ class Engine:
         #: the shortest idle timeout of flows and fragments: no packet makes ``get_timer``
         #: sooner than the packet's ``now`` plus this
         self.shortest_timeout = _shortest_timeout(config)
+        #: the headers route's mark for a packet to send on whole (see handle_headers)
+        self.bulk_whole = bulk_whole(config.daemon)
+        self._number_bulk(config, [])
+
+    def _number_bulk(self, config: Config, gone: list[BackendRuntime]) -> None:
+        """Give each backend its headers-route marks as the rules number them (gone ones:
+        none, their rewrite is no longer in the nftables table)."""
+        marks = bulk_marks(config.daemon, config.services)
+        self.bulk_whole = bulk_whole(config.daemon)
+        for rt in gone:
+            rt.bulk_in = rt.bulk_out = 0
+        for svc in config.services:
+            for rt in self.services.named(svc.name).backends.values():
+                rt.bulk_in, rt.bulk_out = marks.get((svc.name, rt.name), (0, 0))
 
     # ---------------------------------------------------------------- per packet
+
+    def handle_headers(self, data: bytes, n: int, now: float) -> int:
+        """The headers route (daemon.bulk = "headers"): ``data`` is the start of a TCP packet
+        of ``n`` bytes (a GSO packet, a jumbo frame); the answer is a packet mark. A segment
+        of an established flow without SYN, FIN or RST gets its backend's mark for its
+        direction (the nftables table rewrites by it as the fast path would; the flow is
+        touched and counted as there); anything else, ``bulk_whole``: the packet comes back
+        whole on the large-packet queue, to ``handle``. Never raises."""
+        whole = self.bulk_whole
+        try:
+            m = len(data)
+            b0 = data[0] if m >= 40 else 0
+            if b0 == 0x45:
+                if data[9] != TCP or data[6] & 0x3F or data[7] or (data[32] >> 4) * 4 > m - 20:
+                    return whole
+                k = data[12:24]
+                flags = data[33]
+                ack = 28
+            elif b0 & 0xF0 == 0x60 and m >= 60:
+                if data[6] != TCP or (data[52] >> 4) * 4 > m - 40:
+                    return whole
+                k = data[8:44]
+                flags = data[53]
+                ack = 48
+            else:
+                return whole
+            flow = self._tcp.get(k)
+            if flow is None or flow.state is not _ESTABLISHED or flags & 0x07:
+                return whole
+            if k == flow.fwd_key:
+                mark = flow.backend.bulk_in
+                if not mark:
+                    return whole
+                flow.peer_c = peer_of(data, ack)
+                t = flow.backend.inbound
+            else:
+                mark = flow.backend.bulk_out
+                if not mark:
+                    return whole
+                flow.peer_b = peer_of(data, ack)
+                t = flow.backend.outbound
+            flow.last = now
+            head = self._established
+            nxt = flow.next
+            if nxt is not head:  # to the end of its least-recently-used list
+                prev = flow.prev
+                prev.next = nxt  # type: ignore[union-attr]
+                nxt.prev = prev
+                tail = head.prev
+                tail.next = flow  # type: ignore[union-attr]
+                flow.prev = tail
+                flow.next = head
+                head.prev = flow
+            t.packets += 1
+            t.bytes += n
+            self.counters.fast += 1  # rewritten: by the kernel, as the engine would
+            return mark
+        except Exception:  # a bug must cost the route, never the packet nor the worker
+            self.log.exception("internal error reading a packet's headers; sent on whole")
+            return whole
 
     def handle(self, data: bytes, now: float) -> Verdict:
         """Verdict for one IP packet. Never raises."""
@@ -951,6 +1025,8 @@ class Engine:
         flow from now on), limits. Backends that stay keep their state (down, draining)."""
         gone_services, gone_backends = self.services.reconfigure(config)
         self.config = config
+        self._number_bulk(config, gone_backends + [rt for svc in gone_services
+                                                   for rt in svc.backends.values()])
         self.table.timeout = timeouts_by_state(config.timeouts)
         self.table.max_flows = config.daemon.max_flows
         self.mss_clamp = config.daemon.mss_clamp

@@ -4,7 +4,8 @@ nfqlb is written and type-checked as Python; mypyc (the compiler of the mypy pro
 also compiles mypy and black) turns the modules a packet goes through into C extensions from
 the same source, with the same behaviour (:data:`MODULES`: the engine, the flow table, the
 wire helpers, the snat pool, services and the built-in policies but maglev, the counters,
-the offload decider, nfqlb's netlink client and its offload adapter, the packets' clock;
+the offload decider, nfqlb's netlink client and its offload and headers adapters, the
+packets' clock;
 not the NetfilterQueue adapter, whose cost is the binding's own calls): the engine takes a
 quarter to a half of the CPU per packet (``bench/engine_bench.py`` prints which one it measured).
 
@@ -56,6 +57,7 @@ MODULES = (
     "nfqlb/policies/weighted_round_robin.py",
     "nfqlb/io/netlink.py",
     "nfqlb/io/offload.py",
+    "nfqlb/io/bulk.py",
 )
 
 #: Where builds go: one directory per tag.

@@ -34,7 +34,16 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
-from nfqlb.config import Config, HealthKind, IcmpEcho, Service, offload_marks, worker_ports
+from nfqlb.config import (
+    Config,
+    HealthKind,
+    IcmpEcho,
+    Service,
+    bulk_marks,
+    bulk_whole,
+    offload_marks,
+    worker_ports,
+)
 from nfqlb.errors import ConfigError
 from nfqlb.values import Backend, IPAddress, Mode
 
@@ -135,7 +144,7 @@ def client_bytes(worker: int, workers: int) -> tuple[int, int]:
 
 
 def _worker_rules(chains: Chains, family: Family, queue: int, large: int, workers: int,
-                  bypass: str, notes: _Notes) -> list[str]:
+                  bypass: str, notes: _Notes, bulk: _Bulk | None) -> list[str]:
     """The steering chains (requests by source, replies by destination) and one queueing
     chain per worker."""
     lines = notes("workers.rules")
@@ -147,12 +156,35 @@ def _worker_rules(chains: Chains, family: Family, queue: int, large: int, worker
             match = "" if last else f'-m u32 --u32 "{word}&0xFF={lo}:{hi}"'
             lines += _fill("workers.rules", {"steer": steer, "match": match,
                                              "worker": worker_chain(chains, i)})
-    lines += notes("queue.rules")
     for i in range(workers):
-        lines += _fill("queue.rules", {"target": worker_chain(chains, i), "queue": queue + i,
-                                       "bypass": bypass, "large_queue": large + i,
-                                       "large_from": BINDING_MAX_PACKET + 1})
+        lines += _queue_lines(worker_chain(chains, i), queue + i, large + i, bypass, notes, bulk,
+                              i)
     return lines
+
+
+@dataclass(frozen=True, slots=True)
+class _Bulk:
+    """The headers route of one queue (daemon.bulk = "headers"; see rules/bulk.rules)."""
+
+    queue: int  # the headers queue (worker i of several: + i)
+    whole: int  # the mark that sends a packet on whole
+    mask: int
+
+
+def _queue_lines(target: str, queue: int, large: int, bypass: str, notes: _Notes,
+                 bulk: _Bulk | None, worker: int = 0) -> list[str]:
+    """The queueing chain ``target``: rules/queue.rules, with rules/bulk.rules after its
+    first line (CT --notrack) when the headers route is on."""
+    values = {"target": target, "queue": queue, "bypass": bypass, "large_queue": large,
+              "large_from": BINDING_MAX_PACKET + 1}
+    lines = notes("queue.rules")
+    queued = _fill("queue.rules", values)
+    if bulk is None:
+        return lines + queued
+    extra = notes("bulk.rules") + _fill("bulk.rules", {
+        **values, "headers_queue": bulk.queue + worker, "whole": f"{bulk.whole:#x}",
+        "mask": f"{bulk.mask:#x}"})
+    return lines + queued[:1] + extra + queued[1:]
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +208,10 @@ class RuleSet:
     offload: tuple[tuple[str, tuple[str, ...]], ...] = ()
     offload_jumps: tuple[tuple[str, str], ...] = ()
     extra_chains: tuple[str, ...] = ()  # several workers: steering and per-worker chains
+    #: daemon.bulk = "headers": the headers queue (of worker 0) and the nftables table that
+    #: rewrites by mark (``nft -f`` input, see :func:`bulk_nft`); None and "" without it
+    headers_queue: int | None = None
+    nft: str = ""
 
     @property
     def rules(self) -> tuple[str, ...]:
@@ -425,6 +461,85 @@ def large_queue_for(config: Config, queue: int | None = None) -> int:
     return large
 
 
+def headers_queue_for(config: Config, queue: int | None = None) -> int:
+    """The headers queue that goes with ``queue`` (default: daemon.queue): daemon.headers_queue
+    when set, else ``queue + 30000`` (mod 65536), as :func:`large_queue_for`."""
+    q = config.daemon.queue if queue is None else queue
+    headers = replace(config.daemon, queue=q).headers_queue_number
+    if headers in (q, large_queue_for(config, q)):
+        raise ConfigError(config.source, "daemon.headers_queue",
+                          f"must differ from the queues served ({q} and its large-packet "
+                          "queue)")
+    return headers
+
+
+# --- the headers route's nftables table (daemon.bulk = "headers") --------------------------
+
+NFT_FAMILY = {4: "ip", 6: "ip6"}
+NFT_PRIORITY = -250  # after the raw table (-300) and its NFQUEUE, before conntrack (-200)
+
+
+def nft_table(queue: int) -> str:
+    """The name of ``queue``'s nftables table (one per family: ``ip`` and ``ip6``)."""
+    return f"nfqlb-{queue}"
+
+
+def bulk_rewrites(config: Config, services: Iterable[Service]
+                  ) -> dict[int, tuple[tuple[str, str], ...]]:
+    """What the nftables table does to a packet of each mark of ``services``' backends:
+    (field, value) pairs, the fields ``saddr``, ``daddr``, ``sport``, ``dport``, in the
+    order the rule sets them; the same as the engine's rewrite of an established flow's
+    packet (toward the backend: its address and port; a reply: the VIP's)."""
+    marks = bulk_marks(config.daemon, config.services)
+    out: dict[int, tuple[tuple[str, str], ...]] = {}
+    for svc in services:
+        for b in svc.backends:
+            pair = marks.get((svc.name, b.name))
+            if pair is None:
+                continue
+            address = b.address or svc.vip
+            fwd: list[tuple[str, str]] = []
+            back: list[tuple[str, str]] = []
+            if address != svc.vip:
+                fwd.append(("daddr", str(address)))
+                back.append(("saddr", str(svc.vip)))
+            if b.port != svc.port:
+                fwd.append(("dport", str(b.port)))
+                back.append(("sport", str(svc.port)))
+            out[pair[0]], out[pair[1]] = tuple(fwd), tuple(back)
+    return out
+
+
+def bulk_nft(config: Config, services: list[Service], family: Family, queue: int) -> str:
+    """``nft -f`` input (re)defining ``queue``'s table of ``family`` atomically: a chain at
+    prerouting and one at output (type route: a new destination is routed again) that jump
+    by the mark of daemon.bulk_mark_mask to a chain per mark, which rewrites as the engine
+    would (:func:`bulk_rewrites`) and clears the mark. "" when none of ``services`` has a
+    mark (daemon.bulk = "whole", no TCP dnat or local service of this family)."""
+    rewrites = bulk_rewrites(config, services)
+    if not rewrites:
+        return ""
+    ip = NFT_FAMILY[family.version]
+    mask = config.daemon.bulk_mark_mask
+    clear = f"meta mark set meta mark & {0xFFFFFFFF & ~mask:#010x}"
+    whole = bulk_whole(config.daemon)
+    table = f"{ip} {nft_table(queue)}"
+    chains = {whole: "whole", **{m: f"mark-{m:#x}" for m in rewrites}}
+    vmap = ", ".join(f"{m:#010x} : jump {name}" for m, name in chains.items())
+    lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
+    for name, hook, kind in (("pre", "prerouting", "filter"), ("out", "output", "route")):
+        lines += [f"  chain {name} {{",
+                  f"    type {kind} hook {hook} priority {NFT_PRIORITY}; policy accept;",
+                  f"    meta mark & {mask:#010x} vmap {{ {vmap} }}", "  }"]
+    lines += ["  chain whole {", f"    {clear}", "  }"]
+    for m, fields in rewrites.items():
+        sets = " ".join(f"{'tcp' if f.endswith('port') else ip} {f} set {v}" for f, v in fields)
+        lines += [f"  chain {chains[m]} {{", f"    {sets} {clear}".replace("     ", "    "),
+                  "  }"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
 def render(config: Config, queue: int | None = None, *,
            comments: bool = False) -> tuple[RuleSet, ...]:
     """The rule sets for ``config`` on ``queue`` (default: daemon.queue), IPv4 first.
@@ -447,13 +562,13 @@ def render(config: Config, queue: int | None = None, *,
         notes = _Notes(comments)
         workers = config.daemon.workers
         extra: tuple[str, ...] = ()
+        nft = bulk_nft(config, services, family, q)
+        bulk = _Bulk(headers_queue_for(config, q), bulk_whole(config.daemon),
+                     config.daemon.bulk_mark_mask) if nft else None
         if workers == 1:
-            body = notes("queue.rules")
-            body += _fill("queue.rules", {"target": chains.target, "queue": q,
-                                         "bypass": bypass, "large_queue": large,
-                                         "large_from": BINDING_MAX_PACKET + 1})
+            body = _queue_lines(chains.target, q, large, bypass, notes, bulk)
         else:
-            body = _worker_rules(chains, family, q, large, workers, bypass, notes)
+            body = _worker_rules(chains, family, q, large, workers, bypass, notes, bulk)
             extra = (reply_chain(chains), *(worker_chain(chains, i) for i in range(workers)))
         where = chains.names
         body += notes("icmp.rules")
@@ -483,7 +598,8 @@ def render(config: Config, queue: int | None = None, *,
         sets.append(RuleSet(family=family, queue=q, chains=chains, body=tuple(body),
                             jumps=tuple(jumps), services=len(services) + len(offloaded),
                             large_queue=large, offload=tables, offload_jumps=offload_jumps,
-                            extra_chains=extra))
+                            extra_chains=extra, headers_queue=bulk.queue if bulk else None,
+                            nft=nft if services else ""))
     return tuple(sets)
 
 
@@ -601,6 +717,10 @@ def format_print(ruleset: RuleSet, source: str) -> str:
             lines.extend(ruleset.body)
         else:
             lines.append(Template(line).substitute(ruleset.chains.names))
+    if ruleset.nft:
+        lines += ["# The headers route's nftables table (rules/bulk.rules), input to nft -f;",
+                  "# nfqlb rules --apply installs it before the rules above:",
+                  *(f"#   {line}" for line in ruleset.nft.splitlines())]
     lines += [*template_comments("jumps.rules"),
               "# They are not restore lines here: each restore would add them once more. Run:",
               *checks]

@@ -32,6 +32,7 @@ pytestmark = pytest.mark.root
 
 BULK_SIZE = 8 << 20
 LARGE_QUEUE = 10001  # queue 1 + 10000
+HEADERS_QUEUE = 30001  # queue 1 + 30000
 SINK_PORT = 9000  # the upload server's port on the backends (or the balancer, local mode)
 UP_PORT = 90  # the service port of uploads (local mode: must differ from the server's)
 
@@ -88,14 +89,27 @@ def counter(line: str, name: str) -> int:
     return int(m.group(1)) if m else 0
 
 
-CASES = [("dnat", 4), ("fullnat", 4), ("local", 4)]
+def headers_queue_line(daemon: Nfqlb) -> str:
+    m = re.search(rf"^queue {HEADERS_QUEUE} \(TCP headers of large packets\): .*$",
+                  daemon.stdout, re.M)
+    assert m, f"no stats line for queue {HEADERS_QUEUE}\n{daemon.report()}"
+    return m.group(0)
+
+
+# (mode, family, daemon.bulk): dnat and local take the headers route by default; "whole"
+# sends their large packets through nfqlb as fullnat's always are
+CASES = [("dnat", 4, "headers"), ("fullnat", 4, "headers"), ("local", 4, "headers"),
+         ("dnat", 4, "whole"), ("local", 4, "whole")]
 if kernel_has_ipv6():
-    CASES += [("dnat", 6), ("fullnat", 6), ("local", 6)]
+    CASES += [("dnat", 6, "headers"), ("fullnat", 6, "headers"), ("local", 6, "headers"),
+              ("dnat", 6, "whole"), ("local", 6, "whole")]
 
 
-@pytest.mark.parametrize("mode, family", CASES)
-def test_bulk_tcp_both_ways_in_gso_packets_arrives_intact(mode: str, family: int) -> None:
+@pytest.mark.parametrize("mode, family, route", CASES)
+def test_bulk_tcp_both_ways_in_gso_packets_arrives_intact(mode: str, family: int,
+                                                          route: str) -> None:
     local = mode == "local"
+    headers = route == "headers" and mode != "fullnat"
     with Lab(1, backend_default_route=(mode == "dnat"), vip_on_lo=local, lb_servers=local,
              ipv6=family == 6 or None) as lab:
         server = lab.lb if local else lab.backends[0]
@@ -114,7 +128,7 @@ def test_bulk_tcp_both_ways_in_gso_packets_arrives_intact(mode: str, family: int
             b["port"] = SINK_PORT
         if mode == "fullnat":
             up["snat_ports"] = "30000-30999"  # its own pool: pools may not overlap
-        with lab.nfqlb(web, up) as daemon:
+        with lab.nfqlb(web, up, daemon={"bulk": route}) as daemon:
             for _ in range(100):
                 if ready.exists():
                     break
@@ -126,8 +140,21 @@ def test_bulk_tcp_both_ways_in_gso_packets_arrives_intact(mode: str, family: int
                                          str(BULK_SIZE), "2"], timeout=90)
             size, digest = proc.stdout.decode().split()
             assert (int(size), digest) == (BULK_SIZE, hashlib.sha256(bulk(2)).hexdigest())
+            tables = lab.exec(lab.lb, ["nft", "list", "tables"]).stdout.decode()
+            assert ("nfqlb-1" in tables) == headers, tables
         code = daemon.stop()
         assert code == 0, daemon.report()
+        # the daemon's nftables table goes with its rules
+        assert "nfqlb" not in lab.exec(lab.lb, ["nft", "list", "tables"]).stdout.decode()
+        if headers:  # 2 x 8 MB in 64 KB GSO packets: hundreds of headers, no payload
+            line = headers_queue_line(daemon)
+            assert counter(line, "gso packets") > 100, line
+            assert counter(line, "packets") > counter(line, "sent on whole") * 10, line
+            assert counter(line, "callback errors") == 0, line
+            # what went whole (NF_REPEAT with the mark) reached the large-packet queue
+            large = large_queue_line(daemon)
+            assert counter(large, "packets") == counter(line, "sent on whole"), (line, large)
+            return
         line = large_queue_line(daemon)
         assert counter(line, "gso packets") > 0, line
         assert counter(line, "truncated") == 0 and counter(line, "callback errors") == 0, line

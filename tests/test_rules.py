@@ -92,9 +92,16 @@ def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> Non
     ]
 
 
+#: QUEUE_CHAIN with the headers route (daemon.bulk = "headers", a TCP dnat or local service)
+HEADERS_CHAIN = QUEUE_CHAIN[:1] + [
+    "-A NFQLB-Q-1 -m mark --mark 0x10/0xff0 -j NFQUEUE --queue-num 10001 --queue-bypass",
+    "-A NFQLB-Q-1 -p tcp -m length --length 3961:65535 -j NFQUEUE --queue-num 30001 "
+    "--queue-bypass"] + QUEUE_CHAIN[1:]
+
+
 def test_local_replies_leave_through_output_with_source_only_when_given() -> None:
     rs = only(make_config(LOCAL))
-    assert without_quotes(rs) == QUEUE_CHAIN + [
+    assert without_quotes(rs) == HEADERS_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 443 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
@@ -250,7 +257,8 @@ def test_plan_delete_removes_jumps_into_the_queue_chains_and_the_chains_only() -
 
 def test_templates_are_installed_with_the_package_and_are_the_repository_files() -> None:
     names = sorted(p.name for p in (REPO / "rules").glob("*.rules"))
-    assert names == ["echo-drop.rules", "forward.rules", "health.rules", "icmp-quote.rules",
+    assert names == ["bulk.rules", "echo-drop.rules", "forward.rules", "health.rules",
+                     "icmp-quote.rules",
                      "icmp.rules",
                      "jumps.rules", "offload-jumps.rules", "offload-nat.rules",
                      "offload-snat.rules", "offload-table.rules", "offload.rules",

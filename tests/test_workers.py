@@ -84,6 +84,11 @@ def test_requests_by_source_and_replies_by_destination_reach_one_worker() -> Non
         chain = f"NFQLB-Q-1-{i}"
         assert [r for r in got if r.startswith(f"-A {chain} ")] == [
             f"-A {chain} -j CT --notrack",
+            # the headers route (rules/bulk.rules): worker i's headers queue is 30001 + i
+            f"-A {chain} -m mark --mark 0x10/0xff0 -j NFQUEUE --queue-num {large} "
+            "--queue-bypass",
+            f"-A {chain} -p tcp -m length --length 3961:65535 -j NFQUEUE --queue-num "
+            f"{30000 + q} --queue-bypass",
             f"-A {chain} -m length --length 3961:65535 -j NFQUEUE --queue-num {large} "
             "--queue-bypass",
             f"-A {chain} -j NFQUEUE --queue-num {q} --queue-bypass"]
@@ -268,10 +273,10 @@ OFFLOAD = {"name": "web", "vip": "198.18.100.1", "port": 80, "mode": "offload",
 
 
 @pytest.mark.parametrize(("started", "reloaded", "key"), [
-    (OFFLOAD, {"daemon": {"offload_queue": 30001}, "service": OFFLOAD}, "daemon.offload_queue"),
+    (OFFLOAD, {"daemon": {"offload_queue": 25001}, "service": OFFLOAD}, "daemon.offload_queue"),
     ({**OFFLOAD, "mode": "dnat"}, {"service": OFFLOAD}, "service"),
     (OFFLOAD, {"daemon": {"binding": "netfilterqueue"}, "service": OFFLOAD}, "daemon.binding"),
-    (OFFLOAD, {"daemon": {"large_queue": 30001}, "service": OFFLOAD}, "daemon.large_queue"),
+    (OFFLOAD, {"daemon": {"large_queue": 25001}, "service": OFFLOAD}, "daemon.large_queue"),
 ])
 def test_supervisor_refuses_a_reload_a_single_daemon_refuses(
         tmp_path: Any, started: dict[str, Any], reloaded: dict[str, Any], key: str) -> None:

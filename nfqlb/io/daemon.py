@@ -55,6 +55,7 @@ from nfqlb.config import Binding, Config, for_worker, load_config, with_workers
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
+from nfqlb.io.bulk import HeadersNetlinkAdapter
 from nfqlb.io.clock import RESOLUTION_S
 from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
@@ -204,9 +205,10 @@ class Server:
             return self._reload_worker(live)
         try:
             config = load_config(self.config_path)
-            served = [a.queue for a in self.adapters if getattr(a, "lean", False)]
+            served = [a.queue for a in self.adapters if getattr(a, "lean", False)
+                      and not isinstance(a, HeadersNetlinkAdapter)]
             check_reloadable(config, live.queue, live.large, served[0] if served else None,
-                             live.config.daemon.binding)
+                             live.config.daemon.binding, _headers_queue(live.config, live.queue))
             rulesets = rules.render(config, live.queue)
             for rs in rulesets:
                 if rs.family.version not in live.tools:
@@ -425,11 +427,20 @@ class Server:
 
 
 def check_reloadable(config: Config, queue: int, large: int, offload_queue: int | None,
-                     binding: Binding) -> None:
+                     binding: Binding, headers_queue: int | None = None) -> None:
     """Refuse (ConfigError naming the key) a reloaded ``config`` that changes what only a
-    restart changes: the queues bound at start (``large``, and ``offload_queue``, None when
-    none is bound) and the binding. A supervisor checks the same for all its workers, with
-    the first of their queues (each worker serves the first + its index)."""
+    restart changes: the queues bound at start (``large``, ``offload_queue`` and
+    ``headers_queue``, None when none is bound) and the binding. A supervisor checks the same
+    for all its workers, with the first of their queues (each worker serves the first + its
+    index)."""
+    new_headers = (rules.headers_queue_for(config, queue) if config.daemon.bulk == "headers"
+                   else None)
+    if new_headers != headers_queue:
+        key = "daemon.headers_queue" if None not in (new_headers, headers_queue) else \
+            "daemon.bulk"
+        raise ConfigError(config.source, key, f"is {config.daemon.bulk!r} on queue "
+                          f"{new_headers}, the running daemon serves the headers route on "
+                          f"{headers_queue}: restart to change it")
     new_large = rules.large_queue_for(config, queue)
     if new_large != large:
         raise ConfigError(config.source, "daemon.large_queue", f"is {new_large}, the "
@@ -446,6 +457,12 @@ def check_reloadable(config: Config, queue: int, large: int, offload_queue: int 
     if config.daemon.binding is not binding:
         raise ConfigError(config.source, "daemon.binding", f"is {config.daemon.binding.value!r}"
                           f", the running daemon uses {binding.value!r}: restart to change it")
+
+
+def _headers_queue(config: Config, queue: int) -> int | None:
+    """The headers queue of ``queue`` (worker 0's of several), None with daemon.bulk =
+    "whole"."""
+    return rules.headers_queue_for(config, queue) if config.daemon.bulk == "headers" else None
 
 
 def _has_offload(config: Config) -> bool:
@@ -514,6 +531,10 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         NetlinkQueueAdapter(engine.handle, large, log, on_hold=held.on_hold, gso=True,
                             purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
     ]
+    if config.daemon.bulk == "headers":  # large TCP packets' headers (rules/bulk.rules)
+        hq = (rules.headers_queue_for(config, role.base_queue) + role.index if role is not None
+              else rules.headers_queue_for(config, q))
+        adapters.append(HeadersNetlinkAdapter(engine, hq, log))
     decider = None
     if _has_offload(config):  # a third queue: conntrack NEW packets of offload services
         decider = OffloadDecider(config, engine.services, engine.counters)

@@ -76,17 +76,56 @@ def check_overlap(rulesets: Iterable[RuleSet], tools: dict[int, Iptables]) -> No
             raise SystemSetupError(problem)
 
 
+def _nft(args: list[str], stdin: str | None = None) -> str:
+    """Run ``nft`` (the headers route's table, daemon.bulk = "headers")."""
+    path = shutil.which("nft")
+    if path is None:
+        raise SystemSetupError(
+            "nft not found in PATH: daemon.bulk = \"headers\" (the default) rewrites large "
+            "TCP packets with an nftables table; install nftables, or set daemon.bulk = "
+            "\"whole\"")
+    try:
+        proc = subprocess.run([path, *args], input=stdin, capture_output=True, text=True,
+                              timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SystemSetupError(f"nft: {exc}") from None
+    if proc.returncode != 0:
+        detail = " / ".join(line.strip() for line in proc.stderr.splitlines() if line.strip())
+        raise SystemSetupError(f"nft {' '.join(args)} failed (exit {proc.returncode}): "
+                               f"{detail or 'no message'}")
+    return proc.stdout
+
+
+def _nft_delete(queue: int, family: Family) -> bool:
+    """Remove ``queue``'s nftables table of ``family`` if there is one; True if there was."""
+    if shutil.which("nft") is None:
+        return False
+    ip = rules.NFT_FAMILY[family.version]
+    name = rules.nft_table(queue)
+    if f"table {ip} {name}" not in _nft(["list", "tables", ip]).splitlines():
+        return False
+    _nft(["delete", "table", ip, name])
+    return True
+
+
 def apply(ruleset: RuleSet, tools: Iptables) -> None:
     """Install ``ruleset``, replacing what nfqlb had on its queue; idempotent. Refused
-    (SystemSetupError) when it overlaps another queue's rules."""
+    (SystemSetupError) when it overlaps another queue's rules. The headers route's nftables
+    table goes first (one ``nft -f`` transaction), so that no mark the rules lead to is
+    without its rewrite; without one, a table left from before is removed after."""
     dump = tools.save_text()
     saved = rules.parse_save(dump)
     problem = rules.find_overlap(ruleset, saved)
     if problem is not None:
         raise SystemSetupError(problem)
     text = rules.format_restore(ruleset, saved) + rules.format_offload(ruleset, dump)
+    if ruleset.nft:
+        log.debug("nft -f - <<\n%s", ruleset.nft)
+        _nft(["-f", "-"], ruleset.nft)
     log.debug("%s --noflush <<\n%s", tools.family.restore, text)
     tools.restore(text)
+    if not ruleset.nft:
+        _nft_delete(ruleset.queue, ruleset.family)
     log.debug("rules for queue %d installed with %s", ruleset.queue, tools.family.restore)
 
 
@@ -102,13 +141,14 @@ def delete(queue: int, tools: Iptables) -> bool:
              rules.plan_delete_offload(queue, dump)]
     text = "".join(p for p in parts if p)
     if not text:
-        return False
+        return _nft_delete(queue, tools.family)
     log.debug("%s --noflush <<\n%s", tools.family.restore, text)
     tools.restore(text)
     touched = {line[1:] for line in text.splitlines() if line.startswith("*")}
     empty = [t for t in rules.empty_tables(tools.save_text()) if t in touched]
     if empty:
         tools.restore("".join(f"*{t}\nCOMMIT\n" for t in empty), noflush=False)
+    _nft_delete(queue, tools.family)  # after the rules: no packet is marked any more
     return True
 
 

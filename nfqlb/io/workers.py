@@ -527,7 +527,8 @@ class Supervisor:
                                  "changes at the next start", loaded.daemon.workers, self.n)
             config = with_workers(loaded, self.queue, self.n, "daemon.workers")
             daemon.check_reloadable(config, self.queue, self.large, self.offload_queue,
-                                    self.config.daemon.binding)
+                                    self.config.daemon.binding,
+                                    daemon._headers_queue(self.config, self.queue))
             rulesets = rules.render(config, self.queue)
             for rs in rulesets:
                 if rs.family.version not in self.tools:
