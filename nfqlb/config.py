@@ -138,11 +138,11 @@ BULK_MARK_MASK = 0x00000FF0
 priority -250 of the same hook, which clears these bits again."""
 
 BULK_ROUTES = ("headers", "whole")
-"""daemon.bulk: how TCP packets over 3960 bytes (GSO packets, jumbo frames) of dnat and local
-services are rewritten. "headers": the kernel copies only their headers to nfqlb, which
-answers with a mark, and an nftables chain rewrites by that mark (nothing of the payload is
-copied); "whole": the packet goes to user space and back (the large-packet queue), as every
-other packet."""
+"""daemon.bulk: how TCP packets over 3960 bytes (GSO packets, jumbo frames) of established
+flows are rewritten. "headers": the kernel copies only their headers to nfqlb, which answers
+with a mark, and an nftables chain rewrites by that mark (nothing of the payload is copied);
+"whole": the packet goes to user space and back (the large-packet queue), as every other
+packet."""
 
 
 OFFLOAD_BINDINGS = ("netlink", "netfilterqueue")
@@ -171,7 +171,7 @@ class DaemonConfig:
     binding: Binding = Binding.NETLINK  # what serves the main queue
     ecmp: bool = False  # one of several nodes behind a router's ECMP: bypass defaults to false
     withdraw_wait: float = 0.0  # s served after SIGTERM while nfqlb health fails (0: stop now)
-    bulk: str = "headers"  # BULK_ROUTES: how large TCP packets of dnat/local flows go
+    bulk: str = "headers"  # BULK_ROUTES: how large TCP packets of established flows go
     headers_queue: int | None = None  # the headers route's queue (default: queue + 30000)
     bulk_mark_mask: int = BULK_MARK_MASK  # the packet mark bits the headers route may use
 
@@ -780,18 +780,19 @@ def _check_offload_marks(source: str, daemon: DaemonConfig, services: list[Servi
 
 def bulk_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]
                ) -> dict[tuple[str, str], tuple[int, int]]:
-    """The headers route's marks (daemon.bulk = "headers") of each backend of a TCP dnat or
-    local service, by (service name, backend name): (toward the backend, its replies), 2 and
+    """The headers route's marks (daemon.bulk = "headers") of each backend of a TCP service
+    (not offload), by (service name, backend name): (toward the backend, its replies), 2 and
     3, 4 and 5... shifted into daemon.bulk_mark_mask, in configuration order; 1 is
     :func:`bulk_whole`. Empty with daemon.bulk = "whole". The nftables chain rewrites a
-    packet of each mark as the engine would (rules.py renders it from these numbers)."""
+    packet of each mark as the engine would (rules.py renders it from these numbers; a
+    fullnat flow's own addresses and ports come from map elements nfqlb adds per flow)."""
     if daemon.bulk != "headers":
         return {}
     mask = daemon.bulk_mark_mask
     shift = (mask & -mask).bit_length() - 1
     marks: dict[tuple[str, str], tuple[int, int]] = {}
     for svc in services:
-        if svc.protocol is Protocol.TCP and svc.mode in (Mode.DNAT, Mode.LOCAL):
+        if svc.protocol is Protocol.TCP and svc.mode is not Mode.OFFLOAD:
             for b in svc.backends:
                 n = 2 * len(marks) + 2
                 marks[(svc.name, b.name)] = (n << shift, (n + 1) << shift)
@@ -812,7 +813,7 @@ def _check_bulk_marks(source: str, daemon: DaemonConfig, services: list[Service]
     if n > room:
         raise ConfigError(source, "daemon.bulk_mark_mask",
                           f"{mask:#x} numbers at most {room} marks, the headers route needs "
-                          f"{n} (two per backend of a TCP dnat or local service, and one): "
+                          f"{n} (two per backend of a TCP service, and one): "
                           "use a wider mask, or daemon.bulk = \"whole\"")
 
 

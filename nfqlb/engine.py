@@ -117,6 +117,16 @@ _MOVES_LIST: typing.Final[tuple[tuple[bool, ...], ...]] = tuple(
           for b in TcpState) for a in TcpState)
 
 
+#: The headers route of a fullnat flow (``Engine.handle_headers``): its large packets go
+#: whole until this many have come, then its map elements are added (``bulk_ops``), and once
+#: they are in its large packets are marked. Short flows (a page of a few GSO packets) never
+#: cost an nftables transaction.
+BULK_AFTER: typing.Final = 4
+BULK_PENDING: typing.Final = -1  # its elements are being added
+BULK_READY: typing.Final = -2  # they are in: its packets are marked
+BULK_FAILED: typing.Final = -3  # the kernel refused them: its packets go whole
+
+
 #: From this length on, a fast path's join takes the rest of the packet through a view: a
 #: 64 KiB GSO packet is copied once, not twice (a slice, then the join). Below it, the slice
 #: costs less than making the view.
@@ -175,6 +185,12 @@ class Engine:
         self.shortest_timeout = _shortest_timeout(config)
         #: the headers route's mark for a packet to send on whole (see handle_headers)
         self.bulk_whole = bulk_whole(config.daemon)
+        #: fullnat flows on the headers route: large packets seen so far (from 1), or
+        #: BULK_PENDING, BULK_READY, BULK_FAILED
+        self._bulk: dict[Flow, int] = {}
+        #: the nftables map elements to change, in order, for nfqlb.io.bulk: (True, flow) adds
+        #: a fullnat flow's, (False, flow) removes a retired one's
+        self.bulk_ops: list[tuple[bool, Flow]] = []
         self._number_bulk(config, [])
 
     def _number_bulk(self, config: Config, gone: list[BackendRuntime]) -> None:
@@ -187,6 +203,15 @@ class Engine:
         for svc in config.services:
             for rt in self.services.named(svc.name).backends.values():
                 rt.bulk_in, rt.bulk_out = marks.get((svc.name, rt.name), (0, 0))
+                rt.bulk_flow = svc.mode is Mode.FULLNAT
+
+    def bulk_done(self, flows: list[Flow], ok: bool) -> None:
+        """The map elements of ``flows`` (``bulk_ops`` adds) are in the kernel (``ok``), or
+        were refused: their large packets are marked from now on, or go whole for good."""
+        state = BULK_READY if ok else BULK_FAILED
+        for flow in flows:
+            if self._bulk.get(flow) == BULK_PENDING:
+                self._bulk[flow] = state
 
     # ---------------------------------------------------------------- per packet
 
@@ -196,7 +221,9 @@ class Engine:
         of an established flow without SYN, FIN or RST gets its backend's mark for its
         direction (the nftables table rewrites by it as the fast path would; the flow is
         touched and counted as there); anything else, ``bulk_whole``: the packet comes back
-        whole on the large-packet queue, to ``handle``. Never raises."""
+        whole on the large-packet queue, to ``handle``. A fullnat flow's own addresses and
+        ports are map elements in the kernel: its packets are marked only once they are in
+        (``bulk_ops``, ``bulk_done``), after BULK_AFTER large packets. Never raises."""
         whole = self.bulk_whole
         try:
             m = len(data)
@@ -218,18 +245,27 @@ class Engine:
             flow = self._tcp.get(k)
             if flow is None or flow.state is not _ESTABLISHED or flags & 0x07:
                 return whole
+            backend = flow.backend
+            if not backend.bulk_in:  # (no marks: not on the route, or removed by a reload)
+                return whole
+            if backend.bulk_flow:
+                seen = self._bulk.get(flow, 0)
+                if seen != BULK_READY:
+                    if seen >= 0:
+                        seen += 1
+                        if seen >= BULK_AFTER:
+                            seen = BULK_PENDING
+                            self.bulk_ops.append((True, flow))
+                        self._bulk[flow] = seen
+                    return whole
             if k == flow.fwd_key:
-                mark = flow.backend.bulk_in
-                if not mark:
-                    return whole
+                mark = backend.bulk_in
                 flow.peer_c = peer_of(data, ack)
-                t = flow.backend.inbound
+                t = backend.inbound
             else:
-                mark = flow.backend.bulk_out
-                if not mark:
-                    return whole
+                mark = backend.bulk_out
                 flow.peer_b = peer_of(data, ack)
-                t = flow.backend.outbound
+                t = backend.outbound
             flow.last = now
             head = self._established
             nxt = flow.next
@@ -947,6 +983,10 @@ class Engine:
         """A flow left the table: its service takes back what it held (a fullnat port with
         the TIME_WAIT its backend holds for it, unless ``keep_port``: the caller hands the
         port to a new flow) and accounts it."""
+        if self._bulk:
+            seen = self._bulk.pop(flow, 0)
+            if seen < 0:  # its map elements were (or are being) added: removed after
+                self.bulk_ops.append((False, flow))
         timewait = None
         if flow.backend.reclaim is not None and flow.state in _RECLAIMABLE:
             timewait = _track_port(flow, flow.state, None)

@@ -484,15 +484,28 @@ def nft_table(queue: int) -> str:
     return f"nfqlb-{queue}"
 
 
+#: The maps of fullnat flows' own values (nfqlb.io.bulk adds an element per flow): their
+#: key, as the nftables table reads it from the packet (``{ip}``: ip or ip6), and data type.
+NFT_MAPS = {
+    "fwd-port": ("{ip} saddr . tcp sport . {ip} daddr . tcp dport", "inet_service"),
+    "rev-addr": ("{ip} saddr . tcp sport . tcp dport", "{addr}"),
+    "rev-port": ("{ip} saddr . tcp sport . tcp dport", "inet_service"),
+}
+_ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
+
+
 def bulk_rewrites(config: Config, services: Iterable[Service]
                   ) -> dict[int, tuple[tuple[str, str], ...]]:
     """What the nftables table does to a packet of each mark of ``services``' backends:
     (field, value) pairs, the fields ``saddr``, ``daddr``, ``sport``, ``dport``, in the
     order the rule sets them; the same as the engine's rewrite of an established flow's
-    packet (toward the backend: its address and port; a reply: the VIP's)."""
+    packet (toward the backend: its address and port, in fullnat the snat address and the
+    flow's pool port too; a reply: the VIP's, in fullnat the client's too). A value
+    ``@name`` is the flow's own, looked up in map ``name`` (:data:`NFT_MAPS`), first."""
     marks = bulk_marks(config.daemon, config.services)
     out: dict[int, tuple[tuple[str, str], ...]] = {}
     for svc in services:
+        fullnat = svc.mode is Mode.FULLNAT
         for b in svc.backends:
             pair = marks.get((svc.name, b.name))
             if pair is None:
@@ -500,10 +513,13 @@ def bulk_rewrites(config: Config, services: Iterable[Service]
             address = b.address or svc.vip
             fwd: list[tuple[str, str]] = []
             back: list[tuple[str, str]] = []
-            if address != svc.vip:
+            if fullnat:
+                fwd += [("sport", "@fwd-port"), ("saddr", str(svc.snat_address))]
+                back += [("daddr", "@rev-addr"), ("dport", "@rev-port")]
+            if address != svc.vip or fullnat:
                 fwd.append(("daddr", str(address)))
                 back.append(("saddr", str(svc.vip)))
-            if b.port != svc.port:
+            if b.port != svc.port or fullnat:
                 fwd.append(("dport", str(b.port)))
                 back.append(("sport", str(svc.port)))
             out[pair[0]], out[pair[1]] = tuple(fwd), tuple(back)
@@ -511,11 +527,15 @@ def bulk_rewrites(config: Config, services: Iterable[Service]
 
 
 def bulk_nft(config: Config, services: list[Service], family: Family, queue: int) -> str:
-    """``nft -f`` input (re)defining ``queue``'s table of ``family`` atomically: a chain at
-    prerouting and one at output (type route: a new destination is routed again) that jump
-    by the mark of daemon.bulk_mark_mask to a chain per mark, which rewrites as the engine
-    would (:func:`bulk_rewrites`) and clears the mark. "" when none of ``services`` has a
-    mark (daemon.bulk = "whole", no TCP dnat or local service of this family)."""
+    """``nft -f`` input (re)defining ``queue``'s table of ``family`` in one transaction: a
+    chain at prerouting and one at output (type route: a new destination is routed again)
+    that jump by the mark of daemon.bulk_mark_mask to a chain per mark, which rewrites as
+    the engine would (:func:`bulk_rewrites`) and clears the mark; with fullnat services, the
+    maps of their flows. The table's rules are flushed first, its maps' elements kept (a
+    reload leaves the flows' elements where they are). A mark whose flow has no element (it
+    cannot happen: nfqlb marks a fullnat flow only once they are in) is dropped, not passed
+    unrewritten. "" when none of ``services`` has a mark (daemon.bulk = "whole", no TCP
+    service of this family)."""
     rewrites = bulk_rewrites(config, services)
     if not rewrites:
         return ""
@@ -526,16 +546,30 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
     table = f"{ip} {nft_table(queue)}"
     chains = {whole: "whole", **{m: f"mark-{m:#x}" for m in rewrites}}
     vmap = ", ".join(f"{m:#010x} : jump {name}" for m, name in chains.items())
-    lines = [f"table {table}", f"delete table {table}", f"table {table} {{"]
+    lines = [f"table {table}", f"flush table {table}", f"table {table} {{"]
+    if any(v.startswith("@") for fields in rewrites.values() for _, v in fields):
+        addr = _ADDR_TYPE[family.version]
+        for name, (key, data) in NFT_MAPS.items():
+            types = key.format(ip=ip).replace(f"{ip} saddr", addr).replace(f"{ip} daddr", addr)
+            types = types.replace("tcp sport", "inet_service").replace("tcp dport",
+                                                                       "inet_service")
+            lines.append(f"  map {name} {{ type {types} : {data.format(addr=addr)}; }}")
     for name, hook, kind in (("pre", "prerouting", "filter"), ("out", "output", "route")):
         lines += [f"  chain {name} {{",
                   f"    type {kind} hook {hook} priority {NFT_PRIORITY}; policy accept;",
                   f"    meta mark & {mask:#010x} vmap {{ {vmap} }}", "  }"]
     lines += ["  chain whole {", f"    {clear}", "  }"]
     for m, fields in rewrites.items():
-        sets = " ".join(f"{'tcp' if f.endswith('port') else ip} {f} set {v}" for f, v in fields)
-        lines += [f"  chain {chains[m]} {{", f"    {sets} {clear}".replace("     ", "    "),
-                  "  }"]
+        sets = []
+        for f, v in fields:
+            value = (f"{NFT_MAPS[v[1:]][0].format(ip=ip)} map @{v[1:]}" if v.startswith("@")
+                     else v)
+            sets.append(f"{'tcp' if f.endswith('port') else ip} {f} set {value}")
+        lines += [f"  chain {chains[m]} {{", "    " + " ".join([*sets, clear])]
+        if any(v.startswith("@") for _, v in fields):  # (a lookup that misses ends the rule)
+            lines[-1] += " return"
+            lines.append(f"    {clear} counter drop")
+        lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -78,7 +78,7 @@ class BackendRuntime:
     __slots__ = ("backend", "name", "address", "port", "endpoint", "weight", "healthy",
                  "drained", "drain_deadline", "removed", "check", "latency", "inbound",
                  "outbound", "flows_total", "established", "inactive", "owner", "reclaim",
-                 "_samples", "bulk_in", "bulk_out")
+                 "_samples", "bulk_in", "bulk_out", "bulk_flow")
 
     def __init__(self, backend: Backend, vip: Any, service_port: int) -> None:
         self.backend = backend  # the configured value (name, address, port, weight)
@@ -96,10 +96,13 @@ class BackendRuntime:
         self.check = ""  # the last health check's result, e.g. "ok", "timeout", "status 503"
         self.latency: float | None = None  # the last check's time, seconds
         #: the headers route's marks (daemon.bulk = "headers"; config.bulk_marks): toward the
-        #: backend and of its replies; 0 for none (not a TCP dnat or local service's, or
+        #: backend and of its replies; 0 for none (not a TCP service's, or
         #: removed from the configuration): its packets then go whole
         self.bulk_in = 0
         self.bulk_out = 0
+        #: fullnat: the marks hold for a flow only once its map elements are in the kernel
+        #: (the engine's ``bulk_ops``, sent by nfqlb.io.bulk)
+        self.bulk_flow = False
         self.inbound = Direction()  # client -> backend
         self.outbound = Direction()  # backend -> client
         self.flows_total = 0

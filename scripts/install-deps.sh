@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages that nfqlb's tests and demo need, and only the missing ones.
 #
-#   runtime:  iptables (NFQUEUE rules), libnetfilter-queue-dev (NetfilterQueue builds against it)
+#   runtime:  iptables (NFQUEUE rules), nftables (nft: the headers route's table, daemon.bulk),
+#             libnetfilter-queue-dev (NetfilterQueue builds against it)
 #   lab:      iproute2 (ip netns, veth, bridge), nginx-light, curl, socat, procps (sysctl),
 #             bird2 (the BGP router of the ECMP lab, tests/lab/ecmp.py; not started as a service)
 #   build:    gcc, libc6-dev, and for $PYTHON its headers (python3-dev) and venv (python3-venv)
@@ -25,6 +26,7 @@ need_pkg() {  # need_pkg PACKAGE
 
 need_cmd ip iproute2
 need_cmd iptables iptables
+need_cmd nft nftables
 need_cmd nginx nginx-light
 need_cmd curl curl
 need_cmd socat socat

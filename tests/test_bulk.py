@@ -8,20 +8,21 @@ to (the same fields set, every checksum recomputed by scapy)."""
 
 from __future__ import annotations
 
+import socket
 import struct
 from typing import Any
 
 import pytest
 from helpers import B1, B2, CLIENT, VIP, checksums_ok, engine, reverse_of, rewritten, service, tcp
-from scapy.layers.inet import TCP
+from scapy.layers.inet import IP, TCP
 from scapy.layers.inet6 import IPv6
 
 from nfqlb import rules
 from nfqlb.config import BULK_MARK_MASK, bulk_marks, bulk_whole, parse_config
-from nfqlb.engine import Engine
+from nfqlb.engine import BULK_AFTER, Engine
 from nfqlb.errors import ConfigError
 from nfqlb.io import netlink
-from nfqlb.io.bulk import NF_REPEAT, HeadersNetlinkAdapter
+from nfqlb.io.bulk import NF_REPEAT, HeadersNetlinkAdapter, NftMaps, flow_elements
 
 BIG = 9000  # payload bytes: more than rules.BINDING_MAX_PACKET, as the rules route them
 HEAD = 256  # what the headers queue copies (nfqlb.offload.COPY_RANGE)
@@ -105,16 +106,95 @@ def test_what_the_headers_cannot_answer_goes_whole() -> None:
         eng.stats()["services"]["dnat-tcp"]["backends"]["b2"]["bytes"] > len(data)
 
 
-def test_fullnat_and_udp_have_no_marks_their_large_packets_go_whole() -> None:
-    cfg = parse_config({"service": [service("fullnat"), service("dnat", "udp"),
+def test_udp_and_offload_have_no_marks() -> None:
+    cfg = parse_config({"service": [service("dnat", "udp"), service("offload", name="o"),
                                     service("dnat", name="web", port=81)]}, "t")
-    marks = bulk_marks(cfg.daemon, cfg.services)
-    assert set(marks) == {("web", "b1"), ("web", "b2")}
-    assert rules.bulk_nft(cfg, [s for s in cfg.services if s.name != "web"],
-                          rules.FAMILIES[4], 1) == ""
+    assert set(bulk_marks(cfg.daemon, cfg.services)) == {("web", "b1"), ("web", "b2")}
+    assert rules.bulk_nft(cfg, [cfg.services[0]], rules.FAMILIES[4], 1) == ""
+
+
+def emulate(eng: Engine, data: bytes, mark: int,
+            elements: dict[tuple[str, bytes], bytes]) -> bytes:
+    """The nftables table's rule for ``mark`` run on ``data``: its statements in order, a map
+    lookup keyed by the fields as they are at that point (as the kernel evaluates them)."""
+    pkt = IP(data)
+    cur = {"saddr": pkt.src, "daddr": pkt.dst, "sport": pkt[TCP].sport, "dport": pkt[TCP].dport}
+
+    def packed(field: str) -> bytes:
+        v = cur[field]
+        return socket.inet_aton(v) if field.endswith("addr") else struct.pack("!H", v) + bytes(2)
+
+    for field, value in rules.bulk_rewrites(eng.config, eng.config.services)[mark]:
+        if value.startswith("@"):
+            name = value[1:]
+            names = rules.NFT_MAPS[name][0].replace("{ip} ", "").replace("tcp ", "").split(" . ")
+            got = elements[(name, b"".join(packed(n) for n in names))]
+            cur[field] = socket.inet_ntoa(got) if field.endswith("addr") else \
+                struct.unpack("!H", got)[0]
+        else:
+            cur[field] = int(value) if field.endswith("port") else value
+    return rewritten(data, src=cur["saddr"], dst=cur["daddr"], sport=cur["sport"],
+                     dport=cur["dport"])
+
+
+def test_a_fullnat_flow_is_marked_once_its_map_elements_are_in() -> None:
+    whole, marked, back = opened("fullnat")
+    up = tcp(CLIENT, VIP, 40000, 80, "A", b"u" * BIG, seq=1001, ack=5001)
+    down = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)
+    (flow,) = marked.table.flows()
+    for _ in range(BULK_AFTER):  # short flows never cost a transaction
+        assert marked.bulk_ops == []
+        assert marked.handle_headers(down[:HEAD], len(down), 1.0) == WHOLE
+    assert marked.bulk_ops == [(True, flow)]
+    assert marked.handle_headers(down[:HEAD], len(down), 1.0) == WHOLE  # not in yet
+    family, elements = flow_elements(flow)
+    assert family == 2 and [e[0] for e in elements] == ["fwd-port", "rev-addr", "rev-port"]
+    table = {(name, key): value for name, key, value in elements}
+    marked.bulk_done([flow], True)
+    for data in (up, down):
+        want = whole.handle(data, 1.0)
+        assert isinstance(want, bytes)
+        mark = marked.handle_headers(data[:HEAD], len(data), 1.0)
+        assert mark != WHOLE
+        assert emulate(marked, data, mark, table) == want
+    assert len(marked.bulk_ops) == 1  # nothing more asked
+    # the flow ends: its elements are removed
+    marked.handle_timer(1e6)
+    assert marked.table.flows() == [] and marked.bulk_ops[-1] == (False, flow)
+
+
+def test_a_fullnat_flow_whose_elements_were_refused_goes_whole() -> None:
     eng, _, back = opened("fullnat")
-    data = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)
-    assert eng.handle_headers(data[:HEAD], len(data), 1.0) == WHOLE
+    down = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)
+    for _ in range(BULK_AFTER):
+        eng.handle_headers(down[:HEAD], len(down), 1.0)
+    (add, flow), = eng.bulk_ops
+    eng.bulk_ops = []
+    eng.bulk_done([flow], False)
+    for _ in range(3 * BULK_AFTER):
+        assert eng.handle_headers(down[:HEAD], len(down), 1.0) == WHOLE
+    assert eng.bulk_ops == []  # never asked again
+
+
+def test_the_transaction_destroys_then_adds_each_element() -> None:
+    import logging
+
+    eng, _, _ = opened("fullnat")
+    (flow,) = eng.table.flows()
+    maps = NftMaps("nfqlb-1", logging.getLogger("t"))
+    msg = maps.batch([(True, flow), (False, flow)])
+    kinds, i = [], 0
+    while i < len(msg):
+        n, kind, flags = struct.unpack_from("=IHH", msg, i)
+        family, _, res = struct.unpack_from("!BBH", msg, i + 16)
+        kinds.append((kind, family, res, flags))
+        if kind >> 8 == 10:  # nf_tables: the table and the map named first
+            assert msg[i + 20:i + 32] == struct.pack("=HH", 12, 1) + b"nfqlb-1\0"
+        i += (n + 3) & ~3
+    assert i == len(msg)
+    begin, end = (0x10, 0, 10, 1), (0x11, 0, 10, 1)
+    destroy, add = (10 << 8 | 30, 2, 0, 1), (10 << 8 | 12, 2, 0, 0x401)
+    assert kinds == [begin, *[destroy, add] * 3, *[destroy] * 3, end]
 
 
 def test_bulk_whole_turns_the_route_off() -> None:
@@ -182,7 +262,8 @@ def test_the_nftables_table_rewrites_each_mark_and_clears_it() -> None:
                        "t")
     (rs,) = rules.render(cfg)
     text = rs.nft
-    assert text.startswith("table ip nfqlb-1\ndelete table ip nfqlb-1\n")  # atomic replace
+    # one transaction: the rules replaced, a fullnat flow's map elements kept (a reload)
+    assert text.startswith("table ip nfqlb-1\nflush table ip nfqlb-1\n")
     assert "type filter hook prerouting priority -250;" in text
     assert "type route hook output priority -250;" in text  # a new destination re-routed
     marks = bulk_marks(cfg.daemon, cfg.services)

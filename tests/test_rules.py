@@ -48,6 +48,11 @@ ICMP4 = [f"-A NFQLB-{chain}-1 -p icmp --icmp-type {t} -j NFQLB-ERR-1"
          for chain in ("PRE", "OUT") for t in (3, 11, 12)]
 QUEUE_CHAIN += ICMP4
 JUMPS = ("-I PREROUTING -j NFQLB-PRE-1", "-I OUTPUT -j NFQLB-OUT-1")
+#: QUEUE_CHAIN with the headers route (daemon.bulk = "headers", any TCP service)
+HEADERS_CHAIN = QUEUE_CHAIN[:1] + [
+    "-A NFQLB-Q-1 -m mark --mark 0x10/0xff0 -j NFQUEUE --queue-num 10001 --queue-bypass",
+    "-A NFQLB-Q-1 -p tcp -m length --length 3961:65535 -j NFQUEUE --queue-num 30001 "
+    "--queue-bypass"] + QUEUE_CHAIN[1:]
 
 
 def without_quotes(rs: rules.RuleSet) -> list[str]:
@@ -64,7 +69,7 @@ def only(config: Config, queue: int | None = None) -> rules.RuleSet:
 def test_fullnat_forward_in_both_chains_and_replies_from_each_backend_to_the_pool() -> None:
     rs = only(make_config(FULLNAT))
     assert rs.family.iptables == "iptables"
-    assert without_quotes(rs) == QUEUE_CHAIN + [
+    assert without_quotes(rs) == HEADERS_CHAIN + [
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-OUT-1 -d 198.18.0.10/32 -p tcp --dport 80 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -d 198.18.0.10/32 -p tcp " + FRAG4 + " -g NFQLB-Q-1",
@@ -90,13 +95,6 @@ def test_dnat_replies_match_each_backend_address_and_port_in_prerouting() -> Non
         "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp --sport 5353 -g NFQLB-Q-1",
         "-A NFQLB-PRE-1 -s 198.18.1.21/32 -p udp " + FRAG4 + " -g NFQLB-Q-1",
     ]
-
-
-#: QUEUE_CHAIN with the headers route (daemon.bulk = "headers", a TCP dnat or local service)
-HEADERS_CHAIN = QUEUE_CHAIN[:1] + [
-    "-A NFQLB-Q-1 -m mark --mark 0x10/0xff0 -j NFQUEUE --queue-num 10001 --queue-bypass",
-    "-A NFQLB-Q-1 -p tcp -m length --length 3961:65535 -j NFQUEUE --queue-num 30001 "
-    "--queue-bypass"] + QUEUE_CHAIN[1:]
 
 
 def test_local_replies_leave_through_output_with_source_only_when_given() -> None:

@@ -532,9 +532,9 @@ def run(config: Config, queue: int | None, log: logging.Logger,
                             purpose=f"packets over {rules.BINDING_MAX_PACKET} bytes"),
     ]
     if config.daemon.bulk == "headers":  # large TCP packets' headers (rules/bulk.rules)
-        hq = (rules.headers_queue_for(config, role.base_queue) + role.index if role is not None
-              else rules.headers_queue_for(config, q))
-        adapters.append(HeadersNetlinkAdapter(engine, hq, log))
+        base = role.base_queue if role is not None else q
+        hq = rules.headers_queue_for(config, base) + (role.index if role is not None else 0)
+        adapters.append(HeadersNetlinkAdapter(engine, hq, log, table=rules.nft_table(base)))
     decider = None
     if _has_offload(config):  # a third queue: conntrack NEW packets of offload services
         decider = OffloadDecider(config, engine.services, engine.counters)
