@@ -494,6 +494,28 @@ NFT_MAPS = {
 _ADDR_TYPE = {4: "ipv4_addr", 6: "ipv6_addr"}
 
 
+def bulk_matches(config: Config, services: Iterable[Service]
+                 ) -> dict[int, tuple[tuple[str, str], ...]]:
+    """The packets each mark of ``services``' backends may rewrite, as (field, value) pairs
+    (as :func:`bulk_rewrites`): toward the VIP and port; from the backend's address and
+    port (in fullnat to the snat address). Another instance's table, at the same priority,
+    numbers its marks the same way by default: these matches keep each table to its own
+    services' packets (overlapping services are refused by :func:`find_overlap`)."""
+    marks = bulk_marks(config.daemon, config.services)
+    out: dict[int, tuple[tuple[str, str], ...]] = {}
+    for svc in services:
+        for b in svc.backends:
+            pair = marks.get((svc.name, b.name))
+            if pair is None:
+                continue
+            reply = [("saddr", str(b.address or svc.vip)), ("sport", str(b.port))]
+            if svc.mode is Mode.FULLNAT:
+                reply.append(("daddr", str(svc.snat_address)))
+            out[pair[0]] = (("daddr", str(svc.vip)), ("dport", str(svc.port)))
+            out[pair[1]] = tuple(reply)
+    return out
+
+
 def bulk_rewrites(config: Config, services: Iterable[Service]
                   ) -> dict[int, tuple[tuple[str, str], ...]]:
     """What the nftables table does to a packet of each mark of ``services``' backends:
@@ -530,7 +552,8 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
     """``nft -f`` input (re)defining ``queue``'s table of ``family`` in one transaction: a
     chain at prerouting and one at output (type route: a new destination is routed again)
     that jump by the mark of daemon.bulk_mark_mask to a chain per mark, which rewrites as
-    the engine would (:func:`bulk_rewrites`) and clears the mark; with fullnat services, the
+    the engine would (:func:`bulk_rewrites`) a packet of its services (:func:`bulk_matches`)
+    and clears the mark; with fullnat services, the
     maps of their flows. The table's rules are flushed first, its maps' elements kept (a
     reload leaves the flows' elements where they are). A mark whose flow has no element (it
     cannot happen: nfqlb marks a fullnat flow only once they are in) is dropped, not passed
@@ -539,6 +562,7 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
     rewrites = bulk_rewrites(config, services)
     if not rewrites:
         return ""
+    matches = bulk_matches(config, services)
     ip = NFT_FAMILY[family.version]
     mask = config.daemon.bulk_mark_mask
     clear = f"meta mark set meta mark & {0xFFFFFFFF & ~mask:#010x}"
@@ -560,15 +584,17 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
                   f"    meta mark & {mask:#010x} vmap {{ {vmap} }}", "  }"]
     lines += ["  chain whole {", f"    {clear}", "  }"]
     for m, fields in rewrites.items():
+        match = " ".join(f"{'tcp' if f.endswith('port') else ip} {f} {v}"
+                         for f, v in matches[m])
         sets = []
         for f, v in fields:
             value = (f"{NFT_MAPS[v[1:]][0].format(ip=ip)} map @{v[1:]}" if v.startswith("@")
                      else v)
             sets.append(f"{'tcp' if f.endswith('port') else ip} {f} set {value}")
-        lines += [f"  chain {chains[m]} {{", "    " + " ".join([*sets, clear])]
+        lines += [f"  chain {chains[m]} {{", "    " + " ".join([match, *sets, clear])]
         if any(v.startswith("@") for _, v in fields):  # (a lookup that misses ends the rule)
             lines[-1] += " return"
-            lines.append(f"    {clear} counter drop")
+            lines.append(f"    {match} {clear} counter drop")
         lines.append("  }")
     lines.append("}")
     return "\n".join(lines) + "\n"

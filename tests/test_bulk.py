@@ -268,12 +268,17 @@ def test_the_nftables_table_rewrites_each_mark_and_clears_it() -> None:
     assert "type route hook output priority -250;" in text  # a new destination re-routed
     marks = bulk_marks(cfg.daemon, cfg.services)
     fwd, rev = marks[("dnat-tcp", "b1")]
-    assert f"chain mark-{fwd:#x} {{\n    ip daddr set {B1} tcp dport set 8080 meta mark set " \
-           "meta mark & 0xfffff00f\n  }" in text
-    assert f"chain mark-{rev:#x} {{\n    ip saddr set {VIP} tcp sport set 80 meta mark" in text
+    # each chain rewrites only its own service's packets (another instance's table numbers
+    # its marks the same way)
+    assert f"chain mark-{fwd:#x} {{\n    ip daddr {VIP} tcp dport 80 ip daddr set {B1} tcp " \
+           "dport set 8080 meta mark set meta mark & 0xfffff00f\n  }" in text
+    assert f"chain mark-{rev:#x} {{\n    ip saddr {B1} tcp sport 8080 ip saddr set {VIP} tcp " \
+           "sport set 80 meta mark" in text
     lfwd, lrev = marks[("l", "b1")]  # local: the address kept, the port changed
-    assert f"chain mark-{lfwd:#x} {{\n    tcp dport set 8080 meta mark" in text
-    assert f"chain mark-{lrev:#x} {{\n    tcp sport set 81 meta mark" in text
+    assert f"chain mark-{lfwd:#x} {{\n    ip daddr {VIP} tcp dport 81 tcp dport set 8080 " \
+           "meta mark" in text
+    assert f"chain mark-{lrev:#x} {{\n    ip saddr {VIP} tcp sport 8080 tcp sport set 81 " \
+           "meta mark" in text
     assert f"{WHOLE:#010x} : jump whole" in text
     assert rs.headers_queue == 30001
 
