@@ -43,11 +43,9 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-dnat-nfq  dnat with ``[daemon] binding = "netfilterqueue"`` (the NetfilterQueue
                   binding on the main queue in place of nfqlb's own netlink client, the
                   default)
-  headers-probe   run only when named: not nfqlb but a probe of where bulk could go. Every
-                  packet of the traffic queued with its headers alone (GSO packets whole),
-                  a plain-Python worker answers with a mark per flow and direction, and an
-                  nftables chain after the queue rewrites addresses and ports by that mark,
-                  statelessly (installs nftables)
+  nfqlb-dnat-whole  run only when named: dnat with ``[daemon] bulk = "whole"``, every large
+                  packet through nfqlb whole (the default, "headers", queues a large TCP
+                  packet's headers alone and nftables rewrites it by the mark nfqlb gives)
 
 HTTP goes to VIP:80 (the backends' nginx on 8080, both backends). iperf3 needs its control
 and data connections on the same server, so every path forwards VIP:5201 to backend-1's
@@ -126,7 +124,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 MIN_TICKS = 10  # CPU time under which a per-packet figure is noise (0.1 s at 100 Hz)
 TOOLS = {"wrk": "wrk", "haproxy": "haproxy", "iperf3": "iperf3", "conntrack": "conntrack",
          "nft": "nftables"}
-HEADERS_QUEUE = 4  # the headers probe's queue
 
 _ACCEPT_WORKER = r'''
 import sys
@@ -264,6 +261,7 @@ class BenchPath:
     floor: str | None = None  # the accept-only path for the "x floor" ratio
     binding: str | None = None  # nfqlb's [daemon] binding for the main queue, if not default
     probe: bool = False  # run only when named in --paths
+    bulk: str | None = None  # nfqlb's [daemon] bulk, if not the default
 
     @property
     def is_nfqlb(self) -> bool:
@@ -742,80 +740,6 @@ def nfq_accept(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
                 p.wait(5)
 
 
-# A probe of goal 5's next step (not nfqlb): the kernel copies only each packet's headers to
-# this worker (COPY_RANGE, GSO packets whole), which answers with a mark per flow and
-# direction (ACCEPT, no payload given back); nftables rewrites addresses and ports
-# statelessly by that mark after the queue, so no 64 KB packet is copied to user space and
-# back. Plain Python (NFQLB_PURE: the offload adapter's verdict path with a stand-in
-# decider): the dnat service's two backends taken in turn for HTTP, backend-1 for iperf3.
-_HEADERS_WORKER = r'''
-import logging, os, selectors, socket, sys
-os.environ["NFQLB_PURE"] = "1"
-from nfqlb.io.offload import OffloadNetlinkAdapter
-vip = socket.inet_aton(sys.argv[3])
-flows = {}
-turn = [0]
-class Marks:
-    passed = 0
-    def handle(self, data, now):
-        key = data[12:24]
-        mark = flows.get(key)
-        if mark is None:
-            if data[16:20] == vip:  # toward the VIP: HTTP to a backend in turn, iperf3 to 1
-                turn[0] ^= 1
-                mark = 0x110 | turn[0] if data[22] << 8 | data[23] == 80 else 0x010
-            else:  # a backend's reply
-                mark = 0x120 if data[20] << 8 | data[21] != 5201 else 0x020
-            flows[key] = mark
-        return mark
-adapter = OffloadNetlinkAdapter(Marks(), int(sys.argv[1]), logging.getLogger("headers"))
-''' + _SERVE_ADAPTER
-
-_HEADERS_NFT = """table ip nfqlb_headers_probe {{
-  chain rewrite {{
-    type filter hook prerouting priority -250; policy accept;
-    meta mark 0x110 ip daddr set {b1} tcp dport set {http}
-    meta mark 0x111 ip daddr set {b2} tcp dport set {http}
-    meta mark 0x010 ip daddr set {b1}
-    meta mark 0x120 ip saddr set {vip} tcp sport set 80
-    meta mark 0x020 ip saddr set {vip}
-  }}
-}}
-"""
-
-
-@contextlib.contextmanager
-def headers_probe(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
-    script = lab.dir / "headers_worker.py"
-    script.write_text(_HEADERS_WORKER)
-    b1, b2 = (b.address for b in lab.backends[:2])
-    ready = lab.dir / "headers.ready"
-    ready.unlink(missing_ok=True)
-    log = lab.dir / "headers.out"
-    rules_file = lab.dir / "headers.nft"
-    rules_file.write_text(_HEADERS_NFT.format(b1=b1, b2=b2, vip=VIP, http=HTTP_PORT))
-    proc = lab.spawn(lab.lb, [sys.executable, str(script), str(HEADERS_QUEUE), str(ready), VIP],
-                     log=log)
-    try:
-        deadline = time.monotonic() + 10
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise LabError(f"headers probe worker did not start:\n{log.read_text()}")
-            time.sleep(0.02)
-        lab.exec(lab.lb, ["nft", "-f", str(rules_file)])
-        queue = ["-j", "NFQUEUE", "--queue-num", str(HEADERS_QUEUE), "--queue-bypass"]
-        matches = [["-d", VIP, "-p", "tcp", "-m", "multiport", "--dports", f"80,{IPERF_PORT}"]]
-        matches += [["-s", b.address, "-p", "tcp", "-m", "multiport", "--sports",
-                     f"{HTTP_PORT},{IPERF_PORT}"] for b in lab.backends]
-        specs = [spec for m in matches for spec in ([*m, "-j", "CT", "--notrack"], [*m, *queue])]
-        with sysctl(lab, "net.ipv4.ip_forward", "1"), rules(lab, "raw", "PREROUTING", specs):
-            yield Stage(pids=[proc.pid], labels=backend_labels(lab))
-    finally:
-        lab.exec(lab.lb, ["nft", "delete", "table", "ip", "nfqlb_headers_probe"], check=False)
-        proc.terminate()
-        proc.wait(5)
-
-
 def c_mark_binary(lab: Lab) -> Path:
     """The C worker of ``c-mark``, compiled into the lab's directory (once per run)."""
     binary = lab.dir / "c_mark_worker"
@@ -926,6 +850,8 @@ def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
     keys: dict[str, object] = {"workers": path.workers} if path.workers > 1 else {}
     if path.binding is not None:
         keys["binding"] = path.binding
+    if path.bulk is not None:
+        keys["bulk"] = path.bulk
     return keys
 
 
@@ -1001,8 +927,8 @@ PATHS: list[BenchPath] = [
     BenchPath("c-mark-w2", "C workers marking new flows, 2 (offload's floor)", c_mark,
               workers=2),
     *_nfqlb_paths(),
-    BenchPath("headers-probe", "probe: headers only queued, a mark per flow, nftables rewrites "
-              "statelessly by mark", headers_probe, probe=True),
+    BenchPath("nfqlb-dnat-whole", "nfqlb dnat, bulk = \"whole\" (large packets through nfqlb)",
+              nfqlb, mode="dnat", floor="nfq-accept", bulk="whole", probe=True),
 ]
 
 
@@ -1120,7 +1046,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     needed = ["wrk", "conntrack"]
     needed += ["haproxy"] if any(p.name == "haproxy" for p in paths) else []
     needed += [] if args.skip_iperf else ["iperf3"]
-    needed += ["nft"] if any(p.setup is headers_probe for p in paths) else []
+    needed += ["nft"] if any(p.is_nfqlb for p in paths) else []  # (daemon.bulk = "headers")
     ensure_tools(needed)
     heading = machine_heading(args)
     print("\n".join(heading), flush=True)

@@ -330,3 +330,47 @@ def test_the_adapter_accepts_with_the_mark_or_repeats_with_whole() -> None:
         "b1" if back[0] == B1 else "b2"]["bytes"] >= len(good)
     assert adapter.whole == 1 and adapter.packets == 2
     assert "2 packets" in adapter.format_stats() and "1 sent on whole" in adapter.format_stats()
+
+
+class _FakeNftSocket:
+    """What the kernel answers a transaction: nothing (success) or one NLMSG_ERROR."""
+
+    def __init__(self, error: int = 0) -> None:
+        self.error = error
+        self.sent: list[bytes] = []
+        self._answers: list[bytes] = []
+
+    def send(self, data: bytes) -> int:
+        self.sent.append(data)
+        if self.error:
+            self._answers.append(struct.pack("=IHHII", 36, 2, 0, 1, 0)
+                                 + struct.pack("=i", self.error) + bytes(16))
+        return len(data)
+
+    def recv(self, n: int) -> bytes:
+        if not self._answers:
+            raise BlockingIOError
+        return self._answers.pop(0)
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("error", [0, -2])  # -ENOENT: the table is not there
+def test_sync_tells_the_engine_which_flows_elements_went_in(error: int) -> None:
+    import logging
+
+    eng, _, back = opened("fullnat")
+    down = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)
+    for _ in range(BULK_AFTER):
+        eng.handle_headers(down[:HEAD], len(down), 1.0)
+    maps = NftMaps("nfqlb-1", logging.getLogger("t"))
+    maps._sock = _FakeNftSocket(error)  # type: ignore[assignment]
+    maps.sync(eng, 1.0)
+    assert eng.bulk_ops == [] and len(maps._sock.sent) == 1  # type: ignore[union-attr]
+    mark = eng.handle_headers(down[:HEAD], len(down), 1.0)
+    assert (mark == WHOLE) == bool(error)
+    assert (maps.added, maps.failed) == ((0, 1) if error else (1, 0))
+    eng.handle_timer(1e6)  # the flow ends: its removal is sent, an error there costs nothing
+    maps.sync(eng, 2.0)
+    assert (maps.added, maps.failed, maps.removed) == ((0, 1, 0) if error else (1, 0, 1))

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.root
 
 QUEUE = 6
 LARGE = QUEUE + 10000  # the default large-packet queue
+HEADERS = QUEUE + 30000  # the default headers queue (daemon.bulk = "headers")
 CONFIG = f"""\
 [daemon]
 queue = {QUEUE}
@@ -62,9 +63,10 @@ def sh(ns: str, *argv: str, check: bool = True, timeout: float = 30) -> str:
 
 
 def saved(ns: str) -> str:
-    """Both families' rules, without the dated comment lines."""
+    """Both families' rules, without the dated comment lines, and the nftables tables."""
     return "".join(line + "\n" for tool in ("iptables-save", "ip6tables-save")
-                   for line in sh(ns, tool).splitlines() if not line.startswith("#"))
+                   for line in sh(ns, tool).splitlines() if not line.startswith("#")) + \
+        sh(ns, "nft", "list", "tables")
 
 
 def sysctl(ns: str, name: str) -> str:
@@ -160,10 +162,13 @@ def test_run_installs_rules_and_a_signal_removes_exactly_them(
     daemon = Daemon(ns, tmp_path, config)
     try:
         daemon.wait_serving()
-        assert (f"nfqlb: serving queue {QUEUE} and queue {LARGE} for packets over 3960 bytes "
+        assert (f"nfqlb: serving queue {QUEUE} and queue {LARGE} for packets over 3960 bytes, "
+                f"queue {HEADERS} for their TCP headers (nftables table nfqlb-{QUEUE}) "
                 f"(2 services, rules in raw NFQLB-PRE-{QUEUE}/NFQLB-OUT-{QUEUE})"
                 ) in daemon.stderr
-        assert bound_queues(ns) == {QUEUE, LARGE}
+        assert bound_queues(ns) == {QUEUE, LARGE, HEADERS}
+        # the headers route's table (the fullnat service is TCP), gone with the rules
+        assert f"table ip nfqlb-{QUEUE}" in sh(ns, "nft", "list", "tables")
         running = saved(ns)
         lines = running.splitlines()
         for chain in (f"NFQLB-PRE-{QUEUE}", f"NFQLB-OUT-{QUEUE}", f"NFQLB-Q-{QUEUE}"):
@@ -189,6 +194,7 @@ def test_run_installs_rules_and_a_signal_removes_exactly_them(
     assert bound_queues(ns) == set()
     assert f"queue {QUEUE}:" in daemon.stdout  # the counters, printed at exit
     assert f"queue {LARGE} (packets over 3960 bytes): 0 packets" in daemon.stdout
+    assert f"queue {HEADERS} (TCP headers of large packets): 0 packets" in daemon.stdout
     assert "service web" in daemon.stdout  # the engine's summary
     assert f"{sig.name}: removing rules and stopping" in daemon.stderr
 
@@ -261,6 +267,29 @@ def test_missing_iptables_is_one_clear_line(ns: str, tmp_path: Path, config: Pat
     assert daemon.stderr.startswith("nfqlb: error: iptables not found in PATH")
     assert daemon.stderr.count("\n") == 1
     assert saved(ns) == before
+
+
+def test_missing_nft_is_one_clear_line_and_nothing_is_touched(
+        ns: str, tmp_path: Path, config: Path) -> None:
+    """daemon.bulk = "headers" (the default) needs nft: without it in PATH the start fails
+    before any rule is installed, and the sysctls are given back."""
+    before = saved(ns)
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name in ("iptables", "iptables-restore", "iptables-save", "ip6tables",
+                 "ip6tables-restore", "ip6tables-save"):
+        found = shutil.which(name)
+        assert found is not None
+        (tools / name).symlink_to(found)
+    env = shutil.which("env")
+    assert env is not None
+    daemon = Daemon(ns, tmp_path, config, argv=[env, f"PATH={tools}", sys.executable, "-m",
+                                                "nfqlb", "run", "--config", str(config)])
+    assert daemon.wait() == 1
+    assert "nfqlb: error: nft not found in PATH: daemon.bulk = \"headers\"" in daemon.stderr
+    assert saved(ns) == before
+    assert sysctl(ns, "net.ipv4.ip_forward") == "0"
+    assert bound_queues(ns) == set()
 
 
 def test_rules_are_removed_when_the_loop_crashes(ns: str, tmp_path: Path, config: Path) -> None:

@@ -67,7 +67,7 @@ def test_status_metrics_drain_and_garbage_on_a_real_daemon() -> None:
             assert s["daemon"]["config"] == str(d.config_path)
             workers = s["daemon"].get("workers", 1)  # (NFQLB_LAB_WORKERS: the queues of each)
             assert [q["queue"] for q in s["queues"]] == [
-                q for i in range(workers) for q in (1 + i, 10001 + i)]
+                q for i in range(workers) for q in (1 + i, 10001 + i, 30001 + i)]
             assert s["queues"][0]["kernel"] is not None, s["queues"]
 
             fams = scrape(lab)

@@ -318,7 +318,7 @@ def test_reload_renumbering_marks_keeps_open_connections_on_their_backends() -> 
             seen = labels(lab)
             # the offload queue is bound at start: a reload may not move it
             d.config_path.write_text(render_config([other, svc], {
-                "queue": d.queue, "bypass": True, "offload_queue": 30001}))
+                "queue": d.queue, "bypass": True, "offload_queue": 25001}))
             refused = d.cli("ctl", "reload")
             still = labels(lab, n=2)
         assert refused.returncode != 0 and "daemon.offload_queue" in refused.stdout + \

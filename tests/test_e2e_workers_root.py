@@ -68,7 +68,7 @@ def test_flows_spread_over_both_workers_and_replies_reach_their_owner(mode: str,
         assert sum(w["flows_total"] for w in workers) == s["flows_total"] == n
         assert sum(w["packets"] for w in workers) == s["packets"]
         assert s["passed_unknown"] == 0 and "no_flow" not in s["dropped"], s
-        assert {q["queue"] for q in s["queues"]} == {1, 2, 10001, 10002}
+        assert {q["queue"] for q in s["queues"]} == {1, 2, 10001, 10002, 30001, 30002}
         assert d.returncode == 0, d.report()
         assert f"flows {n} total" in d.stdout, d.report()
         if mode == "fullnat":  # the backends saw ports of both workers' pool shares

@@ -221,7 +221,8 @@ def test_the_paths_table() -> None:
     assert len(names) == len(set(names))
     for needed in ("direct", "kernel-dnat", "haproxy", "nfq-accept"):
         assert needed in names
-    nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS if p.is_nfqlb and not p.binding}
+    nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS
+             if p.is_nfqlb and not p.binding and not p.bulk}
     assert nfqlb == {(m, w) for m in ("dnat", "fullnat", "local", "offload") for w in (1, 2)}
     nfq = next(p for p in lab_bench.PATHS if p.is_nfqlb and p.binding == "netfilterqueue")
     assert lab_bench.nfqlb_daemon_keys(nfq) == {"binding": "netfilterqueue"}
@@ -234,7 +235,7 @@ def test_the_paths_table() -> None:
             # accept-only Python worker
             assert floor.setup is (lab_bench.c_mark if p.mode == "offload" else
                                    lab_bench.nfq_accept)
-            if not p.binding:
+            if not p.binding and not p.bulk:
                 assert lab_bench.nfqlb_daemon_keys(p) == ({} if p.workers == 1
                                                           else {"workers": p.workers})
 
@@ -310,7 +311,9 @@ def test_client_sources_give_every_worker_a_share(workers: int) -> None:
 
 def test_a_probe_runs_only_when_named() -> None:
     probes = [p.name for p in lab_bench.PATHS if p.probe]
-    assert probes == ["headers-probe"]
+    assert probes == ["nfqlb-dnat-whole"]
     assert not set(probes) & {p.name for p in lab_bench.pick_paths(None)}
-    picked = [p.name for p in lab_bench.pick_paths("headers-probe,nfqlb-dnat")]
-    assert picked == ["kernel-dnat", "nfqlb-dnat", "headers-probe"]
+    picked = [p.name for p in lab_bench.pick_paths("nfqlb-dnat-whole,nfqlb-dnat")]
+    assert picked == ["kernel-dnat", "nfqlb-dnat", "nfqlb-dnat-whole"]
+    (whole,) = lab_bench.pick_paths("nfqlb-dnat-whole")[1:]
+    assert lab_bench.nfqlb_daemon_keys(whole) == {"bulk": "whole"}

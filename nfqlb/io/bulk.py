@@ -176,11 +176,14 @@ class NftMaps:
             error = self._send(self.batch(part))
             adds = [flow for add, flow in part if add]
             engine.bulk_done(adds, not error)
-            if error:
+            if error and adds:
                 self.failed += len(adds)
                 self._ratelog.error("nft", now, "nftables refused the map elements of %d "
                                     "fullnat flows (%s): their large packets go whole",
                                     len(adds), os_error(error))
+            elif error:  # removals only: the table went first (a reload without fullnat)
+                self.log.debug("removing %d fullnat flows' map elements: %s", len(part),
+                               os_error(error))
             else:
                 self.added += len(adds)
                 self.removed += len(part) - len(adds)

@@ -619,8 +619,11 @@ def _serve_bound(config: Config, queue: int, large: int,
             chains = rulesets[0].chains
             n = len(config.services)
             log.info("engine: %s", native.STATE)
-            log.info("serving queue %d and queue %d for packets over %d bytes (%d service%s, "
-                     "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET, n,
+            headers = _headers_queue(config, queue)
+            log.info("serving queue %d and queue %d for packets over %d bytes%s (%d service%s, "
+                     "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET,
+                     "" if headers is None else f", queue {headers} for their TCP headers "
+                     f"(nftables table {rules.nft_table(queue)})", n,
                      "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
             watch.start()
             server.serve()
