@@ -601,13 +601,17 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
 
 
 def render(config: Config, queue: int | None = None, *,
-           comments: bool = False) -> tuple[RuleSet, ...]:
+           comments: bool = False, marks_from: Config | None = None) -> tuple[RuleSet, ...]:
     """The rule sets for ``config`` on ``queue`` (default: daemon.queue), IPv4 first.
 
     A family appears only when some service's VIP is of it. A rule that two services share
     (a backend behind two dnat services) is rendered once, where it first appears. With
     ``comments``, each template's comments come before its first rules (for printing).
+    ``marks_from`` is the configuration the engine numbers the headers route's marks from,
+    when ``config`` differs from it (the daemon adds the backends a reload removed while
+    their flows last, for their reply rules; their large packets go whole, unmarked).
     """
+    marks_from = marks_from or config
     q = config.daemon.queue if queue is None else queue
     large = large_queue_for(config, q)
     chains = chains_for(q)
@@ -622,7 +626,9 @@ def render(config: Config, queue: int | None = None, *,
         notes = _Notes(comments)
         workers = config.daemon.workers
         extra: tuple[str, ...] = ()
-        nft = bulk_nft(config, services, family, q)
+        nft = bulk_nft(marks_from, [s for s in marks_from.services
+                                    if s.vip.version == family.version
+                                    and s.mode is not Mode.OFFLOAD], family, q)
         bulk = _Bulk(headers_queue_for(config, q), bulk_whole(config.daemon),
                      config.daemon.bulk_mark_mask) if nft else None
         if workers == 1:

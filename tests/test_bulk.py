@@ -374,3 +374,27 @@ def test_sync_tells_the_engine_which_flows_elements_went_in(error: int) -> None:
     eng.handle_timer(1e6)  # the flow ends: its removal is sent, an error there costs nothing
     maps.sync(eng, 2.0)
     assert (maps.added, maps.failed, maps.removed) == ((0, 1, 0) if error else (1, 0, 1))
+
+
+def test_a_removed_backend_lingering_for_its_flows_shifts_no_mark() -> None:
+    """The daemon keeps the reply rules of a backend a reload removed while its flows last
+    (its config plus those backends); the nftables table must still number the marks as the
+    engine does, from the configuration itself, or the next service's would point elsewhere."""
+    from dataclasses import replace
+
+    web = service("dnat", name="web")
+    other = service("dnat", name="other", port=81,
+                    backend=[{"name": "c1", "address": "198.18.1.9", "port": 9090}])
+    old = parse_config({"service": [web, other]}, "t")
+    new = parse_config({"service": [{**web, "backend": web["backend"][1:]}, other]}, "t")
+    removed = old.services[0].backends[0]
+    kept = replace(new, services=(replace(new.services[0], backends=(
+        *new.services[0].backends, removed)), new.services[1]))
+    eng = Engine(old)
+    eng.reconfigure(new, 1.0)
+    c1 = eng.services.named("other").backends["c1"]
+    for lingering, ok in ((rules.render(kept, marks_from=new)[0], True),
+                          (rules.render(kept)[0], False)):  # (numbered with b1: shifted)
+        chain = lingering.nft.split(f"chain mark-{c1.bulk_in:#x} {{\n")[1].split("\n")[0]
+        assert ("daddr set 198.18.1.9 tcp dport set 9090" in chain) == ok, chain
+    assert f"ip daddr set {B1} " not in rules.render(kept, marks_from=new)[0].nft

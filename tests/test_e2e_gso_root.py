@@ -23,10 +23,12 @@ import hashlib
 import json
 import random
 import re
+import signal
 import sys
+import time
 
 import pytest
-from lab import UDP_PORT, VIP, VIP6, Lab, Nfqlb, kernel_has_ipv6, url_host
+from lab import UDP_PORT, VIP, VIP6, Lab, Nfqlb, kernel_has_ipv6, render_config, url_host
 
 pytestmark = pytest.mark.root
 
@@ -215,3 +217,47 @@ def test_a_udp_gso_send_arrives_as_datagrams_with_good_checksums(mode: str, fami
         line = large_queue_line(daemon)
         assert counter(line, "gso packets") == 1 and counter(line, "checksums left partial") \
             == 1, line
+
+
+def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
+    """A reload replaces the nftables table's rules in one transaction and keeps its maps'
+    elements: a rate-limited fullnat download (large packets marked from its map elements)
+    goes on across a reload that renumbers its backend's marks (a backend put before it),
+    byte-exact, and no packet meets the drop rule of a lookup that missed."""
+    with Lab(2, backend_default_route=False) as lab:
+        b1, b2 = lab.backends
+        size = 32 << 20
+        data = random.Random(3).randbytes(size)
+        (b1.dir / "www" / "big").write_bytes(data)
+        (b1.dir / "www" / "big").chmod(0o644)
+        daemon = lab.nfqlb(lab.service("fullnat", backends=[b1])).start()
+        try:
+            out, log = lab.dir / "download", lab.dir / "curl.log"
+            curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "8M",
+                                          "--max-time", "40", "-o", str(out),
+                                          f"http://{VIP}/big"], log=log)
+            deadline = time.monotonic() + 10
+            while not (out.exists() and out.stat().st_size > 4 << 20):
+                assert time.monotonic() < deadline and curl.poll() is None, log.read_text()
+                time.sleep(0.05)
+            table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
+            assert re.search(r"elements = \{ 198\.18\.", table), table  # the flow's, in
+            daemon.config_path.write_text(render_config(
+                [lab.service("fullnat", backends=[b2, b1])], {"queue": 1, "bypass": True}))
+            daemon.signal(signal.SIGHUP)
+            deadline = time.monotonic() + 10
+            while "reloaded" not in daemon.stderr_path.read_text(errors="replace"):
+                assert time.monotonic() < deadline, daemon.report()
+                time.sleep(0.05)
+            assert curl.poll() is None, "the download ended before the reload"
+            assert curl.wait(45) == 0, log.read_text()
+            assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+            table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
+            drops = re.findall(r"counter packets (\d+) bytes \d+ drop", table)
+            assert drops and all(n == "0" for n in drops), table
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.report()
+        line = headers_queue_line(daemon)
+        assert "fullnat flows' elements 1 added" in line, line
+        assert counter(line, "packets") > counter(line, "sent on whole") * 10, line

@@ -21,6 +21,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -99,6 +100,16 @@ def test_health_follows_backends_and_drain_node() -> None:
             assert d.cli("ctl", "enable-node").returncode == 0
             assert health(d, "--service", "web").returncode == node.OK
             assert node_state(d) == "serving"
+
+            # another program deletes the headers route's nftables table: the node no longer
+            # serves whole (large TCP packets would pass unrewritten); `nfqlb rules --apply`
+            # puts it back
+            lab.exec(lab.lb, ["nft", "delete", "table", "ip", "nfqlb-1"])
+            done = wait_health(d, node.NOT_WHOLE)
+            assert "no nftables ip nfqlb-1" in done.stderr, done.stderr
+            lab.exec(lab.lb, [sys.executable, "-m", "nfqlb", "rules", "--apply", "--config",
+                              str(d.config_path), "--queue", "1"], timeout=30)
+            wait_health(d, node.OK)
 
             # another program deletes nfqlb's jump: the node no longer serves
             lab.exec(lab.lb, ["iptables", "-t", "raw", "-D", "PREROUTING", "-j",

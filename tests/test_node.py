@@ -259,13 +259,17 @@ def test_ecmp_rules_drop_when_no_worker_is_bound() -> None:
 
 
 class SavedText:
-    """An ``Iptables`` whose ``save_text`` is what a test says."""
+    """An ``Iptables`` whose ``save_text`` (and ``nft_tables``) is what a test says."""
 
-    def __init__(self, text: str) -> None:
+    def __init__(self, text: str, nft: str = "table ip nfqlb-1\n") -> None:
         self.text = text
+        self.nft = nft
 
     def save_text(self) -> str:
         return self.text
+
+    def nft_tables(self) -> str:
+        return self.nft
 
 
 def test_missing_jump_names_the_jump_gone_from_the_kernel() -> None:
@@ -278,6 +282,11 @@ def test_missing_jump_names_the_jump_gone_from_the_kernel() -> None:
     line = node.missing_jump([rs], {4: SavedText(flushed)})
     assert line == (f"the rules are gone from the kernel: no jump from PREROUTING to "
                     f"{rs.chains.pre} in iptables-save (flushed by another program?)")
+    # the headers route's nftables table (its TCP service), deleted by another program
+    assert rs.nft
+    line = node.missing_jump([rs], {4: SavedText(installed + "COMMIT\n", nft="")})
+    assert line == ("the rules are gone from the kernel: no nftables ip nfqlb-1 in nft list "
+                    "tables (deleted by another program?)")
 
 
 def test_rules_watch_fails_health_until_the_jump_is_back(

@@ -324,7 +324,7 @@ class Server:
             config = dataclasses.replace(config, services=tuple(
                 dataclasses.replace(svc, backends=svc.backends + lingering.get(svc.name, ()))
                 for svc in config.services))
-        rulesets = rules.render(config, live.queue)
+        rulesets = rules.render(config, live.queue, marks_from=live.config)
         old = {rs.family.version: rs for rs in live.rulesets}
         new = {rs.family.version: rs for rs in rulesets}
         for version, rs in new.items():

@@ -45,6 +45,12 @@ class Iptables:
         """Every table as it is now (``iptables-save``'s output)."""
         return self._run([self.save_path], None)
 
+    def nft_tables(self) -> str:
+        """``nft list tables`` of this family (``table ip nfqlb-1`` lines), "" without nft."""
+        if shutil.which("nft") is None:
+            return ""
+        return _nft(["list", "tables", rules.NFT_FAMILY[self.family.version]])
+
     def restore(self, text: str, *, noflush: bool = True) -> None:
         args = [self.restore_path, "-w"] + (["--noflush"] if noflush else [])
         self._run(args, text)

@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from nfqlb import rules
+
 RULES_CHECK_S = 2.0  # how often the daemon looks for its jumps in the kernel's tables
 
 SERVING, DRAINING, WITHDRAWING = "serving", "draining", "withdrawing"
@@ -145,8 +147,9 @@ def merge_facts(own: NodeState, rules: bool, answers: list[dict[str, Any]]) -> d
 
 def missing_jump(rulesets: Any, tools: Any) -> str:
     """The first jump from a built-in chain into nfqlb's chains that the kernel's tables no
-    longer hold (another program flushed them, say), as one line; "" when all are there.
-    One ``iptables-save`` per family."""
+    longer hold (another program flushed them, say), or the headers route's nftables table
+    gone, as one line; "" when all are there. One ``iptables-save`` (and ``nft list
+    tables``) per family."""
     for rs in rulesets:
         present = {_jump(line) for line in tools[rs.family.version].save_text().splitlines()}
         for line in (*rs.jumps, *(line for _table, line in rs.offload_jumps)):
@@ -154,6 +157,11 @@ def missing_jump(rulesets: Any, tools: Any) -> str:
             if jump is not None and jump not in present:
                 return (f"the rules are gone from the kernel: no jump from {jump[0]} to "
                         f"{jump[1]} in {rs.family.iptables}-save (flushed by another program?)")
+        if rs.nft:  # the headers route's table (daemon.bulk = "headers")
+            name = f"table {rules.NFT_FAMILY[rs.family.version]} {rules.nft_table(rs.queue)}"
+            if name not in tools[rs.family.version].nft_tables().splitlines():
+                return (f"the rules are gone from the kernel: no nftables {name[6:]} in nft "
+                        "list tables (deleted by another program?)")
     return ""
 
 

@@ -600,7 +600,7 @@ class Supervisor:
             config = dataclasses.replace(config, services=tuple(
                 dataclasses.replace(svc, backends=svc.backends + lingering.get(svc.name, ()))
                 for svc in config.services))
-        rulesets = rules.render(config, self.queue)
+        rulesets = rules.render(config, self.queue, marks_from=self.config)
         old = {rs.family.version: rs for rs in self.rulesets}
         new = {rs.family.version: rs for rs in rulesets}
         for version, rs in new.items():
