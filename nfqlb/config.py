@@ -167,7 +167,7 @@ class DaemonConfig:
     offload_queue: int | None = None  # queue of offload's new flows (default: queue + 20000)
     offload_mark_mask: int = OFFLOAD_MARK_MASK  # the packet mark bits offload may use
     offload_binding: str = "netlink"  # the offload queue's: "netlink" | "netfilterqueue"
-    workers: int = 1  # worker processes; worker i serves queue + i and large_queue + i
+    workers: int = 1  # worker processes; worker i serves queue + i, large_queue + i, ...
     binding: Binding = Binding.NETLINK  # what serves the main queue
     ecmp: bool = False  # one of several nodes behind a router's ECMP: bypass defaults to false
     withdraw_wait: float = 0.0  # s served after SIGTERM while nfqlb health fails (0: stop now)

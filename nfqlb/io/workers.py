@@ -5,7 +5,9 @@ GIL).
 What the operator sees is one daemon: this supervisor process, which
 
 - forks the workers first (worker i serves queue ``queue + i``, large-packet queue
-  ``large_queue + i``, with mode "offload" offload queue ``offload_queue + i`` (worker 0
+  ``large_queue + i``, headers queue ``headers_queue + i`` (daemon.bulk = "headers", its
+  fullnat flows' elements in the one nftables table of the queue), with mode "offload"
+  offload queue ``offload_queue + i`` (worker 0
   alone counts and removes conntrack's flows, the host's), and holds its share of every
   fullnat port pool, see
   :func:`nfqlb.config.for_worker`), and waits until each has bound its queues (one that
