@@ -266,18 +266,7 @@ class Engine:
                 mark = backend.bulk_out
                 flow.peer_b = peer_of(data, ack)
                 t = backend.outbound
-            flow.last = now
-            head = self._established
-            nxt = flow.next
-            if nxt is not head:  # to the end of its least-recently-used list
-                prev = flow.prev
-                prev.next = nxt  # type: ignore[union-attr]
-                nxt.prev = prev
-                tail = head.prev
-                tail.next = flow  # type: ignore[union-attr]
-                flow.prev = tail
-                flow.next = head
-                head.prev = flow
+            self.table.touch(flow, now)
             t.packets += 1
             t.bytes += n
             self.counters.fast += 1  # rewritten: by the kernel, as the engine would

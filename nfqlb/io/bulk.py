@@ -48,11 +48,10 @@ from nfqlb.io.netlink import (
     NFQA_SKB_GSO,
     NLATTR,
     NLMSG_ERROR,
-    NLMSGHDR,
     Handle,
     NetlinkQueueAdapter,
+    marked_verdict_prefix,
     parse_packet,
-    verdict_prefix,
 )
 from nfqlb.offload import COPY_RANGE
 from nfqlb.ratelog import RateLimitedLog
@@ -219,13 +218,6 @@ def os_error(code: int) -> str:
     return os.strerror(-code) if code < 0 else f"error {code}"
 
 
-def _marked_prefix(queue: int, verdict: int) -> bytes:
-    """A verdict message's bytes before the packet id, its length counting a mark after."""
-    head = verdict_prefix(queue, verdict)
-    n = NLMSGHDR.unpack_from(head)[0] + NLATTR.size + BE32.size
-    return NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + head[NLMSGHDR.size:]
-
-
 class HeadersNetlinkAdapter(NetlinkQueueAdapter):
     """The headers queue on nfqlb's netlink client: a mark per packet, no payload back."""
 
@@ -237,7 +229,8 @@ class HeadersNetlinkAdapter(NetlinkQueueAdapter):
         self.engine = engine
         self.lean = True  # nothing held, sent or timed here: the reader calls on_readable only
         self.whole = 0  # packets sent on whole (NF_REPEAT to the large-packet queue)
-        self._heads = (_marked_prefix(queue, NF_ACCEPT), _marked_prefix(queue, NF_REPEAT))
+        self._heads = (marked_verdict_prefix(queue, NF_ACCEPT),
+                       marked_verdict_prefix(queue, NF_REPEAT))
         self._mark_attr = NLATTR.pack(NLATTR.size + BE32.size, NFQA_MARK)
         self._tails: dict[int, bytes] = {}  # mark -> its NFQA_MARK attribute
         #: the fullnat flows' elements of the nftables table ``table`` (rules.nft_table)

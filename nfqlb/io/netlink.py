@@ -218,6 +218,14 @@ def verdict_prefix(queue: int, verdict: int) -> bytes:
             + NLATTR.pack(NLATTR.size + VERDICT_HDR.size, NFQA_VERDICT_HDR) + BE32.pack(verdict))
 
 
+def marked_verdict_prefix(queue: int, verdict: int) -> bytes:
+    """:func:`verdict_prefix` of a verdict that carries a mark after the packet id (an
+    NFQA_MARK attribute, 8 bytes, counted in the message's length)."""
+    head = verdict_prefix(queue, verdict)
+    n = NLMSGHDR.unpack_from(head)[0] + NLATTR.size + BE32.size
+    return NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + head[NLMSGHDR.size:]
+
+
 def build_verdict(queue: int, packet_id: int, verdict: int,
                   payload: bytes | None = None) -> list[bytes]:
     """The verdict message as buffers for ``sendmsg``: header, then payload and padding."""

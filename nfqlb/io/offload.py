@@ -32,11 +32,10 @@ from nfqlb.io.netlink import (
     FLUSH_PARTS,
     NF_ACCEPT,
     NLATTR,
-    NLMSGHDR,
     Handle,
     NetlinkQueueAdapter,
+    marked_verdict_prefix,
     parse_packet,
-    verdict_prefix,
 )
 from nfqlb.io.nfqueue import BUDGET, _BudgetSocket
 from nfqlb.io.verdicts import give
@@ -184,10 +183,7 @@ class OffloadNetlinkAdapter(NetlinkQueueAdapter):
                          purpose="offload: new flows", gso=True, copy_range=COPY_RANGE)
         self.decider = decider
         self.lean = True  # the daemon's reader calls on_readable and nothing else
-        head = verdict_prefix(queue, NF_ACCEPT)
-        n = NLMSGHDR.unpack_from(head)[0] + NLATTR.size + BE32.size
-        self._mark_prefix = NLMSGHDR.pack(n, *NLMSGHDR.unpack_from(head)[1:]) + \
-            head[NLMSGHDR.size:]
+        self._mark_prefix = marked_verdict_prefix(queue, NF_ACCEPT)
         self._mark_attr = NLATTR.pack(NLATTR.size + BE32.size, NFQA_MARK)
         self._mark_tails: dict[int, bytes] = {}  # mark -> its NFQA_MARK attribute
 
