@@ -42,6 +42,13 @@ class OnBackendDown(enum.Enum):
     RESET = "reset"  # both ends get a RST (TCP) and the flows leave the table
 
 
+class OffloadScheduler(enum.Enum):
+    """Who decides a new flow of an offload service (see ``offload_scheduler``)."""
+
+    NFQLB = "nfqlb"  # its first packet goes to the offload queue; nfqlb's policy decides
+    KERNEL = "kernel"  # the kernel plays the schedule nfqlb writes from its policy (nftables)
+
+
 class UnknownFlow(enum.Enum):
     """What to do with a TCP packet to a VIP that is not a SYN and matches no flow."""
 
@@ -112,6 +119,7 @@ class Service:
     health: HealthCheck | None = None  # [service.health]; None: no checks, backends stay up
     on_backend_down: OnBackendDown = OnBackendDown.KEEP  # its flows, once down or removed
     drain_timeout: float = 0.0  # a drained backend's flows are reset after this; 0: never
+    offload_scheduler: OffloadScheduler = OffloadScheduler.NFQLB  # mode "offload" only
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +254,7 @@ _DAEMON_KEYS = {
 _SERVICE_KEYS = {
     "name", "vip", "port", "protocol", "mode", "snat_address", "snat_ports", "policy", "backend",
     "unknown_flow", "policy_options", "policy_fallback", "health", "on_backend_down",
-    "drain_timeout",
+    "drain_timeout", "offload_scheduler",
 }
 _BACKEND_KEYS = {"name", "address", "port", "weight", "health_port"}
 _HEALTH_KEYS = {
@@ -365,8 +373,12 @@ def _service(chk: _Checker) -> Service:
         raise chk.fail("unknown_flow", "\"hash\" cannot work in fullnat mode: the source port "
                        "the backend knows the connection by is lost with the table")
     policy, options, fallback = _policy(chk, backends)
+    scheduler = chk.choice("offload_scheduler", OffloadScheduler, "nfqlb")
     if mode is Mode.OFFLOAD:
-        _check_offload_policy(chk, policy, options, fallback, backends)
+        _check_offload_policy(chk, policy, options, fallback, backends, scheduler)
+    elif scheduler is not OffloadScheduler.NFQLB:
+        raise chk.fail("offload_scheduler", f"only applies in mode \"offload\", this service "
+                       f"is {mode.value}")
     health = _health(chk, tables, backends, protocol, vip, port)
     on_backend_down = chk.choice("on_backend_down", OnBackendDown, "keep")
     drain_timeout = chk.number("drain_timeout", 0.0, 0.0, 1e7)
@@ -374,7 +386,7 @@ def _service(chk: _Checker) -> Service:
                    backends=backends, policy=policy, snat_address=snat_address,
                    snat_ports=snat_ports, unknown_flow=unknown_flow, policy_options=options,
                    policy_fallback=fallback, health=health, on_backend_down=on_backend_down,
-                   drain_timeout=drain_timeout)
+                   drain_timeout=drain_timeout, offload_scheduler=scheduler)
 
 
 def _check_loops(chk: _Checker, mode: Mode, vip: IPAddress, port: int,
@@ -413,14 +425,24 @@ def _policy(chk: _Checker, backends: tuple[Backend, ...]
 
 
 def _check_offload_policy(chk: _Checker, spec: str, options: Mapping[str, Any],
-                          fallback: str, backends: tuple[Backend, ...]) -> None:
+                          fallback: str, backends: tuple[Backend, ...],
+                          scheduler: OffloadScheduler) -> None:
     """In offload mode the kernel ends flows and nfqlb never hears of it: a policy that counts
     flows through ``on_flow_closed`` (least_conn, random's power of two choices, such plugins)
-    would count every flow open forever, so it is refused here rather than misbalance."""
+    would count every flow open forever, so it is refused here rather than misbalance. With
+    ``offload_scheduler = "kernel"`` the policy must also give its choices in advance
+    (``schedule``: round_robin, weighted_round_robin, such plugins)."""
     for key, name, opts in (("policy", spec, options), ("policy_fallback", fallback, {})):
         if name == policies.DROP:
             continue
         built = policies.make_policy(name, backends, opts)
+        if key == "policy" and scheduler is OffloadScheduler.KERNEL \
+                and not callable(getattr(built, "schedule", None)):
+            raise chk.fail(key, f"{name!r} has no schedule(): with offload_scheduler = "
+                           "\"kernel\" the kernel plays the choices nfqlb writes in advance, "
+                           "which only a policy whose choice depends on nothing of the flow "
+                           "can give (round_robin, weighted_round_robin, or a plugin with "
+                           "schedule()); or keep offload_scheduler = \"nfqlb\"")
         if getattr(built, "on_flow_closed", None) is not None:
             raise chk.fail(key, f"{name!r} counts open flows through on_flow_closed(), which "
                            "mode \"offload\" cannot call (the kernel's conntrack ends its "

@@ -38,6 +38,7 @@ from nfqlb.config import (
     Config,
     HealthKind,
     IcmpEcho,
+    OffloadScheduler,
     Service,
     bulk_marks,
     bulk_whole,
@@ -208,8 +209,10 @@ class RuleSet:
     offload: tuple[tuple[str, tuple[str, ...]], ...] = ()
     offload_jumps: tuple[tuple[str, str], ...] = ()
     extra_chains: tuple[str, ...] = ()  # several workers: steering and per-worker chains
-    #: daemon.bulk = "headers": the headers queue (of worker 0) and the nftables table that
-    #: rewrites by mark (``nft -f`` input, see :func:`bulk_nft`); None and "" without it
+    #: daemon.bulk = "headers": the headers queue (of worker 0), None without it; nfqlb's
+    #: nftables table (``nft -f`` input, :func:`nft_text`): the headers route's rewrites by
+    #: mark (:func:`bulk_nft`) and offload's kernel schedules (:func:`_schedule_body`); ""
+    #: without either
     headers_queue: int | None = None
     nft: str = ""
 
@@ -559,18 +562,34 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
     cannot happen: nfqlb marks a fullnat flow only once they are in) is dropped, not passed
     unrewritten. "" when none of ``services`` has a mark (daemon.bulk = "whole", no TCP
     service of this family)."""
+    return nft_text(family, queue, _bulk_body(config, services, family))
+
+
+def nft_text(family: Family, queue: int, *bodies: list[str]) -> str:
+    """``nft -f`` input (re)defining ``queue``'s table of ``family`` with ``bodies`` (the
+    headers route's, offload's schedules) in one transaction; "" when all are empty. Its
+    rules are flushed first; its maps' elements and its named counters are kept."""
+    lines = [line for body in bodies for line in body]
+    if not lines:
+        return ""
+    table = f"{NFT_FAMILY[family.version]} {nft_table(queue)}"
+    return "\n".join([f"table {table}", f"flush table {table}", f"table {table} {{", *lines,
+                      "}"]) + "\n"
+
+
+def _bulk_body(config: Config, services: list[Service], family: Family) -> list[str]:
+    """The headers route's part of the table (see :func:`bulk_nft`)."""
     rewrites = bulk_rewrites(config, services)
     if not rewrites:
-        return ""
+        return []
     matches = bulk_matches(config, services)
     ip = NFT_FAMILY[family.version]
     mask = config.daemon.bulk_mark_mask
     clear = f"meta mark set meta mark & {0xFFFFFFFF & ~mask:#010x}"
     whole = bulk_whole(config.daemon)
-    table = f"{ip} {nft_table(queue)}"
     chains = {whole: "whole", **{m: f"mark-{m:#x}" for m in rewrites}}
     vmap = ", ".join(f"{m:#010x} : jump {name}" for m, name in chains.items())
-    lines = [f"table {table}", f"flush table {table}", f"table {table} {{"]
+    lines = []
     if any(v.startswith("@") for fields in rewrites.values() for _, v in fields):
         addr = _ADDR_TYPE[family.version]
         for name, (key, data) in NFT_MAPS.items():
@@ -596,8 +615,7 @@ def bulk_nft(config: Config, services: list[Service], family: Family, queue: int
             lines[-1] += " return"
             lines.append(f"    {match} {clear} counter drop")
         lines.append("  }")
-    lines.append("}")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def render(config: Config, queue: int | None = None, *,
@@ -626,11 +644,13 @@ def render(config: Config, queue: int | None = None, *,
         notes = _Notes(comments)
         workers = config.daemon.workers
         extra: tuple[str, ...] = ()
-        nft = bulk_nft(marks_from, [s for s in marks_from.services
-                                    if s.vip.version == family.version
-                                    and s.mode is not Mode.OFFLOAD], family, q)
+        bulk_body = _bulk_body(marks_from, [s for s in marks_from.services
+                                            if s.vip.version == family.version
+                                            and s.mode is not Mode.OFFLOAD], family) \
+            if services else []
         bulk = _Bulk(headers_queue_for(config, q), bulk_whole(config.daemon),
-                     config.daemon.bulk_mark_mask) if nft else None
+                     config.daemon.bulk_mark_mask) if bulk_body else None
+        nft = nft_text(family, q, bulk_body, _schedule_body(config, offloaded, family))
         if workers == 1:
             body = _queue_lines(chains.target, q, large, bypass, notes, bulk)
         else:
@@ -665,7 +685,7 @@ def render(config: Config, queue: int | None = None, *,
                             jumps=tuple(jumps), services=len(services) + len(offloaded),
                             large_queue=large, offload=tables, offload_jumps=offload_jumps,
                             extra_chains=extra, headers_queue=bulk.queue if bulk else None,
-                            nft=nft if services else ""))
+                            nft=nft))
     return tuple(sets)
 
 
@@ -784,8 +804,9 @@ def format_print(ruleset: RuleSet, source: str) -> str:
         else:
             lines.append(Template(line).substitute(ruleset.chains.names))
     if ruleset.nft:
-        lines += ["# The headers route's nftables table (rules/bulk.rules), input to nft -f;",
-                  "# nfqlb rules --apply installs it before the rules above:",
+        lines += ["# nfqlb's nftables table (the headers route's rewrites, rules/bulk.rules;",
+                  "# offload's kernel schedules, whose maps' elements nfqlb run writes),",
+                  "# input to nft -f; nfqlb rules --apply installs it before the rules above:",
                   *(f"#   {line}" for line in ruleset.nft.splitlines())]
     lines += [*template_comments("jumps.rules"),
               "# They are not restore lines here: each restore would add them once more. Run:",
@@ -996,10 +1017,11 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     first, n = offload_queue_for(config, queue), config.daemon.workers
     target = f"--queue-num {first}" if n == 1 else f"--queue-balance {first}:{first + n - 1}"
     for svc in services:
+        kernel = svc.offload_scheduler is OffloadScheduler.KERNEL
         values = {"new": ch.new, "dnat": ch.dnat, "snat": ch.snat,
                   "proto": svc.protocol.name.lower(), "vip": _host(svc.vip, family),
-                  "port": svc.port, "offload_target": target,
-                  "bypass": bypass}
+                  "port": svc.port, "offload_target": target, "bypass": bypass,
+                  "unmarked": f"-m mark --mark 0x0/{mask:#x}" if kernel else ""}
         mangle += [f"# {describe(svc)}", *_fill("offload.rules", values)]
         for b in svc.backends:
             assert b.address is not None
@@ -1014,6 +1036,63 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
                   for line in _fill("offload-jumps.rules", {"new": ch.new, "dnat": ch.dnat,
                                                             "snat": ch.snat}))
     return (("mangle", tuple(mangle)), ("nat", tuple(nat + snat))), jumps
+
+
+#: The slots of the schedule of an offload service with offload_scheduler = "kernel": the
+#: kernel gives its n-th new flow slot n modulo SCHEDULE_SLOTS. A multiple of 1 to 10: round
+#: robin over up to ten backends is exact, and any schedule is within a flow of its shares.
+SCHEDULE_SLOTS = 2520
+#: The schedules' chains: after conntrack (-200: a packet's state is known), before mangle
+#: (-150), whose offload rule queues only what they did not mark.
+SCHEDULE_PRIORITY = -160
+
+
+def schedule_map(svc: Service) -> str:
+    """The nftables map of ``svc``'s schedule (slot -> the chain of a backend): named by the
+    VIP and port, so that a reload keeps it where it belongs."""
+    return f"s-{svc.protocol.name.lower()}-{svc.vip.packed.hex()}-{svc.port}"
+
+
+def schedule_chain(svc: Service, backend: Backend) -> str:
+    """The chain (and its named counter) that marks a new flow of ``svc`` for ``backend``:
+    named by the backend's address and port, so that an element of the schedule written
+    before a reload that renumbered the marks sets the backend's new mark."""
+    assert backend.address is not None
+    return f"{schedule_map(svc)}-{backend.address.packed.hex()}-{backend.port}"
+
+
+def _schedule_body(config: Config, services: list[Service], family: Family) -> list[str]:
+    """Offload's part of the table for its services with offload_scheduler = "kernel": a map
+    per service (its elements written by nfqlb.io.schedules), a chain and a named counter per
+    backend, and the chains at prerouting and output that look up a bare SYN (or a first
+    datagram) that conntrack calls NEW, in its service's map by numgen."""
+    kernel = [s for s in services if s.mode is Mode.OFFLOAD
+              and s.offload_scheduler is OffloadScheduler.KERNEL]
+    if not kernel:
+        return []
+    ip = NFT_FAMILY[family.version]
+    marks = offload_marks(config.daemon, config.services)
+    keep = 0xFFFFFFFF & ~config.daemon.offload_mark_mask
+    lines, looks = [], []
+    for svc in kernel:
+        name = schedule_map(svc)
+        lines.append(f"  map {name} {{ typeof numgen inc mod {SCHEDULE_SLOTS} : verdict; }}")
+        for b in svc.backends:
+            chain = schedule_chain(svc, b)
+            lines += [f"  counter {chain} {{ }}", f"  chain {chain} {{",
+                      f"    counter name \"{chain}\" meta mark set meta mark & {keep:#010x} "
+                      f"| {marks[(svc.name, b.name)]:#010x}", "  }"]
+        l4 = svc.protocol.name.lower()
+        first = " tcp flags & (fin | syn | rst | ack) == syn" if l4 == "tcp" else ""
+        looks.append(f"    ct state new ct status & confirmed == 0 {ip} daddr {svc.vip} "
+                     f"{l4} dport {svc.port}{first} numgen inc mod {SCHEDULE_SLOTS} "
+                     f"vmap @{name}")
+    for chain, hook, kind in (("new-pre", "prerouting", "filter"), ("new-out", "output",
+                                                                    "route")):
+        lines += [f"  chain {chain} {{",
+                  f"    type {kind} hook {hook} priority {SCHEDULE_PRIORITY}; policy accept;",
+                  *looks, "  }"]
+    return lines
 
 
 def bridging_marks(old: RuleSet, new: RuleSet) -> RuleSet:

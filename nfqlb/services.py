@@ -177,7 +177,7 @@ class ServiceRuntime:
                  "any_live", "refused",
                  "no_backend_up",
                  "policy_errors", "address_type", "_counters", "_log", "_clock", "policy_slow",
-                 "slowest", "_rng")
+                 "slowest", "_rng", "generation")
 
     def __init__(self, service: Service, pool: PortPool | None, counters: Counters,
                  log: RateLimitedLog, rng: random.Random,
@@ -196,6 +196,7 @@ class ServiceRuntime:
         self.backend_set: frozenset[Backend] = frozenset()
         self.offered_ids: frozenset[int] = frozenset()  # (identity: the quick check)
         self.any_live = True  # some backend may take new flows
+        self.generation = 0  # counts the changes of what the policies were offered
         self.policy: Policy
         self.fallback: Policy | None
         self.adopters: tuple[Callable[[FlowKey], Backend | None], ...]
@@ -269,6 +270,7 @@ class ServiceRuntime:
         if offered == self.offered:
             return
         self.offered = offered
+        self.generation += 1
         self.backend_set = frozenset(offered)
         self.offered_ids = frozenset(map(id, offered))
         for policy in (self.policy, self.fallback):
@@ -361,6 +363,38 @@ class ServiceRuntime:
         self._counters.event("policy_fallback")
         backend = fallback.choose(fkey, now)
         return self._runtime(backend), fallback, backend, "no_backend"
+
+    def kernel_schedule(self, slots: int, now: float) -> list[BackendRuntime] | None:
+        """The policy's next ``slots`` choices given in advance (its ``schedule``: the kernel
+        plays them, offload_scheduler = "kernel"), [] when no backend may take flows, None
+        when the policy failed (raised, or named a backend it was not offered or one with
+        weight 0: counted and logged as a failing ``choose``); the first packets then go
+        to the offload queue, where the fallback decides."""
+        try:
+            chosen = list(self.policy.schedule(slots))  # type: ignore[attr-defined]
+        except BaseException as exc:  # noqa: B036 - a plugin's: contained like choose
+            self._schedule_failed(f"raised {describe_failure(exc)} in schedule()", now)
+            return None
+        if len(chosen) not in (0, slots):
+            self._schedule_failed(f"gave {len(chosen)} choices in schedule({slots})", now)
+            return None
+        out = []
+        for backend in chosen:
+            rt = self._runtime(backend) if backend is not None and self._offered(backend) \
+                else None
+            if rt is None:
+                self._schedule_failed(f"scheduled {backend!r:.80}, not one of the service's "
+                                      "backends that may take flows", now)
+                return None
+            out.append(rt)
+        return out
+
+    def _schedule_failed(self, problem: str, now: float) -> None:
+        self.policy_errors += 1
+        self._counters.event("policy_failure")
+        self._log.warning(f"policy:{self.name}", now, "service %s: policy %s %s; its first "
+                          "packets go to the offload queue (%d failures so far)", self.name,
+                          self.service.policy, problem, self.policy_errors)
 
     def _offered(self, backend: object) -> bool:
         """Whether a policy's answer is None or one of the backends offered to it."""

@@ -147,6 +147,9 @@ def status(server: Target) -> dict[str, Any]:
     kernel = getattr(server, "kernel_flows", None)
     if kernel is not None:  # mode "offload": open flows are conntrack's (nfqlb.io.conntrack)
         kernel.annotate(out)
+    schedules = getattr(server, "schedules", None)
+    if schedules is not None:  # offload_scheduler = "kernel" (nfqlb.io.schedules)
+        schedules.annotate(out)
     return out
 
 
@@ -252,7 +255,10 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
     backend = _field(req, "backend", str)
     now = server.clock()
     if cmd == "health_result":  # a supervisor's health check, for its workers' engines
-        return _health_result(engine, req, service, backend, now)
+        try:
+            return _health_result(engine, req, service, backend, now)
+        finally:
+            _changed(server)
     if cmd == "drain":
         timeout = _field(req, "timeout", (int, float), required=False)
         if timeout is not None and not 0 <= timeout <= 1e7:
@@ -270,9 +276,17 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
         weight = _field(req, "weight", int)
         engine.set_weight(service, backend, weight, now)
         message = f"{service}/{backend}: weight {weight}"
+    _changed(server)
     state = engine.status(now)["services"][service]["backends"][backend]["state"]
     log.info("control: %s (now %s)", message, state)
     return {"ok": True, "message": f"{message} (now {state})"}
+
+
+def _changed(server: Any) -> None:
+    """Tell the daemon that a backend's state may have changed (the kernel's schedules)."""
+    changed = getattr(server, "backends_changed", None)
+    if changed is not None:
+        changed()
 
 
 def node_command(server: Any, cmd: str, log: logging.Logger) -> dict[str, Any]:

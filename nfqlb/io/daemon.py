@@ -64,6 +64,7 @@ from nfqlb.io.nfqueue import QueueAdapter
 from nfqlb.io.node import NodeState, RulesWatch, missing_jump
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
+from nfqlb.io.schedules import KernelSchedules, kernel_services
 from nfqlb.io.signals import LoopSignals
 from nfqlb.offload import OffloadDecider
 from nfqlb.values import Backend, Mode
@@ -165,6 +166,7 @@ class Server:
         self.health: HealthChecker | None = None  # started and stopped with the loop
         self.offload: OffloadDecider | None = None  # mode "offload": its queue's decider
         self.kernel_flows: KernelFlows | None = None  # ... and conntrack, for it
+        self.schedules: KernelSchedules | None = None  # offload_scheduler = "kernel"
         self.role: WorkerRole | None = None  # set when a supervisor runs this worker
         self.node = NodeState()  # what nfqlb health answers: drained, withdrawing, rules
         self.signals: LoopSignals | None = None  # install_signal_handlers
@@ -193,6 +195,14 @@ class Server:
         for svc, rt, why in self.engine.kernel_flows_to_reset():
             if self.kernel_flows is not None:
                 self.kernel_flows.reset(svc, rt, why)
+        if self.schedules is not None:
+            self.schedules.tick()
+
+    def backends_changed(self) -> None:
+        """A health result, a drain, enable or weight (nfqlb.io.control, the health checker):
+        the kernel's schedules are written at once, not at the next timer."""
+        if self.schedules is not None:
+            self.schedules.tick()
 
     def reload(self) -> tuple[bool, str]:
         """Read the configuration file again and apply it while the flow table is kept
@@ -219,10 +229,7 @@ class Server:
             return False, str(exc)
         now = self.clock()
         self.engine.reconfigure(config, now)
-        if self.offload is not None:
-            for svc, rt in self.offload.reconfigure(config):
-                if self.kernel_flows is not None:
-                    self.kernel_flows.reset(svc, rt, "removed")
+        self._reconfigure_offload(config)
         live.config = config
         try:
             sysctl.setup(config, live.sysctls)
@@ -241,6 +248,21 @@ class Server:
         self.log.info("reloaded %s: %d service%s", self.config_path, n, "" if n == 1 else "s")
         return True, f"reloaded {self.config_path}"
 
+    def _reconfigure_offload(self, config: Config) -> None:
+        """The offload decider after the engine (a reload): the flows of backends it lost
+        removed from conntrack, and the kernel's schedules written by this process if it is
+        the one that writes them (no worker, or worker 0) and now has such a service."""
+        if self.offload is None:
+            return
+        for svc, rt in self.offload.reconfigure(config):
+            if self.kernel_flows is not None:
+                self.kernel_flows.reset(svc, rt, "removed")
+        if self.schedules is None and self.kernel_flows is not None \
+                and kernel_services(self.offload):
+            base = self.role.base_queue if self.role is not None else self.adapters[0].queue
+            self.schedules = KernelSchedules(self.loop, self.offload, base,
+                                             self.log.getChild("schedules"), self.clock)
+
     def _reload_worker(self, live: _Live) -> tuple[bool, str]:
         """A worker's reload: the engine and health checks only (the supervisor checked the
         file and changes the rules and sysctls)."""
@@ -251,10 +273,7 @@ class Server:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)
         self.engine.reconfigure(config, self.clock())
-        if self.offload is not None:
-            for svc, rt in self.offload.reconfigure(config):
-                if self.kernel_flows is not None:
-                    self.kernel_flows.reset(svc, rt, "removed")
+        self._reconfigure_offload(config)
         live.config = config
         for hook in self.reload_hooks:
             try:
@@ -334,6 +353,8 @@ class Server:
             iptables.delete(live.queue, live.tools[version])
         live.rulesets = rulesets
         live.lingering = lingering
+        if self.schedules is not None:  # (the table made again: its maps written again)
+            self.schedules.invalidate()
 
     def _check_lingering(self) -> None:
         """Once the flows of removed backends are gone, so go their rules."""
@@ -552,12 +573,17 @@ def run(config: Config, queue: int | None, log: logging.Logger,
         # the offload flows (the supervisor sums the status) and removes them
         if role is None or role.index == 0:
             server.kernel_flows = KernelFlows(loop, decider, log.getChild("conntrack"))
+            if kernel_services(decider):  # (and writes the kernel's schedules)
+                server.schedules = KernelSchedules(
+                    loop, decider, role.base_queue if role is not None else q,
+                    log.getChild("schedules"), server.clock)
     server.role = role
     server.config_path = config_path or config.source
     if role is None:  # (a supervisor checks for all its workers)
         server.health = HealthChecker(config, engine, loop, log.getChild("health"),
                                       server.clock)
         server.reload_hooks.append(server.health.reconfigure)
+        server.health.on_result = server.backends_changed
     clean = True
     bound: list[Adapter] = []
     try:
@@ -581,6 +607,8 @@ def run(config: Config, queue: int | None, log: logging.Logger,
     finally:
         if server.kernel_flows is not None:
             server.kernel_flows.close()
+        if server.schedules is not None:
+            server.schedules.close()
         loop.close()
         server.restore_signal_handlers()
     return 0 if clean else 1
@@ -616,6 +644,7 @@ def _serve_bound(config: Config, queue: int, large: int,
             for rs in rulesets:
                 iptables.apply(rs, tools[rs.family.version])
             server.node.rules = True
+            server.backends_changed()  # (the kernel's schedules, at once)
             chains = rulesets[0].chains
             n = len(config.services)
             log.info("engine: %s", native.STATE)

@@ -143,6 +143,7 @@ class HealthChecker:
                  log: logging.Logger, clock: Callable[[], float]) -> None:
         self.engine = engine
         self.loop = loop
+        self.on_result: Callable[[], None] | None = None  # after each result given the engine
         self.log = log
         self.clock = clock
         self.targets = targets(config)
@@ -386,6 +387,8 @@ class HealthChecker:
         now = self.clock()
         try:
             self.engine.set_health(target.service, target.backend, up, now, reason, latency)
+            if self.on_result is not None:
+                self.on_result()
         except Exception as exc:
             self._errors.error(f"set_health:{target.service}", now,
                                "service %s: the engine refused a health result for %s: %r",

@@ -6,6 +6,7 @@ A policy is any object with two methods (the others are optional)::
     choose(flow, now) -> Backend | None   # once per new flow; None refuses the flow
     on_flow_closed(flow, backend, now)    # optional: a flow this policy placed has ended
     choose_consistent(flow) -> Backend | None   # optional: this policy is consistent
+    schedule(slots) -> Sequence[Backend]  # optional: its next choices, given in advance
 
 It is built by a factory, ``factory(options, rng)``: ``options`` is the service's
 ``[service.policy_options]`` table (read-only) and ``rng`` a seeded ``random.Random`` that is
@@ -30,6 +31,15 @@ called for adopted flows). Without it, adoption takes the rendezvous hash of the
 (``flow_hash``'s choice), which is another backend for most flows, and ``nfqlb check`` says
 so. maglev, source_hash and flow_hash are consistent; round robin, least connections and
 random cannot be.
+
+A policy whose choice depends on nothing of the flow (nor on the clock) may give its choices
+in advance: ``schedule(slots)`` returns the backends of ``slots`` new flows in a row, as
+``choose`` would give them right after ``set_backends`` (without moving its own turn), each one
+of those last offered with weight above 0; [] when none may take flows. An offload service
+with ``offload_scheduler = "kernel"`` needs it: nfqlb writes the schedule into the kernel
+(nftables: the n-th new flow takes slot n modulo ``slots``) again after each change of the
+backends, and the kernel plays it with no packet queued. round_robin and weighted_round_robin
+have it.
 """
 
 from __future__ import annotations

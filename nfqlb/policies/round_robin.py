@@ -1,6 +1,7 @@
 """``round_robin`` (IPVS ``rr``): each new flow to the next backend, weights ignored.
 
-Backends with weight 0 are drained (skipped). No options.
+Backends with weight 0 are drained (skipped). No options. Its choices depend on nothing of
+the flow, so it gives them in advance too (``schedule``: offload_scheduler = "kernel").
 """
 
 from __future__ import annotations
@@ -29,3 +30,9 @@ class RoundRobin:
         i = self._next
         self._next = (i + 1) % len(self._backends)
         return self._backends[i]
+
+    def schedule(self, slots: int) -> list[Backend]:
+        """The backends of ``slots`` new flows in a row, from the first (as ``choose`` gives
+        them after ``set_backends``; its own turn is left where it is)."""
+        b = self._backends
+        return [b[i % len(b)] for i in range(slots)] if b else []

@@ -1,0 +1,210 @@
+"""Offload's kernel schedules: the choices of a policy written into nftables in advance.
+
+An offload service with ``offload_scheduler = "kernel"`` queues nothing for its new flows.
+nfqlb's table (:func:`nfqlb.rules._schedule_body`) has a map per such service, slot -> the
+chain that sets a backend's mark, and a rule that looks up a bare SYN (or a first datagram)
+that conntrack calls NEW by ``numgen inc mod SCHEDULE_SLOTS``: the n-th new flow takes slot
+n modulo the slots, and the nat table DNATs by its mark as for a flow nfqlb decided. The
+rules leave the maps' elements to this module: the policy's next ``SCHEDULE_SLOTS`` choices
+(``ServiceRuntime.kernel_schedule``), written again whenever what the policy is offered
+changes (a health check, ``nfqlb ctl drain``/``weight``/``enable``, a reload): the map is
+flushed and filled in one ``nft -f`` transaction, so a new flow sees the old schedule or the
+new one, never an empty map in between. What the schedule cannot give (no backend may take
+flows, a failing policy: the map left empty; a TCP segment that is not a bare SYN) is not
+marked, and the offload queue's rule takes it to nfqlb as before.
+
+Each backend's chain counts the flows it marks (a named counter, kept across reloads): read
+every COUNT_EVERY_S seconds and when ``nfqlb status`` asks, they are added to the backend's
+``flows`` (so its ``new/s`` too).
+
+``nft`` runs on a thread of its own (a write of 2,520 elements takes about 30 ms), one request
+at a time, results back on the loop; the packet path never waits for it. The maps are written
+again every REWRITE_EVERY_S seconds as well, which restores them after the table was made
+again (``nfqlb rules --apply``, a supervisor's reload) or deleted and restored. Of several
+workers, worker 0 alone writes them: the kernel's table is the host's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Final
+
+from nfqlb import rules
+from nfqlb.config import OffloadScheduler
+from nfqlb.errors import NfqlbError
+from nfqlb.io import iptables
+from nfqlb.offload import OffloadDecider
+from nfqlb.services import BackendRuntime, ServiceRuntime
+
+REWRITE_EVERY_S: Final = 10.0
+COUNT_EVERY_S: Final = 5.0
+STATUS_COUNT_EVERY_S: Final = 1.0
+
+
+def kernel_services(decider: OffloadDecider) -> list[ServiceRuntime]:
+    return [svc for svc in decider.offload_services()
+            if svc.service.offload_scheduler is OffloadScheduler.KERNEL]
+
+
+def schedule_text(svc: ServiceRuntime, queue: int, chosen: list[BackendRuntime] | None) -> str:
+    """``nft -f`` lines that make ``svc``'s map hold ``chosen`` (slot i: chosen[i]), or
+    nothing (None, []: its first packets go to the offload queue)."""
+    s = svc.service
+    table = f"{rules.NFT_FAMILY[s.vip.version]} {rules.nft_table(queue)}"
+    name = rules.schedule_map(s)
+    lines = [f"flush map {table} {name}"]
+    if chosen:
+        chains = {rt: rules.schedule_chain(s, rt.backend) for rt in set(chosen)}
+        lines.append(f"add element {table} {name} {{ "
+                     + ", ".join(f"{i} : goto {chains[rt]}" for i, rt in enumerate(chosen))
+                     + " }")
+    return "\n".join(lines) + "\n"
+
+
+def read_counters(queue: int, versions: set[int]) -> dict[str, int]:
+    """Packets of each named counter in ``queue``'s tables of the IP ``versions``."""
+    out: dict[str, int] = {}
+    for version in sorted(versions):
+        text = iptables._nft(["-j", "list", "counters", "table", rules.NFT_FAMILY[version],
+                              rules.nft_table(queue)])
+        for item in json.loads(text).get("nftables", []):
+            counter = item.get("counter") if isinstance(item, dict) else None
+            if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
+                out[str(counter.get("name"))] = counter["packets"]
+    return out
+
+
+class KernelSchedules:
+    """The maps of one daemon's (or worker 0's) kernel-scheduled offload services."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, decider: OffloadDecider, queue: int,
+                 log: logging.Logger, clock: Callable[[], float]) -> None:
+        self.loop = loop
+        self.decider = decider
+        self.queue = queue  # the base queue: the table's name
+        self.log = log
+        self.clock = clock
+        self.written: dict[str, int] = {}  # map -> the service's generation it holds
+        self.writes = 0  # nft transactions that succeeded
+        self.failed = ""  # the last failure (cleared by a success)
+        self.flows = 0  # new flows the kernel's schedules placed, counted so far
+        self._seen: dict[str, int] = {}  # counter -> packets at the last read
+        self._last_write = self._last_count = float("-inf")
+        self._writing: concurrent.futures.Future[str] | None = None
+        self._counting: concurrent.futures.Future[dict[str, int]] | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, "nfqlb-schedules")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def invalidate(self) -> None:
+        """Write every map again at the next tick (the table was made again)."""
+        self.written.clear()
+
+    def tick(self) -> None:
+        """Write the maps whose service's backends changed (every one, each REWRITE_EVERY_S),
+        and count, each COUNT_EVERY_S. Cheap when nothing changed: one int per service."""
+        now = time.monotonic()
+        if now - self._last_count >= COUNT_EVERY_S:
+            self.request_count()
+        if self._writing is not None:
+            return  # (when it lands, _wrote ticks again for what changed since)
+        every = now - self._last_write >= REWRITE_EVERY_S
+        pending: dict[str, int] = {}
+        text = []
+        for svc in kernel_services(self.decider):
+            name = rules.schedule_map(svc.service)
+            if not every and self.written.get(name) == svc.generation:
+                continue
+            pending[name] = svc.generation
+            text.append(schedule_text(svc, self.queue, svc.kernel_schedule(
+                rules.SCHEDULE_SLOTS, self.clock())))
+        if not pending:
+            return
+        self._last_write = now
+        future = self._pool.submit(iptables._nft, ["-f", "-"], "".join(text))
+        self._writing = future
+        future.add_done_callback(lambda f: self._in_loop(self._wrote, (f, pending)))
+
+    def _in_loop(self, fn: Callable[[Any], None], arg: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(fn, arg)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _wrote(self, done: tuple[concurrent.futures.Future[str], dict[str, int]]) -> None:
+        future, pending = done
+        self._writing = None
+        try:
+            future.result()
+        except NfqlbError as exc:
+            problem = f"writing the kernel schedules failed: {exc}"
+            if problem != self.failed:  # (once per distinct failure; retried every tick)
+                self.log.warning("%s; new flows go to the offload queue meanwhile", problem)
+            self.failed = problem
+            self._last_write = float("-inf")
+            return
+        if self.failed:
+            self.log.info("kernel schedules written again")
+        self.failed = ""
+        self.writes += 1
+        self.written.update(pending)
+        self.tick()  # what changed while it was written, at once
+
+    # ---- counting
+
+    def request_count(self, every: float = COUNT_EVERY_S) -> None:
+        """Read the counters (on the thread) unless a read runs or one is under ``every``
+        seconds old."""
+        now = time.monotonic()
+        if self._counting is not None or now - self._last_count < every:
+            return
+        services = kernel_services(self.decider)
+        if not services:
+            return
+        self._last_count = now
+        versions: set[int] = {svc.service.vip.version for svc in services}
+        future = self._pool.submit(read_counters, self.queue, versions)
+        self._counting = future
+        future.add_done_callback(lambda f: self._in_loop(self._counted, f))
+
+    def _counted(self, future: concurrent.futures.Future[dict[str, int]]) -> None:
+        self._counting = None
+        try:
+            packets = future.result()
+        except (NfqlbError, ValueError) as exc:
+            self.failed = f"reading the kernel schedules' counters failed: {exc}"
+            return
+        for svc in kernel_services(self.decider):
+            for rt in svc.backends.values():
+                name = rules.schedule_chain(svc.service, rt.backend)
+                now = packets.get(name)
+                if now is None:
+                    continue
+                before = self._seen.get(name, 0)
+                placed = now - before if now >= before else now  # (a table made anew)
+                self._seen[name] = now
+                rt.flows_total += placed
+                self.decider.counters.flows_total += placed
+                self.flows += placed
+
+    def annotate(self, status: dict[str, Any]) -> None:
+        """Say in ``status`` which services the kernel schedules, and ask for a count."""
+        self.request_count(STATUS_COUNT_EVERY_S)
+        for svc in kernel_services(self.decider):
+            entry = status.get("services", {}).get(svc.name)
+            if entry is None:
+                continue
+            note: dict[str, Any] = {
+                "scheduler": "kernel", "slots": rules.SCHEDULE_SLOTS,
+                "written": self.written.get(rules.schedule_map(svc.service)) == svc.generation,
+                "flows_counted_s_ago": None if self._last_count == float("-inf")
+                else round(time.monotonic() - self._last_count, 3)}
+            if self.failed:
+                note["error"] = self.failed
+            entry.setdefault("offload", {})["schedule"] = note

@@ -1,0 +1,235 @@
+"""End to end: mode "offload" with ``offload_scheduler = "kernel"``: nfqlb writes the policy's
+choices into nftables in advance and the kernel plays them, so no packet of a new flow is
+queued (real nginx, curl and UDP clients in the lab's namespaces).
+
+- New flows spread as round_robin (weighted_round_robin: by weight) would, IPv4 and IPv6,
+  TCP and UDP, with nothing queued; the per-backend flows come from the kernel's counters.
+- A health check that fails, ``nfqlb ctl drain`` and ``weight`` rewrite the schedule at once:
+  the next new flows avoid the backend, an open connection to a drained one goes on.
+- With no backend up the schedule is empty and the offload queue answers (a RST), and a
+  segment that is not a bare SYN is an unknown flow as with nfqlb deciding.
+- A reload that turns the scheduler on takes new flows off the queue; the table and every
+  rule are gone after exit.
+"""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import sys
+import time
+from typing import Any
+
+import pytest
+from lab import UDP_PORT, VIP, VIP6, Lab, LabError, Nfqlb, render_config, url_host
+from test_e2e_offload_root import Holder, conntrack_entries, named, offload_packets, status
+
+pytestmark = pytest.mark.root
+
+REQUESTS = 8
+KERNEL = {"offload_scheduler": "kernel"}
+
+
+def wait_for(cond: Any, seconds: float, what: str, daemon: Nfqlb) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} within {seconds}s\n{daemon.report()}")
+        time.sleep(0.05)
+
+
+def labels(lab: Lab, family: int = 4, n: int = REQUESTS) -> list[str]:
+    vip = VIP if family == 4 else VIP6
+    return [lab.curl(lab.client, f"http://{url_host(vip)}/").decode().strip() for _ in range(n)]
+
+
+def written(d: Nfqlb, name: str) -> bool:
+    note = status(d)["services"][name].get("offload", {}).get("schedule", {})
+    return note.get("written") is True
+
+
+def flows(d: Nfqlb, name: str) -> dict[str, int]:
+    return {b: f["flows"] for b, f in status(d)["services"][name]["backends"].items()}
+
+
+def nft_tables(lab: Lab) -> str:
+    return lab.exec(lab.lb, ["nft", "list", "tables"]).stdout.decode()
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_tcp_flows_spread_by_the_kernel_with_nothing_queued(family: int) -> None:
+    with Lab(2, ipv6=family == 6) as lab:
+        before = lab.iptables_save(lab.lb)
+        tables = nft_tables(lab)
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web", family=family, **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            seen = labels(lab, family)
+            queued = offload_packets(d)
+            expected = collections.Counter(seen)
+            wait_for(lambda: flows(d, "web") == dict(expected), 10,
+                     f"the kernel's counts {dict(expected)} in the status", d)
+        assert expected == {"backend-1": REQUESTS // 2, "backend-2": REQUESTS // 2}, d.report()
+        assert queued == 0, d.report()  # no packet of these flows reached nfqlb
+        assert d.returncode == 0, d.report()
+        assert lab.iptables_save(lab.lb) == before  # every rule gone, tables too
+        assert nft_tables(lab) == tables  # and nfqlb's nftables table
+
+
+def test_udp_flows_spread_by_the_kernel() -> None:
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(lab.service("offload", name="dns", protocol="udp", **KERNEL))
+        with d:
+            wait_for(lambda: written(d, "dns"), 10, "the schedule written", d)
+            replies = lab.udp_exchange(lab.client, VIP, UDP_PORT,
+                                       [b"a%d" % i for i in range(REQUESTS)],
+                                       new_socket_each=True)
+            queued = offload_packets(d)
+        assert all(r is not None for r in replies), d.report()
+        got = collections.Counter(r.label for r in replies if r is not None)
+        assert got == {"backend-1": REQUESTS // 2, "backend-2": REQUESTS // 2}
+        assert queued == 0, d.report()
+
+
+def test_weighted_round_robin_schedule_follows_the_weights() -> None:
+    with Lab(2, ipv6=False) as lab:
+        svc = named(lab, lab.service("offload", name="web", policy="weighted_round_robin",
+                                     **KERNEL))
+        svc["backend"][0]["weight"] = 3
+        d = lab.nfqlb(svc)
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            seen = labels(lab)
+            done = d.cli("ctl", "weight", "web", "backend-1", "1")
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: written(d, "web"), 10, "the schedule written again", d)
+            after = labels(lab, n=4)  # equal shares from now on
+            queued = offload_packets(d)
+        assert collections.Counter(seen) == {"backend-1": 6, "backend-2": 2}, d.report()
+        assert collections.Counter(after) == {"backend-1": 2, "backend-2": 2}, d.report()
+        assert queued == 0
+
+
+def test_drain_rewrites_the_schedule_and_keeps_an_open_connection() -> None:
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web", **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            holder = Holder(lab, VIP)
+            first = holder.first(d)
+            done = d.cli("ctl", "drain", "web", first)
+            assert done.returncode == 0, done.stderr
+            wait_for(lambda: written(d, "web"), 10, "the schedule written again", d)
+            seen = labels(lab)
+            after = holder.second(d)
+            d.cli("ctl", "enable", "web", first)
+            wait_for(lambda: written(d, "web"), 10, "the schedule written again", d)
+            again = labels(lab, n=4)
+            queued = offload_packets(d)
+        assert first not in seen and len(seen) == REQUESTS, seen
+        assert after.get("second") == first, after
+        assert sorted(set(again)) == ["backend-1", "backend-2"], again
+        assert queued == 0
+
+
+def test_health_down_empties_the_backend_from_the_schedule_and_no_backend_goes_to_the_queue(
+        ) -> None:
+    with Lab(2, ipv6=False) as lab:
+        svc = named(lab, lab.service("offload", name="web", on_backend_down="reset", health={
+            "kind": "http", "path": "/health", "interval": 0.2, "timeout": 0.2, "fall": 1,
+            "rise": 1}, **KERNEL))
+        d = lab.nfqlb(svc)
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            holder = Holder(lab, VIP)
+            first = holder.first(d)
+            host = lab.backend(first)
+            other = next(h for h in lab.backends if h is not host)
+            lab.set_unhealthy(host, True)
+            wait_for(lambda: status(d)["services"]["web"]["backends"][first]["state"]
+                     == "down", 10, "the backend down", d)
+            wait_for(lambda: conntrack_entries(lab, VIP, host.addr(4)) == 0, 10,
+                     "its conntrack entries removed", d)
+            seen = labels(lab)
+            broken = holder.second(d)
+            queued_up = offload_packets(d)
+            # every backend down: nothing to schedule; the queue answers each SYN with a RST
+            lab.set_unhealthy(other, True)
+            wait_for(lambda: status(d)["services"]["web"]["backends"][other.label]["state"]
+                     == "down", 10, "the other backend down", d)
+            t0 = time.monotonic()
+            with pytest.raises(LabError):
+                lab.curl(lab.client, f"http://{VIP}/", max_time=3)
+            refused_in = time.monotonic() - t0
+            queued_down = offload_packets(d)
+            refused = status(d)["services"]["web"]
+            lab.set_unhealthy(host, False)
+            lab.set_unhealthy(other, False)
+            wait_for(lambda: all(b["state"] == "up" for b in
+                                 status(d)["services"]["web"]["backends"].values())
+                     and written(d, "web"), 10, "both backends up again, in the schedule", d)
+            back = labels(lab, n=4)
+        assert first not in seen and len(seen) == REQUESTS, seen
+        assert "second_error" in broken, broken
+        # one packet queued: the broken connection's next segment (its conntrack entry gone,
+        # an unknown flow, answered with a RST); none of the new flows
+        assert queued_up == 1, d.report()
+        assert queued_down >= 1 and refused_in < 2, (queued_down, refused_in, d.report())
+        assert refused["no_backend_up"] >= 1, refused
+        assert sorted(set(back)) == ["backend-1", "backend-2"], back
+
+
+def test_a_segment_that_is_not_a_syn_goes_to_the_queue_as_an_unknown_flow() -> None:
+    """The schedule marks only a bare SYN: an ACK of no connection (conntrack picks it up as
+    NEW) reaches nfqlb, which answers it with a RST (unknown_flow = "reset")."""
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web", **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            script = (
+                "from scapy.all import IP, TCP, sr1, conf\n"
+                "conf.verb = 0\n"
+                f"r = sr1(IP(dst='{VIP}')/TCP(sport=40001, dport=80, flags='A', seq=1, ack=1),"
+                " timeout=2)\n"
+                "print('RST' if r is not None and r[TCP].flags & 4 else 'none')\n")
+            out = lab.exec(lab.client, [sys.executable, "-c", script], check=False)
+            queued = offload_packets(d)
+        assert out.stdout.decode().strip() == "RST", out
+        assert queued == 1, d.report()
+
+
+def test_reload_turns_the_kernel_scheduler_on_and_off() -> None:
+    with Lab(2, ipv6=False) as lab:
+        svc = named(lab, lab.service("offload", name="web"))
+        d = lab.nfqlb(svc)
+        with d:
+            labels(lab, n=2)
+            assert offload_packets(d) == 2
+            d.config_path.write_text(render_config([{**svc, **KERNEL}],
+                                                   {"queue": d.queue, "bypass": True}))
+            done = d.cli("ctl", "reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            on = labels(lab)
+            queued_on = offload_packets(d)
+            d.config_path.write_text(render_config([svc], {"queue": d.queue, "bypass": True}))
+            done = d.cli("ctl", "reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            off = labels(lab, n=2)
+            queued_off = offload_packets(d)
+        assert sorted(set(on)) == ["backend-1", "backend-2"], on
+        assert queued_on == 2, d.report()
+        assert queued_off == 4, d.report()
+        assert len(off) == 2
+
+
+def test_nfqlb_check_refuses_a_policy_without_a_schedule(tmp_path: Any) -> None:
+    config = tmp_path / "nfqlb.toml"
+    config.write_text(render_config([{
+        "name": "web", "vip": VIP, "port": 80, "mode": "offload", "policy": "maglev",
+        "offload_scheduler": "kernel",
+        "backend": [{"address": "198.18.2.1", "port": 80}]}], {}))
+    done = subprocess.run([sys.executable, "-m", "nfqlb", "check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "service[0].policy" in done.stderr and "schedule()" in done.stderr, done
