@@ -40,6 +40,9 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-<mode>    ``nfqlb run`` in mode dnat, fullnat (the backends then lose their default
                   route), local (the VIP on lb's lo, lb's own nginx and iperf3 server) and
                   offload, with ``workers = 1`` and (``-w2``) ``[daemon] workers = 2``
+  nfqlb-offload-kernel  offload with ``offload_scheduler = "kernel"``: nfqlb writes the
+                  policy's (round_robin's) next choices into an nftables map, the kernel marks
+                  each new flow by it, nothing is queued
   nfqlb-dnat-nfq  dnat with ``[daemon] binding = "netfilterqueue"`` (the NetfilterQueue
                   binding on the main queue in place of nfqlb's own netlink client, the
                   default)
@@ -262,6 +265,7 @@ class BenchPath:
     binding: str | None = None  # nfqlb's [daemon] binding for the main queue, if not default
     probe: bool = False  # run only when named in --paths
     bulk: str | None = None  # nfqlb's [daemon] bulk, if not the default
+    scheduler: str | None = None  # an offload service's offload_scheduler, if not the default
 
     @property
     def is_nfqlb(self) -> bool:
@@ -832,11 +836,13 @@ def pool_rested(pool: int) -> None:
         time.sleep(left)
 
 
-def nfqlb_services(lab: Lab, mode: str, round_no: int) -> list[dict[str, object]]:
+def nfqlb_services(lab: Lab, mode: str, round_no: int, scheduler: str | None = None
+                   ) -> list[dict[str, object]]:
     """The HTTP service over both backends and the iperf3 service to one server."""
-    http = lab.service(mode)
+    extra = {} if scheduler is None else {"offload_scheduler": scheduler}
+    http = lab.service(mode, **extra)
     iperf = lab.service(mode, name=f"iperf3-{mode}", port=IPERF_PORT,
-                        backends=lab.backends[:1])
+                        backends=lab.backends[:1], **extra)
     iperf["backend"] = ([{"port": LOCAL_IPERF_PORT}] if mode == "local" else
                         [{"address": lab.backends[0].address, "port": IPERF_PORT}])
     if mode == "fullnat":
@@ -857,7 +863,8 @@ def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
 
 def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
     """``nfqlb check`` of the path's configuration: None, or the error it prints."""
-    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0), daemon=nfqlb_daemon_keys(path))
+    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0, path.scheduler),
+                       daemon=nfqlb_daemon_keys(path))
     argv = daemon.argv
     command = argv[:argv.index("run")]
     proc = subprocess.run([*command, "check", "--config", str(daemon.config_path)],
@@ -882,7 +889,7 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
         use = pool_use(round_no, path.workers)
         if mode == "fullnat":
             pool_rested(use % 4)
-        daemon = lab.nfqlb(*nfqlb_services(lab, mode, use),
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, use, path.scheduler),
                            daemon=nfqlb_daemon_keys(path)).start()
         assert daemon.proc is not None
         stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid
@@ -907,6 +914,10 @@ def _nfqlb_paths() -> list[BenchPath]:
             paths.append(BenchPath(f"nfqlb-{mode}{suffix}", f"nfqlb {mode}{label}", nfqlb,
                                    mode=mode, workers=workers,
                                    floor=c_floor if mode == "offload" else floor))
+    # offload with the kernel playing the policy's schedule: no packet queued per new flow
+    at = next(i for i, p in enumerate(paths) if p.name == "nfqlb-offload") + 1
+    paths.insert(at, BenchPath("nfqlb-offload-kernel", "nfqlb offload, offload_scheduler = "
+                               "\"kernel\"", nfqlb, mode="offload", scheduler="kernel"))
     # the NetfilterQueue binding on the main queue (the default is nfqlb's netlink client)
     paths.insert(1, BenchPath("nfqlb-dnat-nfq", "nfqlb dnat, NetfilterQueue binding", nfqlb,
                               mode="dnat", floor="nfq-accept", binding="netfilterqueue"))

@@ -222,12 +222,14 @@ def test_the_paths_table() -> None:
     for needed in ("direct", "kernel-dnat", "haproxy", "nfq-accept"):
         assert needed in names
     nfqlb = {(p.mode, p.workers) for p in lab_bench.PATHS
-             if p.is_nfqlb and not p.binding and not p.bulk}
+             if p.is_nfqlb and not p.binding and not p.bulk and not p.scheduler}
     assert nfqlb == {(m, w) for m in ("dnat", "fullnat", "local", "offload") for w in (1, 2)}
     nfq = next(p for p in lab_bench.PATHS if p.is_nfqlb and p.binding == "netfilterqueue")
     assert lab_bench.nfqlb_daemon_keys(nfq) == {"binding": "netfilterqueue"}
+    kernel = next(p for p in lab_bench.PATHS if p.scheduler == "kernel")
+    assert kernel.mode == "offload" and kernel.floor is None  # (nothing queued: no floor)
     for p in lab_bench.PATHS:
-        if p.is_nfqlb:
+        if p.is_nfqlb and p.floor is not None:
             # each rewrite mode is compared with the floor of as many workers
             floor = next(f for f in lab_bench.PATHS if f.name == p.floor)
             assert floor.workers == p.workers

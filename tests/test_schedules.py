@@ -1,0 +1,301 @@
+"""offload_scheduler = "kernel": the policies' schedules, their checks, the nftables table
+that plays them and the writer that keeps its maps (nfqlb.io.schedules), without root (``nft``
+replaced by a recorder). The kernel's side is tests/test_e2e_offload_kernel_root.py."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import json
+import logging
+import re
+from ipaddress import ip_address
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import VIP, service
+
+from nfqlb import rules
+from nfqlb.config import Config, parse_config
+from nfqlb.engine import Engine
+from nfqlb.errors import ConfigError, SystemSetupError
+from nfqlb.io import schedules
+from nfqlb.offload import OffloadDecider
+from nfqlb.policies import FlowKey, make_policy
+from nfqlb.values import Backend
+
+SLOTS = rules.SCHEDULE_SLOTS
+KERNEL = {"offload_scheduler": "kernel"}
+
+
+def config(*services: dict[str, Any], **daemon: Any) -> Config:
+    return parse_config({"daemon": daemon, "service": list(services)}, "t.toml")
+
+
+def kernel_service(**extra: Any) -> dict[str, Any]:
+    return service("offload", **{**KERNEL, **extra})
+
+
+# ------------------------------------------------------------------ the policies' schedules
+
+
+def backends(*weights: int) -> tuple[Backend, ...]:
+    return tuple(Backend(name=f"b{i}", address=None, port=8080 + i, weight=w)
+                 for i, w in enumerate(weights))
+
+
+FLOW = FlowKey(6, bytes(4), 40000, ip_address(VIP), 80)
+
+
+def test_round_robin_schedule_is_its_choices_and_leaves_its_turn() -> None:
+    p = make_policy("round_robin", backends(1, 0, 1), {})
+    first = p.choose(FLOW, 0.0)
+    plan = p.schedule(6)  # type: ignore[attr-defined]
+    assert [b.name for b in plan] == ["b0", "b2", "b0", "b2", "b0", "b2"]  # b1 drained
+    assert p.choose(FLOW, 0.0) is not first  # (its own turn moved on from the first only)
+    assert make_policy("round_robin", backends(0, 0, 1), {}).schedule(3)[0].name == "b2"  # type: ignore[attr-defined]
+
+
+def test_weighted_round_robin_schedule_is_smooth_and_exact() -> None:
+    p = make_policy("weighted_round_robin", backends(5, 1), {})
+    plan = [b.name for b in p.schedule(SLOTS)]  # type: ignore[attr-defined]
+    assert collections.Counter(plan) == {"b0": SLOTS * 5 // 6, "b1": SLOTS // 6}
+    assert "b0" * 6 not in "".join(plan)  # interleaved, not five in a row then one
+    fresh = make_policy("weighted_round_robin", backends(5, 1), {})
+    assert [fresh.choose(FLOW, 0.0).name for _ in range(12)] == plan[:12]  # type: ignore[union-attr]
+
+
+def test_a_schedule_of_no_backend_that_may_take_flows_is_empty() -> None:
+    p = make_policy("weighted_round_robin", backends(1, 1), {})
+    p.set_backends(backends(0, 0))
+    assert p.schedule(SLOTS) == []  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------ configuration
+
+
+@pytest.mark.parametrize(("svc", "key", "words"), [
+    (service("dnat", **KERNEL), "offload_scheduler", "only applies in mode \"offload\""),
+    (kernel_service(policy="maglev"), "policy", "has no schedule()"),
+    (kernel_service(policy="source_hash"), "policy", "has no schedule()"),
+    (kernel_service(offload_scheduler="ipvs"), "offload_scheduler", "ipvs"),
+])
+def test_bad_scheduler_configuration_names_the_key(svc: dict[str, Any], key: str,
+                                                   words: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(svc)
+    assert err.value.key == f"service[0].{key}", err.value
+    assert words in str(err.value)
+
+
+def test_a_plugin_with_a_schedule_may_be_played_by_the_kernel(tmp_path: Path) -> None:
+    (tmp_path / "every_other.py").write_text(
+        "class P:\n"
+        "    def __init__(self, options, rng): self.b = ()\n"
+        "    def set_backends(self, backends): self.b = [x for x in backends if x.weight]\n"
+        "    def choose(self, flow, now): return self.b[0] if self.b else None\n"
+        "    def schedule(self, slots): return [self.b[i % len(self.b)] for i in range(slots)]\n"
+        "def make(options, rng): return P(options, rng)\n")
+    cfg = config(kernel_service(policy=f"file:{tmp_path / 'every_other.py'}:make"))
+    assert cfg.services[0].offload_scheduler.value == "kernel"
+
+
+# ------------------------------------------------------------------ the rules
+
+
+def test_the_table_has_a_map_per_service_a_chain_per_backend_and_the_queue_skips_marked(
+        ) -> None:
+    cfg = config(kernel_service(name="k"), service("offload", name="q", port=81))
+    [rs] = rules.render(cfg)
+    text = rs.nft
+    name = rules.schedule_map(cfg.services[0])
+    assert f"map {name} {{ typeof numgen inc mod {SLOTS} : verdict; }}" in text
+    marks = rules.offload_marks(cfg.daemon, cfg.services)
+    for b in cfg.services[0].backends:
+        chain = rules.schedule_chain(cfg.services[0], b)
+        assert f"counter {chain} {{ }}" in text
+        assert re.search(rf"chain {chain} {{\n    counter name \"{chain}\" meta mark set meta "
+                         rf"mark & 0xf00fffff \| {marks[('k', b.name)]:#010x}\n", text), text
+    # only the kernel service's bare SYNs, NEW and unconfirmed, at prerouting and output
+    look = (f"ct state new ct status & confirmed == 0 ip daddr {VIP} tcp dport 80 tcp flags & "
+            f"(fin | syn | rst | ack) == syn numgen inc mod {SLOTS} vmap @{name}")
+    assert text.count(look) == 2 and "dport 81" not in text
+    assert "type filter hook prerouting priority -160" in text
+    assert "type route hook output priority -160" in text
+    mangle = dict(rs.offload)["mangle"]
+    [k] = [line for line in mangle if "--dport 80 " in line]
+    [q] = [line for line in mangle if "--dport 81 " in line]
+    assert "-m mark --mark 0x0/0xff00000 -j NFQUEUE" in k
+    assert "-m mark" not in q  # nfqlb decides: every NEW packet queued, as before
+
+
+def test_without_a_kernel_scheduled_service_an_offload_config_has_no_table() -> None:
+    [rs] = rules.render(config(service("offload")))
+    assert rs.nft == ""
+    [six] = rules.render(config(kernel_service(vip="2001:db8::100", backend=[
+        {"name": "b1", "address": "2001:db8::2:1", "port": 80}])))
+    assert six.nft.startswith("table ip6 nfqlb-1\nflush table ip6 nfqlb-1\n")
+    assert "ip6 daddr 2001:db8::100 tcp dport 80" in six.nft
+
+
+def test_udp_first_datagrams_are_scheduled_without_a_flags_match() -> None:
+    [rs] = rules.render(config(kernel_service(proto="udp")))
+    assert "udp dport 53 numgen inc" in rs.nft and "tcp flags" not in rs.nft.split(
+        "chain new-pre")[1]
+
+
+# ------------------------------------------------------------------ ServiceRuntime
+
+
+def runtime(svc: dict[str, Any]) -> tuple[Engine, Any]:
+    cfg = config(svc)
+    eng = Engine(cfg)
+    return eng, eng.services.named(svc["name"])
+
+
+def test_kernel_schedule_leaves_out_drained_and_down_backends() -> None:
+    eng, svc = runtime(kernel_service())
+    plan = svc.kernel_schedule(SLOTS, 0.0)
+    assert collections.Counter(rt.name for rt in plan) == {"b1": SLOTS // 2, "b2": SLOTS // 2}
+    g = svc.generation
+    eng.drain(svc.name, "b1", 0.0, None)
+    assert svc.generation > g
+    assert {rt.name for rt in svc.kernel_schedule(SLOTS, 0.0)} == {"b2"}
+    eng.set_health(svc.name, "b2", False, 0.0)
+    assert svc.kernel_schedule(SLOTS, 0.0) == []
+
+
+class _Bad:
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.b: list[Backend] = []
+
+    def set_backends(self, backends: Any) -> None:
+        self.b = list(backends)
+
+    def choose(self, flow: Any, now: float) -> Any:
+        return self.b[0]
+
+    def schedule(self, slots: int) -> list[Any]:
+        if self.how == "raise":
+            raise RuntimeError("boom")
+        if self.how == "short":
+            return self.b[:1]
+        return [Backend(name="stranger", address=None, port=1)] * slots
+
+
+@pytest.mark.parametrize("how", ["raise", "short", "stranger"])
+def test_a_failing_schedule_is_contained_counted_and_leaves_the_queue_to_decide(
+        how: str, caplog: Any) -> None:
+    _eng, svc = runtime(kernel_service())
+    svc.policy = _Bad(how)
+    svc.policy.set_backends(svc.offered)
+    with caplog.at_level(logging.WARNING):
+        assert svc.kernel_schedule(SLOTS, 0.0) is None
+    assert svc.policy_errors == 1
+    assert "offload queue" in caplog.text
+
+
+# ------------------------------------------------------------------ the writer
+
+
+def test_schedule_text_flushes_and_fills_the_map_in_one_transaction() -> None:
+    _eng, svc = runtime(kernel_service())
+    text = schedules.schedule_text(svc, 7, svc.kernel_schedule(4, 0.0))
+    name = rules.schedule_map(svc.service)
+    c1, c2 = (rules.schedule_chain(svc.service, b) for b in svc.service.backends)
+    assert text == (f"flush map ip nfqlb-7 {name}\nadd element ip nfqlb-7 {name} {{ "
+                    f"0 : goto {c1}, 1 : goto {c2}, 2 : goto {c1}, 3 : goto {c2} }}\n")
+    assert schedules.schedule_text(svc, 7, []) == f"flush map ip nfqlb-7 {name}\n"
+
+
+class Recorder:
+    """``nft`` as the writer runs it: the inputs it got; counters it answers with."""
+
+    def __init__(self) -> None:
+        self.inputs: list[str] = []
+        self.counters: dict[str, int] = {}
+        self.fail = False
+
+    def __call__(self, args: list[str], stdin: str | None = None) -> str:
+        if self.fail:
+            raise SystemSetupError("nft -f - failed (exit 1): No such file or directory")
+        if args[:2] == ["-j", "list"]:
+            items = [{"counter": {"name": n, "packets": p}} for n, p in self.counters.items()]
+            return json.dumps({"nftables": [{"metainfo": {}}, *items]})
+        assert stdin is not None
+        self.inputs.append(stdin)
+        return ""
+
+
+def settle(loop: asyncio.AbstractEventLoop) -> None:
+    for _ in range(50):
+        loop.run_until_complete(asyncio.sleep(0.01))
+
+
+def test_the_writer_writes_on_change_only_retries_failures_and_counts(monkeypatch: Any) -> None:
+    nft = Recorder()
+    monkeypatch.setattr(schedules.iptables, "_nft", nft)
+    cfg = config(kernel_service(name="k"), service("offload", name="q", port=81))
+    eng = Engine(cfg)
+    decider = OffloadDecider(cfg, eng.services, eng.counters)
+    loop = asyncio.new_event_loop()
+    w = schedules.KernelSchedules(loop, decider, 1, logging.getLogger("t"), lambda: 0.0)
+    try:
+        w.tick()
+        settle(loop)
+        assert len(nft.inputs) == 1 and "goto" in nft.inputs[0]  # the kernel service's only
+        assert rules.schedule_map(cfg.services[1]) not in nft.inputs[0]
+        w.tick()
+        settle(loop)
+        assert len(nft.inputs) == 1  # nothing changed: nothing written
+        nft.fail = True
+        eng.drain("k", "b1", 0.0, None)
+        w.tick()
+        settle(loop)
+        assert "No such file" in w.failed
+        nft.fail = False
+        w.tick()  # (retried at the next tick)
+        settle(loop)
+        assert w.failed == "" and len(nft.inputs) == 2
+        assert rules.schedule_chain(cfg.services[0], cfg.services[0].backends[0]) \
+            not in nft.inputs[1]  # b1 drained: out of the schedule
+        # the counters: added to the backends' flows, once; a table made anew counts again
+        c1, c2 = (rules.schedule_chain(cfg.services[0], b) for b in cfg.services[0].backends)
+        nft.counters = {c1: 3, c2: 5}
+        w.request_count(0.0)
+        settle(loop)
+        nft.counters = {c1: 4, c2: 1}
+        w.request_count(0.0)
+        settle(loop)
+        flows = {n: b["flows"] for n, b in eng.status(0.0)["services"]["k"]["backends"].items()}
+        assert flows == {"b1": 4, "b2": 6}
+        assert w.flows == 10
+        status = {"services": {"k": {}, "q": {}}}
+        w.annotate(status)
+        assert status["services"]["k"]["offload"]["schedule"]["written"] is True
+        assert "offload" not in status["services"]["q"]
+    finally:
+        w.close()
+        loop.close()
+
+
+def test_schedules_of_two_families_go_to_their_own_tables(monkeypatch: Any) -> None:
+    nft = Recorder()
+    monkeypatch.setattr(schedules.iptables, "_nft", nft)
+    cfg = config(kernel_service(name="k4"), kernel_service(
+        name="k6", vip="2001:db8::100",
+        backend=[{"name": "b1", "address": "2001:db8::2:1", "port": 80}]))
+    eng = Engine(cfg)
+    loop = asyncio.new_event_loop()
+    w = schedules.KernelSchedules(loop, OffloadDecider(cfg, eng.services, eng.counters), 3,
+                                  logging.getLogger("t"), lambda: 0.0)
+    try:
+        w.tick()
+        settle(loop)
+    finally:
+        w.close()
+        loop.close()
+    [text] = nft.inputs
+    assert "flush map ip nfqlb-3 " in text and "flush map ip6 nfqlb-3 " in text
