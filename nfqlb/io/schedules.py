@@ -44,6 +44,7 @@ from nfqlb.services import BackendRuntime, ServiceRuntime
 REWRITE_EVERY_S: Final = 10.0
 COUNT_EVERY_S: Final = 5.0
 STATUS_COUNT_EVERY_S: Final = 1.0
+QUIET_FAILURES: Final = 3
 
 
 def kernel_services(decider: OffloadDecider) -> list[ServiceRuntime]:
@@ -91,7 +92,9 @@ class KernelSchedules:
         self.clock = clock
         self.written: dict[str, int] = {}  # map -> the service's generation it holds
         self.writes = 0  # nft transactions that succeeded
-        self.failed = ""  # the last failure (cleared by a success)
+        self.failed = ""  # the last failure said (cleared by a success)
+        self._failures = 0  # writes failed in a row
+        self.count_failed = ""  # the last read of the counters, if it failed (status)
         self.flows = 0  # new flows the kernel's schedules placed, counted so far
         self._seen: dict[str, int] = {}  # counter -> packets at the last read
         self._last_write = self._last_count = float("-inf")
@@ -144,14 +147,18 @@ class KernelSchedules:
             future.result()
         except NfqlbError as exc:
             problem = f"writing the kernel schedules failed: {exc}"
-            if problem != self.failed:  # (once per distinct failure; retried every tick)
+            self._failures += 1
+            # once per distinct failure, retried every tick; a worker's first tries may come
+            # before its supervisor made the table (quiet for QUIET_FAILURES of them)
+            if problem != self.failed and (self.writes or self._failures > QUIET_FAILURES):
                 self.log.warning("%s; new flows go to the offload queue meanwhile", problem)
-            self.failed = problem
+                self.failed = problem
             self._last_write = float("-inf")
             return
         if self.failed:
             self.log.info("kernel schedules written again")
         self.failed = ""
+        self._failures = 0
         self.writes += 1
         self.written.update(pending)
         self.tick()  # what changed while it was written, at once
@@ -178,8 +185,9 @@ class KernelSchedules:
         try:
             packets = future.result()
         except (NfqlbError, ValueError) as exc:
-            self.failed = f"reading the kernel schedules' counters failed: {exc}"
+            self.count_failed = f"reading the kernel schedules' counters failed: {exc}"
             return
+        self.count_failed = ""
         for svc in kernel_services(self.decider):
             for rt in svc.backends.values():
                 name = rules.schedule_chain(svc.service, rt.backend)
@@ -205,6 +213,6 @@ class KernelSchedules:
                 "written": self.written.get(rules.schedule_map(svc.service)) == svc.generation,
                 "flows_counted_s_ago": None if self._last_count == float("-inf")
                 else round(time.monotonic() - self._last_count, 3)}
-            if self.failed:
-                note["error"] = self.failed
+            if self.failed or self.count_failed:
+                note["error"] = self.failed or self.count_failed
             entry.setdefault("offload", {})["schedule"] = note
