@@ -69,8 +69,10 @@ def test_tcp_flows_spread_by_the_kernel_with_nothing_queued(family: int) -> None
             expected = collections.Counter(seen)
             wait_for(lambda: flows(d, "web") == dict(expected), 10,
                      f"the kernel's counts {dict(expected)} in the status", d)
+            text = d.cli("status").stdout
         assert expected == {"backend-1": REQUESTS // 2, "backend-2": REQUESTS // 2}, d.report()
         assert queued == 0, d.report()  # no packet of these flows reached nfqlb
+        assert "new flows placed by the kernel's schedule (2520 slots, written" in text, text
         assert d.returncode == 0, d.report()
         assert lab.iptables_save(lab.lb) == before  # every rule gone, tables too
         assert nft_tables(lab) == tables  # and nfqlb's nftables table

@@ -305,3 +305,12 @@ def test_schedules_of_two_families_go_to_their_own_tables(monkeypatch: Any) -> N
         loop.close()
     [text] = nft.inputs
     assert "flush map ip nfqlb-3 " in text and "flush map ip6 nfqlb-3 " in text
+
+
+def test_the_status_text_says_the_kernel_places_new_flows() -> None:
+    from nfqlb.io.control import _offload_note
+
+    note = _offload_note({"schedule": {"slots": SLOTS, "written": False, "error": "nft: x"}})
+    assert f"new flows placed by the kernel's schedule ({SLOTS} slots, being written" in note
+    assert note.endswith("; nft: x")
+    assert "kernel's schedule" not in _offload_note({"counted_s_ago": 1, "count_took_s": 0})

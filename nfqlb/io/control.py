@@ -570,6 +570,13 @@ def _offload_note(o: dict[str, Any]) -> str:
                  if o.get("accounting") else
                  "not seen (the kernel carries the flows; net.netfilter.nf_conntrack_acct=1 "
                  "makes conntrack count them)")
+    sched = o.get("schedule")
+    if isinstance(sched, dict):  # offload_scheduler = "kernel" (nfqlb.io.schedules)
+        text += (f"; new flows placed by the kernel's schedule ({sched.get('slots')} slots, "
+                 + ("written" if sched.get("written") else "being written")
+                 + "; flows: its counters)")
+        if sched.get("error"):
+            text += f"; {sched['error']}"
     return text + (f"; {o['error']}" if o.get("error") else "")
 
 
