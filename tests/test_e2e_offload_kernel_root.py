@@ -21,26 +21,21 @@ import time
 from typing import Any
 
 import pytest
-from lab import UDP_PORT, VIP, VIP6, Lab, LabError, Nfqlb, render_config, url_host
-from test_e2e_offload_root import Holder, conntrack_entries, named, offload_packets, status
+from lab import UDP_PORT, VIP, Lab, LabError, Nfqlb, render_config
+from test_e2e_offload_root import (
+    Holder,
+    conntrack_entries,
+    labels,
+    named,
+    offload_packets,
+    status,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
-REQUESTS = 8
+REQUESTS = 8  # (as labels' default)
 KERNEL = {"offload_scheduler": "kernel"}
-
-
-def wait_for(cond: Any, seconds: float, what: str, daemon: Nfqlb) -> None:
-    deadline = time.monotonic() + seconds
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} within {seconds}s\n{daemon.report()}")
-        time.sleep(0.05)
-
-
-def labels(lab: Lab, family: int = 4, n: int = REQUESTS) -> list[str]:
-    vip = VIP if family == 4 else VIP6
-    return [lab.curl(lab.client, f"http://{url_host(vip)}/").decode().strip() for _ in range(n)]
 
 
 def written(d: Nfqlb, name: str) -> bool:
