@@ -286,7 +286,8 @@ def test_missing_nft_is_one_clear_line_and_nothing_is_touched(
     daemon = Daemon(ns, tmp_path, config, argv=[env, f"PATH={tools}", sys.executable, "-m",
                                                 "nfqlb", "run", "--config", str(config)])
     assert daemon.wait() == 1
-    assert "nfqlb: error: nft not found in PATH: daemon.bulk = \"headers\"" in daemon.stderr
+    assert "nfqlb: error: nft not found in PATH: nfqlb's nftables table" in daemon.stderr
+    assert "daemon.bulk = \"headers\"" in daemon.stderr
     assert saved(ns) == before
     assert sysctl(ns, "net.ipv4.ip_forward") == "0"
     assert bound_queues(ns) == set()

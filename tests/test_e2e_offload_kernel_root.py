@@ -220,6 +220,69 @@ def test_reload_turns_the_kernel_scheduler_on_and_off() -> None:
         assert len(off) == 2
 
 
+def test_reload_renumbering_marks_keeps_the_schedule_on_the_right_backends() -> None:
+    """The schedule's elements name each backend's chain by its address and port, and the
+    chain sets the backend's mark as the rules number it now: right after a reload that
+    renumbers every mark (before the map is written again) a new flow still reaches the
+    backend its slot names, and open connections stay where they are."""
+    with Lab(2, ipv6=False) as lab:
+        svc = named(lab, lab.service("offload", name="web", **KERNEL))
+        d = lab.nfqlb(svc)
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            holders = [Holder(lab, VIP) for _ in range(2)]
+            firsts = [h.first(d) for h in holders]
+            other = named(lab, lab.service("offload", name="other", port=81, **KERNEL))
+            svc["backend"].reverse()
+            d.config_path.write_text(render_config([other, svc],
+                                                   {"queue": d.queue, "bypass": True}))
+            done = d.cli("ctl", "reload")
+            assert done.returncode == 0, done.stdout + done.stderr
+            seen = labels(lab)
+            afters = [h.second(d) for h in holders]
+            wait_for(lambda: written(d, "web") and written(d, "other"), 10,
+                     "both schedules written", d)
+            port81 = [lab.curl(lab.client, f"http://{VIP}:81/").decode().strip()
+                      for _ in range(4)]
+            queued = offload_packets(d)
+        assert sorted(firsts) == ["backend-1", "backend-2"]
+        assert [a.get("second") for a in afters] == firsts, afters
+        assert collections.Counter(seen) == {"backend-1": REQUESTS // 2,
+                                             "backend-2": REQUESTS // 2}, d.report()
+        assert sorted(set(port81)) == ["backend-1", "backend-2"], port81
+        assert queued == 0, d.report()
+
+
+def test_a_table_made_anew_gets_its_schedule_back() -> None:
+    """``nft delete table`` then ``nfqlb rules --apply`` (the table comes back with empty
+    maps): new flows go to the offload queue meanwhile, and the map is written again
+    within REWRITE_EVERY_S."""
+    from nfqlb.io.schedules import REWRITE_EVERY_S
+
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web", **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            lab.exec(lab.lb, ["nft", "delete", "table", "ip", f"nfqlb-{d.queue}"])
+            applied = lab.exec(lab.lb, [sys.executable, "-m", "nfqlb", "rules", "--apply",
+                                        "--config", str(d.config_path)], check=False)
+            assert applied.returncode == 0, applied
+            meanwhile = labels(lab, n=2)  # decided by nfqlb through the queue
+            queued = offload_packets(d)
+
+            def scheduled() -> bool:
+                text = lab.exec(lab.lb, ["nft", "list", "table", "ip",
+                                         f"nfqlb-{d.queue}"]).stdout.decode()
+                return "elements = {" in text
+
+            wait_for(scheduled, REWRITE_EVERY_S + 5, "the map written again", d)
+            after = labels(lab, n=4)
+            queued_after = offload_packets(d)
+        assert len(meanwhile) == 2 and queued == 2, d.report()
+        assert sorted(set(after)) == ["backend-1", "backend-2"] and queued_after == 2, \
+            d.report()
+
+
 def test_nfqlb_check_refuses_a_policy_without_a_schedule(tmp_path: Any) -> None:
     config = tmp_path / "nfqlb.toml"
     config.write_text(render_config([{

@@ -83,13 +83,14 @@ def check_overlap(rulesets: Iterable[RuleSet], tools: dict[int, Iptables]) -> No
 
 
 def _nft(args: list[str], stdin: str | None = None) -> str:
-    """Run ``nft`` (the headers route's table, daemon.bulk = "headers")."""
+    """Run ``nft`` (nfqlb's table: the headers route's, offload's kernel schedules)."""
     path = shutil.which("nft")
     if path is None:
         raise SystemSetupError(
-            "nft not found in PATH: daemon.bulk = \"headers\" (the default) rewrites large "
-            "TCP packets with an nftables table; install nftables, or set daemon.bulk = "
-            "\"whole\"")
+            "nft not found in PATH: nfqlb's nftables table rewrites large TCP packets "
+            "(daemon.bulk = \"headers\", the default) and plays offload's kernel schedules "
+            "(offload_scheduler = \"kernel\"); install nftables, or set daemon.bulk = "
+            "\"whole\" and offload_scheduler = \"nfqlb\"")
     try:
         proc = subprocess.run([path, *args], input=stdin, capture_output=True, text=True,
                               timeout=60)
