@@ -189,3 +189,18 @@ def test_metrics_errors_are_one_line_naming_the_key(table: Any, problem: str) ->
     text = str(err.value)
     assert "\n" not in text and text.startswith("f.toml: metrics")
     assert problem in text
+
+
+def test_a_kernel_schedule_is_said_written_or_not_per_service() -> None:
+    srv = FakeServer()
+    status = control.status(srv)
+    [name] = status["services"]
+    plain = metrics.exposition(lambda: status).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(plain)}
+    assert samples(fams["nfqlb_service_kernel_schedule_written"]) == {}  # no such service
+    for written, value in ((True, 1.0), (False, 0.0)):
+        status["services"][name]["offload"] = {"schedule": {"written": written}}
+        text = metrics.exposition(lambda: status).decode()
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert samples(fams["nfqlb_service_kernel_schedule_written"]) == {
+            (("service", name),): value}

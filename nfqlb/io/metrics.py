@@ -130,7 +130,14 @@ def _services(services: dict[str, Any]) -> Iterator[Metric]:
     weight = GaugeMetricFamily("nfqlb_backend_weight", b["weight"], labels=labels)
     latency = GaugeMetricFamily("nfqlb_backend_check_latency_seconds",
                                 "the last health check's time, in seconds", labels=labels)
+    schedule = GaugeMetricFamily(
+        "nfqlb_service_kernel_schedule_written", "offload_scheduler = \"kernel\": 1 when "
+        "the kernel's map holds the policy's schedule for the backends' current state, 0 "
+        "while it is being written (or writing it failed)", labels=svc_labels)
     for name, svc in services.items():
+        note = svc.get("offload", {}).get("schedule")
+        if isinstance(note, dict):
+            schedule.add_metric([name], 1 if note.get("written") else 0)
         for key, family in per_service.items():
             family.add_metric([name], svc.get(key, 0))
         slowest.add_metric([name], svc.get("policy_slowest_ms", 0.0) / 1e3)
@@ -151,7 +158,7 @@ def _services(services: dict[str, Any]) -> Iterator[Metric]:
                 latency.add_metric(lv, f["latency_ms"] / 1e3)
     yield from per_service.values()
     yield from (slowest, info, flows, active, inactive, packets, bytes_, up, state, weight,
-                latency)
+                latency, schedule)
 
 
 _QUEUE_COUNTERS = {  # adapter attribute -> metric name (without _total)
