@@ -213,6 +213,16 @@ class Engine:
             if self._bulk.get(flow) == BULK_PENDING:
                 self._bulk[flow] = state
 
+    def bulk_readd(self) -> int:
+        """The map elements of every flow whose are in (the table was made anew without
+        them): asked for again (``bulk_ops``), its large packets whole until they are back.
+        Returns how many flows."""
+        again = [flow for flow, state in self._bulk.items() if state == BULK_READY]
+        for flow in again:
+            self._bulk[flow] = BULK_PENDING
+            self.bulk_ops.append((True, flow))
+        return len(again)
+
     # ---------------------------------------------------------------- per packet
 
     def handle_headers(self, data: bytes, n: int, now: float) -> int:

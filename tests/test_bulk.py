@@ -163,6 +163,25 @@ def test_a_fullnat_flow_is_marked_once_its_map_elements_are_in() -> None:
     assert marked.table.flows() == [] and marked.bulk_ops[-1] == (False, flow)
 
 
+def test_a_table_made_anew_asks_for_the_elements_of_the_flows_that_had_them() -> None:
+    """``bulk_readd`` (the rules watch saw the table deleted and made again): each flow
+    whose elements were in is asked for again, its large packets whole until they are."""
+    _whole, marked, back = opened("fullnat")
+    down = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)
+    (flow,) = marked.table.flows()
+    for _ in range(BULK_AFTER):
+        marked.handle_headers(down[:HEAD], len(down), 1.0)
+    assert marked.bulk_readd() == 0  # asked for, not in yet: nothing to add again
+    marked.bulk_ops = []
+    marked.bulk_done([flow], True)
+    assert marked.handle_headers(down[:HEAD], len(down), 1.0) != WHOLE
+    assert marked.bulk_readd() == 1
+    assert marked.bulk_ops == [(True, flow)]
+    assert marked.handle_headers(down[:HEAD], len(down), 1.0) == WHOLE  # until they are in
+    marked.bulk_done([flow], True)
+    assert marked.handle_headers(down[:HEAD], len(down), 1.0) != WHOLE
+
+
 def test_a_fullnat_flow_whose_elements_were_refused_goes_whole() -> None:
     eng, _, back = opened("fullnat")
     down = tcp(*back, flags="A", payload=b"d" * BIG, seq=5001, ack=1001)

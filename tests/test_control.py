@@ -100,9 +100,11 @@ def test_drain_with_a_timeout_resets_the_flows_when_it_runs_out(tmp_path: Path) 
     ({"cmd": "flows", "service": "nope"}, "no service 'nope'"),
     ({"cmd": "flows", "backend": "b9"}, "no backend 'b9'"),
     ({"cmd": "shutdown"}, "unknown command 'shutdown' (known: status, flows, drain, enable, "
-                          "weight, reload, health_result, health, drain_node, enable_node)"),
+                          "weight, reload, health_result, health, drain_node, enable_node, "
+                          "tables_anew)"),
     ({"command": "status"}, "unknown command None (known: status, flows, drain, enable, "
-                            "weight, reload, health_result, health, drain_node, enable_node)"),
+                            "weight, reload, health_result, health, drain_node, enable_node, "
+                          "tables_anew)"),
 ])
 def test_bad_requests_get_one_line_errors_and_change_nothing(
         tmp_path: Path, message: dict[str, Any], error: str) -> None:

@@ -261,3 +261,47 @@ def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
         line = headers_queue_line(daemon)
         assert "fullnat flows' elements 1 added" in line, line
         assert counter(line, "packets") > counter(line, "sent on whole") * 10, line
+
+
+def test_a_table_made_anew_gets_its_fullnat_flows_elements_back() -> None:
+    """nfqlb's nftables table deleted and made again (here in one transaction, as
+    ``nfqlb rules --apply`` would make it, with no elements): the rules watch sees its new
+    handle and nfqlb adds the fullnat flows' elements again, so a download whose large
+    packets met the drop rule of a lookup that missed meanwhile goes on, byte-exact."""
+    from nfqlb import rules
+    from nfqlb.config import load_config
+
+    with Lab(2, backend_default_route=False) as lab:
+        b1 = lab.backends[0]
+        size = 32 << 20
+        data = random.Random(4).randbytes(size)
+        (b1.dir / "www" / "big").write_bytes(data)
+        (b1.dir / "www" / "big").chmod(0o644)
+        daemon = lab.nfqlb(lab.service("fullnat", backends=[b1])).start()
+        try:
+            out, log = lab.dir / "download", lab.dir / "curl.log"
+            curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "8M",
+                                          "--max-time", "40", "-o", str(out),
+                                          f"http://{VIP}/big"], log=log)
+            deadline = time.monotonic() + 10
+            while not (out.exists() and out.stat().st_size > 4 << 20):
+                assert time.monotonic() < deadline and curl.poll() is None, log.read_text()
+                time.sleep(0.05)
+            [rs] = rules.render(load_config(str(daemon.config_path)), 1)
+            lab.exec(lab.lb, ["nft", "-f", "-"],
+                     input=("delete table ip nfqlb-1\n" + rs.nft).encode())
+            table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
+            assert "elements" not in table, table  # made anew: no flow's elements
+            deadline = time.monotonic() + 10
+            while "nftables table made anew" not in daemon.stderr_path.read_text(
+                    errors="replace"):
+                assert time.monotonic() < deadline, daemon.report()
+                time.sleep(0.05)
+            assert curl.wait(45) == 0, log.read_text()
+            assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.report()
+        assert "1 fullnat flows' map elements added again" in daemon.stderr, daemon.report()
+        line = headers_queue_line(daemon)
+        assert "fullnat flows' elements 2 added" in line, line

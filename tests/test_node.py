@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -261,14 +262,14 @@ def test_ecmp_rules_drop_when_no_worker_is_bound() -> None:
 class SavedText:
     """An ``Iptables`` whose ``save_text`` (and ``nft_tables``) is what a test says."""
 
-    def __init__(self, text: str, nft: str = "table ip nfqlb-1\n") -> None:
+    def __init__(self, text: str, nft: dict[str, int] | None = None) -> None:
         self.text = text
-        self.nft = nft
+        self.nft = {"nfqlb-1": 5} if nft is None else nft
 
     def save_text(self) -> str:
         return self.text
 
-    def nft_tables(self) -> str:
+    def nft_tables(self) -> dict[str, int]:
         return self.nft
 
 
@@ -284,7 +285,7 @@ def test_missing_jump_names_the_jump_gone_from_the_kernel() -> None:
                     f"{rs.chains.pre} in iptables-save (flushed by another program?)")
     # the headers route's nftables table (its TCP service), deleted by another program
     assert rs.nft
-    line = node.missing_jump([rs], {4: SavedText(installed + "COMMIT\n", nft="")})
+    line = node.missing_jump([rs], {4: SavedText(installed + "COMMIT\n", nft={})})
     assert line == ("the rules are gone from the kernel: no nftables ip nfqlb-1 in nft list "
                     "tables (deleted by another program?)")
 
@@ -310,3 +311,25 @@ def test_rules_watch_fails_health_until_the_jump_is_back(
         assert health(capsys, path)[0] == node.OK
     finally:
         watch.stop()
+
+
+def test_rules_watch_tells_of_a_table_made_anew_once(daemon: Any) -> None:
+    srv, _path = daemon
+    handles = [{"ip nfqlb-1": 5}]
+    told: list[list[str]] = []
+    watch = node.RulesWatch(srv.node, lambda: "", interval=0.01, tables=lambda: handles[0],
+                            on_anew=told.append)
+    watch.start()
+    try:
+        for step in ({}, {"ip nfqlb-1": 9}, {"ip nfqlb-1": 9, "ip6 nfqlb-1": 3}):
+            time.sleep(0.05)  # (the thread looks every 10 ms)
+            handles[0] = step
+        for _ in range(500):
+            if told:
+                break
+            time.sleep(0.01)
+        time.sleep(0.05)
+    finally:
+        watch.stop()
+    # gone, then back with another handle: said once; a table seen for the first time is not
+    assert told == [["ip nfqlb-1"]], told

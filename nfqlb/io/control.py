@@ -65,7 +65,7 @@ MAX_CLIENTS = 16  # connections served at once; more are answered with an error 
 MAX_FLOWS = 10_000  # the largest ``limit`` of a flows request (about 55 ms of the loop)
 DEFAULT_FLOWS = 1000
 COMMANDS = ("status", "flows", "drain", "enable", "weight", "reload", "health_result", "health",
-            "drain_node", "enable_node")
+            "drain_node", "enable_node", "tables_anew")
 
 
 class ControlError(NfqlbError):
@@ -251,6 +251,11 @@ def _dispatch(server: Target, req: Any, log: logging.Logger) -> dict[str, Any]:
         return {"ok": True, "message": message} if ok else {"ok": False, "error": message}
     if cmd in ("health", "drain_node", "enable_node"):
         return node_command(server, cmd, log)
+    if cmd == "tables_anew":  # a supervisor's rules watch: nfqlb's nftables table made again
+        anew = getattr(server, "tables_anew", None)
+        if anew is None:
+            raise BadRequest("tables_anew: this daemon has no nftables table")
+        return {"ok": True, "message": anew()}
     service = _field(req, "service", str)
     backend = _field(req, "backend", str)
     now = server.clock()

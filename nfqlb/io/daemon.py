@@ -61,7 +61,7 @@ from nfqlb.io.conntrack import KernelFlows
 from nfqlb.io.health import HealthChecker
 from nfqlb.io.netlink import NetlinkQueueAdapter
 from nfqlb.io.nfqueue import QueueAdapter
-from nfqlb.io.node import NodeState, RulesWatch, missing_jump
+from nfqlb.io.node import NodeState, RulesWatch, missing_jump, table_handles
 from nfqlb.io.offload import OffloadNetlinkAdapter, OffloadQueueAdapter
 from nfqlb.io.rawsend import RawSender
 from nfqlb.io.schedules import KernelSchedules, kernel_services
@@ -197,6 +197,23 @@ class Server:
                 self.kernel_flows.reset(svc, rt, why)
         if self.schedules is not None:
             self.schedules.tick()
+
+    def tables_anew(self) -> str:
+        """nfqlb's nftables table was deleted and made again (the rules watch saw a new
+        handle): the fullnat flows' map elements added again, the kernel's schedules written
+        again. Said in one line (logged, and the answer to a supervisor's request)."""
+        readded = self.engine.bulk_readd()
+        for adapter in self.adapters:
+            if isinstance(adapter, HeadersNetlinkAdapter):
+                adapter.maps.sync(self.engine, self.clock())
+        if self.schedules is not None:
+            self.schedules.invalidate()
+            self.schedules.tick()
+        message = (f"nftables table made anew: {readded} fullnat flows' map elements added "
+                   "again" + (", the kernel's schedules written again"
+                              if self.schedules is not None else ""))
+        self.log.warning("%s", message)
+        return message
 
     def backends_changed(self) -> None:
         """A health result, a drain, enable or weight (nfqlb.io.control, the health checker):
@@ -637,7 +654,10 @@ def _serve_bound(config: Config, queue: int, large: int,
             server.sender.close()
         return True
     live = server._live
-    watch = RulesWatch(server.node, lambda: missing_jump(live.rulesets, live.tools))
+    watch = RulesWatch(server.node, lambda: missing_jump(live.rulesets, live.tools),
+                       tables=lambda: table_handles(live.rulesets, live.tools),
+                       on_anew=lambda _names: server.loop.call_soon_threadsafe(
+                           server.tables_anew))
     try:
         sysctl.setup(config, sysctls)
         try:

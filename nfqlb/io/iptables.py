@@ -8,6 +8,7 @@ one line.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -45,11 +46,18 @@ class Iptables:
         """Every table as it is now (``iptables-save``'s output)."""
         return self._run([self.save_path], None)
 
-    def nft_tables(self) -> str:
-        """``nft list tables`` of this family (``table ip nfqlb-1`` lines), "" without nft."""
+    def nft_tables(self) -> dict[str, int]:
+        """The nftables tables of this family by name, with their handles (a table deleted
+        and made again has a new one); {} without nft."""
         if shutil.which("nft") is None:
-            return ""
-        return _nft(["list", "tables", rules.NFT_FAMILY[self.family.version]])
+            return {}
+        text = _nft(["-j", "list", "tables", rules.NFT_FAMILY[self.family.version]])
+        tables: dict[str, int] = {}
+        for item in json.loads(text).get("nftables", []):
+            t = item.get("table") if isinstance(item, dict) else None
+            if isinstance(t, dict) and isinstance(t.get("name"), str):
+                tables[t["name"]] = int(t.get("handle", 0))
+        return tables
 
     def restore(self, text: str, *, noflush: bool = True) -> None:
         args = [self.restore_path, "-w"] + (["--noflush"] if noflush else [])

@@ -157,12 +157,27 @@ def missing_jump(rulesets: Any, tools: Any) -> str:
             if jump is not None and jump not in present:
                 return (f"the rules are gone from the kernel: no jump from {jump[0]} to "
                         f"{jump[1]} in {rs.family.iptables}-save (flushed by another program?)")
-        if rs.nft:  # the headers route's table (daemon.bulk = "headers")
-            name = f"table {rules.NFT_FAMILY[rs.family.version]} {rules.nft_table(rs.queue)}"
-            if name not in tools[rs.family.version].nft_tables().splitlines():
-                return (f"the rules are gone from the kernel: no nftables {name[6:]} in nft "
-                        "list tables (deleted by another program?)")
+        if rs.nft:  # nfqlb's table (the headers route, offload's kernel schedules)
+            name = rules.nft_table(rs.queue)
+            if name not in tools[rs.family.version].nft_tables():
+                return (f"the rules are gone from the kernel: no nftables "
+                        f"{rules.NFT_FAMILY[rs.family.version]} {name} in nft list tables "
+                        "(deleted by another program?)")
     return ""
+
+
+def table_handles(rulesets: Any, tools: Any) -> dict[str, int]:
+    """The kernel's handle of each nftables table of ``rulesets`` that is there (``ip
+    nfqlb-1``: 12): a table deleted and made again (``nfqlb rules --apply`` after another
+    program deleted it) has a new one, and none of the elements nfqlb wrote into it."""
+    out = {}
+    for rs in rulesets:
+        if rs.nft:
+            ip, name = rules.NFT_FAMILY[rs.family.version], rules.nft_table(rs.queue)
+            handle = tools[rs.family.version].nft_tables().get(name)
+            if handle is not None:
+                out[f"{ip} {name}"] = handle
+    return out
 
 
 def _jump(line: str) -> tuple[str, str] | None:
@@ -180,10 +195,15 @@ class RulesWatch:
     ``look`` returns that line, "" when all is there; it raising counts as nothing missing."""
 
     def __init__(self, node: NodeState, look: Callable[[], str],
-                 interval: float = RULES_CHECK_S) -> None:
+                 interval: float = RULES_CHECK_S,
+                 tables: Callable[[], dict[str, int]] | None = None,
+                 on_anew: Callable[[list[str]], object] | None = None) -> None:
         self.node = node
         self.look = look
         self.interval = interval
+        self.tables = tables  # nfqlb's nftables tables' handles (table_handles)
+        self.on_anew = on_anew  # told (on the watch's thread) of tables made anew
+        self._handles: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="nfqlb-rules-watch",
                                         daemon=True)
@@ -198,6 +218,7 @@ class RulesWatch:
         self.node.rules_gone = ""
 
     def _run(self) -> None:
+        self._look_at_tables()  # (the handles the daemon made its table with)
         while not self._stop.wait(self.interval):
             try:
                 # missing: look again, with the rule sets as they are now (a reload replacing
@@ -207,3 +228,19 @@ class RulesWatch:
                 gone = ""
             if not self._stop.is_set():
                 self.node.rules_gone = gone
+                self._look_at_tables()
+
+    def _look_at_tables(self) -> None:
+        """Tell ``on_anew`` of the tables whose handle changed since the last look (deleted
+        and made again in between; one that is gone keeps its last handle here)."""
+        if self.tables is None or self.on_anew is None:
+            return
+        try:
+            now = self.tables()
+        except Exception:
+            return
+        anew = [name for name, handle in now.items()
+                if self._handles.get(name, handle) != handle]
+        self._handles.update(now)
+        if anew:
+            self.on_anew(anew)

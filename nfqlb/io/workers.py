@@ -295,7 +295,10 @@ class Supervisor:
         self.loop = loop = daemon._new_loop()
         self.sysctls = sysctls = sysctl.Sysctls(self.log)
         clean = True
-        watch = node.RulesWatch(self.node, lambda: node.missing_jump(self.rulesets, self.tools))
+        watch = node.RulesWatch(self.node, lambda: node.missing_jump(self.rulesets, self.tools),
+                                tables=lambda: node.table_handles(self.rulesets, self.tools),
+                                on_anew=lambda _names: loop.call_soon_threadsafe(
+                                    self._tables_anew))
         # from here the loop's actions, those of signals before it runs as soon as it does
         # (nfqlb.io.signals: uvloop's add_signal_handler lost a SIGTERM in that time)
         signals = LoopSignals(loop, {signal.SIGINT: functools.partial(self._on_stop,
@@ -443,6 +446,13 @@ class Supervisor:
         self._on_child()
         if not self.stopping:
             self.loop.call_later(1.0, self._poll_children)
+
+    def _tables_anew(self) -> None:
+        """nfqlb's nftables table made again (the rules watch): each worker adds its
+        fullnat flows' map elements again (worker 0 writes the kernel's schedules)."""
+        for answer in self.ask({"cmd": "tables_anew"}):
+            if not answer.get("ok"):
+                self.log.error("nftables table made anew: %s", answer.get("error"))
 
     # ------------------------------------------------------------ asking the workers
 
