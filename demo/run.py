@@ -8,12 +8,17 @@ served each one and what source address the backend saw, then stops nfqlb with S
 prints its stats summary. Everything is torn down at the end, also on Ctrl-C.
 
 Run as root:  make demo            (or: .venv/bin/python demo/run.py --mode dnat)
+
+``--mode offload`` runs mode "offload" with ``offload_scheduler = "kernel"``: nfqlb writes the
+round robin's choices into an nftables map and the kernel carries every packet, the first
+ones included; the demo shows those rules and nfqlb's status (the flows the kernel counted).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import json
 import signal
 import sys
 import time
@@ -88,16 +93,53 @@ def topology(lab: Lab, mode: str) -> str:
     return "\n".join(lines)
 
 
+def show_rules(lab: Lab, mode: str, when: str) -> None:
+    """The balancer's rules nfqlb owns: the raw table, or for offload the nat table and
+    nfqlb's nftables table (its schedules' chains, not the 2,520 slots of each map)."""
+    if mode != "offload":
+        text = lab.exec(lab.lb, ["iptables", "-t", "raw", "-S"]).stdout.decode()
+        say(f"  {when} (iptables -t raw -S):")
+        say(indent(text))
+        return
+    nat = lab.exec(lab.lb, ["iptables", "-t", "nat", "-S"]).stdout.decode()
+    say(f"  {when} (iptables -t nat -S):")
+    say(indent(nat))
+    tables = lab.exec(lab.lb, ["nft", "list", "tables"]).stdout.decode()
+    if "nfqlb-1" not in tables:
+        say(f"  nftables tables: {tables.strip() or 'none'}")
+        return
+    chain = lab.exec(lab.lb, ["nft", "list", "chain", "ip", "nfqlb-1", "new-pre"],
+                     check=False).stdout.decode()
+    say("  nfqlb's nftables table, the chain that gives each new flow its slot (nft list "
+        "chain ip nfqlb-1 new-pre):")
+    say(indent(chain))
+
+
+def schedule_written(daemon: Any, services: Sequence[str], wait: float = 10.0) -> bool:
+    """Whether nfqlb's status says the kernel's schedule of each service is written."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        done = daemon.cli("status", "--json")
+        if done.returncode == 0:
+            status = json.loads(done.stdout)["services"]
+            if all(status[s].get("offload", {}).get("schedule", {}).get("written")
+                   for s in services):
+                return True
+        time.sleep(0.1)
+    return False
+
+
 def demo(mode: str, requests: int, datagrams: int) -> int:
     failures = 0
-    with Lab(3, backend_default_route=(mode == "dnat"), vip_on_lo=(mode == "local"),
+    with Lab(3, backend_default_route=(mode in ("dnat", "offload")), vip_on_lo=(mode == "local"),
              lb_servers=(mode == "local")) as lab:
         servers = {h.address: h for h in lab.backends}
         servers[VIP] = lab.lb
         say(f"== nfqlb demo: {mode} load balancing, round robin ==")
         say(topology(lab, mode))
-        tcp = lab.service(mode, name="web")
-        udp = lab.service(mode, protocol="udp", name="dns-like", port=udp_port(mode))
+        extra = {"offload_scheduler": "kernel"} if mode == "offload" else {}
+        tcp = lab.service(mode, name="web", **extra)
+        udp = lab.service(mode, protocol="udp", name="dns-like", port=udp_port(mode), **extra)
         daemon = lab.nfqlb(tcp, udp)
         say("\n== config ==")
         say(indent(daemon.config_path.read_text()))
@@ -108,9 +150,10 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
             say(f"\nnfqlb did not start: {str(exc).splitlines()[0]}")
             say(indent(f"stdout:\n{daemon.stdout}stderr:\n{daemon.stderr}"))
             return 1
-        rules = lab.exec(lab.lb, ["iptables", "-t", "raw", "-S"]).stdout.decode()
-        say("  its rules (iptables -t raw -S):")
-        say(indent(rules))
+        if mode == "offload" and not schedule_written(daemon, ["web", "dns-like"]):
+            failures += 1
+            say("  the kernel's schedules were not written within 10 s")
+        show_rules(lab, mode, "its rules")
 
         served: collections.Counter[str] = collections.Counter()
         say(f"\n== HTTP: {requests} requests with curl from the client to http://{VIP}/ ==")
@@ -146,11 +189,17 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
             for addr, port in rows:
                 say(f"       {label} saw a datagram from {addr}:{port}")
 
+        if mode == "offload":
+            time.sleep(1.1)  # (the status reads the kernel's counters at most once a second)
+            daemon.cli("status")
+            time.sleep(0.3)
+            say("\n== nfqlb status (the flows per backend: the kernel's counters) ==")
+            say(indent(daemon.cli("status").stdout))
+
         say("\n== stopping nfqlb (SIGTERM) ==")
         code = daemon.stop()
-        left = lab.exec(lab.lb, ["iptables", "-t", "raw", "-S"]).stdout.decode()
-        say(f"  exit code {code}; raw table afterwards:")
-        say(indent(left))
+        say(f"  exit code {code}")
+        show_rules(lab, mode, "afterwards")
         say("  nfqlb's stats summary:")
         say(indent(daemon.stdout or "(nothing on stdout)"))
         if daemon.stderr.strip():
@@ -169,7 +218,8 @@ def demo(mode: str, requests: int, datagrams: int) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--mode", choices=["fullnat", "dnat", "local"], default="fullnat")
+    parser.add_argument("--mode", choices=["fullnat", "dnat", "local", "offload"],
+                        default="fullnat")
     parser.add_argument("--requests", type=int, default=9, help="HTTP requests (max 50)")
     parser.add_argument("--datagrams", type=int, default=3, help="UDP datagrams (max 50)")
     args = parser.parse_args(argv)

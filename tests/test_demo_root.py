@@ -14,7 +14,7 @@ pytestmark = pytest.mark.root
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.parametrize("mode", ["local", "dnat", "fullnat"])
+@pytest.mark.parametrize("mode", ["local", "dnat", "fullnat", "offload"])
 def test_demo_succeeds(mode: str) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "demo" / "run.py"), "--mode", mode,
                            "--requests", "6", "--datagrams", "3"], capture_output=True,
@@ -26,6 +26,9 @@ def test_demo_succeeds(mode: str) -> None:
     assert "exit code 0" in out
     served = [line for line in out.splitlines() if "served by" in line]
     assert len(served) == 6
+    if mode == "offload":  # the kernel placed them by nfqlb's schedule, and counted them
+        assert "new flows placed by the kernel's schedule (2520 slots, written" in out, out
+        assert "numgen inc mod 2520 vmap" in out, out
     if mode == "local":
         assert all("served by lb-local" in line for line in served)
     else:
