@@ -21,9 +21,10 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from nfqlb import __version__, native
 from nfqlb.config import Config, config_warnings, find_config, load_config, with_workers
@@ -433,12 +434,41 @@ def cmd_ctl(args: argparse.Namespace, log: logging.Logger) -> int:
         message["timeout"] = args.timeout
     if args.action == "weight":
         message["weight"] = args.weight
-    answer = control.request(control.find_socket(args.queue, args.socket), message,
-                             timeout=60.0 if args.action == "reload" else 10.0)
+    path = control.find_socket(args.queue, args.socket)
+    answer = control.request(path, message, timeout=60.0 if args.action == "reload" else 10.0)
     if not answer["ok"]:
         raise control.ControlError(str(answer.get("error")))
+    if args.action in ("drain", "enable", "weight", "reload"):
+        late = _wait_for_schedules(control, path, None if args.action == "reload"
+                                   else args.service)
+        if late:
+            print(f"{PROG}: {late}", file=sys.stderr)
     print(answer.get("message", "ok"))
     return 0
+
+
+SCHEDULE_WAIT_S = 2.0  # how long ctl waits for the kernel's schedules to hold a change
+
+
+def _wait_for_schedules(control: Any, path: Any, service: str | None) -> str:
+    """Once a change is made: wait (at most SCHEDULE_WAIT_S) until nfqlb says the kernel's
+    schedule of ``service`` (of every service: None) holds it (offload_scheduler =
+    "kernel"), so that when ctl returns, new flows follow the change as with nfqlb
+    deciding; "" then (and for services without one), else what is still being written."""
+    deadline = time.monotonic() + SCHEDULE_WAIT_S
+    while True:
+        answer = control.request(path, {"cmd": "status"}, timeout=10.0)
+        services = answer.get("status", {}).get("services", {}) if answer.get("ok") else {}
+        pending = {name: note for name, svc in services.items()
+                   if service in (None, name)
+                   and isinstance(note := svc.get("offload", {}).get("schedule"), dict)
+                   and not note.get("written")}
+        if not pending or time.monotonic() >= deadline:
+            break
+        time.sleep(0.02)
+    return "; ".join(f"service {name}: the kernel's schedule is not written yet"
+                     + (f" ({note['error']})" if note.get("error") else "")
+                     for name, note in pending.items())
 
 
 def cmd_health(args: argparse.Namespace, log: logging.Logger) -> int:

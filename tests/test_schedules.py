@@ -314,3 +314,30 @@ def test_the_status_text_says_the_kernel_places_new_flows() -> None:
     assert f"new flows placed by the kernel's schedule ({SLOTS} slots, being written" in note
     assert note.endswith("; nft: x")
     assert "kernel's schedule" not in _offload_note({"counted_s_ago": 1, "count_took_s": 0})
+
+
+class _Control:
+    """``nfqlb.io.control`` as ``nfqlb ctl`` uses it: status answers in turn."""
+
+    def __init__(self, written: list[bool]) -> None:
+        self.written = written
+        self.asked = 0
+
+    def request(self, path: Any, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        assert message == {"cmd": "status"}
+        done = self.written[min(self.asked, len(self.written) - 1)]
+        self.asked += 1
+        note = {"schedule": {"written": done, **({} if done else {"error": "nft: busy"})}}
+        return {"ok": True, "status": {"services": {"k": {"offload": note}, "q": {}}}}
+
+
+def test_ctl_returns_once_the_kernels_schedule_holds_the_change(monkeypatch: Any) -> None:
+    from nfqlb import cli
+
+    ctl = _Control([False, False, True])
+    assert cli._wait_for_schedules(ctl, "sock", "k") == ""
+    assert ctl.asked == 3  # asked until written
+    assert cli._wait_for_schedules(_Control([False]), "sock", "q") == ""  # no schedule
+    monkeypatch.setattr(cli, "SCHEDULE_WAIT_S", 0.05)
+    late = cli._wait_for_schedules(_Control([False]), "sock", None)
+    assert late == "service k: the kernel's schedule is not written yet (nft: busy)"
