@@ -274,8 +274,9 @@ class Server:
         for svc, rt in self.offload.reconfigure(config):
             if self.kernel_flows is not None:
                 self.kernel_flows.reset(svc, rt, "removed")
-        if self.schedules is None and self.kernel_flows is not None \
-                and kernel_services(self.offload):
+        if self.schedules is not None:  # (every map written again after a reload)
+            self.schedules.invalidate()
+        elif self.kernel_flows is not None and kernel_services(self.offload):
             base = self.role.base_queue if self.role is not None else self.adapters[0].queue
             self.schedules = KernelSchedules(self.loop, self.offload, base,
                                              self.log.getChild("schedules"), self.clock)
