@@ -26,6 +26,7 @@ import re
 import signal
 import sys
 import time
+from typing import Any
 
 import pytest
 from lab import UDP_PORT, VIP, VIP6, Lab, Nfqlb, kernel_has_ipv6, render_config, url_host
@@ -219,6 +220,30 @@ def test_a_udp_gso_send_arrives_as_datagrams_with_good_checksums(mode: str, fami
             == 1, line
 
 
+class Download:
+    """A rate-limited curl download of 32 MiB from ``host``'s nginx through the VIP (about
+    4 s), started by the constructor, which returns once 4 MiB are in."""
+
+    def __init__(self, lab: Lab, host: Any, seed: int) -> None:
+        self.data = random.Random(seed).randbytes(32 << 20)
+        (host.dir / "www" / "big").write_bytes(self.data)
+        (host.dir / "www" / "big").chmod(0o644)
+        self.out, self.log = lab.dir / "download", lab.dir / "curl.log"
+        self.curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "8M",
+                                           "--max-time", "40", "-o", str(self.out),
+                                           f"http://{VIP}/big"], log=self.log)
+        deadline = time.monotonic() + 10
+        while not (self.out.exists() and self.out.stat().st_size > 4 << 20):
+            assert time.monotonic() < deadline and self.curl.poll() is None, \
+                self.log.read_text()
+            time.sleep(0.05)
+
+    def finished_intact(self) -> None:
+        assert self.curl.wait(45) == 0, self.log.read_text()
+        assert hashlib.sha256(self.out.read_bytes()).digest() == \
+            hashlib.sha256(self.data).digest()
+
+
 def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
     """A reload replaces the nftables table's rules in one transaction and keeps its maps'
     elements: a rate-limited fullnat download (large packets marked from its map elements)
@@ -226,20 +251,9 @@ def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
     byte-exact, and no packet meets the drop rule of a lookup that missed."""
     with Lab(2, backend_default_route=False) as lab:
         b1, b2 = lab.backends
-        size = 32 << 20
-        data = random.Random(3).randbytes(size)
-        (b1.dir / "www" / "big").write_bytes(data)
-        (b1.dir / "www" / "big").chmod(0o644)
         daemon = lab.nfqlb(lab.service("fullnat", backends=[b1])).start()
         try:
-            out, log = lab.dir / "download", lab.dir / "curl.log"
-            curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "8M",
-                                          "--max-time", "40", "-o", str(out),
-                                          f"http://{VIP}/big"], log=log)
-            deadline = time.monotonic() + 10
-            while not (out.exists() and out.stat().st_size > 4 << 20):
-                assert time.monotonic() < deadline and curl.poll() is None, log.read_text()
-                time.sleep(0.05)
+            download = Download(lab, b1, 3)
             table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
             assert re.search(r"elements = \{ 198\.18\.", table), table  # the flow's, in
             daemon.config_path.write_text(render_config(
@@ -249,9 +263,8 @@ def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
             while "reloaded" not in daemon.stderr_path.read_text(errors="replace"):
                 assert time.monotonic() < deadline, daemon.report()
                 time.sleep(0.05)
-            assert curl.poll() is None, "the download ended before the reload"
-            assert curl.wait(45) == 0, log.read_text()
-            assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+            assert download.curl.poll() is None, "the download ended before the reload"
+            download.finished_intact()
             table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
             drops = re.findall(r"counter packets (\d+) bytes \d+ drop", table)
             assert drops and all(n == "0" for n in drops), table
@@ -273,20 +286,9 @@ def test_a_table_made_anew_gets_its_fullnat_flows_elements_back() -> None:
 
     with Lab(2, backend_default_route=False) as lab:
         b1 = lab.backends[0]
-        size = 32 << 20
-        data = random.Random(4).randbytes(size)
-        (b1.dir / "www" / "big").write_bytes(data)
-        (b1.dir / "www" / "big").chmod(0o644)
         daemon = lab.nfqlb(lab.service("fullnat", backends=[b1])).start()
         try:
-            out, log = lab.dir / "download", lab.dir / "curl.log"
-            curl = lab.spawn(lab.client, ["curl", "-sS", "--fail", "--limit-rate", "8M",
-                                          "--max-time", "40", "-o", str(out),
-                                          f"http://{VIP}/big"], log=log)
-            deadline = time.monotonic() + 10
-            while not (out.exists() and out.stat().st_size > 4 << 20):
-                assert time.monotonic() < deadline and curl.poll() is None, log.read_text()
-                time.sleep(0.05)
+            download = Download(lab, b1, 4)
             [rs] = rules.render(load_config(str(daemon.config_path)), 1)
             lab.exec(lab.lb, ["nft", "-f", "-"],
                      input=("delete table ip nfqlb-1\n" + rs.nft).encode())
@@ -297,8 +299,7 @@ def test_a_table_made_anew_gets_its_fullnat_flows_elements_back() -> None:
                     errors="replace"):
                 assert time.monotonic() < deadline, daemon.report()
                 time.sleep(0.05)
-            assert curl.wait(45) == 0, log.read_text()
-            assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+            download.finished_intact()
         finally:
             code = daemon.stop()
         assert code == 0, daemon.report()
