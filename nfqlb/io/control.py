@@ -21,6 +21,7 @@ The protocol is one JSON object per line each way::
     -> {"cmd": "drain_node"}  /  {"cmd": "enable_node"}
     -> {"cmd": "health_result", "service": "web", "backend": "b1", "up": false,
         "reason": "timeout", "latency": null}   (from the supervisor of several workers)
+    -> {"cmd": "tables_anew"}   (from the supervisor: nfqlb's nftables table was made again)
     <- {"ok": true, "message": "one line"}  or  {"ok": false, "error": "one line"}
 
 The server runs on the daemon's own event loop (``asyncio.start_unix_server``), so a request
