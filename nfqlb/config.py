@@ -441,8 +441,9 @@ def _check_offload_policy(chk: _Checker, spec: str, options: Mapping[str, Any],
             raise chk.fail(key, f"{name!r} has no schedule(): with offload_scheduler = "
                            "\"kernel\" the kernel plays the choices nfqlb writes in advance, "
                            "which only a policy whose choice depends on nothing of the flow "
-                           "can give (round_robin, weighted_round_robin, or a plugin with "
-                           "schedule()); or keep offload_scheduler = \"nfqlb\"")
+                           "but the client's address can give (round_robin, "
+                           "weighted_round_robin, source_hash with hash = \"jhash\", or a "
+                           "plugin with schedule()); or keep offload_scheduler = \"nfqlb\"")
         if getattr(built, "on_flow_closed", None) is not None:
             raise chk.fail(key, f"{name!r} counts open flows through on_flow_closed(), which "
                            "mode \"offload\" cannot call (the kernel's conntrack ends its "

@@ -50,6 +50,7 @@ MODULES = (
     "nfqlb/io/clock.py",
     "nfqlb/services.py",
     "nfqlb/policies/hashing.py",
+    "nfqlb/policies/jhash.py",
     "nfqlb/policies/least_conn.py",
     "nfqlb/policies/power_of_two.py",
     "nfqlb/policies/round_robin.py",

@@ -34,6 +34,7 @@ from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
 
+from nfqlb import policies
 from nfqlb.config import (
     Config,
     HealthKind,
@@ -46,6 +47,7 @@ from nfqlb.config import (
     worker_ports,
 )
 from nfqlb.errors import ConfigError
+from nfqlb.policies import jhash
 from nfqlb.values import Backend, IPAddress, Mode
 
 TEMPLATE_DIR = "rules.d"  # inside the nfqlb package; a link to the repository's rules/
@@ -1039,9 +1041,10 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
 
 
 #: The slots of the schedule of an offload service with offload_scheduler = "kernel": the
-#: kernel gives its n-th new flow slot n modulo SCHEDULE_SLOTS. A multiple of 1 to 10: round
-#: robin over up to ten backends is exact, and any schedule is within a flow of its shares.
-SCHEDULE_SLOTS = 2520
+#: kernel gives its n-th new flow slot n modulo SCHEDULE_SLOTS (a hashing policy's: the slot
+#: of the client's address). A multiple of 1 to 10: round robin over up to ten backends is
+#: exact, and any schedule is within a flow of its shares.
+SCHEDULE_SLOTS = policies.SCHEDULE_SLOTS
 #: The schedules' chains: after conntrack (-200: a packet's state is known), before mangle
 #: (-150), whose offload rule queues only what they did not mark.
 SCHEDULE_PRIORITY = -160
@@ -1065,7 +1068,9 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
     """Offload's part of the table for its services with offload_scheduler = "kernel": a map
     per service (its elements written by nfqlb.io.schedules), a chain and a named counter per
     backend, and the chains at prerouting and output that look up a bare SYN (or a first
-    datagram) that conntrack calls NEW, in its service's map by numgen."""
+    datagram) that conntrack calls NEW, in its service's map: by numgen (the n-th new flow,
+    slot n), or for a policy that hashes the client's address (source_hash with hash =
+    "jhash") by the kernel's jhash of it, which nfqlb computes alike."""
     kernel = [s for s in services if s.mode is Mode.OFFLOAD
               and s.offload_scheduler is OffloadScheduler.KERNEL]
     if not kernel:
@@ -1076,7 +1081,10 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
     lines, looks = [], []
     for svc in kernel:
         name = schedule_map(svc)
-        lines.append(f"  map {name} {{ typeof numgen inc mod {SCHEDULE_SLOTS} : verdict; }}")
+        slot = (f"jhash {ip} saddr mod {SCHEDULE_SLOTS} seed {jhash.SEED:#x}"
+                if policies.hashes_source(svc.policy, svc.policy_options)
+                else f"numgen inc mod {SCHEDULE_SLOTS}")
+        lines.append(f"  map {name} {{ typeof {slot} : verdict; }}")
         for b in svc.backends:
             chain = schedule_chain(svc, b)
             lines += [f"  counter {chain} {{ }}", f"  chain {chain} {{",
@@ -1085,8 +1093,7 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
         l4 = svc.protocol.name.lower()
         first = " tcp flags & (fin | syn | rst | ack) == syn" if l4 == "tcp" else ""
         looks.append(f"    ct state new ct status & confirmed == 0 {ip} daddr {svc.vip} "
-                     f"{l4} dport {svc.port}{first} numgen inc mod {SCHEDULE_SLOTS} "
-                     f"vmap @{name}")
+                     f"{l4} dport {svc.port}{first} {slot} vmap @{name}")
     for chain, hook, kind in (("new-pre", "prerouting", "filter"), ("new-out", "output",
                                                                     "route")):
         lines += [f"  chain {chain} {{",

@@ -18,10 +18,11 @@ import collections
 import subprocess
 import sys
 import time
+from ipaddress import ip_address
 from typing import Any
 
 import pytest
-from lab import UDP_PORT, VIP, Lab, LabError, Nfqlb, render_config
+from lab import CLIENT_ADDR, HTTP_PORT, UDP_PORT, VIP, Lab, LabError, Nfqlb, render_config
 from test_e2e_offload_root import (
     Holder,
     conntrack_entries,
@@ -281,6 +282,54 @@ def test_a_table_made_anew_gets_its_schedule_back() -> None:
         assert len(meanwhile) == 2 and queued == 2, d.report()
         assert sorted(set(after)) == ["backend-1", "backend-2"] and queued_after == 2, \
             d.report()
+
+
+def client_addresses(lab: Lab, n: int) -> list[str]:
+    """``n`` more addresses on the client's interface (its /24, which the balancer routes)."""
+    shown = lab.exec(lab.client, ["ip", "-o", "-4", "addr", "show"]).stdout.decode()
+    dev = next(line.split()[1] for line in shown.splitlines() if f" {CLIENT_ADDR}/" in line)
+    out = [f"198.18.0.{i}" for i in range(10, 10 + n)]
+    for address in out:
+        lab.exec(lab.client, ["ip", "addr", "add", f"{address}/24", "dev", dev])
+    return out
+
+
+def test_source_hash_by_jhash_sends_each_client_where_nfqlb_would() -> None:
+    """``source_hash`` with ``hash = "jhash"``: the kernel hashes each client's address into
+    the policy's slot table as nfqlb's own choice does (its jhash is the kernel's), so every
+    client lands on the backend nfqlb predicts, always the same, with nothing queued; and a
+    connection whose conntrack entry is gone (as after a move between ECMP nodes) is
+    adopted (unknown_flow = "hash") on that same backend and goes on."""
+    from nfqlb.policies import FlowKey, make_policy
+    from nfqlb.values import Backend
+
+    with Lab(3, ipv6=False) as lab:
+        svc = named(lab, lab.service("offload", name="web", policy="source_hash",
+                                     policy_options={"hash": "jhash"}, unknown_flow="hash",
+                                     **KERNEL))
+        clients = client_addresses(lab, 12)
+        policy = make_policy("source_hash", tuple(
+            Backend(name=h.label, address=ip_address(h.address), port=HTTP_PORT)
+            for h in lab.backends), {"hash": "jhash"})
+        want = {a: policy.choose(FlowKey(6, ip_address(a).packed, 0, ip_address(VIP), 80),
+                                 0.0).name for a in clients}  # type: ignore[union-attr]
+        d = lab.nfqlb(svc)
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            got = {a: {lab.curl(lab.client, f"http://{VIP}/", args=["--interface", a])
+                       .decode().strip() for _ in range(2)} for a in clients}
+            queued = offload_packets(d)
+            holder = Holder(lab, VIP)
+            first = holder.first(d)
+            lab.exec(lab.lb, [sys.executable, "-c", "from pyroute2 import Conntrack\n"
+                              "Conntrack().flush()"])
+            after = holder.second(d)
+            adopted = status(d)["events"].get("flow_adopted", 0)
+        assert got == {a: {b} for a, b in want.items()}, (got, want)
+        assert len(set(want.values())) > 1  # (the clients do spread)
+        assert queued == 0, d.report()
+        assert after.get("second") == first, (after, d.report())
+        assert adopted >= 1, d.report()
 
 
 def test_nfqlb_check_refuses_a_policy_without_a_schedule(tmp_path: Any) -> None:

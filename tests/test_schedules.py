@@ -341,3 +341,78 @@ def test_ctl_returns_once_the_kernels_schedule_holds_the_change(monkeypatch: Any
     monkeypatch.setattr(cli, "SCHEDULE_WAIT_S", 0.05)
     late = cli._wait_for_schedules(_Control([False]), "sock", None)
     assert late == "service k: the kernel's schedule is not written yet (nft: busy)"
+
+
+# ------------------------------------------------------------------ source_hash by jhash
+
+# slots the kernel's ``jhash ip[6] saddr mod 2520 seed 0x6e66716c`` gave these addresses
+# (read off nftables on this project's lab machine: a rule setting the mark to it, one
+# counter per address and expected mark); test_e2e_offload_kernel_root checks it live
+KERNEL_SLOTS = {"198.18.0.2": 0x24A, "198.18.0.3": 0x194, "198.18.0.4": 0xC6,
+                "198.18.0.5": 0x75D, "198.18.0.6": 0x84A, "198.18.0.7": 0x86E,
+                "2001:db8::7": 0x4E3, "2001:db8::1234": 0x449}
+
+
+def test_jhash_is_the_kernels() -> None:
+    from nfqlb.policies import jhash
+
+    for address, slot in KERNEL_SLOTS.items():
+        assert jhash.slot_of(ip_address(address).packed, SLOTS) == slot, address
+    # lengths of every remainder, through the 12-byte rounds (lookup3's own check value)
+    assert jhash.jhash(b"", 0) == 0xDEADBEEF
+    assert len({jhash.jhash(bytes(range(n)), 0) for n in range(40)}) == 40
+
+
+def hashed(*weights: int) -> Any:
+    return make_policy("source_hash", tuple(
+        Backend(name=f"b{i}", address=ip_address(f"198.18.1.{i + 2}"), port=80, weight=w)
+        for i, w in enumerate(weights)), {"hash": "jhash"})
+
+
+def test_jhash_source_hash_places_a_client_by_its_kernel_slot() -> None:
+    from nfqlb.policies import jhash
+
+    p = hashed(1, 1, 1)
+    table = p.schedule(SLOTS)
+    assert len(table) == SLOTS and {b.name for b in table} == {"b0", "b1", "b2"}
+    for address in KERNEL_SLOTS:
+        flow = FlowKey(6, ip_address(address).packed, 40000, ip_address(VIP), 80)
+        want = table[jhash.slot_of(ip_address(address).packed, SLOTS)]
+        assert p.choose(flow, 0.0) is want and p.choose_consistent(flow) is want
+    assert all(abs(n - SLOTS / 3) < SLOTS * 0.05 for n in collections.Counter(
+        b.name for b in table).values())
+
+
+def test_jhash_source_hash_moves_only_the_slots_of_a_backend_taken_out() -> None:
+    before = hashed(1, 1, 1).schedule(SLOTS)
+    after_policy = hashed(1, 1, 1)
+    live = [b for b in dict.fromkeys(before) if b.name != "b1"]
+    after_policy.set_backends(live)
+    after = after_policy.schedule(SLOTS)
+    moved = [i for i in range(SLOTS) if before[i].name != after[i].name]
+    assert moved and all(before[i].name == "b1" for i in moved)
+    assert all(b.name != "b1" for b in after)
+    weighted = collections.Counter(b.name for b in hashed(3, 1).schedule(SLOTS))
+    assert 0.7 < weighted["b0"] / SLOTS < 0.8
+
+
+@pytest.mark.parametrize(("options", "key"), [
+    ({"hash": "jhash", "fields": ["src", "sport"]}, "fields"),
+    ({"hash": "jhash", "src_prefix": 24}, "src_prefix"),
+    ({"hash": "md5"}, "hash"),
+])
+def test_jhash_source_hash_options_name_the_key(options: dict[str, Any], key: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        config(kernel_service(policy="source_hash", policy_options=options))
+    assert err.value.key == f"service[0].policy_options.{key}", err.value
+
+
+def test_a_hashing_schedule_is_played_by_the_clients_address() -> None:
+    cfg = config(kernel_service(policy="sh", policy_options={"hash": "jhash"}))
+    [rs] = rules.render(cfg)
+    assert (f"tcp dport 80 tcp flags & (fin | syn | rst | ack) == syn jhash ip saddr mod "
+            f"{SLOTS} seed 0x6e66716c vmap @") in rs.nft
+    assert "numgen" not in rs.nft  # (its map's type too)
+    with pytest.raises(ConfigError) as err:  # the blake2b rendezvous has no schedule
+        config(kernel_service(policy="source_hash"))
+    assert err.value.key == "service[0].policy"

@@ -36,6 +36,7 @@ _native.subpackage_path("policies", __path__)  # (before the compiled built-ins 
 
 from nfqlb.policies.base import (  # noqa: E402
     FIELDS,
+    SCHEDULE_SLOTS,
     Backend,
     ChoosesConsistently,
     ClosesFlows,
@@ -56,14 +57,17 @@ from nfqlb.policies.registry import (  # noqa: E402
     DROP,
     build_policy,
     check,
+    hashes_source,
     is_builtin,
     make_policy,
     policy_names,
 )
 
 __all__ = [
-    "ALIASES", "BUILTINS", "DROP", "FIELDS", "Backend", "ChoosesConsistently", "ClosesFlows",
+    "ALIASES", "BUILTINS", "DROP", "FIELDS", "SCHEDULE_SLOTS", "Backend", "ChoosesConsistently",
+    "ClosesFlows",
     "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError",
     "build_policy", "check", "consistent_chooser", "describe_failure", "hash_choice",
+    "hashes_source",
     "is_builtin", "live", "make_policy", "policy_names", "resolve_spec",
 ]

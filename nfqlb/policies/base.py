@@ -39,7 +39,9 @@ of those last offered with weight above 0; [] when none may take flows. An offlo
 with ``offload_scheduler = "kernel"`` needs it: nfqlb writes the schedule into the kernel
 (nftables: the n-th new flow takes slot n modulo ``slots``) again after each change of the
 backends, and the kernel plays it with no packet queued. round_robin and weighted_round_robin
-have it.
+have it; so does source_hash with ``hash = "jhash"``, whose schedule is its slot table, which
+the kernel plays by the client's address (the slot its jhash gives, as the policy's own
+choice computes it), not in turn.
 """
 
 from __future__ import annotations
@@ -53,8 +55,13 @@ from nfqlb.errors import PolicyError
 from nfqlb.typed import TableReader
 from nfqlb.values import Backend, IPAddress
 
+#: The slots of a schedule the kernel plays (offload_scheduler = "kernel"): a multiple of 1
+#: to 10, so round robin over up to ten backends is exact.
+SCHEDULE_SLOTS = 2520
+
 __all__ = [
-    "Backend", "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError",
+    "SCHEDULE_SLOTS", "Backend", "FlowKey", "Options", "Policy", "PolicyFactory",
+    "PolicyFallbackError",
     "PolicyOptionError", "ChoosesConsistently", "ClosesFlows", "FIELDS", "consistent_chooser",
     "live",
 ]

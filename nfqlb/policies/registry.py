@@ -27,7 +27,7 @@ from nfqlb.policies.least_conn import LeastConn
 from nfqlb.policies.maglev import Maglev
 from nfqlb.policies.power_of_two import PowerOfTwoChoices
 from nfqlb.policies.round_robin import RoundRobin
-from nfqlb.policies.source_hash import SourceHash
+from nfqlb.policies.source_hash import source_hash
 from nfqlb.policies.weighted_round_robin import WeightedRoundRobin
 from nfqlb.values import Backend
 
@@ -36,7 +36,7 @@ BUILTINS: dict[str, PolicyFactory] = {
     "weighted_round_robin": WeightedRoundRobin,
     "least_conn": LeastConn,
     "random": PowerOfTwoChoices,
-    "source_hash": SourceHash,
+    "source_hash": source_hash,
     "maglev": Maglev,
     "flow_hash": FlowHash,
 }
@@ -61,6 +61,13 @@ def policy_names() -> list[str]:
 
 def is_builtin(spec: str) -> bool:
     return spec in BUILTINS or spec in ALIASES
+
+
+def hashes_source(spec: str, options: Mapping[str, Any]) -> bool:
+    """Whether the policy places a client by the kernel's jhash of its address (source_hash,
+    or sh, with ``hash = "jhash"``): the kernel plays its schedule by that hash, not in turn."""
+    name, defaults = ALIASES.get(spec, (spec, {}))
+    return name == "source_hash" and {**defaults, **options}.get("hash") == "jhash"
 
 
 def _factory(spec: str) -> tuple[PolicyFactory, Mapping[str, Any]]:
