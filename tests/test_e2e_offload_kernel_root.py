@@ -303,7 +303,7 @@ def test_source_hash_by_jhash_sends_each_client_where_nfqlb_would() -> None:
     from nfqlb.policies import FlowKey, make_policy
     from nfqlb.values import Backend
 
-    with Lab(3, ipv6=False) as lab:
+    with Lab(2, ipv6=False) as lab:  # (two: the Holder knows backend-1 and backend-2)
         svc = named(lab, lab.service("offload", name="web", policy="source_hash",
                                      policy_options={"hash": "jhash"}, unknown_flow="hash",
                                      **KERNEL))
