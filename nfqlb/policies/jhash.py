@@ -31,28 +31,17 @@ def jhash(key: bytes, initval: int) -> int:
     length = len(key)
     a = b = c = (INITVAL + length + initval) & _M
     k = 0
-    while length > 12:
+    while length > 12:  # __jhash_mix over each 12 bytes but the last
         a = (a + int.from_bytes(key[k:k + 4], "little")) & _M
         b = (b + int.from_bytes(key[k + 4:k + 8], "little")) & _M
         c = (c + int.from_bytes(key[k + 8:k + 12], "little")) & _M
-        a = (a - c) & _M
-        a ^= _rol(c, 4)
-        c = (c + b) & _M
-        b = (b - a) & _M
-        b ^= _rol(a, 6)
-        a = (a + c) & _M
-        c = (c - b) & _M
-        c ^= _rol(b, 8)
-        b = (b + a) & _M
-        a = (a - c) & _M
-        a ^= _rol(c, 16)
-        c = (c + b) & _M
-        b = (b - a) & _M
-        b ^= _rol(a, 19)
-        a = (a + c) & _M
-        c = (c - b) & _M
-        c ^= _rol(b, 4)
-        b = (b + a) & _M
+        for r1, r2, r3 in ((4, 6, 8), (16, 19, 4)):
+            a = ((a - c) & _M) ^ _rol(c, r1)
+            c = (c + b) & _M
+            b = ((b - a) & _M) ^ _rol(a, r2)
+            a = (a + c) & _M
+            c = ((c - b) & _M) ^ _rol(b, r3)
+            b = (b + a) & _M
         length -= 12
         k += 12
     if length == 0:
@@ -61,21 +50,11 @@ def jhash(key: bytes, initval: int) -> int:
     a = (a + int.from_bytes(tail[0:4], "little")) & _M
     b = (b + int.from_bytes(tail[4:8], "little")) & _M
     c = (c + int.from_bytes(tail[8:12], "little")) & _M
-    c ^= b
-    c = (c - _rol(b, 14)) & _M
-    a ^= c
-    a = (a - _rol(c, 11)) & _M
-    b ^= a
-    b = (b - _rol(a, 25)) & _M
-    c ^= b
-    c = (c - _rol(b, 16)) & _M
-    a ^= c
-    a = (a - _rol(c, 4)) & _M
-    b ^= a
-    b = (b - _rol(a, 14)) & _M
-    c ^= b
-    c = (c - _rol(b, 24)) & _M
-    return c
+    for r1, r2, r3 in ((14, 11, 25), (16, 4, 14)):  # __jhash_final
+        c = ((c ^ b) - _rol(b, r1)) & _M
+        a = ((a ^ c) - _rol(c, r2)) & _M
+        b = ((b ^ a) - _rol(a, r3)) & _M
+    return ((c ^ b) - _rol(b, 24)) & _M
 
 
 def slot_of(key: bytes, slots: int, seed: int = SEED) -> int:
