@@ -43,6 +43,9 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-offload-kernel  offload with ``offload_scheduler = "kernel"``: nfqlb writes the
                   policy's (round_robin's) next choices into an nftables map, the kernel marks
                   each new flow by it, nothing is queued
+  nfqlb-offload-kernel-sh  run only when named: the same with ``policy = "source_hash"``
+                  and ``hash = "jhash"`` (the kernel hashes each client's address into the
+                  policy's slot table; the clients' 16 addresses spread over the backends)
   nfqlb-dnat-nfq  dnat with ``[daemon] binding = "netfilterqueue"`` (the NetfilterQueue
                   binding on the main queue in place of nfqlb's own netlink client, the
                   default)
@@ -266,6 +269,7 @@ class BenchPath:
     probe: bool = False  # run only when named in --paths
     bulk: str | None = None  # nfqlb's [daemon] bulk, if not the default
     scheduler: str | None = None  # an offload service's offload_scheduler, if not the default
+    hashed: bool = False  # the services' policy: source_hash with hash = "jhash"
 
     @property
     def is_nfqlb(self) -> bool:
@@ -836,10 +840,12 @@ def pool_rested(pool: int) -> None:
         time.sleep(left)
 
 
-def nfqlb_services(lab: Lab, mode: str, round_no: int, scheduler: str | None = None
-                   ) -> list[dict[str, object]]:
+def nfqlb_services(lab: Lab, mode: str, round_no: int, scheduler: str | None = None,
+                   hashed: bool = False) -> list[dict[str, object]]:
     """The HTTP service over both backends and the iperf3 service to one server."""
-    extra = {} if scheduler is None else {"offload_scheduler": scheduler}
+    extra: dict[str, object] = {} if scheduler is None else {"offload_scheduler": scheduler}
+    if hashed:
+        extra.update(policy="source_hash", policy_options={"hash": "jhash"})
     http = lab.service(mode, **extra)
     iperf = lab.service(mode, name=f"iperf3-{mode}", port=IPERF_PORT,
                         backends=lab.backends[:1], **extra)
@@ -863,7 +869,7 @@ def nfqlb_daemon_keys(path: BenchPath) -> dict[str, object]:
 
 def nfqlb_refusal(lab: Lab, path: BenchPath) -> str | None:
     """``nfqlb check`` of the path's configuration: None, or the error it prints."""
-    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0, path.scheduler),
+    daemon = lab.nfqlb(*nfqlb_services(lab, path.mode or "", 0, path.scheduler, path.hashed),
                        daemon=nfqlb_daemon_keys(path))
     argv = daemon.argv
     command = argv[:argv.index("run")]
@@ -889,7 +895,7 @@ def nfqlb(lab: Lab, path: BenchPath, round_no: int) -> Iterator[Stage]:
         use = pool_use(round_no, path.workers)
         if mode == "fullnat":
             pool_rested(use % 4)
-        daemon = lab.nfqlb(*nfqlb_services(lab, mode, use, path.scheduler),
+        daemon = lab.nfqlb(*nfqlb_services(lab, mode, use, path.scheduler, path.hashed),
                            daemon=nfqlb_daemon_keys(path)).start()
         assert daemon.proc is not None
         stage.pids = [daemon.proc.pid]  # `ip netns exec` execs: the same pid
@@ -940,6 +946,8 @@ PATHS: list[BenchPath] = [
     *_nfqlb_paths(),
     BenchPath("nfqlb-dnat-whole", "nfqlb dnat, bulk = \"whole\" (large packets through nfqlb)",
               nfqlb, mode="dnat", floor="nfq-accept", bulk="whole", probe=True),
+    BenchPath("nfqlb-offload-kernel-sh", "nfqlb offload, kernel scheduler, source_hash by "
+              "jhash", nfqlb, mode="offload", scheduler="kernel", hashed=True, probe=True),
 ]
 
 

@@ -313,7 +313,7 @@ def test_client_sources_give_every_worker_a_share(workers: int) -> None:
 
 def test_a_probe_runs_only_when_named() -> None:
     probes = [p.name for p in lab_bench.PATHS if p.probe]
-    assert probes == ["nfqlb-dnat-whole"]
+    assert probes == ["nfqlb-dnat-whole", "nfqlb-offload-kernel-sh"]
     assert not set(probes) & {p.name for p in lab_bench.pick_paths(None)}
     picked = [p.name for p in lab_bench.pick_paths("nfqlb-dnat-whole,nfqlb-dnat")]
     assert picked == ["kernel-dnat", "nfqlb-dnat", "nfqlb-dnat-whole"]
