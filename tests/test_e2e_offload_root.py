@@ -235,7 +235,13 @@ def test_udp_flows_spread_over_both_backends(family: int) -> None:
         # one socket is one flow: one backend, one packet queued
         assert len({r.label for r in one_flow if r is not None}) == 1, one_flow
         assert large is not None and large.payload == b"L" * 1200, d.report()
-        assert queued == REQUESTS + 2, d.report()
+        # one packet queued per flow. The three exchanges are three client processes: a
+        # later one's socket can get the port of an earlier one's closed socket (the kernel
+        # picks ports at random: 17 chances in 28,232 per run), and its datagram then belongs to
+        # that flow, whose conntrack entry is still there: no new flow, nothing queued
+        flows = {r.client_port for r in [*replies, *one_flow, large] if r is not None}
+        assert REQUESTS + 1 <= len(flows) <= REQUESTS + 2
+        assert queued == len(flows), (flows, d.report())
 
 
 @pytest.mark.parametrize("family", [4, 6])
