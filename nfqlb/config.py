@@ -431,7 +431,8 @@ def _check_offload_policy(chk: _Checker, spec: str, options: Mapping[str, Any],
     flows through ``on_flow_closed`` (least_conn, random's power of two choices, such plugins)
     would count every flow open forever, so it is refused here rather than misbalance. With
     ``offload_scheduler = "kernel"`` the policy must also give its choices in advance
-    (``schedule``: round_robin, weighted_round_robin, such plugins)."""
+    (``schedule``: round_robin, weighted_round_robin, the hash policies with hash = "jhash",
+    such plugins)."""
     for key, name, opts in (("policy", spec, options), ("policy_fallback", fallback, {})):
         if name == policies.DROP:
             continue
@@ -439,11 +440,11 @@ def _check_offload_policy(chk: _Checker, spec: str, options: Mapping[str, Any],
         if key == "policy" and scheduler is OffloadScheduler.KERNEL \
                 and not callable(getattr(built, "schedule", None)):
             raise chk.fail(key, f"{name!r} has no schedule(): with offload_scheduler = "
-                           "\"kernel\" the kernel plays the choices nfqlb writes in advance, "
-                           "which only a policy whose choice depends on nothing of the flow "
-                           "but the client's address can give (round_robin, "
-                           "weighted_round_robin, source_hash with hash = \"jhash\", or a "
-                           "plugin with schedule()); or keep offload_scheduler = \"nfqlb\"")
+                           "\"kernel\" the kernel plays the choices nfqlb writes in advance: "
+                           "in turn (round_robin, weighted_round_robin, a plugin with "
+                           "schedule()) or by the kernel's hash of the flow (source_hash, "
+                           "flow_hash, maglev with policy_options.hash = \"jhash\"); or keep "
+                           "offload_scheduler = \"nfqlb\"")
         if getattr(built, "on_flow_closed", None) is not None:
             raise chk.fail(key, f"{name!r} counts open flows through on_flow_closed(), which "
                            "mode \"offload\" cannot call (the kernel's conntrack ends its "

@@ -1064,13 +1064,24 @@ def schedule_chain(svc: Service, backend: Backend) -> str:
     return f"{schedule_map(svc)}-{backend.address.packed.hex()}-{backend.port}"
 
 
+def schedule_slot(svc: Service) -> tuple[str, int]:
+    """The expression that gives a new flow of ``svc`` its slot, and the number of slots:
+    numgen (the n-th new flow, slot n of SCHEDULE_SLOTS), or for a hash policy with hash =
+    "jhash" the kernel's jhash of the policy's fields into its table, which nfqlb computes
+    alike (nfqlb.policies.jhash)."""
+    hashed = policies.kernel_hash(svc.policy, svc.policy_options, len(svc.backends))
+    if hashed is None:
+        return f"numgen inc mod {SCHEDULE_SLOTS}", SCHEDULE_SLOTS
+    fields, slots = hashed
+    expr = jhash.nft_expression(fields, NFT_FAMILY[svc.vip.version])
+    return f"{expr} mod {slots} seed {jhash.SEED:#x}", slots
+
+
 def _schedule_body(config: Config, services: list[Service], family: Family) -> list[str]:
     """Offload's part of the table for its services with offload_scheduler = "kernel": a map
     per service (its elements written by nfqlb.io.schedules), a chain and a named counter per
     backend, and the chains at prerouting and output that look up a bare SYN (or a first
-    datagram) that conntrack calls NEW, in its service's map: by numgen (the n-th new flow,
-    slot n), or for a policy that hashes the client's address (source_hash with hash =
-    "jhash") by the kernel's jhash of it, which nfqlb computes alike."""
+    datagram) that conntrack calls NEW, in its service's map, by its ``schedule_slot``."""
     kernel = [s for s in services if s.mode is Mode.OFFLOAD
               and s.offload_scheduler is OffloadScheduler.KERNEL]
     if not kernel:
@@ -1081,10 +1092,10 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
     lines, looks = [], []
     for svc in kernel:
         name = schedule_map(svc)
-        slot = (f"jhash {ip} saddr mod {SCHEDULE_SLOTS} seed {jhash.SEED:#x}"
-                if policies.hashes_source(svc.policy, svc.policy_options)
-                else f"numgen inc mod {SCHEDULE_SLOTS}")
-        lines.append(f"  map {name} {{ typeof {slot} : verdict; }}")
+        slot, slots = schedule_slot(svc)
+        # (typeof numgen: the key is the same 32-bit integer, and nft 1.0.6 cannot list a
+        # map typed by a jhash of a concatenation)
+        lines.append(f"  map {name} {{ typeof numgen inc mod {slots} : verdict; }}")
         for b in svc.backends:
             chain = schedule_chain(svc, b)
             lines += [f"  counter {chain} {{ }}", f"  chain {chain} {{",

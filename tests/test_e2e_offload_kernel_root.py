@@ -22,7 +22,17 @@ from ipaddress import ip_address
 from typing import Any
 
 import pytest
-from lab import CLIENT_ADDR, HTTP_PORT, UDP_PORT, VIP, Lab, LabError, Nfqlb, render_config
+from lab import (
+    CLIENT_ADDR,
+    HTTP_PORT,
+    UDP_PORT,
+    VIP,
+    VIP6,
+    Lab,
+    LabError,
+    Nfqlb,
+    render_config,
+)
 from test_e2e_offload_root import (
     Holder,
     conntrack_entries,
@@ -330,6 +340,67 @@ def test_source_hash_by_jhash_sends_each_client_where_nfqlb_would() -> None:
         assert queued == 0, d.report()
         assert after.get("second") == first, (after, d.report())
         assert adopted >= 1, d.report()
+
+
+def predicted(lab: Lab, policy: str, protocol: int, vip: str, port: int,
+              peers: list[tuple[str, int]]) -> dict[tuple[str, int], str]:
+    """The backend nfqlb's own ``policy`` (hash = "jhash") gives each client (address, port)
+    of the service ``vip``:``port``."""
+    from nfqlb.policies import FlowKey, make_policy
+    from nfqlb.values import Backend
+
+    family = 6 if ":" in vip else 4
+    p = make_policy(policy, tuple(Backend(name=h.label, address=ip_address(h.addr(family)),
+                                          port=0) for h in lab.backends), {"hash": "jhash"})
+    out = {}
+    for addr, sport in peers:
+        chosen = p.choose(FlowKey(protocol, ip_address(addr).packed, sport, ip_address(vip),
+                                  port), 0.0)
+        assert chosen is not None
+        out[(addr, sport)] = chosen.name
+    return out
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_maglev_by_jhash_places_each_connection_where_nfqlb_would(family: int) -> None:
+    """``maglev`` with ``hash = "jhash"`` (all five fields): the kernel hashes each
+    connection's protocol, addresses and ports into the Maglev table nfqlb wrote, as
+    nfqlb's own choice does: every connection reaches the backend nfqlb predicts from its
+    client port, with nothing queued."""
+    with Lab(2, ipv6=family == 6) as lab:
+        vip = VIP if family == 4 else VIP6
+        d = lab.nfqlb(named(lab, lab.service("offload", name="web", family=family,
+                                             policy="maglev", policy_options={"hash": "jhash"},
+                                             **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "web"), 10, "the schedule written", d)
+            labels(lab, family, n=16)
+            queued = offload_packets(d)
+            note = status(d)["services"]["web"]["offload"]["schedule"]
+        client = lab.client.addr(family)
+        served = {(a, p): h.label for h in lab.backends for a, p, _ in lab.access_log(h)
+                  if a == client}
+        assert len(served) == 16, served
+        assert served == predicted(lab, "maglev", 6, vip, 80, list(served))
+        assert len(set(served.values())) == 2  # (16 connections do spread)
+        assert queued == 0, d.report()
+        assert note["slots"] == 2521 and note["slot"].startswith("jhash meta l4proto . ip")
+
+
+def test_flow_hash_by_jhash_places_each_udp_flow_where_nfqlb_would() -> None:
+    with Lab(2, ipv6=False) as lab:
+        d = lab.nfqlb(named(lab, lab.service("offload", name="dns", protocol="udp",
+                                             policy="flow_hash",
+                                             policy_options={"hash": "jhash"}, **KERNEL)))
+        with d:
+            wait_for(lambda: written(d, "dns"), 10, "the schedule written", d)
+            replies = lab.udp_exchange(lab.client, VIP, UDP_PORT,
+                                       [b"a%d" % i for i in range(12)], new_socket_each=True)
+            queued = offload_packets(d)
+        assert all(r is not None for r in replies), d.report()
+        got = {(CLIENT_ADDR, r.client_port): r.label for r in replies if r is not None}
+        assert got == predicted(lab, "flow_hash", 17, VIP, UDP_PORT, list(got))
+        assert queued == 0, d.report()
 
 
 def test_nfqlb_check_refuses_a_policy_without_a_schedule(tmp_path: Any) -> None:

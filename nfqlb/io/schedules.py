@@ -3,15 +3,17 @@
 An offload service with ``offload_scheduler = "kernel"`` queues nothing for its new flows.
 nfqlb's table (:func:`nfqlb.rules._schedule_body`) has a map per such service, slot -> the
 chain that sets a backend's mark, and a rule that looks up a bare SYN (or a first datagram)
-that conntrack calls NEW by ``numgen inc mod SCHEDULE_SLOTS``: the n-th new flow takes slot
-n modulo the slots, and the nat table DNATs by its mark as for a flow nfqlb decided. The
-rules leave the maps' elements to this module: the policy's next ``SCHEDULE_SLOTS`` choices
-(``ServiceRuntime.kernel_schedule``), written again whenever what the policy is offered
-changes (a health check, ``nfqlb ctl drain``/``weight``/``enable``, a reload): the map is
-flushed and filled in one ``nft -f`` transaction, so a new flow sees the old schedule or the
-new one, never an empty map in between. What the schedule cannot give (no backend may take
-flows, a failing policy: the map left empty; a TCP segment that is not a bare SYN) is not
-marked, and the offload queue's rule takes it to nfqlb as before.
+that conntrack calls NEW by ``numgen inc mod SCHEDULE_SLOTS`` (the n-th new flow takes slot
+n modulo the slots) or, for a hash policy with ``hash = "jhash"``, by the kernel's jhash of
+the policy's fields into its table (:func:`nfqlb.rules.schedule_slot`); the nat table DNATs
+by its mark as for a flow nfqlb decided. The rules leave the maps' elements to this module:
+the policy's schedule, one backend per slot (``ServiceRuntime.kernel_schedule``), written
+again whenever what the policy is offered changes (a health check, ``nfqlb ctl
+drain``/``weight``/``enable``, a reload): the map is flushed and filled in one ``nft -f``
+transaction, so a new flow sees the old schedule or the new one, never an empty map between.
+What the schedule cannot give (no backend may take flows, a failing policy: the map left
+empty; a TCP segment that is not a bare SYN) is not marked, and the offload queue's rule
+takes it to nfqlb as before.
 
 Each backend's chain counts the flows it marks (a named counter, kept across reloads): read
 every COUNT_EVERY_S seconds and when ``nfqlb status`` asks, they are added to the backend's
@@ -125,8 +127,9 @@ class KernelSchedules:
             if not every and self.written.get(name) == svc.generation:
                 continue
             pending[name] = svc.generation
-            text.append(schedule_text(svc, self.queue, svc.kernel_schedule(
-                rules.SCHEDULE_SLOTS, self.clock())))
+            slots = rules.schedule_slot(svc.service)[1]
+            text.append(schedule_text(svc, self.queue, svc.kernel_schedule(slots,
+                                                                            self.clock())))
         if not pending:
             return
         self._last_write = now
@@ -208,8 +211,9 @@ class KernelSchedules:
             entry = status.get("services", {}).get(svc.name)
             if entry is None:
                 continue
+            slot, slots = rules.schedule_slot(svc.service)
             note: dict[str, Any] = {
-                "scheduler": "kernel", "slots": rules.SCHEDULE_SLOTS,
+                "scheduler": "kernel", "slots": slots, "slot": slot,
                 "written": self.written.get(rules.schedule_map(svc.service)) == svc.generation,
                 "flows_counted_s_ago": None if self._last_count == float("-inf")
                 else round(time.monotonic() - self._last_count, 3)}

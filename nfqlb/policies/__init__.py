@@ -57,8 +57,8 @@ from nfqlb.policies.registry import (  # noqa: E402
     DROP,
     build_policy,
     check,
-    hashes_source,
     is_builtin,
+    kernel_hash,
     make_policy,
     policy_names,
 )
@@ -68,6 +68,6 @@ __all__ = [
     "ClosesFlows",
     "FlowKey", "Options", "Policy", "PolicyFactory", "PolicyFallbackError", "PolicyOptionError",
     "build_policy", "check", "consistent_chooser", "describe_failure", "hash_choice",
-    "hashes_source",
+    "kernel_hash",
     "is_builtin", "live", "make_policy", "policy_names", "resolve_spec",
 ]

@@ -91,11 +91,13 @@ class FlowHash:
 
     Consistent (``choose_consistent``): with ``unknown_flow = "hash"`` the same hash adopts
     mid-flow packets after a restart or on another node, so established connections survive
-    while the backend set is unchanged. No options.
+    while the backend set is unchanged. One option, ``hash``: ``"blake2b"`` (the default)
+    or ``"jhash"`` (the five fields hashed as the kernel's nftables does, into a slot table:
+    source_hash with ``hash = "jhash"`` and every field, which the kernel can play).
     """
 
     def __init__(self, options: Mapping[str, Any], rng: random.Random) -> None:
-        Options(options, ())
+        Options(options, ("hash",))
         self._backends: tuple[Backend, ...] = ()
 
     def set_backends(self, backends: Sequence[Backend]) -> None:

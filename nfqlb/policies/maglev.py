@@ -17,7 +17,12 @@ Options:
 - ``table_size``: a prime at least 100 x the backends with weight above zero (default 65537,
   or the smallest prime above 100 x backends if that is larger), at most 16777259;
 - ``fields``: which flow fields to hash (default all five: "protocol", "src", "sport", "dst",
-  "dport"; ``mh`` defaults to ["src"], as IPVS mh does).
+  "dport"; ``mh`` defaults to ["src"], as IPVS mh does);
+- ``hash``: ``"blake2b"`` (the default) or ``"jhash"``: a flow's slot is the kernel's nftables
+  ``jhash`` of its fields (:mod:`nfqlb.policies.jhash`), so the kernel can play the table
+  (offload_scheduler = "kernel": the map holds one element per slot). The default
+  ``table_size`` is then 2521 (or the smallest prime above 100 x the configured backends),
+  small enough to write into nftables in about 0.1 s.
 """
 
 from __future__ import annotations
@@ -30,9 +35,12 @@ from typing import Any
 
 from nfqlb.policies.base import FIELDS, FlowKey, Options, PolicyOptionError, live
 from nfqlb.policies.hashing import hash64, key_function
+from nfqlb.policies.jhash import JhashTable
+from nfqlb.policies.source_hash import by_jhash
 from nfqlb.values import Backend
 
 DEFAULT_TABLE_SIZE = 65537
+JHASH_TABLE_SIZE = 2521  # hash = "jhash": a prime, each slot an element of the kernel's map
 MAX_TABLE_SIZE = 16777259  # the first prime above 2**24
 SLOTS_PER_BACKEND = 100
 
@@ -83,16 +91,48 @@ def build_table(backends: Sequence[Backend], size: int) -> list[int]:
     return table
 
 
+_OPTIONS = ("table_size", "fields", "hash")
+
+
+def _table_size(opts: Options) -> int | None:
+    if not opts.has("table_size"):
+        return None
+    size = opts.integer("table_size", DEFAULT_TABLE_SIZE, 101, MAX_TABLE_SIZE)
+    if not is_prime(size):
+        raise PolicyOptionError("table_size", f"{size} is not a prime (the next prime is "
+                                f"{next_prime(size)})")
+    return size
+
+
+def _too_small(size: int, alive: int) -> PolicyOptionError:
+    return PolicyOptionError("table_size", f"{size} is too small for {alive} backends (at "
+                             f"least {SLOTS_PER_BACKEND} slots each: "
+                             f"{next_prime(SLOTS_PER_BACKEND * alive)} or more)")
+
+
+def maglev(options: Mapping[str, Any], rng: random.Random) -> Maglev | JhashTable:
+    """The factory of ``maglev``: by its ``hash`` option."""
+    opts = Options(options, _OPTIONS)
+    if not by_jhash(opts):
+        return Maglev(options, rng)
+    configured = _table_size(opts)
+
+    def size(backends: int) -> int:
+        return configured or max(JHASH_TABLE_SIZE, next_prime(SLOTS_PER_BACKEND * backends))
+
+    def build(alive: Sequence[Backend], slots: int) -> list[Backend]:
+        if slots < SLOTS_PER_BACKEND * len(alive):
+            raise _too_small(slots, len(alive))
+        return [alive[i] for i in build_table(alive, slots)]
+
+    return JhashTable(opts.subset("fields", FIELDS, FIELDS), size, build)
+
+
 class Maglev:
     def __init__(self, options: Mapping[str, Any], rng: random.Random,
                  default_fields: Sequence[str] = FIELDS) -> None:
-        opts = Options(options, ("table_size", "fields"))
-        self._size: int | None = None
-        if "table_size" in options:
-            self._size = opts.integer("table_size", DEFAULT_TABLE_SIZE, 101, MAX_TABLE_SIZE)
-            if not is_prime(self._size):
-                raise PolicyOptionError("table_size", f"{self._size} is not a prime (the next "
-                                        f"prime is {next_prime(self._size)})")
+        opts = Options(options, _OPTIONS)
+        self._size = _table_size(opts)
         self._key = key_function(opts.subset("fields", tuple(default_fields), FIELDS))
         self._backends: tuple[Backend, ...] = ()
         self._table: list[Backend] = []
@@ -108,9 +148,7 @@ class Maglev:
         if size is None:
             size = max(DEFAULT_TABLE_SIZE, next_prime(need))
         elif size < need:
-            raise PolicyOptionError("table_size", f"{size} is too small for {len(alive)} "
-                                    f"backends (at least {SLOTS_PER_BACKEND} slots each: "
-                                    f"{next_prime(need)} or more)")
+            raise _too_small(size, len(alive))
         self._backends = alive
         self._table = [alive[i] for i in build_table(alive, size)] if alive else []
 

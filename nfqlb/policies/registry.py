@@ -21,15 +21,23 @@ from typing import Any
 
 from nfqlb.errors import PolicyError
 from nfqlb.policies import plugins
-from nfqlb.policies.base import Policy, PolicyFactory, PolicyFallbackError
+from nfqlb.policies.base import FIELDS, Options, Policy, PolicyFactory, PolicyFallbackError
 from nfqlb.policies.hashing import FlowHash
+from nfqlb.policies.jhash import JhashTable
 from nfqlb.policies.least_conn import LeastConn
-from nfqlb.policies.maglev import Maglev
+from nfqlb.policies.maglev import maglev
 from nfqlb.policies.power_of_two import PowerOfTwoChoices
 from nfqlb.policies.round_robin import RoundRobin
-from nfqlb.policies.source_hash import source_hash
+from nfqlb.policies.source_hash import by_jhash, jhash_slots, source_hash
 from nfqlb.policies.weighted_round_robin import WeightedRoundRobin
 from nfqlb.values import Backend
+
+
+def flow_hash(options: Mapping[str, Any], rng: random.Random) -> FlowHash | JhashTable:
+    """The factory of ``flow_hash``: by its ``hash`` option."""
+    return jhash_slots(FIELDS) if by_jhash(Options(options, ("hash",))) \
+        else FlowHash(options, rng)
+
 
 BUILTINS: dict[str, PolicyFactory] = {
     "round_robin": RoundRobin,
@@ -37,8 +45,8 @@ BUILTINS: dict[str, PolicyFactory] = {
     "least_conn": LeastConn,
     "random": PowerOfTwoChoices,
     "source_hash": source_hash,
-    "maglev": Maglev,
-    "flow_hash": FlowHash,
+    "maglev": maglev,
+    "flow_hash": flow_hash,
 }
 
 # IPVS scheduler names -> (built-in, the defaults that make it behave like that scheduler)
@@ -63,11 +71,16 @@ def is_builtin(spec: str) -> bool:
     return spec in BUILTINS or spec in ALIASES
 
 
-def hashes_source(spec: str, options: Mapping[str, Any]) -> bool:
-    """Whether the policy places a client by the kernel's jhash of its address (source_hash,
-    or sh, with ``hash = "jhash"``): the kernel plays its schedule by that hash, not in turn."""
-    name, defaults = ALIASES.get(spec, (spec, {}))
-    return name == "source_hash" and {**defaults, **options}.get("hash") == "jhash"
+def kernel_hash(spec: str, options: Mapping[str, Any], backends: int
+                ) -> tuple[tuple[str, ...], int] | None:
+    """For a built-in hash policy with ``hash = "jhash"`` (source_hash, flow_hash, maglev
+    and their aliases): the flow fields the kernel hashes and the slots of the policy's
+    table with ``backends`` configured; the kernel plays its schedule by that hash. None
+    for the others: the kernel plays their schedule in turn (numgen)."""
+    if not is_builtin(spec):
+        return None
+    policy = build_policy(spec, options)
+    return (policy.fields, policy.slots(backends)) if isinstance(policy, JhashTable) else None
 
 
 def _factory(spec: str) -> tuple[PolicyFactory, Mapping[str, Any]]:
