@@ -43,6 +43,9 @@ The paths (``--list``; pick with ``--paths a,b,...``):
   nfqlb-offload-kernel  offload with ``offload_scheduler = "kernel"``: nfqlb writes the
                   policy's (round_robin's) next choices into an nftables map, the kernel marks
                   each new flow by it, nothing is queued
+  nfqlb-offload-kernel-mh  the same with ``policy = "maglev"`` and ``hash = "jhash"``: the
+                  kernel hashes each connection's protocol, addresses and ports into the
+                  Maglev table nfqlb wrote (2,521 slots)
   nfqlb-offload-kernel-sh  run only when named: the same with ``policy = "source_hash"``
                   and ``hash = "jhash"`` (the kernel hashes each client's address into the
                   policy's slot table; the clients' 16 addresses spread over the backends)
@@ -269,7 +272,7 @@ class BenchPath:
     probe: bool = False  # run only when named in --paths
     bulk: str | None = None  # nfqlb's [daemon] bulk, if not the default
     scheduler: str | None = None  # an offload service's offload_scheduler, if not the default
-    hashed: bool = False  # the services' policy: source_hash with hash = "jhash"
+    hashed: str | None = None  # the services' policy: this hash policy with hash = "jhash"
 
     @property
     def is_nfqlb(self) -> bool:
@@ -841,11 +844,11 @@ def pool_rested(pool: int) -> None:
 
 
 def nfqlb_services(lab: Lab, mode: str, round_no: int, scheduler: str | None = None,
-                   hashed: bool = False) -> list[dict[str, object]]:
+                   hashed: str | None = None) -> list[dict[str, object]]:
     """The HTTP service over both backends and the iperf3 service to one server."""
     extra: dict[str, object] = {} if scheduler is None else {"offload_scheduler": scheduler}
     if hashed:
-        extra.update(policy="source_hash", policy_options={"hash": "jhash"})
+        extra.update(policy=hashed, policy_options={"hash": "jhash"})
     http = lab.service(mode, **extra)
     iperf = lab.service(mode, name=f"iperf3-{mode}", port=IPERF_PORT,
                         backends=lab.backends[:1], **extra)
@@ -924,6 +927,9 @@ def _nfqlb_paths() -> list[BenchPath]:
     at = next(i for i, p in enumerate(paths) if p.name == "nfqlb-offload") + 1
     paths.insert(at, BenchPath("nfqlb-offload-kernel", "nfqlb offload, offload_scheduler = "
                                "\"kernel\"", nfqlb, mode="offload", scheduler="kernel"))
+    paths.insert(at + 1, BenchPath("nfqlb-offload-kernel-mh", "nfqlb offload, kernel scheduler, "
+                                   "maglev by jhash", nfqlb, mode="offload", scheduler="kernel",
+                                   hashed="maglev"))
     # the NetfilterQueue binding on the main queue (the default is nfqlb's netlink client)
     paths.insert(1, BenchPath("nfqlb-dnat-nfq", "nfqlb dnat, NetfilterQueue binding", nfqlb,
                               mode="dnat", floor="nfq-accept", binding="netfilterqueue"))
@@ -947,7 +953,8 @@ PATHS: list[BenchPath] = [
     BenchPath("nfqlb-dnat-whole", "nfqlb dnat, bulk = \"whole\" (large packets through nfqlb)",
               nfqlb, mode="dnat", floor="nfq-accept", bulk="whole", probe=True),
     BenchPath("nfqlb-offload-kernel-sh", "nfqlb offload, kernel scheduler, source_hash by "
-              "jhash", nfqlb, mode="offload", scheduler="kernel", hashed=True, probe=True),
+              "jhash", nfqlb, mode="offload", scheduler="kernel", hashed="source_hash",
+              probe=True),
 ]
 
 
