@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import json
 import logging
 import re
 from ipaddress import ip_address
@@ -211,22 +210,29 @@ def test_schedule_text_flushes_and_fills_the_map_in_one_transaction() -> None:
 
 
 class Recorder:
-    """``nft`` as the writer runs it: the inputs it got; counters it answers with."""
+    """``nft`` as the writer runs it: the inputs it got; the counters that the netlink read
+    (nfqlb.io.nftnl.counters) answers with."""
 
-    def __init__(self) -> None:
+    def __init__(self, monkeypatch: Any) -> None:
         self.inputs: list[str] = []
         self.counters: dict[str, int] = {}
         self.fail = False
+        self.reads: list[tuple[int, str]] = []
+        monkeypatch.setattr(schedules.iptables, "_nft", self)
+        monkeypatch.setattr(schedules.nftnl, "counters", self.read)
 
     def __call__(self, args: list[str], stdin: str | None = None) -> str:
         if self.fail:
             raise SystemSetupError("nft -f - failed (exit 1): No such file or directory")
-        if args[:2] == ["-j", "list"]:
-            items = [{"counter": {"name": n, "packets": p}} for n, p in self.counters.items()]
-            return json.dumps({"nftables": [{"metainfo": {}}, *items]})
-        assert stdin is not None
+        assert args == ["-f", "-"] and stdin is not None, args  # (nothing else runs nft)
         self.inputs.append(stdin)
         return ""
+
+    def read(self, version: int, table: str) -> dict[str, int]:
+        if self.fail:
+            raise schedules.nftnl.NftError(2, "No such file or directory")
+        self.reads.append((version, table))
+        return dict(self.counters)
 
 
 def settle(loop: asyncio.AbstractEventLoop) -> None:
@@ -235,8 +241,7 @@ def settle(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def test_the_writer_writes_on_change_only_retries_failures_and_counts(monkeypatch: Any) -> None:
-    nft = Recorder()
-    monkeypatch.setattr(schedules.iptables, "_nft", nft)
+    nft = Recorder(monkeypatch)
     cfg = config(kernel_service(name="k"), service("offload", name="q", port=81))
     eng = Engine(cfg)
     decider = OffloadDecider(cfg, eng.services, eng.counters)
@@ -288,8 +293,7 @@ def test_the_writer_writes_on_change_only_retries_failures_and_counts(monkeypatc
 
 
 def test_schedules_of_two_families_go_to_their_own_tables(monkeypatch: Any) -> None:
-    nft = Recorder()
-    monkeypatch.setattr(schedules.iptables, "_nft", nft)
+    nft = Recorder(monkeypatch)
     cfg = config(kernel_service(name="k4"), kernel_service(
         name="k6", vip="2001:db8::100",
         backend=[{"name": "b1", "address": "2001:db8::2:1", "port": 80}]))
@@ -531,8 +535,7 @@ def test_the_kernel_hashes_the_policys_fields_into_its_table() -> None:
 
 
 def test_the_writer_writes_a_table_of_the_policys_size(monkeypatch: Any) -> None:
-    nft = Recorder()
-    monkeypatch.setattr(schedules.iptables, "_nft", nft)
+    nft = Recorder(monkeypatch)
     cfg = config(kernel_service(name="m", policy="maglev", policy_options={"hash": "jhash"}))
     eng = Engine(cfg)
     loop = asyncio.new_event_loop()

@@ -8,7 +8,6 @@ one line.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ from collections.abc import Iterable
 from nfqlb import rules
 from nfqlb.config import Config
 from nfqlb.errors import SystemSetupError
+from nfqlb.io import nftnl
 from nfqlb.rules import FAMILIES, Family, RuleSet
 
 log = logging.getLogger("nfqlb.iptables")
@@ -48,16 +48,13 @@ class Iptables:
 
     def nft_tables(self) -> dict[str, int]:
         """The nftables tables of this family by name, with their handles (a table deleted
-        and made again has a new one); {} without nft."""
-        if shutil.which("nft") is None:
-            return {}
-        text = _nft(["-j", "list", "tables", rules.NFT_FAMILY[self.family.version]])
-        tables: dict[str, int] = {}
-        for item in json.loads(text).get("nftables", []):
-            t = item.get("table") if isinstance(item, dict) else None
-            if isinstance(t, dict) and isinstance(t.get("name"), str):
-                tables[t["name"]] = int(t.get("handle", 0))
-        return tables
+        and made again has a new one). Over netlink (:mod:`nfqlb.io.nftnl`): ``nft list
+        tables`` would fetch every map's elements first, tens of milliseconds with
+        offload's schedules or many fullnat flows, and the rules watch asks every 2 s."""
+        try:
+            return nftnl.tables(self.family.version)
+        except OSError as exc:
+            raise SystemSetupError(f"nf_tables netlink: list tables: {exc}") from None
 
     def restore(self, text: str, *, noflush: bool = True) -> None:
         args = [self.restore_path, "-w"] + (["--noflush"] if noflush else [])

@@ -19,10 +19,13 @@ Each backend's chain counts the flows it marks (a named counter, kept across rel
 every COUNT_EVERY_S seconds and when ``nfqlb status`` asks, they are added to the backend's
 ``flows`` (so its ``new/s`` too).
 
-``nft`` runs on a thread of its own (a write of 2,520 elements takes about 30 ms), one request
-at a time, results back on the loop; the packet path never waits for it. The maps are written
-again every REWRITE_EVERY_S seconds as well, which restores them after the table was made
-again (``nfqlb rules --apply``, a supervisor's reload) or deleted and restored. Of several
+``nft`` runs on a thread of its own (a write of 2,520 elements takes about 30-130 ms), one
+request at a time, results back on the loop; the packet path never waits for it. The
+counters are read over netlink (:mod:`nfqlb.io.nftnl`: ``nft`` would fetch every map's
+elements first). When the table is made anew (``nfqlb rules --apply`` after it was deleted)
+the rules watch sees its new handle and the daemon writes the maps again at once
+(``invalidate``); they are also written again every REWRITE_EVERY_S seconds, a slow safety
+net for a map flushed by hand. Of several
 workers, worker 0 alone writes them: the kernel's table is the host's.
 """
 
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -39,11 +41,11 @@ from typing import Any, Final
 from nfqlb import rules
 from nfqlb.config import OffloadScheduler
 from nfqlb.errors import NfqlbError
-from nfqlb.io import iptables
+from nfqlb.io import iptables, nftnl
 from nfqlb.offload import OffloadDecider
 from nfqlb.services import BackendRuntime, ServiceRuntime
 
-REWRITE_EVERY_S: Final = 10.0
+REWRITE_EVERY_S: Final = 60.0
 COUNT_EVERY_S: Final = 5.0
 STATUS_COUNT_EVERY_S: Final = 1.0
 QUIET_FAILURES: Final = 3
@@ -70,15 +72,11 @@ def schedule_text(svc: ServiceRuntime, queue: int, chosen: list[BackendRuntime] 
 
 
 def read_counters(queue: int, versions: set[int]) -> dict[str, int]:
-    """Packets of each named counter in ``queue``'s tables of the IP ``versions``."""
+    """Packets of each named counter in ``queue``'s tables of the IP ``versions`` (over
+    netlink: ``nft`` would fetch every map's elements first)."""
     out: dict[str, int] = {}
     for version in sorted(versions):
-        text = iptables._nft(["-j", "list", "counters", "table", rules.NFT_FAMILY[version],
-                              rules.nft_table(queue)])
-        for item in json.loads(text).get("nftables", []):
-            counter = item.get("counter") if isinstance(item, dict) else None
-            if isinstance(counter, dict) and isinstance(counter.get("packets"), int):
-                out[str(counter.get("name"))] = counter["packets"]
+        out.update(nftnl.counters(version, rules.nft_table(queue)))
     return out
 
 
@@ -187,7 +185,7 @@ class KernelSchedules:
         self._counting = None
         try:
             packets = future.result()
-        except (NfqlbError, ValueError) as exc:
+        except (NfqlbError, OSError, ValueError) as exc:
             self.count_failed = f"reading the kernel schedules' counters failed: {exc}"
             return
         self.count_failed = ""
