@@ -44,6 +44,7 @@ from nfqlb.io.netlink import (
     BE32,
     FLUSH_BYTES,
     FLUSH_PARTS,
+    NETLINK_NETFILTER,
     NF_ACCEPT,
     NFQA_SKB_GSO,
     NLATTR,
@@ -53,6 +54,7 @@ from nfqlb.io.netlink import (
     marked_verdict_prefix,
     parse_packet,
 )
+from nfqlb.io.nftnl import NFNL_SUBSYS_NFTABLES, NFPROTO_IPV4, NFPROTO_IPV6
 from nfqlb.offload import COPY_RANGE
 from nfqlb.ratelog import RateLimitedLog
 
@@ -62,8 +64,6 @@ NFQA_MARK: Final = 3  # linux/netfilter/nfnetlink_queue.h: the packet mark, be32
 
 # --- nf_tables map elements (linux/netfilter/nf_tables.h, nfnetlink.h) -----------------------
 
-NETLINK_NETFILTER: Final = 12
-NFNL_SUBSYS_NFTABLES: Final = 10
 NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 0x10, 0x11
 NFT_MSG_NEWSETELEM, NFT_MSG_DESTROYSETELEM = 12, 30  # destroy: no error if it is not there
 NLM_F_REQUEST, NLM_F_CREATE = 0x1, 0x400
@@ -72,7 +72,6 @@ NFTA_SET_ELEM_LIST_TABLE, NFTA_SET_ELEM_LIST_SET, NFTA_SET_ELEM_LIST_ELEMENTS = 
 NFTA_LIST_ELEM: Final = 1
 NFTA_SET_ELEM_KEY, NFTA_SET_ELEM_DATA = 1, 2
 NFTA_DATA_VALUE: Final = 1
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 BATCH_OPS: Final = 128  # flows per transaction (a sendmsg of at most some 60 KB)
 _PAD2: Final = b"\0\0"  # a port fills a 4-byte register of a concatenated key
 

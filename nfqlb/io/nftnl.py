@@ -34,14 +34,14 @@ from nfqlb.io.netlink import (
     NETLINK_NETFILTER,
     NLATTR,
     NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
     NLMSGERR,
     NLMSGHDR,
     build_attr,
 )
 
 NLM_F_DUMP: Final = 0x300  # NLM_F_ROOT | NLM_F_MATCH
-NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
 NFNL_SUBSYS_NFTABLES: Final = 10
 NFT_MSG_GETTABLE: Final = 1
 NFT_MSG_GETOBJ: Final = 19
@@ -53,7 +53,8 @@ NFTA_OBJ_TYPE: Final = 3
 NFTA_OBJ_DATA: Final = 4
 NFT_OBJECT_COUNTER: Final = 1
 NFTA_COUNTER_PACKETS: Final = 2
-NFPROTO: Final = {4: 2, 6: 10}  # NFPROTO_IPV4, NFPROTO_IPV6: nft's families ip and ip6
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10  # nft's families ip and ip6
+NFPROTO: Final = {4: NFPROTO_IPV4, 6: NFPROTO_IPV6}
 NFGEN: Final = struct.Struct("=BBH")  # family, version, res_id (0: no byte order to mind)
 BE32: Final = struct.Struct("!I")
 BE64: Final = struct.Struct("!Q")
