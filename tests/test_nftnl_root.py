@@ -6,6 +6,7 @@ has no counters; a table deleted and made again has a new handle."""
 
 from __future__ import annotations
 
+import errno
 import json
 import socket
 import subprocess
@@ -98,3 +99,32 @@ def test_an_attribute_walk_stops_at_a_short_attribute() -> None:
                                                      4: (7).to_bytes(8, "big")}
     assert list(nftnl._attrs(b"\x02\x00\x01\x00" + good, 0, len(good) + 4)) == []
     assert nftnl._text(b"nfqlb-1\x00\x00\x00") == "nfqlb-1"
+
+
+def nft_json_map(where: str, family: str, table: str, name: str) -> dict[int, str]:
+    items = json.loads(nft(where, "-j", "list", "map", family, table, name))["nftables"]
+    [found] = [i["map"] for i in items if "map" in i]
+    return {key: value["goto"]["target"] for key, value in found.get("elem", [])}
+
+
+@pytest.mark.root
+def test_a_map_is_replaced_in_one_transaction(ns: str) -> None:  # noqa: F811
+    nft(ns, "-f", "-", stdin=TABLE)
+    first = [(i, "c1" if i % 3 else "c2") for i in range(2520)]
+    with inside(ns):
+        t0 = time.perf_counter()
+        nftnl.write_map(4, "t1", "m", first)
+        took = time.perf_counter() - t0
+    assert nft_json_map(ns, "ip", "t1", "m") == dict(first)
+    print(f"nftnl.write_map of 2,520 elements: {took * 1e3:.1f} ms")  # (no assertion)
+    with inside(ns):
+        nftnl.write_map(4, "t1", "m", [(7, "c2")])  # the rest flushed
+        with pytest.raises(nftnl.NftError) as refused:  # no such chain: nothing changes
+            nftnl.write_map(4, "t1", "m", [(1, "c1"), (2, "no-such-chain")])
+        with pytest.raises(nftnl.NftError):
+            nftnl.write_map(4, "no-such-table", "m", [(1, "c1")])
+    assert refused.value.errno == errno.ENOENT
+    assert nft_json_map(ns, "ip", "t1", "m") == {7: "c2"}
+    with inside(ns):
+        nftnl.write_map(4, "t1", "m", [])
+    assert nft_json_map(ns, "ip", "t1", "m") == {}

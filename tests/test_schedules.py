@@ -8,6 +8,7 @@ import asyncio
 import collections
 import logging
 import re
+import struct
 from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from helpers import VIP, service
 from nfqlb import rules
 from nfqlb.config import Config, parse_config
 from nfqlb.engine import Engine
-from nfqlb.errors import ConfigError, SystemSetupError
+from nfqlb.errors import ConfigError
 from nfqlb.io import schedules
 from nfqlb.offload import OffloadDecider
 from nfqlb.policies import FlowKey, make_policy
@@ -199,34 +200,53 @@ def test_a_failing_schedule_is_contained_counted_and_leaves_the_queue_to_decide(
 # ------------------------------------------------------------------ the writer
 
 
-def test_schedule_text_flushes_and_fills_the_map_in_one_transaction() -> None:
+def test_a_schedule_write_flushes_and_fills_the_map() -> None:
     _eng, svc = runtime(kernel_service())
-    text = schedules.schedule_text(svc, 7, svc.kernel_schedule(4, 0.0))
+    write = schedules.schedule_write(svc, 7, svc.kernel_schedule(4, 0.0))
     name = rules.schedule_map(svc.service)
     c1, c2 = (rules.schedule_chain(svc.service, b) for b in svc.service.backends)
-    assert text == (f"flush map ip nfqlb-7 {name}\nadd element ip nfqlb-7 {name} {{ "
-                    f"0 : goto {c1}, 1 : goto {c2}, 2 : goto {c1}, 3 : goto {c2} }}\n")
-    assert schedules.schedule_text(svc, 7, []) == f"flush map ip nfqlb-7 {name}\n"
+    assert (write.version, write.table, write.name) == (4, "nfqlb-7", name)
+    assert write.elements == ((0, c1), (1, c2), (2, c1), (3, c2))
+    assert write.text() == (f"flush map ip nfqlb-7 {name}\nadd element ip nfqlb-7 {name} {{ "
+                            f"0 : goto {c1}, 1 : goto {c2}, 2 : goto {c1}, 3 : goto {c2} }}\n")
+    assert schedules.schedule_write(svc, 7, []).text() == f"flush map ip nfqlb-7 {name}\n"
+
+
+def test_a_map_batch_is_one_transaction_flush_then_elements() -> None:
+    from nfqlb.io import nftnl
+
+    elements = [(i, "c1" if i % 2 else "c2") for i in range(2 * nftnl.ELEMENTS_PER_MESSAGE + 1)]
+    batch = nftnl.map_batch(4, "nfqlb-7", "s-x", elements)
+    kinds, at = [], 0
+    while at < len(batch):
+        n, kind, flags = struct.unpack_from("=IHH", batch, at)
+        family, _v, res_id = struct.unpack_from("!BBH", batch, at + 16)
+        kinds.append((kind, family, res_id))
+        at += n
+    assert at == len(batch)
+    nft = 10 << 8
+    assert kinds == [(0x10, 0, 10), (nft | 14, 2, 0), (nft | 12, 2, 0), (nft | 12, 2, 0),
+                     (nft | 12, 2, 0), (0x11, 0, 10)]  # begin, flush, 3 x elements, end
+    assert batch.count(b"c1\0") == 400 and batch.count(b"c2\0") == 401  # a goto per element
+    assert struct.pack("=I", 800) in batch  # a slot as the kernel's register holds it
 
 
 class Recorder:
-    """``nft`` as the writer runs it: the inputs it got; the counters that the netlink read
-    (nfqlb.io.nftnl.counters) answers with."""
+    """The kernel's side of the writer: the writes it got (as ``nft -f`` text, one entry per
+    batch of writes); the counters that the netlink read (nfqlb.io.nftnl.counters) answers."""
 
     def __init__(self, monkeypatch: Any) -> None:
         self.inputs: list[str] = []
         self.counters: dict[str, int] = {}
         self.fail = False
         self.reads: list[tuple[int, str]] = []
-        monkeypatch.setattr(schedules.iptables, "_nft", self)
+        monkeypatch.setattr(schedules, "write_maps", self)
         monkeypatch.setattr(schedules.nftnl, "counters", self.read)
 
-    def __call__(self, args: list[str], stdin: str | None = None) -> str:
+    def __call__(self, writes: list[schedules.MapWrite]) -> None:
         if self.fail:
-            raise SystemSetupError("nft -f - failed (exit 1): No such file or directory")
-        assert args == ["-f", "-"] and stdin is not None, args  # (nothing else runs nft)
-        self.inputs.append(stdin)
-        return ""
+            raise schedules.nftnl.NftError(2, "s-x: No such file or directory")
+        self.inputs.append("".join(w.text() for w in writes))
 
     def read(self, version: int, table: str) -> dict[str, int]:
         if self.fail:
