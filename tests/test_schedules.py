@@ -338,6 +338,9 @@ def test_the_status_text_says_the_kernel_places_new_flows() -> None:
     assert f"new flows placed by the kernel's schedule ({SLOTS} slots, being written" in note
     assert note.endswith("; nft: x")
     assert "kernel's schedule" not in _offload_note({"counted_s_ago": 1, "count_took_s": 0})
+    hashed = _offload_note({"schedule": {"slots": 2521, "written": True,
+                                         "slot": "jhash ip saddr mod 2521 seed 0x6e66716c"}})
+    assert "(2521 slots by jhash ip saddr, written; flows: its counters)" in hashed
 
 
 class _Control:

@@ -578,8 +578,10 @@ def _offload_note(o: dict[str, Any]) -> str:
                  "makes conntrack count them)")
     sched = o.get("schedule")
     if isinstance(sched, dict):  # offload_scheduler = "kernel" (nfqlb.io.schedules)
-        text += (f"; new flows placed by the kernel's schedule ({sched.get('slots')} slots, "
-                 + ("written" if sched.get("written") else "being written")
+        slot = str(sched.get("slot", ""))
+        how = "" if not slot.startswith("jhash ") else f" by {slot.split(' mod ')[0]}"
+        text += (f"; new flows placed by the kernel's schedule ({sched.get('slots')} slots"
+                 f"{how}, " + ("written" if sched.get("written") else "being written")
                  + "; flows: its counters)")
         if sched.get("error"):
             text += f"; {sched['error']}"
