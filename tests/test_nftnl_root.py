@@ -117,6 +117,10 @@ def test_a_map_is_replaced_in_one_transaction(ns: str) -> None:  # noqa: F811
         took = time.perf_counter() - t0
     assert nft_json_map(ns, "ip", "t1", "m") == dict(first)
     print(f"nftnl.write_map of 2,520 elements: {took * 1e3:.1f} ms")  # (no assertion)
+    big = [(i, "c1" if i % 3 else "c2") for i in range(65537)]  # (maglev's default size)
+    with inside(ns):
+        nftnl.write_map(4, "t1", "m", big)  # one sendmsg of some 5 MB
+    assert nft_json_map(ns, "ip", "t1", "m") == dict(big)
     with inside(ns):
         nftnl.write_map(4, "t1", "m", [(7, "c2")])  # the rest flushed
         with pytest.raises(nftnl.NftError) as refused:  # no such chain: nothing changes

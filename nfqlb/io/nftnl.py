@@ -50,6 +50,7 @@ from nfqlb.io.netlink import (
     NLMSG_ERROR,
     NLMSGERR,
     NLMSGHDR,
+    _set_buffer,
     build_attr,
 )
 
@@ -83,6 +84,7 @@ NFTA_VERDICT_CODE, NFTA_VERDICT_CHAIN = 1, 2
 NFT_GOTO: Final = 0xFFFFFFFC  # -4 as be32
 ELEMENTS_PER_MESSAGE: Final = 400  # (some 30 KB a message)
 SNDBUF: Final = 4 << 20
+SO_SNDBUFFORCE: Final = 32  # asm-generic/socket.h: beyond wmem_max (CAP_NET_ADMIN)
 RECV_SIZE: Final = 1 << 16
 TIMEOUT_S: Final = 5.0
 _seq = itertools.count(1)
@@ -213,7 +215,9 @@ def write_map(version: int, table: str, name: str, elements: Sequence[tuple[int,
     except OSError as exc:
         raise NftError(exc.errno or errno.EIO, f"netlink: {exc.strerror or exc}") from None
     with sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(SNDBUF, 2 * len(batch)))
+        # (the whole batch goes in one sendmsg, which netlink refuses beyond the send
+        # buffer: net.core.wmem_max is 208 KiB on many hosts, about 2,600 elements)
+        _set_buffer(sock, socket.SO_SNDBUF, SO_SNDBUFFORCE, max(SNDBUF, 2 * len(batch)))
         sock.bind((0, 0))
         sock.settimeout(TIMEOUT_S)
         sock.send(batch)
