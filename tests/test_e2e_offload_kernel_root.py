@@ -36,17 +36,32 @@ from lab import (
 from test_e2e_offload_root import (
     Holder,
     conntrack_entries,
-    labels,
     named,
     offload_packets,
     status,
     wait_for,
 )
+from test_e2e_offload_root import labels as plain_labels
 
 pytestmark = pytest.mark.root
 
 REQUESTS = 8  # (as labels' default)
 KERNEL = {"offload_scheduler": "kernel"}
+
+
+def labels(lab: Lab, family: int = 4, n: int = REQUESTS) -> list[str]:
+    """``labels`` of test_e2e_offload_root; a failed request comes with what the balancer's
+    kernel held then (conntrack, the schedule's table with its counters, the nat rules)."""
+    try:
+        return plain_labels(lab, family, n)
+    except LabError as exc:
+        state = []
+        for argv in (["cat", "/proc/net/nf_conntrack"], ["nft", "list", "ruleset"],
+                     ["iptables-save", "-c", "-t", "nat"], ["iptables-save", "-c", "-t", "mangle"]):
+            out = lab.exec(lab.lb, argv, check=False)
+            state.append(f"--- {' '.join(argv)}\n{out.stdout.decode(errors='replace')}"
+                         f"{out.stderr.decode(errors='replace')}")
+        raise LabError(f"{exc}\n" + "\n".join(state)) from None
 
 
 def written(d: Nfqlb, name: str) -> bool:

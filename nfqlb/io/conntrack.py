@@ -141,11 +141,19 @@ def count(services: list[tuple[ServiceRuntime, dict[tuple[Any, int], BackendRunt
     return out
 
 
-def reset(svc: ServiceRuntime, rt: BackendRuntime) -> int:
+def reset(svc: ServiceRuntime, rt: BackendRuntime) -> int | None:
     """Delete the conntrack entries of ``rt``'s flows of ``svc`` (worker thread); their
-    next packet is NEW again and gets the unknown-flow answer (a RST by default)."""
+    next packet is NEW again and gets the unknown-flow answer (a RST by default).
+
+    None, and nothing deleted, when ``rt`` may take new flows again by the time this runs (it
+    came back up, or was enabled, while the request waited behind a count or another reset:
+    under load a dump takes a second): its entries are then its new flows too, and conntrack
+    keeps no age to tell them from the ones it had when it went down. Checked again before
+    each deletion."""
     from pyroute2 import NFCTSocket
 
+    if rt.live:
+        return None
     fam = _family(svc)
     sock = NFCTSocket(nfgen_family=fam)
     addr_type = type(svc.service.vip)
@@ -157,6 +165,8 @@ def reset(svc: ServiceRuntime, rt: BackendRuntime) -> int:
             if (addr_type(reply.saddr), reply.sport) == (rt.address, rt.port):
                 doomed.append(_tuple(msg, "CTA_TUPLE_ORIG"))
         for orig in doomed:
+            if rt.live:
+                return None if n == 0 else n
             try:
                 sock.entry("del", tuple_orig=orig)
                 n += 1
@@ -251,12 +261,16 @@ class KernelFlows:
         """Remove ``rt``'s flows from conntrack (on the worker thread), logged when done."""
         future = self._pool.submit(reset, svc, rt)
 
-        def done(f: concurrent.futures.Future[int]) -> None:
+        def done(f: concurrent.futures.Future[int | None]) -> None:
             try:
                 n = f.result()
             except Exception as exc:
                 self.log.error("service %s: backend %s %s: removing its conntrack flows "
                                "failed: %r", svc.name, rt.name, why, exc)
+                return
+            if n is None:
+                self.log.info("service %s: backend %s %s: it may take flows again: its "
+                              "conntrack flows kept", svc.name, rt.name, why)
                 return
             self.log.info("service %s: backend %s %s: %d conntrack flows removed", svc.name,
                           rt.name, why, n)

@@ -277,14 +277,19 @@ class Lab:
         ``args`` go before the URL (``["-6"]``, ...); IPv6 literals in brackets need nothing
         (globbing is off).
         """
-        argv = ["curl", "-sS", "--fail", "--globoff", "--noproxy", "*", "--connect-timeout",
+        # (-v: curl 7.88 says only "Couldn't connect to server" unless verbose; the reason
+        # the kernel gave, refused or unreachable, is in its "* " lines)
+        argv = ["curl", "-sSv", "--fail", "--globoff", "--noproxy", "*", "--connect-timeout",
                 str(min(3.0, max_time)), "--max-time", str(max_time), *args]
         if output is not None:
             argv += ["-o", str(output)]
         proc = self.exec(host, [*argv, url], timeout=max_time + 5, check=False)
         if proc.returncode != 0:
+            said = [line for line in proc.stderr.decode(errors="replace").splitlines()
+                    if line.startswith("curl: ") or line.startswith("* ")
+                    and ("failed" in line or "Failed" in line or "Connection" in line)]
             raise LabError(f"curl {url} from {host.label} failed (exit {proc.returncode}): "
-                           f"{proc.stderr.decode(errors='replace').strip()}")
+                           + " / ".join(dict.fromkeys(said)))
         return proc.stdout
 
     def udp_exchange(self, host: Host, dst: str, port: int, payloads: Iterable[bytes], *,
