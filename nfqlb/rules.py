@@ -29,7 +29,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from string import Template
@@ -1001,6 +1001,21 @@ def offload_queue_for(config: Config, queue: int | None = None) -> int:
 def offload_chains_for(queue: int) -> OffloadChains:
     return OffloadChains(new=f"NFQLB-NEW-{queue}", dnat=f"NFQLB-DNAT-{queue}",
                          snat=f"NFQLB-SNAT-{queue}")
+
+
+def placed(rulesets: Sequence[RuleSet]) -> str:
+    """Where ``rulesets``' rules are, for the start log: raw's chains when a service's packets
+    are queued there, offload's chains in mangle and nat when it has offload services."""
+    rs = rulesets[0]
+    where = []
+    if any(r.rules for r in rulesets):
+        where.append(f"{TABLE} {rs.chains.pre}/{rs.chains.out}")
+    if any(r.offload for r in rulesets):
+        ch = offload_chains_for(rs.queue)
+        snat = any(line.startswith(f"-A {ch.snat} ") for r in rulesets
+                   for table, lines in r.offload for line in lines)
+        where.append(f"mangle {ch.new}, nat {ch.dnat}" + (f"/{ch.snat}" if snat else ""))
+    return "rules in " + (", ".join(where) or f"{TABLE} {rs.chains.pre}/{rs.chains.out}")
 
 
 def _offload_rules(config: Config, services: list[Service], family: Family, queue: int,

@@ -219,3 +219,14 @@ def test_bridging_marks_dnat_by_both_numberings_while_workers_reload() -> None:
     assert rules.bridging_marks(old, plain) == old
     assert rules.bridging_marks(plain, new) == plain
 
+
+
+def test_the_start_log_names_the_chains_that_hold_rules() -> None:
+    """Offload's rules are in mangle and nat; raw is named only when a service is queued
+    there (an offload-only daemon's start log named raw's empty chains)."""
+    assert rules.placed(rules.render(make_config(OFFLOAD))) == \
+        "rules in mangle NFQLB-NEW-1, nat NFQLB-DNAT-1"
+    assert rules.placed(rules.render(make_config(DNAT))) == \
+        "rules in raw NFQLB-PRE-1/NFQLB-OUT-1"
+    assert rules.placed(rules.render(make_config(DNAT, OFFLOAD, V6))) == \
+        "rules in raw NFQLB-PRE-1/NFQLB-OUT-1, mangle NFQLB-NEW-1, nat NFQLB-DNAT-1/NFQLB-SNAT-1"

@@ -666,15 +666,14 @@ def _serve_bound(config: Config, queue: int, large: int,
                 iptables.apply(rs, tools[rs.family.version])
             server.node.rules = True
             server.backends_changed()  # (the kernel's schedules, at once)
-            chains = rulesets[0].chains
             n = len(config.services)
             log.info("engine: %s", native.STATE)
             headers = _headers_queue(config, queue)
             log.info("serving queue %d and queue %d for packets over %d bytes%s (%d service%s, "
-                     "rules in %s %s/%s)", queue, large, rules.BINDING_MAX_PACKET,
+                     "%s)", queue, large, rules.BINDING_MAX_PACKET,
                      "" if headers is None else f", queue {headers} for their TCP headers "
                      f"(nftables table {rules.nft_table(queue)})", n,
-                     "" if n == 1 else "s", rules.TABLE, chains.pre, chains.out)
+                     "" if n == 1 else "s", rules.placed(rulesets))
             watch.start()
             server.serve()
         finally:

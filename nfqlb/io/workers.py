@@ -329,10 +329,10 @@ class Supervisor:
                     n = len(self.config.services)
                     self.log.info(
                         "serving queues %d-%d with %d workers, packets over %d bytes on queues "
-                        "%d-%d (%d service%s, rules in %s %s/%s)", self.queue,
+                        "%d-%d (%d service%s, %s)", self.queue,
                         self.queue + self.n - 1, self.n, rules.BINDING_MAX_PACKET, self.large,
-                        self.large + self.n - 1, n, "" if n == 1 else "s", rules.TABLE,
-                        self.rulesets[0].chains.pre, self.rulesets[0].chains.out)
+                        self.large + self.n - 1, n, "" if n == 1 else "s",
+                        rules.placed(self.rulesets))
                     self.health = HealthChecker(self.config, _ForwardHealth(self), loop,
                                                 self.log.getChild("health"), time.perf_counter)
                     self.health.start()
