@@ -293,6 +293,8 @@ def cmd_rules(args: argparse.Namespace, log: logging.Logger) -> int:
         config = _load(args)
     queue = args.queue if args.queue is not None or config is None else config.daemon.queue
     assert queue is not None
+    if config is not None:
+        config = _numbered_as_running(config, queue, log)
     if args.action == "print":
         assert config is not None
         for rs in rules.render(config, queue, comments=True):
@@ -320,6 +322,28 @@ def cmd_rules(args: argparse.Namespace, log: logging.Logger) -> int:
     else:
         log.info("no rules of queue %d were installed: nothing to remove", queue)
     return 0
+
+
+def _numbered_as_running(config: Config, queue: int, log: logging.Logger) -> Config:
+    """``config`` with the mark numbers of the daemon serving ``queue``, if one answers (a
+    reload keeps each backend's marks, so after one that added a backend before others the
+    daemon's differ from the file's order); else as the file numbers them."""
+    from nfqlb.config import with_mark_numbers
+    from nfqlb.io import control
+
+    path = control.socket_path(queue)
+    if not path.exists():
+        return config
+    try:
+        answer = control.request(path, {"cmd": "status"}, timeout=5.0)
+    except (control.ControlError, OSError):
+        return config
+    said = answer.get("status", {}).get("daemon", {}).get("mark_numbers") \
+        if answer.get("ok") else None
+    if said is None:
+        return config
+    log.info("marks numbered as the daemon serving queue %d numbers them", queue)
+    return with_mark_numbers(config, said)
 
 
 def _optional_tools(have: set[int]) -> dict[int, Iptables]:

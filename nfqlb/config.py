@@ -242,6 +242,11 @@ class Config:
     services: tuple[Service, ...] = ()
     timeouts: Timeouts = field(default_factory=Timeouts)
     metrics: MetricsConfig | None = None  # [metrics]: the Prometheus endpoint, off when absent
+    #: the numbers behind the packet marks of the configuration this one replaced by a reload
+    #: (:func:`carry_marks`), by (service, backend): offload's and the headers route's, each
+    #: backend keeping its own across reloads; empty (a start): configuration order
+    offload_numbers: tuple[tuple[tuple[str, str], int], ...] = ()
+    bulk_numbers: tuple[tuple[tuple[str, str], int], ...] = ()
 
 
 _TOP_KEYS = {"daemon", "service", "timeouts", "metrics"}
@@ -776,20 +781,53 @@ def for_worker(config: Config, worker: int) -> Config:
     return replace(config, services=services)
 
 
-def offload_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]
-                  ) -> dict[tuple[str, str], int]:
+Numbers = tuple[tuple[tuple[str, str], int], ...]
+
+
+def _numbered(keys: list[tuple[str, str]], running: Numbers, room: int
+              ) -> dict[tuple[str, str], int]:
+    """A number from 1 for each key: the one it has in ``running`` (the configuration a
+    reload replaces) if any; for a new key, the lowest that no key of ``running`` holds (a
+    number freed by this very reload stays unused until the next, while a backend it removed
+    may have packets in flight under it), then the lowest free one up to ``room``."""
+    was = dict(running)
+    out = {k: was[k] for k in keys if k in was and was[k] <= room}  # (a narrower mask)
+    taken = set(out.values())
+    held = taken | set(was.values())
+    for k in keys:
+        if k in out:
+            continue
+        n = next((i for i in range(1, room + 1) if i not in held), None)
+        if n is None:
+            n = next((i for i in range(1, room + 1) if i not in taken), len(taken) + 1)
+        out[k] = n
+        taken.add(n)
+        held.add(n)
+    return out
+
+
+def _mark_room(mask: int) -> int:
+    return mask >> ((mask & -mask).bit_length() - 1)
+
+
+def offload_numbers(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service],
+                    running: Numbers = ()) -> dict[tuple[str, str], int]:
+    """:func:`offload_marks` before the shift: 1, 2, 3... in configuration order, or as
+    :func:`carry_marks` keeps them."""
+    keys = [(svc.name, b.name) for svc in services if svc.mode is Mode.OFFLOAD
+            for b in svc.backends]
+    return _numbered(keys, running, _mark_room(daemon.offload_mark_mask))
+
+
+def offload_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service],
+                  running: Numbers = ()) -> dict[tuple[str, str], int]:
     """The packet mark of each offload backend, by (service name, backend name): 1, 2, 3...
-    shifted into daemon.offload_mark_mask, in configuration order. The rules DNAT by it and
-    the offload decider sets it; a reload may renumber, which touches no flow (conntrack
-    keeps each flow's NAT from its first packet)."""
+    shifted into daemon.offload_mark_mask, in configuration order, except that a reload keeps
+    each backend's number (``running``: ``Config.offload_numbers``, see :func:`carry_marks`).
+    The rules DNAT by it and the offload decider sets it."""
     mask = daemon.offload_mark_mask
     shift = (mask & -mask).bit_length() - 1
-    marks: dict[tuple[str, str], int] = {}
-    for svc in services:
-        if svc.mode is Mode.OFFLOAD:
-            for b in svc.backends:
-                marks[(svc.name, b.name)] = (len(marks) + 1) << shift
-    return marks
+    return {k: n << shift for k, n in offload_numbers(daemon, services, running).items()}
 
 
 def _check_offload_marks(source: str, daemon: DaemonConfig, services: list[Service]) -> None:
@@ -802,25 +840,72 @@ def _check_offload_marks(source: str, daemon: DaemonConfig, services: list[Servi
                           f"have {n}: use a wider mask")
 
 
-def bulk_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service]
-               ) -> dict[tuple[str, str], tuple[int, int]]:
+def bulk_numbers(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service],
+                 running: Numbers = ()) -> dict[tuple[str, str], int]:
+    """:func:`bulk_marks`' pairs by number k (marks 2k and 2k + 1): 1, 2, 3... in
+    configuration order, or as :func:`carry_marks` keeps them."""
+    if daemon.bulk != "headers":
+        return {}
+    keys = [(svc.name, b.name) for svc in services
+            if svc.protocol is Protocol.TCP and svc.mode is not Mode.OFFLOAD
+            for b in svc.backends]
+    return _numbered(keys, running, (_mark_room(daemon.bulk_mark_mask) - 1) // 2)
+
+
+def bulk_marks(daemon: DaemonConfig, services: tuple[Service, ...] | list[Service],
+               running: Numbers = ()) -> dict[tuple[str, str], tuple[int, int]]:
     """The headers route's marks (daemon.bulk = "headers") of each backend of a TCP service
     (not offload), by (service name, backend name): (toward the backend, its replies), 2 and
-    3, 4 and 5... shifted into daemon.bulk_mark_mask, in configuration order; 1 is
+    3, 4 and 5... shifted into daemon.bulk_mark_mask, in configuration order except that a
+    reload keeps each backend's pair (``running``: ``Config.bulk_numbers``); 1 is
     :func:`bulk_whole`. Empty with daemon.bulk = "whole". The nftables chain rewrites a
     packet of each mark as the engine would (rules.py renders it from these numbers; a
     fullnat flow's own addresses and ports come from map elements nfqlb adds per flow)."""
-    if daemon.bulk != "headers":
-        return {}
     mask = daemon.bulk_mark_mask
     shift = (mask & -mask).bit_length() - 1
-    marks: dict[tuple[str, str], tuple[int, int]] = {}
-    for svc in services:
-        if svc.protocol is Protocol.TCP and svc.mode is not Mode.OFFLOAD:
-            for b in svc.backends:
-                n = 2 * len(marks) + 2
-                marks[(svc.name, b.name)] = (n << shift, (n + 1) << shift)
-    return marks
+    return {k: ((2 * n) << shift, (2 * n + 1) << shift)
+            for k, n in bulk_numbers(daemon, services, running).items()}
+
+
+def mark_numbers(config: Config) -> dict[str, list[list[str | int]]]:
+    """The numbers behind ``config``'s marks, as ``nfqlb status --json`` says them under
+    ``daemon.mark_numbers``: ``{"offload": [[service, backend, n], ...], "bulk": [...]}``."""
+    d = config.daemon
+    return {"offload": [[s, b, n] for (s, b), n in offload_numbers(
+                d, config.services, config.offload_numbers).items()],
+            "bulk": [[s, b, n] for (s, b), n in bulk_numbers(
+                d, config.services, config.bulk_numbers).items()]}
+
+
+def with_mark_numbers(config: Config, said: Any) -> Config:
+    """``config`` numbered as a running daemon whose status said ``said`` (its
+    ``daemon.mark_numbers``): as that daemon would number it on a reload. Anything else said
+    (an older daemon's status without them): ``config`` as it is."""
+    out = {}
+    for kind in ("offload", "bulk"):
+        rows = said.get(kind) if isinstance(said, dict) else None
+        if not isinstance(rows, list) or not all(
+                isinstance(r, list) and len(r) == 3 and isinstance(r[0], str)
+                and isinstance(r[1], str) and type(r[2]) is int and r[2] > 0 for r in rows):
+            return config
+        out[kind] = tuple(((r[0], r[1]), r[2]) for r in rows)
+    return replace(config, offload_numbers=out["offload"], bulk_numbers=out["bulk"])
+
+
+def carry_marks(running: Config, new: Config) -> Config:
+    """``new`` (a reload of ``running``) keeping the numbers of ``running``'s marks: a backend
+    keeps its offload mark and its headers-route marks, a new one gets a number no backend of
+    ``running`` had. So a reload that adds a backend before others renumbers nothing: with
+    several workers, which take a reload one after the other while the rules (and nfqlb's
+    nftables table) change once, every mark means the same backend throughout. Each process
+    (the supervisor, each worker) carries its own from the same running configuration, so
+    they agree. ``nfqlb rules`` numbers a file in configuration order; ``--apply`` takes a
+    running daemon's numbers from its status (``daemon.mark_numbers``)."""
+    d = running.daemon
+    return replace(new, offload_numbers=tuple(offload_numbers(
+                       d, running.services, running.offload_numbers).items()),
+                   bulk_numbers=tuple(bulk_numbers(
+                       d, running.services, running.bulk_numbers).items()))
 
 
 def bulk_whole(daemon: DaemonConfig) -> int:

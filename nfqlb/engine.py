@@ -196,7 +196,7 @@ class Engine:
     def _number_bulk(self, config: Config, gone: list[BackendRuntime]) -> None:
         """Give each backend its headers-route marks as the rules number them (gone ones:
         none, their rewrite is no longer in the nftables table)."""
-        marks = bulk_marks(config.daemon, config.services)
+        marks = bulk_marks(config.daemon, config.services, config.bulk_numbers)
         self.bulk_whole = bulk_whole(config.daemon)
         for rt in gone:
             rt.bulk_in = rt.bulk_out = 0

@@ -75,7 +75,7 @@ class OffloadDecider:
         "reset"): the kernel holds them and the engine kept no runtime for them. A removed
         service's backends come from ``Engine.reconfigure`` (``kernel_flows_to_reset``)."""
         old_owner = self._owner
-        numbered = offload_marks(config.daemon, config.services)
+        numbered = offload_marks(config.daemon, config.services, config.offload_numbers)
         marks: dict[BackendRuntime, int] = {}
         by_vip: dict[int, dict[bytes, ServiceRuntime]] = {TCP: {}, UDP: {}}
         for svc in self.services:

@@ -506,7 +506,7 @@ def bulk_matches(config: Config, services: Iterable[Service]
     port (in fullnat to the snat address). Another instance's table, at the same priority,
     numbers its marks the same way by default: these matches keep each table to its own
     services' packets (overlapping services are refused by :func:`find_overlap`)."""
-    marks = bulk_marks(config.daemon, config.services)
+    marks = bulk_marks(config.daemon, config.services, config.bulk_numbers)
     out: dict[int, tuple[tuple[str, str], ...]] = {}
     for svc in services:
         for b in svc.backends:
@@ -529,7 +529,7 @@ def bulk_rewrites(config: Config, services: Iterable[Service]
     packet (toward the backend: its address and port, in fullnat the snat address and the
     flow's pool port too; a reply: the VIP's, in fullnat the client's too). A value
     ``@name`` is the flow's own, looked up in map ``name`` (:data:`NFT_MAPS`), first."""
-    marks = bulk_marks(config.daemon, config.services)
+    marks = bulk_marks(config.daemon, config.services, config.bulk_numbers)
     out: dict[int, tuple[tuple[str, str], ...]] = {}
     for svc in services:
         fullnat = svc.mode is Mode.FULLNAT
@@ -1025,7 +1025,7 @@ def _offload_rules(config: Config, services: list[Service], family: Family, queu
     if not services:
         return (), ()
     ch = offload_chains_for(queue)
-    marks = offload_marks(config.daemon, config.services)
+    marks = offload_marks(config.daemon, config.services, config.offload_numbers)
     mask = config.daemon.offload_mark_mask
     notes = _Notes(comments)
     mangle = notes("offload.rules")
@@ -1102,7 +1102,7 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
     if not kernel:
         return []
     ip = NFT_FAMILY[family.version]
-    marks = offload_marks(config.daemon, config.services)
+    marks = offload_marks(config.daemon, config.services, config.offload_numbers)
     keep = 0xFFFFFFFF & ~config.daemon.offload_mark_mask
     lines, looks = [], []
     for svc in kernel:
@@ -1131,12 +1131,14 @@ def _schedule_body(config: Config, services: list[Service], family: Family) -> l
 def bridging_marks(old: RuleSet, new: RuleSet) -> RuleSet:
     """``old``, whose nat chains DNAT (and SNAT) by ``new``'s offload marks too: ``new``'s
     nat rules, then each of ``old``'s whose match (VIP, port, mark; backend for SNAT) ``new``
-    has no rule for. A supervisor installs it while its workers take a reload that renumbers
-    the marks, one worker after the other (each marks new flows by the new numbering from
-    its reload on, the others by the old until theirs), and ``new`` once all have: no first
-    packet meets a mark the rules do not know. Where both numberings give one match to two
-    backends of a service, the new one's wins for that moment. A single daemon needs no
-    bridge: its reload, the rules' included, runs between two of its packets."""
+    has no rule for. A supervisor installs it while its workers take a reload, one worker
+    after the other (each marks new flows by the new configuration from its reload on, the
+    others by the old until theirs), and ``new`` once all have: no first packet meets a mark
+    the rules do not know. A reload keeps each backend's mark and gives a new one a number
+    no backend had (:func:`nfqlb.config.carry_marks`), so what the bridge adds is the marks
+    of the backends the reload removed; a named backend whose address changed keeps its
+    mark, and the new address's rule wins for that moment. A single daemon needs no bridge:
+    its reload, the rules' included, runs between two of its packets."""
     if not old.offload or not new.offload:
         return old
     new_nat = dict(new.offload).get("nat", ())

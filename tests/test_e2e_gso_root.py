@@ -29,7 +29,17 @@ import time
 from typing import Any
 
 import pytest
-from lab import UDP_PORT, VIP, VIP6, Lab, Nfqlb, kernel_has_ipv6, render_config, url_host
+from lab import (
+    HTTP_PORT,
+    UDP_PORT,
+    VIP,
+    VIP6,
+    Lab,
+    Nfqlb,
+    kernel_has_ipv6,
+    render_config,
+    url_host,
+)
 
 pytestmark = pytest.mark.root
 
@@ -244,26 +254,40 @@ class Download:
             hashlib.sha256(self.data).digest()
 
 
-def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
+def mark_chains(lab: Lab) -> dict[str, str]:
+    """The headers route's chains of nfqlb's table (``mark-0x20``, ...), by name: their
+    rules."""
+    table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
+    return dict(re.findall(r"chain (mark-0x[0-9a-f]+) \{\n(.*?)\n\s*\}", table, re.S))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route(workers: int) -> None:
     """A reload replaces the nftables table's rules in one transaction and keeps its maps'
     elements: a rate-limited fullnat download (large packets marked from its map elements)
-    goes on across a reload that renumbers its backend's marks (a backend put before it),
-    byte-exact, and no packet meets the drop rule of a lookup that missed."""
+    goes on across a reload that puts a backend before its own, byte-exact, and no packet
+    meets the drop rule of a lookup that missed. Its backend keeps its marks (the new one
+    gets the next ones): with two workers, which take the reload one after the other while
+    the table changes once, no chain changes meaning under a worker's feet."""
     with Lab(2, backend_default_route=False) as lab:
         b1, b2 = lab.backends
-        daemon = lab.nfqlb(lab.service("fullnat", backends=[b1])).start()
+        settings = {"queue": 1, "bypass": True, "workers": workers}
+        daemon = lab.nfqlb(lab.service("fullnat", backends=[b1]), daemon=settings).start()
         try:
             download = Download(lab, b1, 3)
             table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
             assert re.search(r"elements = \{ 198\.18\.", table), table  # the flow's, in
+            before = mark_chains(lab)
             daemon.config_path.write_text(render_config(
-                [lab.service("fullnat", backends=[b2, b1])], {"queue": 1, "bypass": True}))
+                [lab.service("fullnat", backends=[b2, b1])], settings))
             daemon.signal(signal.SIGHUP)
             deadline = time.monotonic() + 10
             while "reloaded" not in daemon.stderr_path.read_text(errors="replace"):
                 assert time.monotonic() < deadline, daemon.report()
                 time.sleep(0.05)
             assert download.curl.poll() is None, "the download ended before the reload"
+            after = mark_chains(lab)
+            numbers = daemon.cli("status", "--json")
             download.finished_intact()
             table = lab.exec(lab.lb, ["nft", "list", "table", "ip", "nfqlb-1"]).stdout.decode()
             drops = re.findall(r"counter packets (\d+) bytes \d+ drop", table)
@@ -271,9 +295,18 @@ def test_a_reload_keeps_a_fullnat_bulk_transfer_on_the_headers_route() -> None:
         finally:
             code = daemon.stop()
         assert code == 0, daemon.report()
-        line = headers_queue_line(daemon)
-        assert "fullnat flows' elements 1 added" in line, line
-        assert counter(line, "packets") > counter(line, "sent on whole") * 10, line
+        # b1's chains as they were; b2's are new ones
+        assert sorted(before) == ["mark-0x20", "mark-0x30"], before
+        assert {k: after[k] for k in before} == before, (before, after)
+        assert sorted(after) == ["mark-0x20", "mark-0x30", "mark-0x40", "mark-0x50"], after
+        assert b2.addr(4) in after["mark-0x40"] + after["mark-0x50"], after
+        said = json.loads(numbers.stdout)["daemon"]["mark_numbers"]["bulk"]
+        assert sorted(said) == [["tcp-fullnat", f"{b1.addr(4)}:{HTTP_PORT}", 1],
+                                ["tcp-fullnat", f"{b2.addr(4)}:{HTTP_PORT}", 2]], said
+        if workers == 1:  # (with two, the flow's worker has the line of its own queue)
+            line = headers_queue_line(daemon)
+            assert "fullnat flows' elements 1 added" in line, line
+            assert counter(line, "packets") > counter(line, "sent on whole") * 10, line
 
 
 def test_a_table_made_anew_gets_its_fullnat_flows_elements_back() -> None:

@@ -307,11 +307,13 @@ def _nat(rs: rules.RuleSet) -> list[str]:
     return [line for line in dict(rs.offload)["nat"] if not line.startswith("#")]
 
 
-def test_supervisor_bridges_the_marks_before_its_workers_reload(
+def test_supervisor_keeps_the_marks_and_bridges_a_removed_backends_before_its_workers_reload(
         tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A reload that renumbers the offload marks (another service first, other backends):
-    the order of a supervisor's reload: the bridge installed, then the workers asked,
-    then the new rules alone."""
+    """A reload that puts another service first, removes a backend and adds one: every
+    backend it keeps keeps its mark (configuration order would have renumbered them all), the
+    new ones get marks no backend had; the order of a supervisor's reload: the bridge (the new
+    rules and the removed backend's, for a worker that has not reloaded yet), then the workers
+    asked, then the new rules alone."""
     import logging
 
     from lab import render_config
@@ -319,7 +321,9 @@ def test_supervisor_bridges_the_marks_before_its_workers_reload(
     from nfqlb.io import iptables, sysctl
     from nfqlb.io.workers import Supervisor
 
-    started = config(OFFLOAD, workers=2)
+    two = {**OFFLOAD, "backend": [{"address": "198.18.1.2", "port": 8080},
+                                  {"address": "198.18.1.3", "port": 8080}]}
+    started = config(two, workers=2)
     path = tmp_path / "nfqlb.toml"
     sup = Supervisor(started, logging.getLogger("t"), rules.render(started),
                      {4: object()}, None, str(path))  # type: ignore[dict-item]
@@ -331,12 +335,19 @@ def test_supervisor_bridges_the_marks_before_its_workers_reload(
     monkeypatch.setattr(sysctl, "setup", lambda *_: None)
     sup.ask = lambda req: events.append(("ask", req["cmd"])) or [{"ok": True}]  # type: ignore
     sup._lingering_now = dict  # type: ignore[method-assign]
-    swapped = {**OFFLOAD, "backend": [{"address": "198.18.1.3", "port": 8080},
-                                      {"address": "198.18.1.2", "port": 8080}]}
-    path.write_text(render_config([OTHER, swapped], {"queue": 1, "workers": 2}))
+    changed = {**OFFLOAD, "backend": [{"address": "198.18.1.4", "port": 8080},
+                                      {"address": "198.18.1.3", "port": 8080}]}
+    path.write_text(render_config([OTHER, changed], {"queue": 1, "workers": 2}))
     ok, message = sup.reload()
     assert ok, message
     [old] = rules.render(started)
-    [new] = rules.render(config(OTHER, swapped, workers=2))
-    assert events == [("apply", _nat(new) + _nat(old)), ("ask", "reload"),
+    [new] = rules.render(sup.config)
+    mark = {line.split("--to-destination ")[1] + ("@81" if "--dport 81" in line else ""):
+            line.split("--mark ")[1].split()[0] for line in _nat(new)}
+    # web's 198.18.1.3 keeps mark 2; 198.18.1.2's 1 goes unused; the new ones get 3 and 4
+    assert mark == {"198.18.1.3:8080": "0x200000/0xff00000",
+                    "198.18.1.2:8080@81": "0x300000/0xff00000",
+                    "198.18.1.4:8080": "0x400000/0xff00000"}, mark
+    assert _nat(old)[1] in _nat(new)
+    assert events == [("apply", _nat(new) + _nat(old)[:1]), ("ask", "reload"),
                       ("apply", _nat(new))]

@@ -7,8 +7,9 @@ pyroute2's ctnetlink client (``NFCTSocket``), never a ``conntrack`` program.
 
 An entry belongs to a backend by its tuples, not by a mark: the original tuple is the
 client's, to the VIP and port (the kernel filters the dump by it), the reply tuple's source
-is the backend's address and port (DNAT wrote it there). So a reload that renumbers the marks
-changes nothing here, and flows placed before it still count on their backends.
+is the backend's address and port (DNAT wrote it there). So a mark given to another backend
+(a named backend whose address a reload changed) changes nothing here, and flows placed
+before it still count on their backends.
 
 pyroute2 runs an asyncio loop of its own inside its synchronous calls, which cannot run in the
 daemon's loop thread; and a dump of a large table takes a while. So every request runs on one

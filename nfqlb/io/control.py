@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nfqlb import __version__
+from nfqlb.config import mark_numbers
 from nfqlb.errors import NfqlbError, SystemSetupError
 from nfqlb.io import node
 
@@ -140,6 +141,7 @@ def status(server: Target) -> dict[str, Any]:
         "started_at": started, "uptime_s": round(now - started, 3),
         "config": str(getattr(server, "config_path", None) or engine.config.source),
         "loaded_at": float(getattr(server, "loaded_at", None) or started),
+        "mark_numbers": mark_numbers(engine.config),
     }
     state = getattr(server, "node", None)
     if state is not None:

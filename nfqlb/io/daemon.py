@@ -51,7 +51,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from nfqlb import native, rules
-from nfqlb.config import Binding, Config, for_worker, load_config, with_workers
+from nfqlb.config import (
+    Binding,
+    Config,
+    carry_marks,
+    for_worker,
+    load_config,
+    with_workers,
+)
 from nfqlb.engine import Engine
 from nfqlb.errors import ConfigError, NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, sysctl
@@ -231,7 +238,7 @@ class Server:
         if self.role is not None:
             return self._reload_worker(live)
         try:
-            config = load_config(self.config_path)
+            config = carry_marks(live.config, load_config(self.config_path))
             served = [a.queue for a in self.adapters if getattr(a, "lean", False)
                       and not isinstance(a, HeadersNetlinkAdapter)]
             check_reloadable(config, live.queue, live.large, served[0] if served else None,
@@ -286,7 +293,7 @@ class Server:
         file and changes the rules and sysctls)."""
         assert self.role is not None
         try:
-            config = self.role.config(load_config(self.config_path))
+            config = carry_marks(live.config, self.role.config(load_config(self.config_path)))
         except NfqlbError as exc:
             self.log.error("reload refused, the running configuration keeps serving: %s", exc)
             return False, str(exc)

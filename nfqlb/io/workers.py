@@ -52,7 +52,7 @@ import time
 from typing import Any, cast
 
 from nfqlb import __version__, rules
-from nfqlb.config import Config, load_config, with_workers
+from nfqlb.config import Config, carry_marks, load_config, mark_numbers, with_workers
 from nfqlb.counters import format_stats
 from nfqlb.errors import NfqlbError, SystemSetupError
 from nfqlb.io import control, iptables, node, sysctl
@@ -485,7 +485,7 @@ class Supervisor:
                          "workers": self.n, "started_at": self.started_at,
                          "uptime_s": round(now - self.started_at, 3),
                          "config": self.config_path, "loaded_at": self.loaded_at,
-                         "node": self.node.state}
+                         "node": self.node.state, "mark_numbers": mark_numbers(self.config)}
         out["workers"] = [
             {"worker": w.index, "pid": w.pid, "queue": self.queue + w.index,
              **({k: a["status"].get(k) for k in ("packets", "rewritten", "flows_total",
@@ -537,7 +537,8 @@ class Supervisor:
             if loaded.daemon.workers not in (1, self.n):  # (1: the default, or --queue M-N)
                 self.log.warning("daemon.workers is %d, %d run: the number of workers "
                                  "changes at the next start", loaded.daemon.workers, self.n)
-            config = with_workers(loaded, self.queue, self.n, "daemon.workers")
+            config = carry_marks(self.config, with_workers(loaded, self.queue, self.n,
+                                                           "daemon.workers"))
             daemon.check_reloadable(config, self.queue, self.large, self.offload_queue,
                                     self.config.daemon.binding,
                                     daemon._headers_queue(self.config, self.queue))
